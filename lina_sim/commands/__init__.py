@@ -1,0 +1,1 @@
+"""Sub-commands of ``lina-sim``; each module registers its own argparse parsers."""

@@ -1,0 +1,1 @@
+"""Figure code (matplotlib). Plots read only the shared timeline / result tables."""

@@ -1,0 +1,1 @@
+"""Real execution of lina-sim policies on torch.distributed (gloo on CPU, NCCL on GPU)."""
