@@ -42,9 +42,12 @@ EXACT_FLOW_LIMIT = 4096
 @dataclass(frozen=True)
 class StepPattern:
     """The flows of one step, pre-grouped: per group (links, mult, n_flows, fraction of
-    the step's per-flow size), and the step latency alpha (s)."""
+    the step's per-flow size, fair-share weight per flow), and the step latency alpha (s).
 
-    groups: tuple[tuple[np.ndarray, np.ndarray, int, float], ...]
+    A flow's weight is 1 / (flows its source rank has in the step): each rank drives its
+    part of a collective step with the same total weight (see ``lina_sim.network``)."""
+
+    groups: tuple[tuple[np.ndarray, np.ndarray, int, float, float], ...]
     latency: float
 
 
@@ -126,23 +129,25 @@ class Collectives:
         else:
             paths = self.topo.paths(src, dst)
             lat = float(self.topo.latency_of_paths(paths).max())
+            fair = 1.0 / np.bincount(src)[src]
             if weight is not None and src.size <= EXACT_FLOW_LIMIT:
                 keys = np.arange(src.size)  # uneven: one group per flow, exact max-min
             else:
-                # Flows of a class cross the same kinds of link; with equal weights they are
-                # interchangeable under the topology's symmetry.
+                # Flows of a class cross the same kinds of link; with equal sizes and weights
+                # they are interchangeable under the topology's symmetry.
                 hops = (paths >= 0).sum(axis=1)
-                if weight is None:
+                if weight is None and np.all(fair == fair[0]):
                     keys = hops
                 else:
-                    _, keys = np.unique(hops * 1e12 + np.round(w * 1e6), return_inverse=True)
+                    _, keys = np.unique(np.stack([hops, np.round(w * 1e9), np.round(fair * 1e9)]),
+                                        axis=1, return_inverse=True)
                     keys = keys.ravel()
             groups = []
             order = np.argsort(keys, kind="stable")
             bounds = np.flatnonzero(np.diff(keys[order])) + 1
             for idx in np.split(order, bounds):
                 links, mult = links_of_paths(paths[idx], len(self.net.capacity))
-                groups.append((links, mult, int(idx.size), float(w[idx[0]])))
+                groups.append((links, mult, int(idx.size), float(w[idx[0]]), float(fair[idx[0]])))
             pat = StepPattern(tuple(groups), lat)
         self._pattern_cache[key] = pat
         return pat
@@ -151,8 +156,8 @@ class Collectives:
         res.steps += 1
         if pattern.latency > 0:
             yield self.env.timeout(pattern.latency)
-        events = [self.net.transfer(links, mult, n, frac * bytes_per_unit, tag)
-                  for links, mult, n, frac in pattern.groups if frac * bytes_per_unit > 0]
+        events = [self.net.transfer(links, mult, n, frac * bytes_per_unit, tag, weight)
+                  for links, mult, n, frac, weight in pattern.groups if frac * bytes_per_unit > 0]
         if events:
             yield self.env.all_of(events)
 

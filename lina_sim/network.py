@@ -1,5 +1,12 @@
 """A fluid flow network on simpy: every active flow shares every link max-min fairly.
 
+Sharing is *weighted* max-min: a flow of weight w gets w times the share of a flow of
+weight 1 on a link where both are bottlenecked. Collectives give each source rank a total
+weight of 1 per step, split over its concurrent flows, because NCCL drives a rank's
+part of one collective through a fixed set of channels (connections) however many peers
+it has: an all-to-all to 15 peers does not get 15 times the NIC share of a ring
+allreduce's single connection. Plain transfers have weight 1 (per-flow fairness).
+
 Flows are handled in *groups*: ``n_flows`` flows of ``bytes_per_flow`` each, started
 together, that the caller asserts are interchangeable under the topology's symmetry
 (same size, and links of equal capacity carrying equal load). A group is stored as the
@@ -45,6 +52,7 @@ class FlowGroup:
     mult: np.ndarray
     n_flows: int
     bytes_per_flow: float
+    weight: float
     tag: str
     start: float
     done: simpy.Event
@@ -106,13 +114,15 @@ class FluidNetwork:
 
     # -- public API ----------------------------------------------------------------------
     def transfer(self, links: np.ndarray, mult: np.ndarray, n_flows: int, bytes_per_flow: float,
-                 tag: str = "") -> simpy.Event:
-        """Start a group of ``n_flows`` flows of ``bytes_per_flow`` bytes over ``links``
-        (each crossed by ``mult`` of the flows). Returns an event that fires when the last
-        byte arrives; its value is the :class:`FlowGroup`."""
+                 tag: str = "", weight: float = 1.0) -> simpy.Event:
+        """Start a group of ``n_flows`` flows of ``bytes_per_flow`` bytes and fair-share
+        ``weight`` each over ``links`` (each crossed by ``mult`` of the flows). Returns an
+        event that fires when the last byte arrives; its value is the :class:`FlowGroup`."""
+        if not weight > 0:
+            raise ValueError(f"flow weight must be > 0, got {weight}")
         done = self.env.event()
         g = FlowGroup(next(self._ids), np.asarray(links, np.int64), np.asarray(mult, np.float64),
-                      int(n_flows), float(bytes_per_flow), tag, self.env.now, done,
+                      int(n_flows), float(bytes_per_flow), float(weight), tag, self.env.now, done,
                       remaining=float(bytes_per_flow), last=self.env.now)
         self.stats.groups_started += 1
         self.stats.flows_started += int(n_flows)
@@ -127,10 +137,11 @@ class FluidNetwork:
             self.env.timeout(0).callbacks.append(self._flush)
         return done
 
-    def transfer_paths(self, paths: np.ndarray, bytes_per_flow: float, tag: str = "") -> simpy.Event:
+    def transfer_paths(self, paths: np.ndarray, bytes_per_flow: float, tag: str = "",
+                       weight: float = 1.0) -> simpy.Event:
         """Start one group from a [flows, hops] path matrix (see ``Topology.paths``)."""
         links, mult = links_of_paths(paths, len(self.capacity))
-        return self.transfer(links, mult, paths.shape[0], bytes_per_flow, tag)
+        return self.transfer(links, mult, paths.shape[0], bytes_per_flow, tag, weight)
 
     @property
     def active_groups(self) -> list[FlowGroup]:
@@ -230,14 +241,15 @@ class FluidNetwork:
             g.last = now
 
     def _solve(self, groups: list[FlowGroup]) -> None:
-        """Progressive filling: raise every unfrozen group's per-flow rate together until a
-        link saturates; freeze the groups crossing it; repeat."""
+        """Progressive filling: raise a common fair level, every unfrozen flow's rate being
+        weight × level, until a link saturates; freeze the groups crossing it; repeat."""
         self.stats.rate_updates += 1
         self.stats.groups_in_updates += len(groups)
         sizes = np.fromiter((g.links.size for g in groups), np.int64, len(groups))
         gidx = np.repeat(np.arange(len(groups)), sizes)
         all_links = np.concatenate([g.links for g in groups])
-        mult = np.concatenate([g.mult for g in groups])
+        weights = np.fromiter((g.weight for g in groups), np.float64, len(groups))
+        mult = np.concatenate([g.mult for g in groups]) * weights[gidx]
         ulinks, inv = np.unique(all_links, return_inverse=True)
         full = self.capacity[ulinks]
         cap = full.copy()
@@ -248,7 +260,7 @@ class FluidNetwork:
             w = np.bincount(inv[live], weights=mult[live], minlength=ulinks.size)
             used = w > 0
             delta = float(np.min(cap[used] / w[used]))
-            rate[~frozen] += delta
+            rate[~frozen] += delta * weights[~frozen]
             cap[used] -= delta * w[used]
             saturated = used & (cap <= _REL_TOL * full)
             cap[saturated] = 0.0
