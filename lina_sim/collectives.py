@@ -92,6 +92,8 @@ class Collectives:
         r = self.topo.check_ranks(ranks)
         if not nbytes >= 0:
             raise ConfigError("size", f"must be >= 0 bytes, got {nbytes}")
+        if algo == "hierarchical":
+            _equal_per_node(_group_by_node(self.topo, r), "hierarchical allreduce")
         res = CollectiveResult("allreduce", algo, r, float(nbytes), self.env.now)
         body = self._ring_allreduce(r, nbytes, res) if algo == "ring" else self._hier_allreduce(r, nbytes, res)
         return self.env.process(self._run(body, res, tag))
@@ -103,6 +105,8 @@ class Collectives:
         check_algo("all_to_all", algo)
         r = self.topo.check_ranks(ranks)
         matrix = send_matrix(send, r.size)
+        if algo == "hierarchical":
+            _equal_per_node(_group_by_node(self.topo, r), "hierarchical all_to_all")
         res = CollectiveResult("all_to_all", algo, r, float(matrix.sum(axis=1).max()), self.env.now)
         body = self._direct_a2a(r, matrix, res) if algo == "direct" else self._hier_a2a(r, matrix, res)
         return self.env.process(self._run(body, res, tag))

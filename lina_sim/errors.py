@@ -25,7 +25,11 @@ class ConfigError(LinaSimError, ValueError):
         msg = f"{field}: {problem}"
         if allowed:
             msg += f" (allowed: {allowed})"
-        super().__init__(msg)
+        self.message = msg
+        super().__init__(field, problem, allowed)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def choose(field: str, value: str, allowed: Iterable[str]) -> str:
@@ -34,3 +38,16 @@ def choose(field: str, value: str, allowed: Iterable[str]) -> str:
     if value not in allowed:
         raise ConfigError(field, f"unknown value {value!r}", allowed)
     return value
+
+
+class TraceError(LinaSimError, ValueError):
+    """A malformed or mismatched expert-selection trace.
+
+    ``source`` names the file (or ``<memory>`` for an in-memory trace) and ``problem``
+    says what is wrong with it; the message is ``"<source>: <problem>"``.
+    """
+
+    def __init__(self, source: str, problem: str):
+        self.source = str(source)
+        self.problem = problem
+        super().__init__(f"{self.source}: {problem}")
