@@ -223,3 +223,34 @@ def load_preset(name: str, nodes: int | None = None) -> ClusterSpec:
     if nodes is not None:
         spec = spec.with_nodes(nodes)
     return spec
+
+
+def _merge(base: dict, over: Mapping[str, Any]) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def resolve_cluster(block: Any, where: str = "cluster") -> ClusterSpec:
+    """A scenario's ``cluster:`` block: ``preset`` (name or path), optional ``nodes``, and
+    overrides of any preset field (e.g. ``nic: {bandwidth: 25e9}``), validated by name."""
+    if isinstance(block, str):
+        block = {"preset": block}
+    if not isinstance(block, Mapping) or "preset" not in block:
+        raise ConfigError(f"{where}.preset", "missing", available_presets() + ["<path to a profile .yaml>"])
+    name = str(block["preset"])
+    path = Path(name)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        if name not in available_presets():
+            raise ConfigError(f"{where}.preset", f"unknown preset {name!r}", available_presets() + ["<path to a profile .yaml>"])
+        path = PRESET_DIR / f"{name}.yaml"
+    try:
+        base = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
+    overrides = {k: v for k, v in block.items() if k != "preset"}
+    return cluster_from_dict(_merge(base, overrides), where=where)
