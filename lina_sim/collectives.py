@@ -162,7 +162,9 @@ class Collectives:
             yield self.env.timeout(pattern.latency)
         events = [self.net.transfer(links, mult, n, frac * bytes_per_unit, tag, weight)
                   for links, mult, n, frac, weight in pattern.groups if frac * bytes_per_unit > 0]
-        if events:
+        if len(events) == 1:
+            yield events[0]
+        elif events:
             yield self.env.all_of(events)
 
     # -- allreduce -----------------------------------------------------------------------

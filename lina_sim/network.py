@@ -245,6 +245,10 @@ class FluidNetwork:
         weight × level, until a link saturates; freeze the groups crossing it; repeat."""
         self.stats.rate_updates += 1
         self.stats.groups_in_updates += len(groups)
+        if len(groups) == 1:  # alone on its links: the tightest link sets the rate
+            g = groups[0]
+            g.rate = float(np.min(self.capacity[g.links] / g.mult))
+            return
         sizes = np.fromiter((g.links.size for g in groups), np.int64, len(groups))
         gidx = np.repeat(np.arange(len(groups)), sizes)
         all_links = np.concatenate([g.links for g in groups])

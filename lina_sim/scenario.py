@@ -45,6 +45,7 @@ TOP_LEVEL = {
     "policies": "list of policy names or {name: ..., params...}",
     "steps": "training steps to simulate",
     "collectives": "algorithms: {allreduce: ring|hierarchical, all_to_all: direct|hierarchical}",
+    "compute": "compute model: {model: roofline} or {model: profile, profile: PATH}",
     "serving": "inference: trace, arrivals, batching",
     "sweep": "grid / zip over field paths",
     "output": "where to write results",

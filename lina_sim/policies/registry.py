@@ -9,10 +9,24 @@ from lina_sim.errors import ConfigError
 
 # Training (communication-scheduling) policies: name -> "module:Class".
 TRAINING_POLICIES: dict[str, str] = {
+    "deepspeed": "lina_sim.policies.deepspeed:DeepSpeedPolicy",
+    "tutel": "lina_sim.policies.deepspeed:TutelPolicy",
+    "lina": "lina_sim.policies.lina:LinaPolicy",
+    "lina-priority": "lina_sim.policies.lina:LinaPriorityPolicy",
+    "lina-partition": "lina_sim.policies.lina:LinaPartitionPolicy",
+    "no-contention": "lina_sim.policies.no_contention:NoContentionPolicy",
 }
 
 # Inference placement policies: name -> "module:Class".
 PLACEMENT_POLICIES: dict[str, str] = {
+    "static": "lina_sim.policies.placement.static:StaticPlacement",
+    "fastermoe-shadow": "lina_sim.policies.placement.fastermoe:FasterMoEShadow",
+    "eplb": "lina_sim.policies.placement.eplb:EPLBPlacement",
+    "lina": "lina_sim.policies.placement.lina:LinaPlacement",
+    "lina-no-estimate": "lina_sim.policies.placement.lina:LinaNoEstimate",
+    "lina-no-finetune": "lina_sim.policies.placement.lina:LinaNoFinetune",
+    "oracle": "lina_sim.policies.placement.lina:OraclePlacement",
+    "ideal": "lina_sim.policies.placement.static:IdealPlacement",
 }
 
 

@@ -1,0 +1,221 @@
+"""Runs one training step's op graph on the simulated cluster under a training policy.
+
+Every rank has three streams: ``compute`` (runs compute ops in program order once their
+data dependencies are done), ``a2a`` and ``allreduce`` (each runs the collectives
+launched on it, in launch order, one at a time, as a CUDA stream runs NCCL kernels).
+Communication goes through the policy: a micro-op is *submitted* to the rank's
+scheduler when it is ready (an all-to-all when its op's dependencies are done, a
+gradient micro-op when the compute op producing its tensors is done); the policy's
+``select`` decides when it is *launched* onto its stream; it *starts* moving bytes when
+every rank of its communicator group has it at the head of that stream (the NCCL
+rendezvous), and it completes for all of them together.
+
+With ``policy.isolated_allreduce`` (the ``no-contention`` bound) allreduce flows run on
+their own copy of every link. Output: the DESIGN.md timeline (seconds).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import simpy
+
+from lina_sim.collectives import Collectives
+from lina_sim.hardware import ClusterSpec
+from lina_sim.network import FluidNetwork
+from lina_sim.policies.base import MicroOp, RankScheduler, TrainingPolicy
+from lina_sim.timeline import Event, Timeline
+from lina_sim.topology import Topology
+
+STREAMS = ("compute", "a2a", "allreduce")
+
+
+@dataclass(frozen=True)
+class CollectiveAlgos:
+    """Which collective algorithms the cluster's communication library uses."""
+
+    allreduce: str = "ring"
+    all_to_all: str = "direct"
+
+
+@dataclass
+class CollectiveRecord:
+    """One collective as it ran on the network: [start, end) in s, its group and bytes."""
+
+    mop: MicroOp
+    group: tuple[int, ...]
+    start: float
+    end: float
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+@dataclass
+class StepResult:
+    """The outcome of one simulated step: step time (s), the timeline, and every
+    collective as it ran."""
+
+    step_time: float
+    timeline: pd.DataFrame
+    collectives: list[CollectiveRecord] = field(default_factory=list)
+
+
+class _RankState:
+    """One rank's scheduler, stream queues and completion events."""
+
+    def __init__(self, rank: int, policy: TrainingPolicy, env: simpy.Environment):
+        self.rank = rank
+        self.sched = RankScheduler(policy)
+        self.queues: dict[str, deque[MicroOp]] = {"a2a": deque(), "allreduce": deque()}
+        self.busy: dict[str, bool] = {"a2a": False, "allreduce": False}
+        self.done: dict[int, simpy.Event] = {}
+        self.env = env
+        self.grads_left = 0
+        self.grads_done = env.event()
+        self.compute_done = 0
+
+    def done_event(self, op_id: int) -> simpy.Event:
+        ev = self.done.get(op_id)
+        if ev is None:
+            ev = self.done[op_id] = self.env.event()
+        return ev
+
+
+class TrainingEngine:
+    """Simulates one training step of ``graph`` under ``policy`` on ``cluster``.
+
+    ``op_time(op) -> seconds`` is the compute model (roofline or measured profile).
+    """
+
+    def __init__(self, graph: Any, policy: TrainingPolicy, cluster: ClusterSpec,
+                 op_time: Callable[[Any], float], algos: CollectiveAlgos = CollectiveAlgos(),
+                 topology: Topology | None = None):
+        self.graph = graph
+        self.policy = policy
+        self.cluster = cluster
+        self.op_time = op_time
+        self.algos = algos
+        self.topology = topology or Topology(cluster)
+        if graph.world_size != self.topology.world_size:
+            raise ValueError(f"graph is for {graph.world_size} ranks, cluster has {self.topology.world_size}")
+
+    def run(self) -> StepResult:
+        env = simpy.Environment()
+        net = FluidNetwork(env, self.topology)
+        a2a_coll = Collectives(net)
+        ar_coll = Collectives(FluidNetwork(env, self.topology)) if self.policy.isolated_allreduce else a2a_coll
+        g = self.graph
+        n = g.world_size
+        tl = Timeline()
+        records: list[CollectiveRecord] = []
+        ranks = [_RankState(r, self.policy, env) for r in range(n)]
+        micro_ops = g.micro_ops(self.policy)
+        a2a_mops = [m for m in micro_ops if m.is_a2a]
+        grad_mops = sorted((m for m in micro_ops if not m.is_a2a), key=lambda m: (m.ready_after, m.communicator, m.seq))
+        for st in ranks:
+            st.grads_left = len(grad_mops)
+            if not grad_mops:
+                st.grads_done.succeed()
+        ops = g.ops
+        arrivals: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+
+        def group_of(m: MicroOp, rank: int) -> tuple[int, ...]:
+            return g.communicators[m.communicator].group_of(rank)
+
+        def poll(st: _RankState) -> None:
+            for m in st.sched.poll():
+                st.queues[m.stream].append(m)
+                kick(st, m.stream)
+
+        def kick(st: _RankState, stream: str) -> None:
+            if st.busy[stream] or not st.queues[stream]:
+                return
+            st.busy[stream] = True
+            m = st.queues[stream][0]
+            grp = group_of(m, st.rank)
+            key = (m.id, grp)
+            arrived = arrivals.setdefault(key, [])
+            arrived.append(st.rank)
+            if len(arrived) == len(grp):
+                del arrivals[key]
+                env.process(run_collective(m, grp))
+
+        def run_collective(m: MicroOp, grp: tuple[int, ...]):
+            start = env.now
+            if m.is_a2a:
+                yield a2a_coll.all_to_all(grp, m.nbytes, self.algos.all_to_all, tag=m.id)
+            else:
+                yield ar_coll.allreduce(grp, m.nbytes, self.algos.allreduce, tag=m.id)
+            end = env.now
+            records.append(CollectiveRecord(m, grp, start, end))
+            kind = "all_to_all" if m.is_a2a else "allreduce"
+            for r in grp:
+                st = ranks[r]
+                tl.add(Event(r, m.stream, m.id, kind, start, end, m.layer, m.chunk, m.nbytes))
+                st.queues[m.stream].popleft()
+                st.busy[m.stream] = False
+                st.sched.complete(m)
+                if m.is_a2a:
+                    st.done_event(m.op_id).succeed()
+                else:
+                    st.grads_left -= 1
+                    if st.grads_left == 0:
+                        st.grads_done.succeed()
+            for r in grp:
+                st = ranks[r]
+                poll(st)
+                kick(st, m.stream)
+
+        def compute_stream(st: _RankState):
+            for op in ops:
+                if op.kind != "compute":
+                    continue
+                for d in op.deps:
+                    ev = st.done_event(d)
+                    if not ev.processed:
+                        yield ev
+                if op.waits_for_gradients and not st.grads_done.processed:
+                    yield st.grads_done
+                start = env.now
+                dur = self.op_time(op)
+                if dur > 0:
+                    yield env.timeout(dur)
+                tl.add(Event(st.rank, "compute", op.name, "compute", start, env.now, op.layer, op.chunk, 0.0))
+                st.done_event(op.id).succeed()
+                st.compute_done += 1
+
+        def a2a_submitter(st: _RankState):
+            for m in a2a_mops:
+                for d in ops[m.op_id].deps:
+                    ev = st.done_event(d)
+                    if not ev.processed:
+                        yield ev
+                st.sched.submit(m)
+                poll(st)
+
+        def grad_submitter(st: _RankState):
+            for m in grad_mops:
+                ev = st.done_event(m.ready_after)
+                if not ev.processed:
+                    yield ev
+                st.sched.submit(m)
+                poll(st)
+
+        for st in ranks:
+            env.process(compute_stream(st))
+            env.process(a2a_submitter(st))
+            env.process(grad_submitter(st))
+        env.run()
+        n_compute = sum(1 for o in ops if o.kind == "compute")
+        unfinished = [st.rank for st in ranks if st.compute_done < n_compute or st.grads_left]
+        if unfinished:
+            raise RuntimeError(f"step did not finish on ranks {unfinished[:8]}: a collective never rendezvoused "
+                               f"(open: {sorted(k[0] for k in arrivals)[:4]})")
+        df = tl.to_frame()
+        return StepResult(float(df["end"].max()) if len(df) else 0.0, df, records)

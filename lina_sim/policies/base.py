@@ -1,0 +1,378 @@
+"""The training-policy contract (DESIGN.md #2) and the plain data it decides on.
+
+A training policy decides four things and nothing else:
+
+1. how each gradient allreduce request is partitioned into micro-ops
+   (:meth:`TrainingPolicy.partition_gradients`);
+2. which pending micro-ops one rank launches now, given what is pending and in flight on
+   that rank (:meth:`TrainingPolicy.select`);
+3. the all-to-all/FFN pipelining degree (:attr:`TrainingPolicy.pipeline_degree`);
+4. the number of experts per device (:meth:`TrainingPolicy.experts_per_device`).
+
+It may change *when* a micro-op launches and how a request is cut, never the relative
+order of micro-ops within one communicator, and its decisions are a pure function of its
+inputs, so every rank decides the same. That is what keeps real collectives from
+deadlocking: every rank of a communicator issues the same collectives in the same order.
+
+Everything here is plain data (frozen dataclasses, tuples, strings, floats) so that the
+simulator's engine and the torch.distributed executor drive the same objects. This
+module must import neither simpy nor torch (tests/test_policy_purity.py checks it).
+
+Units: bytes, seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+
+from lina_sim.errors import ConfigError
+
+ALL_TO_ALL = "all_to_all"
+ALLREDUCE = "allreduce"
+MB = 1e6  # policy sizes are given in MB = 10^6 bytes (PyTorch DDP's bucket_cap_mb is MiB; the 5% does not matter here)
+
+
+@dataclass(frozen=True, slots=True)
+class GradRequest:
+    """One parameter tensor's gradient that must be allreduced (bytes).
+
+    ``ready_after`` is the id of the compute op whose completion produces the gradient.
+    All such ops run on one rank's compute stream in program order, so "ready after op
+    X" is a total order. ``communicator`` is ``dp`` (non-expert parameters, all ranks)
+    or ``expert_dp`` (an expert's replicas only). ``order`` is the tensor's position in
+    the order the backward pass produces gradients.
+    """
+
+    name: str
+    communicator: str
+    nbytes: float
+    ready_after: int
+    layer: int
+    order: int
+
+
+@dataclass(frozen=True, slots=True)
+class MicroOp:
+    """One collective as issued to NCCL: an all-to-all chunk or an allreduce micro-op.
+
+    - ``seq``: its position in its communicator's program order. Every rank must launch
+      the micro-ops of a communicator in increasing ``seq``.
+    - ``nbytes``: the buffer size on each rank (all-to-all: the whole send buffer,
+      including the share that stays local; allreduce: the tensor bytes).
+    - ``op_id``: for an all-to-all, the graph op it executes; -1 for gradients.
+    - ``ready_after``: for an allreduce, the compute op after whose completion every
+      tensor it carries is ready, so it may be submitted; -1 for all-to-alls, which are
+      submitted when their graph op's dependencies are done.
+    - ``pieces``: (tensor name, bytes) carried by an allreduce micro-op.
+    - ``role``: ``dispatch`` / ``combine`` for all-to-alls, ``grad`` for allreduces.
+    """
+
+    id: str
+    kind: str
+    communicator: str
+    seq: int
+    nbytes: float
+    layer: int = -1
+    phase: str = "bwd"
+    role: str = "grad"
+    chunk: int = 0
+    chunks: int = 1
+    op_id: int = -1
+    ready_after: int = -1
+    pieces: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def stream(self) -> str:
+        """The stream it runs on: ``a2a`` or ``allreduce``."""
+        return "a2a" if self.kind == ALL_TO_ALL else "allreduce"
+
+    @property
+    def is_a2a(self) -> bool:
+        return self.kind == ALL_TO_ALL
+
+
+@dataclass(frozen=True, slots=True)
+class RankView:
+    """What one rank's scheduler sees at a decision point.
+
+    - ``pending``: submitted (ready to go) but not launched, in submission order; within
+      one communicator that is ``seq`` order.
+    - ``in_flight``: launched and not yet completed (including a collective still waiting
+      for the other ranks to launch it, and one queued behind another on its stream).
+    - ``open_moe_blocks``: layers whose backward combine all-to-all has been launched on
+      this rank and whose last backward dispatch all-to-all has not completed.
+    """
+
+    pending: tuple[MicroOp, ...] = ()
+    in_flight: tuple[MicroOp, ...] = ()
+    open_moe_blocks: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A policy parameter: its type, default and an allowed-values check."""
+
+    type: type
+    default: Any
+    check: Callable[[Any], bool] = lambda v: True
+    allowed: str = ""
+
+
+class TrainingPolicy:
+    """Base training policy: everything launches as soon as it is submitted.
+
+    Subclasses override :meth:`partition_gradients`, :meth:`select` and
+    :meth:`experts_per_device`, and declare their parameters in ``PARAMS``
+    (name -> :class:`Param`). Attributes the engine reads:
+
+    - ``pipeline_degree`` (int): chunks r of each dispatch all-to-all / expert FFN /
+      combine all-to-all, along tokens;
+    - ``isolated_allreduce`` (bool): if True, allreduce traffic never shares bandwidth
+      with all-to-all traffic (only the ``no-contention`` lower bound sets it).
+    """
+
+    PARAMS: ClassVar[dict[str, Param]] = {}
+    pipeline_degree: int = 1
+    isolated_allreduce: bool = False
+
+    def __init__(self, name: str, **params: Any) -> None:
+        self.name = name
+        self.params = dict(params)
+        for key, value in params.items():
+            setattr(self, key, value)
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def from_params(cls, name: str, _where: str | None = None, **params: Any) -> "TrainingPolicy":
+        """Validate ``params`` against ``PARAMS`` and build the policy.
+
+        ``_where`` is the YAML path of the policy's entry (default ``policies.<name>``);
+        errors name ``<_where>.<param>`` and what is allowed.
+        """
+        where = _where or f"policies.{name}"
+        values: dict[str, Any] = {}
+        for key, value in params.items():
+            if key not in cls.PARAMS:
+                raise ConfigError(f"{where}.{key}", f"unknown parameter of policy {name!r}",
+                                  sorted(cls.PARAMS) or ["(none)"])
+            spec = cls.PARAMS[key]
+            values[key] = _coerce(f"{where}.{key}", value, spec)
+        for key, spec in cls.PARAMS.items():
+            values.setdefault(key, spec.default)
+        return cls(name=name, **values)
+
+    def describe(self) -> dict[str, Any]:
+        """Name and parameters, for result tables."""
+        return {"name": self.name, **self.params}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}(name={self.name!r}{', ' if args else ''}{args})"
+
+    # -- the four decisions ------------------------------------------------------------
+    def partition_gradients(self, requests: Sequence[GradRequest]) -> tuple[MicroOp, ...]:
+        """Cut/bucket gradient requests into allreduce micro-ops (default: one per tensor)."""
+        return cut_requests(requests, math.inf)
+
+    def select(self, view: RankView) -> tuple[MicroOp, ...]:
+        """Which pending micro-ops to launch now (default: all of them, in order)."""
+        return view.pending
+
+    def experts_per_device(self, candidates: Sequence[int],
+                           estimates: Mapping[int, tuple[float, float]] | None = None) -> int:
+        """Experts per device to use, among the valid ``candidates`` (ascending).
+
+        ``estimates[k] = (ffn_micro_op_s, a2a_micro_op_s)`` for packing ``k``: the caller's
+        estimate of one expert-FFN micro-op and one all-to-all micro-op run alone. The
+        default takes the smallest valid packing (one expert per device when experts =
+        GPUs) and ignores the estimates.
+        """
+        if not candidates:
+            raise ConfigError("experts_per_device", "no valid packing for this model and cluster")
+        return min(candidates)
+
+
+def _coerce(field_path: str, value: Any, spec: Param) -> Any:
+    if spec.type is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(field_path, f"must be true or false, got {value!r}", "true, false")
+        return value
+    if spec.type in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (spec.type is int and value != int(value)):
+            raise ConfigError(field_path, f"must be {'an integer' if spec.type is int else 'a number'}, got {value!r}",
+                              spec.allowed or None)
+        value = spec.type(value)
+    elif not isinstance(value, spec.type):
+        raise ConfigError(field_path, f"must be a {spec.type.__name__}, got {value!r}", spec.allowed or None)
+    if not spec.check(value):
+        raise ConfigError(field_path, f"bad value {value!r}", spec.allowed or None)
+    return value
+
+
+# -- partitioning: shared by every policy ----------------------------------------------
+def _ready_sorted(requests: Iterable[GradRequest]) -> list[GradRequest]:
+    # The order gradients become ready; ties keep the backward's production order.
+    return sorted(requests, key=lambda r: (r.ready_after, r.order))
+
+
+def cut_requests(requests: Sequence[GradRequest], chunk_bytes: float, fuse_below: float = 0.0) -> tuple[MicroOp, ...]:
+    """Cut each tensor into ``ceil(size / chunk_bytes)`` equal micro-ops; never mix tensors.
+
+    ``chunk_bytes = inf`` keeps every tensor whole. ``fuse_below > 0`` is an opt-in
+    deviation: consecutive tensors smaller than it share one micro-op (up to
+    ``chunk_bytes``), trading the no-mixing rule for fewer latency-bound collectives.
+    Micro-ops are numbered per communicator in the order their tensors become ready.
+    """
+    out: list[MicroOp] = []
+    seq: dict[str, int] = {}
+    small: dict[str, list[GradRequest]] = {}
+
+    def emit(comm: str, pieces: list[tuple[str, float]], layer: int, ready: int, chunk: int, chunks: int, ident: str) -> None:
+        s = seq.get(comm, 0)
+        seq[comm] = s + 1
+        out.append(MicroOp(id=ident, kind=ALLREDUCE, communicator=comm, seq=s, nbytes=sum(b for _, b in pieces),
+                           layer=layer, chunk=chunk, chunks=chunks, ready_after=ready, pieces=tuple(pieces)))
+
+    def flush(comm: str) -> None:
+        group = small.pop(comm, [])
+        if group:
+            emit(comm, [(g.name, g.nbytes) for g in group], group[-1].layer, group[-1].ready_after, 0, 1,
+                 f"{comm}.{group[0].name}" + (f"+{len(group) - 1}" if len(group) > 1 else ""))
+
+    for r in _ready_sorted(requests):
+        comm = r.communicator
+        if r.nbytes < fuse_below:
+            small.setdefault(comm, []).append(r)
+            if sum(g.nbytes for g in small[comm]) >= min(chunk_bytes, fuse_below):
+                flush(comm)
+            continue
+        flush(comm)  # keep ready order within the communicator
+        n = 1 if math.isinf(chunk_bytes) else max(1, math.ceil(r.nbytes / chunk_bytes - 1e-9))
+        for i in range(n):
+            emit(comm, [(r.name, r.nbytes / n)], r.layer, r.ready_after, i, n,
+                 f"{comm}.{r.name}" + (f".p{i}" if n > 1 else ""))
+    for comm in list(small):
+        flush(comm)
+    return tuple(sorted(out, key=lambda m: (m.ready_after, m.communicator, m.seq)))
+
+
+def bucket_requests(requests: Sequence[GradRequest], cap_bytes: float) -> tuple[MicroOp, ...]:
+    """PyTorch-DDP-style buckets: tensors in ready order fill a bucket until it holds at
+    least ``cap_bytes``; a bucket is ready when its last tensor is. Buckets never mix
+    communicators (a collective runs on exactly one)."""
+    out: list[MicroOp] = []
+    open_: dict[str, list[GradRequest]] = {}
+    count: dict[str, int] = {}
+
+    def close(comm: str) -> None:
+        members = open_.pop(comm)
+        s = count.get(comm, 0)
+        count[comm] = s + 1
+        last = members[-1]
+        out.append(MicroOp(
+            id=f"{comm}.bucket{s}", kind=ALLREDUCE, communicator=comm, seq=s,
+            nbytes=sum(m.nbytes for m in members), layer=last.layer,
+            ready_after=max(m.ready_after for m in members),
+            pieces=tuple((m.name, m.nbytes) for m in members),
+        ))
+
+    for r in _ready_sorted(requests):
+        open_.setdefault(r.communicator, []).append(r)
+        if sum(m.nbytes for m in open_[r.communicator]) >= cap_bytes:
+            close(r.communicator)
+    for comm in list(open_):
+        close(comm)
+    # Interleave communicators by readiness so the list reads in submission order.
+    return tuple(sorted(out, key=lambda m: (m.ready_after, m.communicator, m.seq)))
+
+
+# -- launch-rule helpers -----------------------------------------------------------------
+def fifo_prefix(pending: Sequence[MicroOp], launchable: Callable[[MicroOp], bool]) -> tuple[MicroOp, ...]:
+    """The launchable pending micro-ops, stopping each communicator at its first blocked
+    one, so that no micro-op ever overtakes an earlier one of its communicator."""
+    blocked: set[str] = set()
+    out = []
+    for m in pending:
+        if m.communicator in blocked:
+            continue
+        if launchable(m):
+            out.append(m)
+        else:
+            blocked.add(m.communicator)
+    return tuple(out)
+
+
+def check_selection(view: RankView, chosen: Sequence[MicroOp]) -> None:
+    """Raise ValueError if ``chosen`` breaks the contract: it must be pending micro-ops
+    that form, per communicator, a prefix of that communicator's pending ones."""
+    pending_ids = [m.id for m in view.pending]
+    chosen_ids = {m.id for m in chosen}
+    if len(chosen_ids) != len(chosen) or not chosen_ids <= set(pending_ids):
+        raise ValueError("a policy may only launch pending micro-ops, each once")
+    skipped: set[str] = set()
+    for m in view.pending:
+        if m.id in chosen_ids:
+            if m.communicator in skipped:
+                raise ValueError(f"{m.id} overtakes an earlier micro-op of communicator {m.communicator!r}")
+        else:
+            skipped.add(m.communicator)
+
+
+class RankScheduler:
+    """One rank's communication scheduler: the bookkeeping around a policy's ``select``.
+
+    It models Lina's per-device scheduler thread: a queue of submitted micro-ops, the
+    set in flight, and the MoE blocks open on this rank. The engine (or the runtime
+    executor) calls :meth:`submit` when a micro-op becomes ready, :meth:`poll` after
+    every event on the rank to learn what to launch, and :meth:`complete` when a
+    launched micro-op finishes. A micro-op submitted ahead of an earlier one of its
+    communicator is held back until the gap is filled, so launches stay in ``seq`` order.
+    """
+
+    def __init__(self, policy: TrainingPolicy) -> None:
+        self.policy = policy
+        self._pending: list[MicroOp] = []
+        self._in_flight: dict[str, MicroOp] = {}
+        self._open: set[int] = set()
+        self._next_seq: dict[str, int] = {}
+        self._held: dict[str, dict[int, MicroOp]] = {}
+
+    def submit(self, mop: MicroOp) -> None:
+        comm = mop.communicator
+        held = self._held.setdefault(comm, {})
+        held[mop.seq] = mop
+        nxt = self._next_seq.get(comm, 0)
+        while nxt in held:
+            self._pending.append(held.pop(nxt))
+            nxt += 1
+        self._next_seq[comm] = nxt
+
+    def view(self) -> RankView:
+        return RankView(tuple(self._pending), tuple(self._in_flight.values()), frozenset(self._open))
+
+    def poll(self) -> tuple[MicroOp, ...]:
+        """Ask the policy what to launch now; mark it in flight and return it in order."""
+        if not self._pending:
+            return ()
+        view = self.view()
+        chosen = tuple(self.policy.select(view))
+        check_selection(view, chosen)
+        ids = {m.id for m in chosen}
+        self._pending = [m for m in self._pending if m.id not in ids]
+        for m in chosen:
+            self._in_flight[m.id] = m
+            if m.is_a2a and m.phase == "bwd" and m.role == "combine":
+                self._open.add(m.layer)
+        return chosen
+
+    def complete(self, mop: MicroOp) -> None:
+        del self._in_flight[mop.id]
+        if mop.is_a2a and mop.phase == "bwd" and mop.role == "dispatch" and mop.chunk == mop.chunks - 1:
+            self._open.discard(mop.layer)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing pending, held back or in flight."""
+        return not self._pending and not self._in_flight and not any(self._held.values())

@@ -1,0 +1,270 @@
+"""Where each expert of one MoE layer lives, and what that implies for one batch.
+
+A :class:`Placement` says, for each expert, which devices serve it and which share of its
+tokens each of them takes. From it and a batch's gate counts follow:
+
+- each device's token load (whole tokens, split deterministically by share);
+- the uneven dispatch all-to-all: how many tokens (or bytes) every device sends to every
+  other one, given the device each token sits on;
+- the expert weights each device must swap in relative to the previous placement.
+
+Units: tokens are (token, choice) pairs, i.e. one per expert a token is routed to, so a
+top-k batch of ``T`` tokens dispatches ``k*T`` of them; bytes are whatever
+``bytes_per_token`` says (``d_model * dtype bytes`` for an activation row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+_SHARE_TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The devices serving each expert of one MoE layer and their shares of its tokens.
+
+    - ``devices[e]``: the distinct devices (ranks ``0..num_devices-1``, ascending) that
+      hold expert ``e``'s weights for this batch;
+    - ``shares[e][i]``: the fraction of expert ``e``'s tokens that ``devices[e][i]``
+      computes; each expert's shares are > 0 and sum to 1;
+    - ``origin``: which rule produced it (``static``, ``phase1``, ``phase2``, ``shadow``,
+      ``eplb``, ...), for reporting only; it takes no part in equality.
+    """
+
+    num_devices: int
+    devices: tuple[tuple[int, ...], ...]
+    shares: tuple[tuple[float, ...], ...]
+    origin: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.num_devices < 1:
+            raise ValueError(f"num_devices must be >= 1, got {self.num_devices}")
+        if len(self.devices) != len(self.shares) or not self.devices:
+            raise ValueError("devices and shares need one non-empty entry per expert")
+        for e, (devs, sh) in enumerate(zip(self.devices, self.shares)):
+            if not devs or len(devs) != len(sh):
+                raise ValueError(f"expert {e}: needs >= 1 device and one share per device")
+            if list(devs) != sorted(set(devs)) or devs[0] < 0 or devs[-1] >= self.num_devices:
+                raise ValueError(f"expert {e}: devices {devs} must be distinct, ascending, in 0..{self.num_devices - 1}")
+            if min(sh) <= 0 or abs(sum(sh) - 1.0) > _SHARE_TOL:
+                raise ValueError(f"expert {e}: shares {sh} must be > 0 and sum to 1")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_replicas(
+        cls,
+        num_devices: int,
+        replicas: Sequence[Iterable[int] | Mapping[int, float]],
+        origin: str = "",
+    ) -> "Placement":
+        """Build from, per expert, either an iterable of devices (tokens split evenly) or
+        a ``{device: weight}`` mapping (weights normalised to shares)."""
+        devices: list[tuple[int, ...]] = []
+        shares: list[tuple[float, ...]] = []
+        for rep in replicas:
+            weights: dict[int, float] = {}
+            if isinstance(rep, Mapping):
+                for d, w in rep.items():
+                    if w > 0:
+                        weights[int(d)] = weights.get(int(d), 0.0) + float(w)
+            else:
+                for d in rep:
+                    weights[int(d)] = 1.0  # an even split; repeats mean the same device
+            devs = tuple(sorted(weights))
+            total = sum(weights[d] for d in devs)
+            devices.append(devs)
+            shares.append(tuple(weights[d] / total for d in devs) if total > 0 else ())
+        return cls(num_devices, tuple(devices), tuple(shares), origin)
+
+    def relabel(self, perm: Sequence[int], origin: str | None = None) -> "Placement":
+        """The same placement with device ``d`` renamed ``perm[d]`` (a permutation)."""
+        reps = [{perm[d]: s for d, s in zip(devs, sh)} for devs, sh in zip(self.devices, self.shares)]
+        return Placement.from_replicas(self.num_devices, reps, self.origin if origin is None else origin)
+
+    # ------------------------------------------------------------------ residency
+    @property
+    def num_experts(self) -> int:
+        return len(self.devices)
+
+    @cached_property
+    def share_matrix(self) -> np.ndarray:
+        """``float64 [experts, devices]``: share of expert e's tokens on device d."""
+        m = np.zeros((self.num_experts, self.num_devices))
+        for e, (devs, sh) in enumerate(zip(self.devices, self.shares)):
+            m[e, list(devs)] = sh
+        m.setflags(write=False)
+        return m
+
+    @cached_property
+    def resident(self) -> tuple[frozenset[int], ...]:
+        """Per device, the experts whose weights it holds."""
+        held: list[set[int]] = [set() for _ in range(self.num_devices)]
+        for e, devs in enumerate(self.devices):
+            for d in devs:
+                held[d].add(e)
+        return tuple(frozenset(h) for h in held)
+
+    def experts_per_device(self) -> np.ndarray:
+        """``int64 [devices]``: how many experts' weights each device holds."""
+        return np.array([len(h) for h in self.resident], dtype=np.int64)
+
+    def replica_counts(self) -> np.ndarray:
+        """``int64 [experts]``: how many devices serve each expert."""
+        return np.array([len(d) for d in self.devices], dtype=np.int64)
+
+    def swap_ins(self, previous: "Placement | None") -> tuple[frozenset[int], ...]:
+        """Per device, the experts it must load because ``previous`` (the placement its
+        memory holds now, for the same layer) did not have them there. ``None`` means
+        nothing is resident yet, so everything must be loaded."""
+        if previous is None:
+            return self.resident
+        if previous.num_devices != self.num_devices:
+            raise ValueError("placements cover different numbers of devices")
+        return tuple(now - before for now, before in zip(self.resident, previous.resident))
+
+    def swap_in_counts(self, previous: "Placement | None") -> np.ndarray:
+        """``int64 [devices]``: number of expert weight sets each device must load."""
+        return np.array([len(s) for s in self.swap_ins(previous)], dtype=np.int64)
+
+    # ------------------------------------------------------------------ one batch
+    def assign(self, counts: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``int64 [experts, devices]``: tokens of expert e computed on device d.
+
+        Each expert's ``counts[e]`` tokens are split over its devices by share in whole
+        tokens with the largest-remainder rule, so each row sums exactly to ``counts[e]``.
+        Remainder ties go to devices in a rotating order starting at ``e mod N``, so the
+        odd tokens of evenly replicated experts do not all land on device 0.
+        """
+        c = _as_counts(counts, self.num_experts)
+        n = self.num_devices
+        s = self.share_matrix
+        exact = c[:, None] * s
+        base = np.floor(exact + 1e-9).astype(np.int64)
+        base = np.minimum(base, c[:, None])
+        remainder = c - base.sum(axis=1)
+        # Rounded so that equal shares produce exactly equal fractional parts.
+        frac = np.round(exact - base, 9)
+        frac[s == 0] = -1.0
+        rows = np.repeat(np.arange(self.num_experts), n)
+        rot = (np.tile(np.arange(n), self.num_experts) - rows) % n
+        order = np.lexsort((rot, -frac.ravel(), rows)).reshape(self.num_experts, n) % n
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(n)[None, :].repeat(self.num_experts, 0), axis=1)
+        extra = (rank < remainder[:, None]).astype(np.int64)
+        return base + extra
+
+    def device_loads(self, counts: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``int64 [devices]``: tokens each device's expert FFNs process for these counts."""
+        return self.assign(counts).sum(axis=0)
+
+    def send_matrix(self, counts_by_source: np.ndarray) -> np.ndarray:
+        """``int64 [devices, devices]``: tokens device s sends to device d in the dispatch
+        all-to-all (the combine all-to-all is its transpose). The diagonal is the tokens a
+        device keeps for its own experts (no network transfer).
+
+        ``counts_by_source[s, e]`` is the number of tokens sitting on device s that chose
+        expert e (see :func:`counts_by_source`). Each replica receives exactly its share
+        from :meth:`assign`, so column sums equal :meth:`device_loads` of the total counts
+        and row sums equal each source's token count. Tokens stay local where the source
+        device itself serves the expert (up to that replica's quota); the rest are matched
+        to the remaining quotas in device order.
+        """
+        cbs = np.asarray(counts_by_source, dtype=np.int64)
+        n, e_count = self.num_devices, self.num_experts
+        if cbs.shape != (n, e_count):
+            raise ValueError(f"counts_by_source has shape {cbs.shape}, expected ({n}, {e_count})")
+        if (cbs < 0).any():
+            raise ValueError("counts_by_source must be >= 0")
+        quota = self.assign(cbs.sum(axis=0))  # [E, N]
+        src = cbs.T  # [E, N]
+        local = np.minimum(src, quota)
+        out = np.diag(local.sum(axis=0))
+        src, dst = src - local, quota - local
+        remote = np.flatnonzero(src.any(axis=1))
+        # [experts, N, N] at a time, in chunks that keep memory small at large N.
+        step = max(1, (1 << 22) // (n * n))
+        for lo in range(0, remote.size, step):
+            rows = remote[lo : lo + step]
+            out += _interval_overlap(src[rows], dst[rows]).sum(axis=0)
+        return out
+
+    def send_bytes(self, counts_by_source: np.ndarray, bytes_per_token: float) -> np.ndarray:
+        """``float64 [devices, devices]``: :meth:`send_matrix` times ``bytes_per_token``."""
+        return self.send_matrix(counts_by_source).astype(np.float64) * float(bytes_per_token)
+
+    def expected_traffic(self, counts: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Fractional expectation of one batch for cost models: ``(send, recv, load)``,
+        each ``float64 [devices]`` in tokens, assuming each expert's tokens sit evenly on
+        all devices (data-parallel batches) and the same local-first routing as
+        :meth:`send_matrix`. ``send``/``recv`` exclude tokens kept local."""
+        c = np.asarray(counts, dtype=np.float64)
+        s = self.share_matrix
+        even = 1.0 / self.num_devices
+        kept = np.minimum(s, even)  # per expert, per device: fraction computed locally
+        load = c @ s
+        recv = c @ (s - kept)
+        send = c @ (even - kept)
+        return send, recv, load
+
+
+def _interval_overlap(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The north-west-corner transport plan, per row of ``src``/``dst`` ``[rows, N]``:
+    lay sources and destinations out as consecutive intervals on one line of tokens and
+    send each overlap. Returns ``[rows, N, N]``."""
+    cs, cd = np.cumsum(src, axis=1), np.cumsum(dst, axis=1)
+    lo = np.maximum((cs - src)[:, :, None], (cd - dst)[:, None, :])
+    hi = np.minimum(cs[:, :, None], cd[:, None, :])
+    return np.maximum(hi - lo, 0)
+
+
+def _as_counts(counts: Sequence[int] | np.ndarray, num_experts: int) -> np.ndarray:
+    c = np.asarray(counts)
+    if c.shape != (num_experts,):
+        raise ValueError(f"counts has shape {c.shape}, expected ({num_experts},)")
+    if c.dtype.kind == "f":
+        if not np.all(np.isfinite(c)) or np.any(c != np.round(c)):
+            raise ValueError("counts must be whole numbers of tokens")
+    c = c.astype(np.int64)
+    if (c < 0).any():
+        raise ValueError("counts must be >= 0")
+    return c
+
+
+def token_sources(num_tokens: int, num_devices: int) -> np.ndarray:
+    """``int64 [tokens]``: the device each token of a batch sits on. A data-parallel
+    batch is cut into ``num_devices`` contiguous, near-equal slices."""
+    return (np.arange(num_tokens, dtype=np.int64) * num_devices) // max(num_tokens, 1)
+
+
+def counts_by_source(experts: np.ndarray, num_experts: int, num_devices: int) -> np.ndarray:
+    """``int64 [devices, experts]`` from one layer's choices ``experts[tokens]`` or
+    ``experts[tokens, k]`` of one batch: how many tokens on each device chose each expert
+    (tokens placed by :func:`token_sources`)."""
+    ex = np.asarray(experts)
+    if ex.ndim == 1:
+        ex = ex[:, None]
+    if ex.ndim != 2:
+        raise ValueError(f"experts must be [tokens] or [tokens, k], got shape {ex.shape}")
+    src = np.repeat(token_sources(ex.shape[0], num_devices), ex.shape[1])
+    flat = src * num_experts + ex.reshape(-1).astype(np.int64)
+    return np.bincount(flat, minlength=num_devices * num_experts).reshape(num_devices, num_experts)
+
+
+def uniform_counts_by_source(counts_by_source: np.ndarray) -> np.ndarray:
+    """The same per-device token totals spread as evenly as possible over the experts:
+    the gate of the ``ideal`` policy. Each device's remainder goes to experts in a
+    rotating order so that the per-expert totals also stay within one token per device."""
+    cbs = np.asarray(counts_by_source, dtype=np.int64)
+    n, e = cbs.shape
+    totals = cbs.sum(axis=1)
+    out = np.repeat((totals // e)[:, None], e, axis=1)
+    rem = totals % e
+    offset = np.cumsum(np.concatenate(([0], rem[:-1])))  # where each device's extras start
+    pos = (np.arange(e)[None, :] - offset[:, None]) % e
+    out += (pos < rem[:, None]).astype(np.int64)
+    return out
