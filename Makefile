@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/lina-sim demo
+	$(VENV)/bin/lina-sim run scenarios/default.yaml --plots --out results/default
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -14,6 +14,7 @@ from lina_sim.errors import LinaSimError
 
 # Command modules, in the order their commands appear in --help.
 COMMAND_MODULES = [
+    "lina_sim.commands.run",
     "lina_sim.commands.network",
     "lina_sim.commands.trace",
 ]

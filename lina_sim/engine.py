@@ -71,7 +71,7 @@ class _RankState:
 
     def __init__(self, rank: int, policy: TrainingPolicy, env: simpy.Environment):
         self.rank = rank
-        self.sched = RankScheduler(policy)
+        self.sched = RankScheduler(policy, validate=False)  # the policy tests check the contract
         self.queues: dict[str, deque[MicroOp]] = {"a2a": deque(), "allreduce": deque()}
         self.busy: dict[str, bool] = {"a2a": False, "allreduce": False}
         self.done: dict[int, simpy.Event] = {}

@@ -103,11 +103,22 @@ class RankView:
       for the other ranks to launch it, and one queued behind another on its stream).
     - ``open_moe_blocks``: layers whose backward combine all-to-all has been launched on
       this rank and whose last backward dispatch all-to-all has not completed.
+    - ``pending_a2a`` / ``pending_allreduce``: ``pending`` split by kind, each in
+      submission order (derived when not given; a scheduler passes them so that a
+      policy need not scan a long queue of held-back gradients at every decision).
     """
 
     pending: tuple[MicroOp, ...] = ()
     in_flight: tuple[MicroOp, ...] = ()
     open_moe_blocks: frozenset[int] = frozenset()
+    pending_a2a: tuple[MicroOp, ...] | None = None
+    pending_allreduce: tuple[MicroOp, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.pending_a2a is None:
+            object.__setattr__(self, "pending_a2a", tuple(m for m in self.pending if m.kind == ALL_TO_ALL))
+        if self.pending_allreduce is None:
+            object.__setattr__(self, "pending_allreduce", tuple(m for m in self.pending if m.kind != ALL_TO_ALL))
 
 
 @dataclass(frozen=True)
@@ -331,9 +342,11 @@ class RankScheduler:
     communicator is held back until the gap is filled, so launches stay in ``seq`` order.
     """
 
-    def __init__(self, policy: TrainingPolicy) -> None:
+    def __init__(self, policy: TrainingPolicy, validate: bool = True) -> None:
         self.policy = policy
-        self._pending: list[MicroOp] = []
+        self.validate = validate
+        self._pending_a2a: list[MicroOp] = []
+        self._pending_ar: list[MicroOp] = []
         self._in_flight: dict[str, MicroOp] = {}
         self._open: set[int] = set()
         self._next_seq: dict[str, int] = {}
@@ -345,22 +358,27 @@ class RankScheduler:
         held[mop.seq] = mop
         nxt = self._next_seq.get(comm, 0)
         while nxt in held:
-            self._pending.append(held.pop(nxt))
+            m = held.pop(nxt)
+            (self._pending_a2a if m.is_a2a else self._pending_ar).append(m)
             nxt += 1
         self._next_seq[comm] = nxt
 
     def view(self) -> RankView:
-        return RankView(tuple(self._pending), tuple(self._in_flight.values()), frozenset(self._open))
+        a2a, ar = tuple(self._pending_a2a), tuple(self._pending_ar)
+        return RankView(a2a + ar, tuple(self._in_flight.values()), frozenset(self._open), a2a, ar)
 
     def poll(self) -> tuple[MicroOp, ...]:
         """Ask the policy what to launch now; mark it in flight and return it in order."""
-        if not self._pending:
+        if not self._pending_a2a and not self._pending_ar:
             return ()
         view = self.view()
         chosen = tuple(self.policy.select(view))
-        check_selection(view, chosen)
-        ids = {m.id for m in chosen}
-        self._pending = [m for m in self._pending if m.id not in ids]
+        if not chosen:
+            return ()
+        if self.validate:
+            check_selection(view, chosen)
+        self._pending_a2a = _without(self._pending_a2a, [m for m in chosen if m.is_a2a])
+        self._pending_ar = _without(self._pending_ar, [m for m in chosen if not m.is_a2a])
         for m in chosen:
             self._in_flight[m.id] = m
             if m.is_a2a and m.phase == "bwd" and m.role == "combine":
@@ -375,4 +393,14 @@ class RankScheduler:
     @property
     def idle(self) -> bool:
         """Nothing pending, held back or in flight."""
-        return not self._pending and not self._in_flight and not any(self._held.values())
+        return not self._pending_a2a and not self._pending_ar and not self._in_flight and not any(self._held.values())
+
+
+def _without(queue: list[MicroOp], chosen: list[MicroOp]) -> list[MicroOp]:
+    if not chosen:
+        return queue
+    n = len(chosen)
+    if queue[:n] == chosen:  # the usual case: a prefix launches
+        return queue[n:]
+    ids = {m.id for m in chosen}
+    return [m for m in queue if m.id not in ids]

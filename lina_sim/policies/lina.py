@@ -55,7 +55,7 @@ class LinaPolicy(TrainingPolicy):
 
     def allreduce_blocked(self, view: RankView) -> bool:
         """True while no allreduce micro-op may launch on this rank."""
-        if any(m.kind == ALL_TO_ALL for m in view.pending):
+        if view.pending_a2a:
             return True
         if view.in_flight:  # an all-to-all running, or the one allowed allreduce micro-op
             return True
@@ -63,14 +63,12 @@ class LinaPolicy(TrainingPolicy):
 
     def select(self, view: RankView) -> tuple[MicroOp, ...]:
         # All-to-alls always launch at once, in order: they are on the critical path.
-        a2a = tuple(m for m in view.pending if m.kind == ALL_TO_ALL)
+        a2a = view.pending_a2a
         if a2a or self.allreduce_blocked(view):
             return a2a
         # Pending is in submission order, so the first allreduce is the head of its
         # communicator's queue: launching it alone never reorders a communicator.
-        for m in view.pending:
-            return (m,)
-        return ()
+        return view.pending_allreduce[:1]
 
     def experts_per_device(self, candidates: Sequence[int],
                            estimates: Mapping[int, tuple[float, float]] | None = None) -> int:
