@@ -56,14 +56,27 @@ class CollectiveRecord:
         return self.end - self.start
 
 
+@dataclass(frozen=True)
+class Launch:
+    """A policy decision: at ``time`` (s) rank ``rank`` launched ``mop``, while
+    ``pending_a2a`` all-to-alls were pending and ``running_a2a`` launched and unfinished."""
+
+    time: float
+    rank: int
+    mop: MicroOp
+    pending_a2a: int
+    running_a2a: int
+
+
 @dataclass
 class StepResult:
-    """The outcome of one simulated step: step time (s), the timeline, and every
-    collective as it ran."""
+    """The outcome of one simulated step: step time (s), the timeline, every collective
+    as it ran, and every launch decision."""
 
     step_time: float
     timeline: pd.DataFrame
     collectives: list[CollectiveRecord] = field(default_factory=list)
+    launches: list[Launch] = field(default_factory=list)
 
 
 class _RankState:
@@ -95,7 +108,8 @@ class TrainingEngine:
 
     def __init__(self, graph: Any, policy: TrainingPolicy, cluster: ClusterSpec,
                  op_time: Callable[[Any], float], algos: CollectiveAlgos = CollectiveAlgos(),
-                 topology: Topology | None = None):
+                 topology: Topology | None = None, record_launches: bool = False):
+        self.record_launches = record_launches
         self.graph = graph
         self.policy = policy
         self.cluster = cluster
@@ -124,12 +138,18 @@ class TrainingEngine:
                 st.grads_done.succeed()
         ops = g.ops
         arrivals: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+        launches: list[Launch] = []
+        record_launches = self.record_launches
 
         def group_of(m: MicroOp, rank: int) -> tuple[int, ...]:
             return g.communicators[m.communicator].group_of(rank)
 
         def poll(st: _RankState) -> None:
+            before = st.sched.view() if record_launches else None
             for m in st.sched.poll():
+                if before is not None:
+                    running = sum(1 for x in before.in_flight if x.is_a2a)
+                    launches.append(Launch(env.now, st.rank, m, len(before.pending_a2a), running))
                 st.queues[m.stream].append(m)
                 kick(st, m.stream)
 
@@ -218,4 +238,4 @@ class TrainingEngine:
             raise RuntimeError(f"step did not finish on ranks {unfinished[:8]}: a collective never rendezvoused "
                                f"(open: {sorted(k[0] for k in arrivals)[:4]})")
         df = tl.to_frame()
-        return StepResult(float(df["end"].max()) if len(df) else 0.0, df, records)
+        return StepResult(float(df["end"].max()) if len(df) else 0.0, df, records, launches)
