@@ -1,0 +1,182 @@
+"""Process-group setup in one place: init from torchrun-style env, sub-groups, destroy.
+
+Every rank process calls :func:`init` once (it reads ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), then
+:func:`make_groups` (collective: every rank calls it, in the same order), and
+:func:`destroy` at the end. The backend is NCCL when CUDA is available, gloo otherwise.
+Timeouts are bounded, so a missing peer or an unreachable master turns into a one-line
+:class:`DistError` instead of a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from lina_sim.errors import LinaSimError
+
+# Override with LINA_CONNECT_TIMEOUT_S / LINA_OP_TIMEOUT_S in the ranks' environment.
+DEFAULT_CONNECT_TIMEOUT_S = 30.0  # reaching the master and waiting for all ranks to join
+DEFAULT_OP_TIMEOUT_S = 120.0  # any one collective
+
+
+class DistError(LinaSimError):
+    """A process-group problem: bad env, unreachable master, world size mismatch."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Who this process is. ``node`` = rank // local_world_size (ranks are node-major)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    backend: str
+    device: torch.device
+
+    @property
+    def node(self) -> int:
+        return self.rank // self.local_world_size
+
+    @property
+    def nodes(self) -> int:
+        return self.world_size // self.local_world_size
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Communicators the executor uses. ``ep`` (expert-parallel all-to-all) and ``dp``
+    (data-parallel gradient allreduce) are *different* communicators even when they span
+    the same ranks, so their collectives run concurrently and contend for links, as
+    DeepSpeed-MoE's do. ``node`` holds this rank's node-local ranks."""
+
+    ep: dist.ProcessGroup
+    dp: dist.ProcessGroup
+    node: dist.ProcessGroup
+    ep_ranks: tuple[int, ...]
+    dp_ranks: tuple[int, ...]
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    v = os.environ.get(name)
+    if v is None:
+        if default is None:
+            raise DistError(f"dist: environment variable {name} is not set (launch with lina-run or torchrun)")
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise DistError(f"dist: {name}={v!r} is not an integer") from None
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init(
+    backend: str | None = None,
+    connect_timeout_s: float | None = None,
+    op_timeout_s: float | None = None,
+    expected_world_size: int | None = None,
+) -> DistInfo:
+    """Initialise the default process group from the environment.
+
+    ``expected_world_size``: fail with a clear error if the launch has another size
+    (e.g. a scenario written for 4 ranks launched with 2).
+    """
+    connect_timeout_s = connect_timeout_s or float(os.environ.get("LINA_CONNECT_TIMEOUT_S", DEFAULT_CONNECT_TIMEOUT_S))
+    op_timeout_s = op_timeout_s or float(os.environ.get("LINA_OP_TIMEOUT_S", DEFAULT_OP_TIMEOUT_S))
+    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    local_rank = _env_int("LOCAL_RANK", rank)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = _env_int("MASTER_PORT", 29500)
+    if expected_world_size is not None and world != expected_world_size:
+        raise DistError(f"dist: world size mismatch: launched with WORLD_SIZE={world}, "
+                        f"but the run needs {expected_world_size} ranks")
+    if not (0 <= rank < world) or world % local_world:
+        raise DistError(f"dist: inconsistent RANK={rank} WORLD_SIZE={world} LOCAL_WORLD_SIZE={local_world}")
+    backend = backend or default_backend()
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    store = _connect_store(addr, port, rank, world, connect_timeout_s)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=op_timeout_s),
+                            device_id=device if backend == "nccl" else None)
+    _barrier_or_fail(world, connect_timeout_s)
+    return DistInfo(rank, world, local_rank, local_world, backend, device)
+
+
+def check_world_size(info: DistInfo, expected: int, what: str = "the scenario") -> None:
+    """One-line error when the launch's world size does not match what ``what`` needs."""
+    if info.world_size != expected:
+        raise DistError(f"dist: world size mismatch: launched with {info.world_size} ranks, "
+                        f"but {what} needs {expected}")
+
+
+def _connect_store(addr: str, port: int, rank: int, world: int, timeout_s: float) -> dist.TCPStore:
+    """Rank 0 hosts the rendezvous store, the others connect, all within ``timeout_s``.
+    (``wait_for_workers`` on every rank: clients check in, the master waits for all.)"""
+    t0 = time.monotonic()
+    try:
+        return dist.TCPStore(addr, port, world_size=world, is_master=(rank == 0),
+                             timeout=timedelta(seconds=timeout_s), wait_for_workers=True)
+    except Exception as e:  # DistNetworkError / DistStoreError / RuntimeError, by torch version
+        waited = time.monotonic() - t0
+        if rank == 0:
+            what = f"not all {world} ranks joined the master at {addr}:{port} within {waited:.0f} s"
+        else:
+            what = f"cannot reach the master at {addr}:{port} within {waited:.0f} s (is rank 0 running and MASTER_ADDR reachable?)"
+        raise DistError(f"dist: rank {rank}: {what} [{type(e).__name__}: {str(e).splitlines()[0][:160]}]") from None
+
+
+def _barrier_or_fail(world: int, timeout_s: float) -> None:
+    """A first collective, so that a broken data path (not just the store) fails here."""
+    try:
+        dist.monitored_barrier(timeout=timedelta(seconds=timeout_s)) if dist.get_backend() == "gloo" else dist.barrier()
+    except Exception as e:
+        raise DistError(f"dist: rank {dist.get_rank()}: the first barrier over {world} ranks failed: "
+                        f"{str(e).splitlines()[0][:200]}") from None
+
+
+def new_group(ranks: Sequence[int]) -> dist.ProcessGroup:
+    """A new communicator over ``ranks`` (collective: every rank must call it)."""
+    return dist.new_group(ranks=sorted(ranks), use_local_synchronization=False)
+
+
+def make_groups(info: DistInfo, ep_size: int | None = None) -> Groups:
+    """Build the expert-parallel, data-parallel and node groups (collective).
+
+    Expert parallelism spans blocks of ``ep_size`` consecutive ranks (default: the whole
+    world, one expert group as in the Lina paper). The data-parallel group for the
+    non-expert gradients always spans the whole world, as its own communicator.
+    """
+    world = info.world_size
+    ep_size = ep_size or world
+    if world % ep_size:
+        raise DistError(f"dist: ep_size={ep_size} does not divide the world size {world}")
+    ep_blocks = [list(range(s, s + ep_size)) for s in range(0, world, ep_size)]
+    node_blocks = [list(range(s, s + info.local_world_size)) for s in range(0, world, info.local_world_size)]
+    # new_group is collective over the default group: every rank creates every group, in order.
+    ep = {tuple(b): new_group(b) for b in ep_blocks}
+    dp = new_group(range(world))
+    node = {tuple(b): new_group(b) for b in node_blocks}
+    my_ep = next(b for b in ep if info.rank in b)
+    my_node = next(b for b in node if info.rank in b)
+    return Groups(ep=ep[my_ep], dp=dp, node=node[my_node], ep_ranks=my_ep, dp_ranks=tuple(range(world)))
+
+
+def destroy() -> None:
+    """Tear the process groups down (safe to call twice or when never initialised)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
