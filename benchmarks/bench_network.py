@@ -21,7 +21,7 @@ import time
 SIZE = 64 << 20
 
 
-def one(gpus: int) -> dict:
+def one(gpus: int, pipelined: bool) -> dict:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     t0 = time.perf_counter()
@@ -31,6 +31,7 @@ def one(gpus: int) -> dict:
     t_import = time.perf_counter()
     cluster = load_preset("dgx-a100", nodes=gpus // 8)
     sim = SimCluster(cluster)
+    sim.coll.pipelined = pipelined
     ranks = range(gpus)
     a2a = sim.start("all_to_all", "direct", ranks, SIZE)
     ar = sim.start("allreduce", "ring", ranks, SIZE)
@@ -49,14 +50,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", default="16,64,256,1024")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=["pipelined", "step-by-step"], default=None,
+                    help="collective step model (default: both)")
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one)))
+        print(json.dumps(one(args.one, args.mode != "step-by-step")))
         return
+    for mode in [args.mode] if args.mode else ["pipelined", "step-by-step"]:
+        print(f"# collectives: {mode}")
+        run_sizes(args.gpus, mode)
+
+
+def run_sizes(gpus_list: str, mode: str) -> None:
     print(f"{'GPUs':>6} {'flows':>10} {'groups':>7} {'rate upd':>9} {'wall (s)':>9} {'peak RSS (MB)':>14} "
           f"{'sim a2a (ms)':>13} {'sim allreduce (ms)':>19}")
-    for gpus in [int(x) for x in args.gpus.split(",")]:
-        out = subprocess.run([sys.executable, __file__, "--one", str(gpus)], capture_output=True, text=True, check=True)
+    for gpus in [int(x) for x in gpus_list.split(",")]:
+        out = subprocess.run([sys.executable, __file__, "--one", str(gpus), "--mode", mode],
+                             capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{r['gpus']:>6} {r['flows']:>10} {r['groups']:>7} {r['rate_updates']:>9} {r['wall_s']:>9.2f} "
               f"{r['peak_rss_MB']:>14.0f} {r['sim_a2a_ms']:>13.3f} {r['sim_allreduce_ms']:>19.3f}")

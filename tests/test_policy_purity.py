@@ -11,6 +11,9 @@ import lina_sim.policies
 from lina_sim.policies import registry
 for name in registry.TRAINING_POLICIES:
     registry.training_policy_class(name)
+for name in registry.PLACEMENT_POLICIES:
+    registry.placement_policy_class(name)
+import lina_sim.policies.path_estimator
 {extra}
 bad = sorted(m for m in sys.modules if m.split('.')[0] in ('simpy', 'torch'))
 print(','.join(bad))
