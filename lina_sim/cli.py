@@ -17,6 +17,8 @@ COMMAND_MODULES = [
     "lina_sim.commands.run",
     "lina_sim.commands.network",
     "lina_sim.commands.trace",
+    "lina_sim.commands.validate",
+    "lina_sim.commands.sweep",
 ]
 
 

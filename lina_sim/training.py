@@ -187,8 +187,10 @@ def run_policy(setup: TrainingSetup, entry: PolicyEntry, alone: AloneTimes | Non
     k = policy.experts_per_device(cands, estimates)
     graph = build_training_graph(model, cluster, experts_per_device=k, pipeline_degree=r)
     res = TrainingEngine(graph, policy, cluster, setup.compute.op_time, setup.algos, alone.topology).run()
-    slow = np.array([c.duration / alone("all_to_all", c.mop.nbytes, c.group)
-                     for c in res.collectives if c.mop.is_a2a and c.mop.phase == "bwd" and c.group[0] == 0])
+    # Rank 0's backward all-to-alls; a one-rank group moves nothing, so it has no slowdown.
+    bwd = [c for c in res.collectives if c.mop.is_a2a and c.mop.phase == "bwd" and c.group[0] == 0]
+    base = [(c.duration, alone("all_to_all", c.mop.nbytes, c.group)) for c in bwd if len(c.group) > 1]
+    slow = np.array([d / a for d, a in base if a > 0])
     return PolicyRun(entry, k, r, res, mean_breakdown(res.timeline, res.step_time), slow, time.perf_counter() - t0)
 
 

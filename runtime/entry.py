@@ -37,9 +37,7 @@ ENTRIES: dict[str, tuple[str, str | None]] = {
     "selftest": ("runtime.entry:selftest", "runtime.entry:print_selftest"),
     "idle": ("runtime.entry:idle", None),
     "calibrate": ("runtime.calibrate:rank_main", "runtime.calibrate:finish"),
-    # The executor's hook (issue 5): run a scenario's policies, return timeline events,
-    # and write results like `lina-sim run` in finish():
-    # "scenario": ("runtime.executor:rank_main", "runtime.executor:finish"),
+    "scenario": ("runtime.executor:rank_main", "runtime.executor:finish"),
 }
 
 

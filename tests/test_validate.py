@@ -1,0 +1,111 @@
+"""lina-sim validate: the comparison, the profile refinement, bad input, and (slow) a
+whole validation on the testbed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+import yaml
+
+from lina_sim.hardware import load_preset
+from runtime.calibrate import raw_path
+from runtime.validate import compare, format_table, op_classes, ranking, refine_profile, resolved_scenario
+from tests._netns import PY, ROOT, needs_netns
+
+PROFILE = ROOT / "scenarios/profiles/testbed-2x2-400mbit.yaml"
+
+
+def _frame(times, **extra):
+    n = len(times)
+    return pd.DataFrame({"point": [0] * n, "policy": [f"p{i}" for i in range(n)], "step_time_s": times,
+                         "compute_s": 0.1, "exposed_a2a_s": 0.1, "exposed_allreduce_s": 0.1, "idle_s": 0.0,
+                         "experts_per_device": 1, "pipeline_degree": 1, **extra})
+
+
+def test_compare_errors_and_ranking():
+    pred = _frame([1.0, 2.0, 3.0])
+    meas = _frame([1.25, 1.9, 3.3], step_time_min_s=1.0, step_time_max_s=4.0, sched_busy_frac=0.01,
+                  handoff_median_s=1e-4, handoff_total_s=1e-3)
+    j = compare(pred, meas)
+    assert j["error_pct"].round(1).tolist() == [-20.0, 5.3, -9.1]
+    assert j["ranking_match"].all()
+    assert "median |error| 9.1%" in format_table(j, "t")
+    meas.loc[0, "step_time_s"] = 2.5  # now p1 is fastest for real
+    assert not compare(pred, meas)["ranking_match"].any()
+    assert ranking([3.0, 1.0, 2.0]) == [1, 2, 0]
+
+
+def test_op_classes_skew_and_transfer():
+    tl = pd.DataFrame({"rank": [0, 1, 0, 1], "stream": ["a2a", "a2a", "compute", "compute"],
+                       "op": ["L0.fwd.dispatch.c0"] * 2 + ["L0.fwd.attn", "L0.bwd.attn"],
+                       "kind": ["all_to_all", "all_to_all", "compute", "compute"],
+                       "start": [0.0, 0.2, 0.0, 0.5], "end": [0.5, 0.5, 0.1, 0.6]})
+    c = op_classes(tl, ep_size=2)
+    assert c["a2a skew"] == pytest.approx(0.2) and c["a2a xfer"] == pytest.approx(0.3)
+    assert c["a2a fwd"] == pytest.approx(0.4) and c["compute fwd"] == pytest.approx(0.05)
+    assert c["compute bwd+opt"] == pytest.approx(0.05) and c["step"] == pytest.approx(0.6)
+
+
+def test_refine_profile_fits_links_from_collectives(tmp_path):
+    src = tmp_path / "p.yaml"
+    shutil.copy(PROFILE, src)
+    shutil.copy(raw_path(PROFILE), raw_path(src))
+    out, eff, lat = refine_profile(src, tmp_path / "refined.yaml")
+    spec = load_preset(str(out))
+    assert 0.3 < eff <= 1.0 and spec.nic.efficiency == pytest.approx(eff)
+    assert spec.nic.latency == spec.nvlink.latency == pytest.approx(lat) and lat >= load_preset(str(src)).nic.latency
+    assert "fitted nic.efficiency" in yaml.safe_load(out.read_text())["source"]
+
+
+def test_resolved_scenario_points_at_the_profile(tmp_path):
+    out = resolved_scenario(ROOT / "scenarios/testbed-inference.yaml", PROFILE, tmp_path / "c.yaml", tmp_path / "s.yaml")
+    d = yaml.safe_load(out.read_text())
+    assert d["cluster"]["preset"] == str(PROFILE.resolve())
+    assert d["compute"] == {"model": "profile", "profile": str((tmp_path / "c.yaml").resolve())}
+    assert d["serving"]["trace"] == str((ROOT / "scenarios/data/testbed-l4-e4.npz").resolve())
+
+
+def test_shipped_scenarios_resolve():
+    from lina_sim.scenario import load_scenarios
+    from lina_sim.serving import resolve_inference
+    from lina_sim.training import resolve_training
+
+    setup = resolve_training(load_scenarios(ROOT / "scenarios/testbed-training.yaml")[0])
+    assert setup.cluster.world_size == 4 and setup.model.dtype == "fp32"
+    assert resolve_inference(load_scenarios(ROOT / "scenarios/testbed-inference.yaml")[0]).cluster.nodes == 2
+
+
+def test_validate_bad_profile_is_one_line(tmp_path):
+    p = subprocess.run([PY, "-m", "lina_sim.cli", "validate", "scenarios/testbed-training.yaml", "--profile",
+                        str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert len(p.stderr.strip().splitlines()) == 1 and "--profile" in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+@needs_netns
+def test_validate_training_on_the_testbed(tmp_path):
+    """The whole loop with a fresh calibration: a table for every policy and figures."""
+    out = tmp_path / "v"
+    p = subprocess.run([PY, "-m", "lina_sim.cli", "validate", "scenarios/testbed-training.yaml", "--steps", "2",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    j = pd.read_csv(out / "validation.csv")
+    assert len(j) == 4 and (j["step_time_s_meas"] > 0).all() and j["error_pct"].notna().all()
+    assert (out / "validation.png").exists() and (out / "compute-profile.yaml").exists()
+    assert "median |error|" in p.stdout
+
+
+@pytest.mark.slow
+@needs_netns
+def test_validate_inference_on_the_testbed(tmp_path):
+    out = tmp_path / "v"
+    p = subprocess.run([PY, "-m", "lina_sim.cli", "validate", "scenarios/testbed-inference.yaml", "--profile",
+                        str(PROFILE), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    j = pd.read_csv(out / "validation.csv")
+    assert list(j["policy"]) == ["static", "lina", "ideal"] and (j["batch_time_mean_s_meas"] > 0).all()
