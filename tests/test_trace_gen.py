@@ -1,0 +1,120 @@
+"""Synthetic trace generator: parameters, fitting to a real trace, scaling, determinism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lina_sim import trace as tr
+from lina_sim import trace_stats as ts
+from lina_sim.cli import main as cli_main
+from lina_sim.errors import ConfigError
+from lina_sim.trace_gen import TraceGenerator
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_TRACES = [REPO / "traces" / "moe12-top1-c4.npz", REPO / "traces" / "moe12-top2-github.npz"]
+
+
+def rel_err(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+@pytest.mark.parametrize("path", REAL_TRACES, ids=lambda p: p.stem)
+def test_fitted_generator_reproduces_real_trace_within_10_percent(path):
+    real = tr.load(path)
+    synth = TraceGenerator.fit(real).generate(real.num_tokens, seed=7)
+    assert (synth.num_layers, synth.num_experts, synth.top_k) == (real.num_layers, real.num_experts, real.top_k)
+    for fn in (lambda t: ts.skew_from_counts(ts.expert_counts(t.experts, t.num_experts)),
+               lambda t: ts.skew_from_counts(ts.expert_counts(t.experts[:, :, :1], t.num_experts))):
+        want, got = fn(real), fn(synth)
+        for key in ("max_over_uniform", "cv", "top_share"):
+            assert rel_err(got.mean()[key], want.mean()[key]) < 0.10, key
+            # and layer by layer
+            errs = [rel_err(g, w) for g, w in zip(getattr(got, key), getattr(want, key))]
+            assert max(errs) < 0.10, (key, errs)
+    a_real, a_syn = ts.affinity(real), ts.affinity(synth)
+    errs = [rel_err(g, w) for g, w in zip(a_syn.accuracy, a_real.accuracy)]
+    assert max(errs) < 0.10, errs
+    assert rel_err(a_syn.mean()["chance"], a_real.mean()["chance"]) < 0.10
+
+
+def test_generation_is_deterministic():
+    g = TraceGenerator.synthetic(8, 4, top_k=2, locality=0.3, seed=3)
+    a, b, c = g.generate(3000, seed=1), g.generate(3000, seed=1), g.generate(3000, seed=2)
+    np.testing.assert_array_equal(a.experts, b.experts)
+    assert a.metadata == b.metadata
+    assert not np.array_equal(a.experts, c.experts)
+    g2 = TraceGenerator.synthetic(8, 4, top_k=2, locality=0.3, seed=3)
+    np.testing.assert_array_equal(g2.generate(3000, seed=1).experts, a.experts)
+
+
+def test_top_k_choices_are_distinct():
+    t = TraceGenerator.synthetic(6, 3, top_k=3, seed=0).generate(2000, seed=0)
+    s = np.sort(t.experts, axis=2)
+    assert (np.diff(s, axis=2) > 0).all()
+
+
+def test_zipf_popularity_and_affinity_parameters():
+    E = 16
+    g = TraceGenerator.synthetic(E, 4, popularity="zipf", zipf_s=1.0, affinity=1.0, locality=0.0, seed=0)
+    t = g.generate(40_000, seed=0)
+    harmonic = (1.0 / np.arange(1, E + 1)).sum()
+    skew = ts.skew_from_counts(ts.expert_counts(t.experts, E))
+    # every layer keeps the Zipf popularity: busiest share is 1/H_E, i.e. E/H_E over uniform
+    assert skew.max_over_uniform == pytest.approx([E / harmonic] * 4, rel=0.05)
+    assert ts.affinity(t).accuracy == pytest.approx([1.0] * 3)
+    flat = TraceGenerator.synthetic(E, 4, affinity=0.0, locality=0.0, seed=0).generate(40_000, seed=0)
+    aff = ts.affinity(flat)
+    assert aff.accuracy == pytest.approx(aff.chance, abs=0.02)
+    d = TraceGenerator.synthetic(E, 3, popularity="dirichlet", dirichlet_alpha=0.3, seed=0).generate(100, seed=0)
+    assert d.num_experts == E
+
+
+def test_locality_is_fitted():
+    g = TraceGenerator.synthetic(8, 3, affinity=0.6, locality=0.5, seq_len=64, seed=1)
+    t = g.generate(20_000, seed=0)
+    fitted = TraceGenerator.fit(t)
+    assert fitted.params.locality == pytest.approx([0.5] * 3, abs=0.04)
+    assert fitted.params.seq_len == 64
+    again = fitted.generate(20_000, seed=5)
+    assert ts.repeat_rate(again).rate == pytest.approx(ts.repeat_rate(t).rate, abs=0.03)
+
+
+def test_scaling_layers_and_experts():
+    base = TraceGenerator.synthetic(8, 4, top_k=2, affinity=0.7, seed=0)
+    t = base.generate(30_000, seed=0)
+    g = TraceGenerator.fit(t)
+    bigger = g.scaled(num_layers=10, num_experts=32).generate(30_000, seed=1)
+    assert (bigger.num_layers, bigger.num_experts, bigger.top_k) == (10, 32, 2)
+    s0 = ts.skew_from_counts(ts.expert_counts(t.experts[:, :, :1], 8)).mean()
+    s1 = ts.skew_from_counts(ts.expert_counts(bigger.experts[:, :, :1], 32)).mean()
+    assert s1["max_over_uniform"] == pytest.approx(s0["max_over_uniform"], rel=0.15)
+    assert ts.affinity(bigger).mean()["accuracy"] == pytest.approx(ts.affinity(t).mean()["accuracy"], rel=0.15)
+    with pytest.raises(ConfigError, match="multiple"):
+        g.scaled(num_experts=12)
+
+
+def test_bad_parameters():
+    with pytest.raises(ConfigError, match="affinity"):
+        TraceGenerator.synthetic(8, 2, affinity=1.5)
+    with pytest.raises(ConfigError, match="popularity"):
+        TraceGenerator.synthetic(8, 2, popularity="pareto")
+    with pytest.raises(ConfigError, match="top_k"):
+        TraceGenerator.synthetic(4, 2, top_k=5)
+
+
+def test_cli_trace_gen(tmp_path, capsys):
+    out = tmp_path / "syn.npz"
+    assert cli_main(["trace-gen", str(out), "--experts", "8", "--layers", "3", "--tokens", "500", "--seed", "2"]) == 0
+    t = tr.load(out)
+    assert (t.num_tokens, t.num_layers, t.num_experts) == (500, 3, 8)
+    assert t.metadata["made_by"].startswith("lina-sim trace-gen")
+    scaled = tmp_path / "scaled.npz"
+    assert cli_main(["trace-gen", str(scaled), "--from", str(out), "--experts", "16", "--tokens", "800"]) == 0
+    assert tr.load(scaled).num_experts == 16
+    assert cli_main(["trace-gen", str(tmp_path / "x.npz")]) == 2
+    assert "give --from" in capsys.readouterr().err
+    assert cli_main(["trace-stats", str(scaled), "--plot", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").exists()
