@@ -12,11 +12,11 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch==2.13.0 is the pinned build; on a CPU-only box pip takes the CPU wheel.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev,runtime]"
+	$(PY) -m pip install -q -e ".[dev,runtime,ray]"
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/lina-sim run scenarios/default.yaml --plots --out results/default
+	$(VENV)/bin/lina-sim reproduce
 
 test: $(STAMP)
 	$(PY) -m pytest -q

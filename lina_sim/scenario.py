@@ -16,6 +16,10 @@ sweep:                         # optional
 ```
 
 Field paths are dotted; ``policies[NAME]`` selects the policy entry with that name.
+Two shorthands are accepted in sweeps: ``cluster.nic_bandwidth`` (likewise ``nvlink_`` /
+``pcie_`` and ``_latency`` / ``_efficiency``) for ``cluster.nic.bandwidth``, and
+``policies[NAME].micro_op_bytes`` / ``bucket_bytes`` (bytes) for ``micro_op_mb`` /
+``bucket_mb`` (MB = 10^6 bytes); result columns keep the name the sweep used.
 A sweep's ``grid`` is a product over its lists, ``zip`` walks its lists in lockstep, and
 with both, every zip row is combined with every grid point. Every error names the YAML
 path of the offending field and what is allowed.
@@ -98,6 +102,21 @@ def _policy_entry(policies: Any, name: str, path: str) -> dict:
             return policies[i]
     names = [p if isinstance(p, str) else (p or {}).get("name") for p in policies]
     raise ConfigError(path, f"no policy named {name!r} in this scenario", names)
+
+
+# Shorthand sweep paths -> canonical ones (the issue's spelling of nested fields).
+_LINK_SHORTHAND = re.compile(r"^cluster\.(nic|nvlink|pcie)_(bandwidth|efficiency|latency)$")
+_BYTES_SHORTHAND = re.compile(r"^(policies\[[^\]]+\])\.(micro_op|bucket)_bytes$")
+
+
+def canonical_path(path: str, value: Any) -> tuple[str, Any]:
+    """Rewrite a shorthand field path (and its value's unit) to the canonical one."""
+    if m := _LINK_SHORTHAND.match(path):
+        return f"cluster.{m.group(1)}.{m.group(2)}", value
+    if m := _BYTES_SHORTHAND.match(path):
+        mb = value / 1e6 if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        return f"{m.group(1)}.{m.group(2)}_mb", mb
+    return path, value
 
 
 def get_path(data: Mapping, path: str) -> Any:
@@ -204,7 +223,7 @@ def expand(data: Mapping, source: str = "<memory>") -> list[Scenario]:
             values = {**g, **z}
             d = copy.deepcopy(data)
             for path, v in values.items():
-                set_path(d, path, v)
+                set_path(d, *canonical_path(path, v))
             points.append(Scenario(d, values, source))
     return points
 
