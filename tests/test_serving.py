@@ -1,0 +1,279 @@
+"""Inference serving: the fast all-to-all timer, batching, uneven splits, conservation of
+tokens, determinism, and one-line errors for bad inputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+import lina_sim.serving as serving
+from lina_sim.errors import ConfigError, TraceError
+from lina_sim.hardware import load_preset
+from lina_sim.microbench import SimCluster
+from lina_sim.policies.placement import Placement
+from lina_sim.requests import Batcher, BatchingSpec, ClosedLoopArrivals, Request
+from lina_sim.scenario import expand
+from lina_sim.serving import ExpertCache, resolve_inference, run_inference
+from lina_sim.serving_network import AllToAllTimer
+from lina_sim.topology import Topology
+from lina_sim.trace_gen import TraceGenerator
+
+ALL = ["static", "fastermoe-shadow", "eplb", "lina", "lina-no-estimate", "lina-no-finetune", "oracle", "ideal"]
+
+
+@pytest.fixture(scope="module")
+def trace16(tmp_path_factory):
+    """A small synthetic 12-layer, 16-expert top-1 trace (64-token sequences)."""
+    gen = TraceGenerator.synthetic(16, 12, top_k=1, zipf_s=1.2, affinity=0.6, seq_len=64, seed=3)
+    path = tmp_path_factory.mktemp("traces") / "syn16.npz"
+    gen.generate(6400, seed=3).save(path)
+    return path
+
+
+def scenario(trace, nodes=1, experts=4, policies=ALL, **serving_over):
+    sv = {"trace": str(trace), "requests": 60, "fold_experts": experts != 16,
+          "arrival": {"process": "poisson", "rate": 20000.0},
+          "batching": {"token_budget": 1024, "timeout": 0.0005}}
+    sv.update(serving_over)
+    return {"name": "t", "kind": "inference", "seed": 1,
+            "cluster": {"preset": "paper-testbed", "nodes": nodes},
+            "model": {"preset": "transformer-xl-12", "experts": experts, "top_k": 1},
+            "serving": sv, "policies": list(policies)}
+
+
+def setup_of(data):
+    return resolve_inference(expand(data)[0])
+
+
+# -- the network ---------------------------------------------------------------------------
+@pytest.mark.parametrize("preset,nodes,algo", [
+    ("paper-testbed", 4, "direct"), ("paper-testbed", 4, "hierarchical"), ("dgx-a100", 2, "direct"),
+])
+def test_a2a_timer_matches_simulated_network(preset, nodes, algo):
+    """The vectorised timer gives exactly what Collectives.all_to_all gives on a fresh
+    FluidNetwork, for uneven matrices with zeros."""
+    cluster = load_preset(preset, nodes)
+    topo = Topology(cluster)
+    n = cluster.world_size
+    rng = np.random.default_rng(7)
+    ms = rng.integers(0, 300, size=(3, n, n)).astype(float) * 1024
+    ms[1][rng.random((n, n)) < 0.6] = 0.0  # sparse, as a skewed placement sends
+    ms[2] = 0.0
+    ms[2, 0, n - 1] = 5e5  # a single flow
+    timer = AllToAllTimer(cluster, algo=algo, topology=topo)
+    got = timer.times(ms)
+    for m, g in zip(ms, got):
+        sim = SimCluster(cluster, topo)
+        p = sim.coll.all_to_all(range(n), m, algo)
+        sim.env.run()
+        assert g == pytest.approx(p.value.duration, rel=1e-9)
+    assert timer.times(np.zeros((n, n))) == 0.0
+    assert timer.times(ms[0]) == got[0] and timer.hits == 1  # exact repeats come from the cache
+
+
+# -- requests and batching --------------------------------------------------------------------
+def test_batcher_budget_and_timeout():
+    b = Batcher(BatchingSpec(token_budget=256, timeout=0.01))
+    b.add_future([Request(i, 0, 100, t) for i, t in enumerate([0.0, 0.001, 0.002, 0.5, 0.503])])
+    start, batch = b.next_batch(0.0)
+    # The third request fills the budget (300 >= 256) at t=2ms but does not fit: two go.
+    assert start == pytest.approx(0.002) and [r.rid for r in batch] == [0, 1]
+    start, batch = b.next_batch(0.004)
+    # Alone in the queue: waits for its timeout (arrived at 2 ms) since nothing else comes.
+    assert start == pytest.approx(0.012) and [r.rid for r in batch] == [2]
+    start, batch = b.next_batch(0.1)
+    assert start == pytest.approx(0.51) and [r.rid for r in batch] == [3, 4]
+    assert not b.pending()
+
+
+def test_closed_loop_keeps_concurrency():
+    a = ClosedLoopArrivals(concurrency=3, count=5)
+    assert a.initial() == [0.0] * 3
+    assert a.on_complete(2, 1.5) == [1.5, 1.5]
+    assert a.on_complete(3, 2.0) == []  # all 5 issued
+
+
+def test_expert_cache_swaps_only_missing_and_evicts_lru():
+    static = Placement.from_replicas(2, [[0], [1], [0], [1]])  # device 0: {0, 2}; 1: {1, 3}
+    cache = ExpertCache(1, static, slots=3)
+    assert cache.load(0, static).tolist() == [0, 0]
+    p = Placement.from_replicas(2, [[0, 1], [1], [0], [1]])  # expert 0 also on device 1
+    assert cache.load(0, p).tolist() == [0, 1]
+    q = Placement.from_replicas(2, [[0], [1], [0], [0, 1]])  # device 0 also needs expert 3
+    assert cache.load(0, q).tolist() == [1, 0]
+    r = Placement.from_replicas(2, [[0], [0, 1], [0], [1]])  # device 0: {0, 1, 2}, evicts 3
+    assert cache.load(0, r).tolist() == [1, 0]
+    assert cache.load(0, static).tolist() == [0, 0]
+    assert cache.load(0, q).tolist() == [1, 0]  # 3 was evicted from device 0: it comes back
+    full = ExpertCache(1, static, slots=4)  # room for every expert: all loaded at start-up
+    assert full.load(0, q).tolist() == [0, 0] and full.load(0, r).tolist() == [0, 0]
+
+
+# -- the serving run ---------------------------------------------------------------------------
+def test_uneven_splits_match_placement_and_tokens_served_once(trace16, monkeypatch):
+    setup = setup_of(scenario(trace16, nodes=4, experts=16, policies=["static", "lina", "eplb", "ideal"]))
+    decisions: dict[str, list] = {}
+    real_decide = serving.decide_layer
+
+    def spy(policy, layer, history, cbs):
+        d = real_decide(policy, layer, history, cbs)
+        decisions.setdefault(policy.name, []).append(d)
+        return d
+
+    timed: list[np.ndarray] = []
+    real_times = AllToAllTimer.times
+
+    def spy_times(self, m):
+        timed.append(np.array(m))
+        return real_times(self, m)
+
+    monkeypatch.setattr(serving, "decide_layer", spy)
+    monkeypatch.setattr(AllToAllTimer, "times", spy_times)
+    df, runs = run_inference(setup)
+    L, N, k = 12, 16, 1
+    token_bytes = setup.model.d_model * setup.model.dtype_bytes
+    stacked = np.concatenate(timed)  # per step: per active policy, L dispatch then L combine
+    pos = 0
+    batches_left = {r.entry.name: list(r.batches) for r in runs}
+    per_policy = {name: iter(ds) for name, ds in decisions.items()}
+    for step in range(max(len(r.batches) for r in runs)):
+        for run in runs:
+            name = run.entry.name
+            if step >= len(run.batches):
+                continue
+            block = stacked[pos:pos + 2 * L]
+            pos += 2 * L
+            for l in range(L):
+                d = next(per_policy[name])
+                tokens = d.final.send_matrix(d.counts_by_source)
+                # Bytes per (src, dst) pair are the placement's tokens x d_model x dtype.
+                np.testing.assert_array_equal(block[l], tokens * token_bytes)
+                np.testing.assert_array_equal(block[L + l], tokens.T * token_bytes)
+                # Each source sends each of its tokens' k choices once; each device gets its load.
+                np.testing.assert_array_equal(tokens.sum(axis=1), d.counts_by_source.sum(axis=1))
+                np.testing.assert_array_equal(tokens.sum(axis=0), d.final.device_loads(d.counts))
+    assert pos == stacked.shape[0]
+    for run in runs:
+        served = [r.batch for r in run.requests]
+        assert len(run.requests) == 60 and min(served) >= 0
+        # Every request in exactly one batch; each batch's tokens are its requests' tokens.
+        by_batch = np.bincount(served, weights=[r.tokens for r in run.requests])
+        np.testing.assert_array_equal(by_batch, [b.tokens for b in run.batches])
+        assert all(r.end >= r.start >= r.arrival for r in run.requests)
+        for b in run.batches:
+            assert b.tokens <= 1024
+    # Every layer's gate counted each token exactly k times.
+    for name, ds in decisions.items():
+        it = iter(ds)
+        run = next(r for r in runs if r.entry.name == name)
+        for b in run.batches:
+            for l in range(L):
+                assert next(it).counts.sum() == b.tokens * k
+    row = df.set_index("policy").loc["ideal"]
+    assert row["load_imbalance_mean"] < 1.01  # the uniform gate
+    assert df.set_index("policy").loc["static", "latency_p95_vs_static"] == 1.0
+
+
+def test_deterministic_for_a_seed(trace16):
+    data = scenario(trace16, nodes=2, experts=8, policies=["static", "lina", "eplb"])
+    a, _ = run_inference(setup_of(data))
+    b, _ = run_inference(setup_of(data))
+    cols = [c for c in a.columns if c != "sim_wall_s"]
+    assert a[cols].equals(b[cols])
+    data["seed"] = 2
+    c, _ = run_inference(setup_of(data))
+    assert not np.allclose(a["latency_p95_s"], c["latency_p95_s"])
+
+
+def test_closed_loop_and_phase2_counters(trace16):
+    data = scenario(trace16, nodes=1, experts=4, policies=["static", "lina", "lina-no-finetune"],
+                    arrival={"process": "closed", "concurrency": 16}, timeline_batches=1)
+    df, runs = run_inference(setup_of(data))
+    assert (df["requests"] == 60).all()
+    lina = df.set_index("policy").loc["lina"]
+    nof = df.set_index("policy").loc["lina-no-finetune"]
+    assert lina["phase2_checks"] > 0 and nof["phase2_fired"] == 0
+    tl = runs[1].timeline.to_frame()
+    assert set(tl["kind"]) >= {"compute", "all_to_all"} and (tl["end"] >= tl["start"]).all()
+    assert tl["rank"].nunique() == 4
+
+
+def test_describe_is_plain_data(trace16):
+    import json
+
+    d = setup_of(scenario(trace16)).describe()
+    assert json.loads(json.dumps(d))["serving"]["trace_sha1"] == d["serving"]["trace_sha1"]
+    assert d["kind"] == "inference" and d["model"]["experts"] == 4
+
+
+# -- bad input ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("patch,error,needles", [
+    ({"policies": ["static", "lina-plus"]}, ConfigError, ["policies[1].name", "lina-plus", "allowed:"]),
+    ({"serving.arrival": {"process": "poisson", "rate": -5}}, ConfigError, ["serving.arrival.rate", "-5"]),
+    ({"serving.arrival": {"process": "poisson", "rate": "fast"}}, ConfigError, ["serving.arrival.rate"]),
+    ({"serving.arrival": {"process": "bursty"}}, ConfigError, ["serving.arrival.process", "poisson, closed"]),
+    ({"serving.batching": {"token_budget": 0}}, ConfigError, ["serving.batching.token_budget"]),
+    ({"serving.fold_experts": False}, TraceError, ["syn16.npz", "16 experts", "model.experts is 4"]),
+    ({"model": {"preset": "transformer-xl-24", "experts": 4, "top_k": 1}}, TraceError, ["12 MoE layers", "24"]),
+    ({"serving.trace": "nope.npz"}, TraceError, ["nope.npz", "no such file"]),
+    ({"policies": [{"name": "lina", "path_length": 0}]}, ConfigError, ["policies[lina].path_length"]),
+    ({"model": {"preset": "transformer-xl-12", "experts": 4, "top_k": 1, "d_model": 8192, "d_ff": 65536}},
+     ConfigError, ["serving.expert_slots", "GB"]),
+    ({"serving.expert_slots": 0}, ConfigError, ["serving.expert_slots"]),
+])
+def test_bad_input_errors_name_the_field(trace16, patch, error, needles):
+    data = scenario(trace16)
+    for key, value in patch.items():
+        if key.startswith("serving."):
+            data["serving"][key.split(".", 1)[1]] = value
+        else:
+            data[key] = value
+    with pytest.raises(error) as e:
+        setup_of(data)
+    for n in needles:
+        assert n in str(e.value)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lina_sim.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_errors_are_one_line(trace16, tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(trace16.read_bytes()[:200])  # a truncated trace
+    cases = [
+        ({"serving": {"trace": str(bad)}}, ["bad.npz", "truncated"]),
+        ({"serving": {"fold_experts": False}}, ["16 experts", "model.experts is 4"]),
+        ({"policies": ["static", "nope"]}, ["policies[1].name"]),
+        ({"serving": {"arrival": {"process": "poisson", "rate": 0}}}, ["serving.arrival.rate"]),
+    ]
+    for i, (over, needles) in enumerate(cases):
+        data = scenario(trace16)
+        for key, value in over.items():
+            if key == "serving":
+                data["serving"].update(value)
+            else:
+                data[key] = value
+        path = tmp_path / f"s{i}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        p = run_cli("run", str(path), "--out", str(tmp_path / "out"))
+        assert p.returncode == 2, p.stderr
+        assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        for n in needles:
+            assert n in p.stderr, p.stderr
+
+
+def test_cli_run_prints_table_and_writes_results(trace16, tmp_path):
+    data = scenario(trace16, policies=["static", "lina", "ideal"], requests=30)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    p = run_cli("run", str(path), "--out", str(out), "--plots")
+    assert p.returncode == 0, p.stderr
+    assert "p95/st" in p.stdout and "lina" in p.stdout
+    assert (out / "results.csv").exists() and (out / "latency_cdf.png").exists()
+    assert (out / "p95_per_policy.png").exists()
