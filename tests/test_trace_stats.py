@@ -105,7 +105,11 @@ def test_path_estimator_is_pure():
 
 
 def test_real_counts_comparison(tmp_path):
-    rows = ts.real_rows(ts.load_real())
+    try:
+        real = ts.load_real()
+    except TraceError as e:  # a clone without ../shared beside it
+        pytest.skip(f"real routing counts not available: {e}")
+    rows = ts.real_rows(real)
     by = {(r.name, r.domain): r for r in rows}
     # the README's own summary of this data: OLMoE layer 0 from 3.0x (c4) to 7.8x (arxiv)
     assert by[("olmoe", "c4")].skew.max_over_uniform[0] == pytest.approx(3.0, abs=0.05)
