@@ -138,7 +138,8 @@ def latency_column(df: pd.DataFrame, which: str) -> str:
 def _setting_labels(d: pd.DataFrame, size: list[str]) -> pd.Series:
     """Per row, the swept fields that the cluster size does not already fix, as
     ``field=value`` (e.g. ``expert_slots=16``); empty when the size says it all."""
-    text = d.map(str)  # str(None) = "None": a swept null is a setting too
+    # A swept null is a setting too: it means "the default" of that field.
+    text = d.map(lambda v: "default" if v is None or (isinstance(v, float) and v != v) else str(v))
     swept = [c for c in d.columns if ("." in c or "[" in c) and text[c].nunique() > 1]
     sizes = text[size].agg("/".join, axis=1)
     extra = [c for c in swept if text.groupby(sizes)[c].nunique().max() > 1]
