@@ -228,6 +228,20 @@ def expand(data: Mapping, source: str = "<memory>") -> list[Scenario]:
     return points
 
 
+def resolve_cluster_and_model(data: Mapping) -> tuple[Any, Any]:
+    """The ``cluster`` and ``model`` blocks every scenario kind has, validated:
+    (ClusterSpec, ModelSpec with its experts resolved against the GPUs)."""
+    from lina_sim.hardware import resolve_cluster
+    from lina_sim.workload import model_from_dict
+
+    if "cluster" not in data:
+        raise ConfigError("cluster", "missing", ["preset: NAME, nodes: N"])
+    cluster = resolve_cluster(data["cluster"], "cluster")
+    if "model" not in data:
+        raise ConfigError("model", "missing", ["preset: NAME"])
+    return cluster, model_from_dict(data["model"], "model", world_size=cluster.world_size)
+
+
 def load_scenarios(path: str | Path) -> list[Scenario]:
     """Load a scenario file and expand its sweep."""
     return expand(load_yaml(path), str(path))

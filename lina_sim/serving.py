@@ -50,18 +50,18 @@ import pandas as pd
 
 from lina_sim.collectives import ALGORITHMS
 from lina_sim.errors import ConfigError, TraceError
-from lina_sim.hardware import ClusterSpec, resolve_cluster
+from lina_sim.hardware import ClusterSpec
 from lina_sim.policies.placement import Placement, PlacementPolicy, decide_layer, token_sources
 from lina_sim.policies.registry import PLACEMENT_POLICIES, make_placement_policy
 from lina_sim.requests import (
     ArrivalSpec, Batcher, BatchingSpec, Request, RequestPool, make_arrivals,
 )
-from lina_sim.scenario import Scenario
+from lina_sim.scenario import Scenario, resolve_cluster_and_model
 from lina_sim.serving_cost import InferenceCostModel
 from lina_sim.serving_network import AllToAllTimer
 from lina_sim.timeline import Event, Timeline
 from lina_sim.trace import Trace, load as load_trace
-from lina_sim.workload import ModelSpec, model_from_dict
+from lina_sim.workload import ModelSpec
 
 SERVING_FIELDS = {
     "trace": "path of a .npz trace, or a list of them (concatenated)",
@@ -260,12 +260,7 @@ def resolve_inference(sc: Scenario) -> InferenceSetup:
     for key in ("steps",):
         if key in d:
             raise ConfigError(key, "only allowed in a training scenario (kind: training)")
-    if "cluster" not in d:
-        raise ConfigError("cluster", "missing", ["preset: NAME, nodes: N"])
-    cluster = resolve_cluster(d["cluster"], "cluster")
-    if "model" not in d:
-        raise ConfigError("model", "missing", ["preset: NAME"])
-    model = model_from_dict(d["model"], "model", world_size=cluster.world_size)
+    cluster, model = resolve_cluster_and_model(d)
     policies = parse_placement_policies(d.get("policies"))
 
     comp = d.get("compute")

@@ -24,12 +24,12 @@ from lina_sim.collectives import ALGORITHMS
 from lina_sim.compute import ProfileComputeModel, RooflineComputeModel
 from lina_sim.engine import CollectiveAlgos, StepResult, TrainingEngine
 from lina_sim.errors import ConfigError
-from lina_sim.hardware import ClusterSpec, resolve_cluster
+from lina_sim.hardware import ClusterSpec
 from lina_sim.microbench import SimCluster
 from lina_sim.policies.registry import TRAINING_POLICIES, make_training_policy
-from lina_sim.scenario import Scenario
+from lina_sim.scenario import Scenario, resolve_cluster_and_model
 from lina_sim.topology import Topology
-from lina_sim.workload import ModelSpec, build_training_graph, micro_op_estimates, model_from_dict, packing_candidates
+from lina_sim.workload import ModelSpec, build_training_graph, micro_op_estimates, packing_candidates
 
 
 @dataclass
@@ -124,12 +124,7 @@ def _algos(block: Any) -> CollectiveAlgos:
 def resolve_training(sc: Scenario) -> TrainingSetup:
     """Validate every field of a training scenario, naming the YAML path of any error."""
     d = sc.data
-    if "cluster" not in d:
-        raise ConfigError("cluster", "missing", ["preset: NAME, nodes: N"])
-    cluster = resolve_cluster(d["cluster"], "cluster")
-    if "model" not in d:
-        raise ConfigError("model", "missing", ["preset: NAME"])
-    model = model_from_dict(d["model"], "model", world_size=cluster.world_size)
+    cluster, model = resolve_cluster_and_model(d)
     policies = parse_policies(d.get("policies"))
     steps = d.get("steps", 1)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
