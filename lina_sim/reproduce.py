@@ -259,6 +259,10 @@ def reproduce(out: Path = Path("plots/gallery"), quick: bool = False, workers: i
             except Exception as e:  # noqa: BLE001 - one broken figure must not lose the others
                 sections.append((fig, None, failed, f"{type(e).__name__}: {e}"))
         print(f"# {out / fig.file}" + (f"  (FAILED: {sections[-1][3]})" if sections[-1][3] else ""), file=stream)
+    for fig, plotted, _, error in sections:
+        if plotted is not None and not error:
+            print(f"\n## {fig.title}\n{text_table(plotted)}", file=stream)
+    print(file=stream)
     wall = time.perf_counter() - t0
     sim_s = float(res.table["sim_wall_s"].sum()) if "sim_wall_s" in res.table.columns else float("nan")
     report = render_report(sections, quick=quick, points=len(points), ran=res.ran, wall_s=wall, sim_s=sim_s,
@@ -276,6 +280,13 @@ def _fmt(v: Any) -> str:
             return ""
         return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
     return str(v)
+
+
+def text_table(df: pd.DataFrame, max_rows: int = 40) -> str:
+    """A plain-text table for the terminal (3 significant digits for floats)."""
+    body = df.head(max_rows).to_string(index=False, formatters={c: _fmt for c in df.columns if df[c].dtype.kind == "f"})
+    more = f"\n  ... {len(df) - max_rows} more rows in REPORT.md" if len(df) > max_rows else ""
+    return "\n".join("  " + line for line in body.splitlines()) + more
 
 
 def markdown_table(df: pd.DataFrame) -> str:
