@@ -40,6 +40,14 @@ EXACT_FLOW_LIMIT = 4096
 
 
 @dataclass(frozen=True)
+class CollectiveAlgos:
+    """Which collective algorithms the cluster's communication library uses."""
+
+    allreduce: str = "ring"
+    all_to_all: str = "direct"
+
+
+@dataclass(frozen=True)
 class StepPattern:
     """The flows of one step, pre-grouped: per group (links, mult, n_flows, fraction of
     the step's per-flow size, fair-share weight per flow), and the step latency alpha (s).
@@ -62,6 +70,7 @@ class CollectiveResult:
     start: float
     end: float = float("nan")
     steps: int = 0
+    tag: str = ""
 
     @property
     def duration(self) -> float:
@@ -92,7 +101,7 @@ class Collectives:
         self.env: simpy.Environment = net.env
         self.topo = net.topology
         self._pattern_cache: dict[tuple, StepPattern] = {}
-        self._channels: dict[tuple, int] = {}
+        self._rings: dict[bytes, tuple[StepPattern, int]] = {}  # ranks -> (step pattern, channels)
         self._checked: dict[tuple, np.ndarray] = {}
 
     # -- public API ----------------------------------------------------------------------
@@ -105,9 +114,9 @@ class Collectives:
             raise ConfigError("size", f"must be >= 0 bytes, got {nbytes}")
         if algo == "hierarchical":
             _equal_per_node(_group_by_node(self.topo, r), "hierarchical allreduce")
-        res = CollectiveResult("allreduce", algo, r, float(nbytes), self.env.now)
+        res = CollectiveResult("allreduce", algo, r, float(nbytes), self.env.now, tag=tag)
         body = self._ring_allreduce(r, nbytes, res) if algo == "ring" else self._hier_allreduce(r, nbytes, res)
-        return self.env.process(self._run(body, res, tag))
+        return self.env.process(self._run(body, res))
 
     def all_to_all(self, ranks: Sequence[int], send, algo: str = "direct", tag: str = "all_to_all"):
         """All-to-all over ``ranks``. ``send`` is either a number (bytes each rank sends
@@ -118,9 +127,9 @@ class Collectives:
         matrix = send_matrix(send, r.size)
         if algo == "hierarchical":
             _equal_per_node(_group_by_node(self.topo, r), "hierarchical all_to_all")
-        res = CollectiveResult("all_to_all", algo, r, float(matrix.sum(axis=1).max()), self.env.now)
+        res = CollectiveResult("all_to_all", algo, r, float(matrix.sum(axis=1).max()), self.env.now, tag=tag)
         body = self._direct_a2a(r, matrix, res) if algo == "direct" else self._hier_a2a(r, matrix, res)
-        return self.env.process(self._run(body, res, tag))
+        return self.env.process(self._run(body, res))
 
     # -- plumbing ------------------------------------------------------------------------
     def _ranks(self, ranks) -> np.ndarray:
@@ -132,8 +141,7 @@ class Collectives:
             self._checked[key] = r
         return r
 
-    def _run(self, body: Generator, res: CollectiveResult, tag: str):
-        res.start = self.env.now
+    def _run(self, body: Generator, res: CollectiveResult):
         yield from body
         res.end = self.env.now
         return res
@@ -176,19 +184,19 @@ class Collectives:
         self._pattern_cache[key] = pat
         return pat
 
-    def _steps(self, pattern: StepPattern, bytes_per_unit: float, count: int, res: CollectiveResult, tag: str):
+    def _steps(self, pattern: StepPattern, bytes_per_unit: float, count: int, res: CollectiveResult):
         """``count`` identical steps: one merged step when pipelined, else one by one."""
         if self.pipelined:
-            yield from self._step(pattern, bytes_per_unit * count, res, tag, count)
+            yield from self._step(pattern, bytes_per_unit * count, res, count)
         else:
             for _ in range(count):
-                yield from self._step(pattern, bytes_per_unit, res, tag)
+                yield from self._step(pattern, bytes_per_unit, res)
 
-    def _step(self, pattern: StepPattern, bytes_per_unit: float, res: CollectiveResult, tag: str, steps: int = 1):
+    def _step(self, pattern: StepPattern, bytes_per_unit: float, res: CollectiveResult, steps: int = 1):
         res.steps += steps
         if pattern.latency > 0:
             yield self.env.timeout(pattern.latency * steps)
-        events = [self.net.transfer(links, mult, n, frac * bytes_per_unit, tag, weight)
+        events = [self.net.transfer(links, mult, n, frac * bytes_per_unit, res.tag, weight)
                   for links, mult, n, frac, weight in pattern.groups if frac * bytes_per_unit > 0]
         if len(events) == 1:
             yield events[0]
@@ -214,16 +222,15 @@ class Collectives:
         n = ranks.size
         if n == 1 or nbytes == 0:
             return
-        key = ("ring", ranks.tobytes())
-        pat = self._pattern_cache.get(key)
-        if pat is None:
+        key = ranks.tobytes()
+        if key not in self._rings:
             orders = self._ring_orders(ranks)
             src = np.concatenate(orders)
             dst = np.concatenate([np.roll(o, -1) for o in orders])
-            pat = self._pattern(key, src, dst)
-            self._channels[key] = len(orders)
-        chunk = nbytes / (self._channels[key] * n)
-        yield from self._steps(pat, chunk, 2 * (n - 1), res, "allreduce")
+            self._rings[key] = (self._pattern(("ring", key), src, dst), len(orders))
+        pat, channels = self._rings[key]
+        chunk = nbytes / (channels * n)
+        yield from self._steps(pat, chunk, 2 * (n - 1), res)
 
     def _hier_allreduce(self, ranks: np.ndarray, nbytes: float, res: CollectiveResult):
         by_node = _group_by_node(self.topo, ranks)
@@ -235,11 +242,11 @@ class Collectives:
         nodes = grid.shape[0]
         if g > 1:
             intra = self._pattern(("h-intra", ranks.tobytes()), grid.ravel(), np.roll(grid, -1, axis=1).ravel())
-            yield from self._steps(intra, nbytes / g, g - 1, res, "allreduce")  # reduce-scatter
+            yield from self._steps(intra, nbytes / g, g - 1, res)  # reduce-scatter
         inter = self._pattern(("h-inter", ranks.tobytes()), grid.ravel(), np.roll(grid, -1, axis=0).ravel())
-        yield from self._steps(inter, nbytes / (g * nodes), 2 * (nodes - 1), res, "allreduce")
+        yield from self._steps(inter, nbytes / (g * nodes), 2 * (nodes - 1), res)
         if g > 1:
-            yield from self._steps(intra, nbytes / g, g - 1, res, "allreduce")  # all-gather
+            yield from self._steps(intra, nbytes / g, g - 1, res)  # all-gather
 
     # -- all-to-all ----------------------------------------------------------------------
     def _direct_a2a(self, ranks: np.ndarray, matrix: np.ndarray, res: CollectiveResult):
@@ -257,7 +264,7 @@ class Collectives:
         weight = None if uniform else vals / unit
         wkey = b"" if uniform else np.round(vals / unit, 9).tobytes()
         pat = self._pattern(key + (ranks.tobytes(), wkey), ranks[src_i], ranks[dst_i], weight)
-        yield from self._step(pat, unit, res, "all_to_all")
+        yield from self._step(pat, unit, res)
 
     def _hier_a2a(self, ranks: np.ndarray, matrix: np.ndarray, res: CollectiveResult):
         by_node = _group_by_node(self.topo, ranks)

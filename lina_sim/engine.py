@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import simpy
 
-from lina_sim.collectives import Collectives
+from lina_sim.collectives import CollectiveAlgos, Collectives
 from lina_sim.hardware import ClusterSpec
 from lina_sim.network import FluidNetwork
 from lina_sim.policies.base import MicroOp, RankScheduler, TrainingPolicy
@@ -32,14 +32,6 @@ from lina_sim.timeline import Event, Timeline
 from lina_sim.topology import Topology
 
 STREAMS = ("compute", "a2a", "allreduce")
-
-
-@dataclass(frozen=True)
-class CollectiveAlgos:
-    """Which collective algorithms the cluster's communication library uses."""
-
-    allreduce: str = "ring"
-    all_to_all: str = "direct"
 
 
 @dataclass
@@ -137,6 +129,7 @@ class TrainingEngine:
             if not grad_mops:
                 st.grads_done.succeed()
         ops = g.ops
+        compute_ops = [o for o in ops if o.kind == "compute"]
         arrivals: dict[tuple[str, tuple[int, ...]], list[int]] = {}
         launches: list[Launch] = []
         record_launches = self.record_launches
@@ -193,9 +186,7 @@ class TrainingEngine:
                 kick(st, m.stream)
 
         def compute_stream(st: _RankState):
-            for op in ops:
-                if op.kind != "compute":
-                    continue
+            for op in compute_ops:
                 for d in op.deps:
                     ev = st.done_event(d)
                     if not ev.processed:
@@ -232,8 +223,7 @@ class TrainingEngine:
             env.process(a2a_submitter(st))
             env.process(grad_submitter(st))
         env.run()
-        n_compute = sum(1 for o in ops if o.kind == "compute")
-        unfinished = [st.rank for st in ranks if st.compute_done < n_compute or st.grads_left]
+        unfinished = [st.rank for st in ranks if st.compute_done < len(compute_ops) or st.grads_left]
         if unfinished:
             raise RuntimeError(f"step did not finish on ranks {unfinished[:8]}: a collective never rendezvoused "
                                f"(open: {sorted(k[0] for k in arrivals)[:4]})")

@@ -203,15 +203,13 @@ def cluster_from_dict(d: Mapping[str, Any], where: str = "cluster") -> ClusterSp
     return spec.validate(where)
 
 
-def load_preset(name: str, nodes: int | None = None) -> ClusterSpec:
-    """Load a preset by name (``dgx-a100``) or by path to a YAML profile.
-
-    ``nodes`` overrides the preset's default node count.
-    """
+def read_preset(name: str, field: str = "preset") -> tuple[dict, Path]:
+    """The raw mapping of a preset given by name (``dgx-a100``) or by path to a YAML
+    profile, and the file it came from; a bad name is an error on ``field``."""
     path = Path(name)
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
         if name not in available_presets():
-            raise ConfigError("preset", f"unknown preset {name!r}", available_presets() + ["<path to a profile .yaml>"])
+            raise ConfigError(field, f"unknown preset {name!r}", available_presets() + ["<path to a profile .yaml>"])
         path = PRESET_DIR / f"{name}.yaml"
     try:
         data = yaml.safe_load(path.read_text())
@@ -219,6 +217,15 @@ def load_preset(name: str, nodes: int | None = None) -> ClusterSpec:
         raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(str(path), "a preset must be a YAML mapping")
+    return data, path
+
+
+def load_preset(name: str, nodes: int | None = None) -> ClusterSpec:
+    """Load a preset by name (``dgx-a100``) or by path to a YAML profile.
+
+    ``nodes`` overrides the preset's default node count.
+    """
+    data, path = read_preset(name)
     spec = cluster_from_dict(data, where=path.stem)
     if nodes is not None:
         spec = spec.with_nodes(nodes)
@@ -242,15 +249,6 @@ def resolve_cluster(block: Any, where: str = "cluster") -> ClusterSpec:
         block = {"preset": block}
     if not isinstance(block, Mapping) or "preset" not in block:
         raise ConfigError(f"{where}.preset", "missing", available_presets() + ["<path to a profile .yaml>"])
-    name = str(block["preset"])
-    path = Path(name)
-    if not (path.suffix in (".yaml", ".yml") and path.exists()):
-        if name not in available_presets():
-            raise ConfigError(f"{where}.preset", f"unknown preset {name!r}", available_presets() + ["<path to a profile .yaml>"])
-        path = PRESET_DIR / f"{name}.yaml"
-    try:
-        base = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
+    base, _ = read_preset(str(block["preset"]), f"{where}.preset")
     overrides = {k: v for k, v in block.items() if k != "preset"}
     return cluster_from_dict(_merge(base, overrides), where=where)

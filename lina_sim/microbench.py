@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import simpy
 
-from lina_sim.collectives import Collectives, CollectiveResult, check_algo
+from lina_sim.collectives import CollectiveAlgos, CollectiveResult, Collectives, check_algo
 from lina_sim.errors import ConfigError
 from lina_sim.hardware import ClusterSpec
 from lina_sim.network import FluidNetwork
@@ -79,6 +79,27 @@ class SimCluster:
         return self.coll.all_to_all(ranks, size, algo, tag=tag or op)
 
 
+class AloneTimes:
+    """Collective times with nothing else on the network (s), cached by size and group."""
+
+    def __init__(self, cluster: ClusterSpec, algos: CollectiveAlgos = CollectiveAlgos(),
+                 topology: Topology | None = None):
+        self.cluster = cluster
+        self.algos = algos
+        self.topology = topology or Topology(cluster)
+        self._cache: dict[tuple, float] = {}
+
+    def __call__(self, op: str, nbytes: float, group: tuple[int, ...]) -> float:
+        key = (op, round(nbytes, 3), group)
+        if key not in self._cache:
+            sim = SimCluster(self.cluster, self.topology)
+            algo = self.algos.all_to_all if op == "all_to_all" else self.algos.allreduce
+            p = sim.start(op, algo, group, nbytes)
+            sim.env.run()
+            self._cache[key] = p.value.duration
+        return self._cache[key]
+
+
 def record(timeline: Timeline, res: CollectiveResult, name: str) -> None:
     """One event per rank of the communicator; bytes are what each rank sends."""
     kind = res.op
@@ -133,15 +154,10 @@ def contention(cluster: ClusterSpec, a2a_bytes: float, ar_bytes: float, a2a_algo
     check_algo("allreduce", ar_algo)
     topo = Topology(cluster)
     ranks = np.arange(cluster.world_size) if ranks is None else topo.check_ranks(ranks)
-
-    def alone(op: str, algo: str, size: float) -> float:
-        sim = SimCluster(cluster, topo)
-        p = sim.start(op, algo, ranks, size)
-        sim.env.run()
-        return p.value.duration
-
-    a2a_alone = alone("all_to_all", a2a_algo, a2a_bytes)
-    ar_alone = alone("allreduce", ar_algo, ar_bytes)
+    alone = AloneTimes(cluster, CollectiveAlgos(allreduce=ar_algo, all_to_all=a2a_algo), topo)
+    group = tuple(int(r) for r in ranks)
+    a2a_alone = alone("all_to_all", a2a_bytes, group)
+    ar_alone = alone("allreduce", ar_bytes, group)
     sim = SimCluster(cluster, topo)
     pa = sim.start("all_to_all", a2a_algo, ranks, a2a_bytes)
     pr = sim.start("allreduce", ar_algo, ranks, ar_bytes)

@@ -109,8 +109,6 @@ class FluidNetwork:
         self._flush_scheduled = False
         self._wakeup_gen = 0
         self.stats = NetworkStats()
-        self.completed: list[FlowGroup] = []
-        self.keep_completed = False
 
     # -- public API ----------------------------------------------------------------------
     def transfer(self, links: np.ndarray, mult: np.ndarray, n_flows: int, bytes_per_flow: float,
@@ -198,8 +196,6 @@ class FluidNetwork:
             self.link_busy[freed] += now - self._busy_since[freed]
         self._update(np.concatenate([g.links for g in finished]))
         for g in finished:
-            if self.keep_completed:
-                self.completed.append(g)
             g.done.succeed(g)
 
     def _update(self, touched_links: np.ndarray) -> None:

@@ -12,6 +12,7 @@ for the real runtime, which reports medians over steps.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -20,15 +21,14 @@ import numpy as np
 import pandas as pd
 
 from lina_sim.breakdown import mean_breakdown
-from lina_sim.collectives import ALGORITHMS
+from lina_sim.collectives import ALGORITHMS, CollectiveAlgos
 from lina_sim.compute import ProfileComputeModel, RooflineComputeModel
-from lina_sim.engine import CollectiveAlgos, StepResult, TrainingEngine
+from lina_sim.engine import StepResult, TrainingEngine
 from lina_sim.errors import ConfigError
 from lina_sim.hardware import ClusterSpec
-from lina_sim.microbench import SimCluster
+from lina_sim.microbench import AloneTimes
 from lina_sim.policies.registry import TRAINING_POLICIES, make_training_policy
 from lina_sim.scenario import Scenario, resolve_cluster_and_model
-from lina_sim.topology import Topology
 from lina_sim.workload import ModelSpec, build_training_graph, micro_op_estimates, packing_candidates
 
 
@@ -55,8 +55,6 @@ class TrainingSetup:
 
     def describe(self) -> dict[str, Any]:
         """The fully resolved scenario as plain data (for caching and result tables)."""
-        import dataclasses
-
         return {
             "kind": "training", "seed": self.scenario.seed, "steps": self.steps,
             "cluster": dataclasses.asdict(self.cluster), "model": dataclasses.asdict(self.model),
@@ -134,26 +132,6 @@ def resolve_training(sc: Scenario) -> TrainingSetup:
             raise ConfigError(key, "only allowed in an inference scenario (kind: inference)")
     return TrainingSetup(sc, cluster, model, policies, _algos(d.get("collectives")),
                          _compute_model(d.get("compute"), cluster, model.dtype), steps)
-
-
-class AloneTimes:
-    """Collective times with nothing else on the network (s), cached by size and group."""
-
-    def __init__(self, cluster: ClusterSpec, algos: CollectiveAlgos):
-        self.cluster = cluster
-        self.algos = algos
-        self.topology = Topology(cluster)
-        self._cache: dict[tuple, float] = {}
-
-    def __call__(self, op: str, nbytes: float, group: tuple[int, ...]) -> float:
-        key = (op, round(nbytes, 3), group)
-        if key not in self._cache:
-            sim = SimCluster(self.cluster, self.topology)
-            algo = self.algos.all_to_all if op == "all_to_all" else self.algos.allreduce
-            p = sim.start(op, algo, group, nbytes)
-            sim.env.run()
-            self._cache[key] = p.value.duration
-        return self._cache[key]
 
 
 @dataclass

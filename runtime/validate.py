@@ -149,7 +149,7 @@ def refine_profile(profile: str | Path, out: Path) -> tuple[Path, float, float]:
     Returns (path, efficiency, latency s). Nothing here sees a training step."""
     import math
 
-    from lina_sim.engine import CollectiveAlgos
+    from lina_sim.collectives import CollectiveAlgos
     from lina_sim.hardware import load_preset
     from lina_sim.training import AloneTimes
     from runtime.calibrate import raw_path
