@@ -121,7 +121,7 @@ def plot(table: pd.DataFrame, key: list[str], labels: list[str], metric: str, pa
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from plots.training import _save
+    from plots.training import save_figure
 
     scale, unit = (1e3, " (ms)") if metric.endswith("_s") else (1.0, "")
     name = metric.removesuffix("_s") + unit
@@ -146,7 +146,7 @@ def plot(table: pd.DataFrame, key: list[str], labels: list[str], metric: str, pa
         ax.set_ylabel(name)
         ax.set_title(f"{metric}: {len(table)} rows matched on {' / '.join(key)}", fontsize=9)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def compare_files(specs: Sequence[str], metric: str | None = None, key: str | None = None,

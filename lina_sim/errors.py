@@ -32,14 +32,6 @@ class ConfigError(LinaSimError, ValueError):
         return self.message
 
 
-def choose(field: str, value: str, allowed: Iterable[str]) -> str:
-    """Return ``value`` if it is one of ``allowed``, else raise a ConfigError naming them."""
-    allowed = list(allowed)
-    if value not in allowed:
-        raise ConfigError(field, f"unknown value {value!r}", allowed)
-    return value
-
-
 class TraceError(LinaSimError, ValueError):
     """A malformed or mismatched expert-selection trace.
 

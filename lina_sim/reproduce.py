@@ -37,8 +37,6 @@ class Source:
     file: str
     kind: str = "training"
     quick: Callable[[dict], dict] | None = None
-    # Needs a module that may not exist in this build yet (checked before planning).
-    requires: str | None = None
 
 
 @dataclass(frozen=True)
@@ -124,21 +122,24 @@ def estimation_accuracy(setup: Any, lengths: tuple[int, ...] = PATH_LENGTHS) -> 
     batches of ``token_budget`` tokens of the served slice, at the layers Lina schedules
     (``layer >= path length``)."""
     from lina_sim.policies.path_estimator import PathEstimator, top_experts
-    from lina_sim.serving import _shared
+    from lina_sim.serving import serving_inputs
     from lina_sim.trace_stats import expert_counts
 
-    sh = _shared(setup)
-    E, serve = setup.model.experts, sh.serve_experts
+    sh = serving_inputs(setup)
+    E = setup.model.experts
+    # ``serve_experts`` is the whole trace; score on the served pool's rows only.
+    serve = sh.serve_experts[sh.pool.token_index(list(range(len(sh.pool))))]
     set_size = min(2 * setup.top_k, E)
     batch = min(setup.serving.batching.token_budget, serve.shape[0])
     chunks = [serve[i:i + batch] for i in range(0, serve.shape[0] - batch + 1, batch)]
+    counts = [expert_counts(chunk, E) for chunk in chunks]  # [layers, E] per chunk
     rows = []
     for m in lengths:
         est = PathEstimator(m, E).fit(sh.train_experts)
         for layer in range(m, sh.layers):
             exact = overlap = 0.0
-            for chunk in chunks:
-                want = top_experts(expert_counts(chunk, E)[layer], set_size)
+            for chunk, cnt in zip(chunks, counts):
+                want = top_experts(cnt[layer], set_size)
                 got = top_experts(est.estimate(layer, PathEstimator.paths_for(chunk[:, :, 0], layer, m)), set_size)
                 exact += got == want
                 overlap += len(got & want) / set_size

@@ -94,11 +94,9 @@ class PoissonArrivals:
     def __init__(self, rate: float, count: int, seed: int):
         gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=count)
         self.times = np.cumsum(gaps)
-        self._next = 0
 
     def initial(self) -> list[float]:
-        t, self._next = list(self.times), len(self.times)
-        return t
+        return list(self.times)
 
     def on_complete(self, n_done: int, now: float) -> list[float]:
         return []

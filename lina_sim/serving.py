@@ -16,11 +16,11 @@ Per MoE layer ``l`` (:class:`PolicyServer`):
    swaps of layer ``l`` are issued when layer ``l-1``'s gate has run (its path estimate
    needs it) and overlap layer ``l-1``'s all-to-alls and FFN and layer ``l``'s attention;
    policies that plan from earlier batches only issue all their swaps when the batch is
-   formed (:func:`plans_within_batch`). Phase-2 swaps are issued after layer ``l``'s
-   gate, overlap only its dispatch, and so sit on the critical path. A device starts its
-   expert FFN when both its tokens and its weights are there. PCIe traffic is not put on
-   the simulated network: host-to-device copies and the all-to-all's GPU-NIC traffic are
-   assumed not to contend;
+   formed (:attr:`PlacementPolicy.plans_within_batch`). Phase-2 swaps are issued after
+   layer ``l``'s gate, overlap only its dispatch, and so sit on the critical path. A
+   device starts its expert FFN when both its tokens and its weights are there. PCIe
+   traffic is not put on the simulated network: host-to-device copies and the
+   all-to-all's GPU-NIC traffic are assumed not to contend;
 5. the dispatch all-to-all: bytes ``s -> d`` = tokens ``s`` sends ``d`` under the final
    placement × d_model × dtype bytes, timed alone on the simulated network
    (:class:`~lina_sim.serving_network.AllToAllTimer`, exact for the fluid network);
@@ -123,7 +123,11 @@ class InferenceSetup:
         return int(self.experts.shape[2])
 
     def trace_digest(self) -> str:
-        return hashlib.sha1(np.ascontiguousarray(self.trace.experts).tobytes()).hexdigest()
+        """SHA-1 of the trace's expert choices and sequence ids (the ids decide the
+        train/serve split, so they are part of what a cached result depends on)."""
+        h = hashlib.sha1(np.ascontiguousarray(self.trace.experts).tobytes())
+        h.update(np.ascontiguousarray(self.trace.seq_ids).tobytes())
+        return h.hexdigest()
 
     def describe(self) -> dict[str, Any]:
         """The fully resolved scenario as plain JSON-able data (for caching)."""
@@ -478,7 +482,7 @@ class PolicyServing:
 class PolicyServer:
     """One placement policy serving the request stream (see the module docstring)."""
 
-    def __init__(self, setup: InferenceSetup, entry: PlacementEntry, shared: "_Shared"):
+    def __init__(self, setup: InferenceSetup, entry: PlacementEntry, shared: "ServingInputs"):
         self.setup, self.entry, self.shared = setup, entry, shared
         self.policy = make_policy(setup, entry)
         self.policy.fit(shared.train_experts)
@@ -492,7 +496,7 @@ class PolicyServer:
         self.pcie_free = np.zeros(setup.cluster.world_size)
         self.records: list[BatchRecord] = []
         self.timeline = Timeline()
-        self.within_batch = plans_within_batch(self.policy)
+        self.within_batch = self.policy.plans_within_batch
         self.wall = 0.0
 
     def _admit(self, times: list[float]) -> None:
@@ -618,22 +622,18 @@ class PolicyServer:
                              self.policy.phase2_checks, self.policy.phase2_fired, self.wall)
 
 
-def plans_within_batch(policy: PlacementPolicy) -> bool:
-    """Whether a policy's phase-1 plan for layer ``l`` needs the current batch's gate
-    results at earlier layers (Lina's token paths) or the layer's own counts (the oracle,
-    a bound whose swaps are hidden like Lina's). Those swaps are issued once layer
-    ``l-1``'s gate has run; every other policy plans from earlier batches only, so all
-    its swaps can be issued when the batch is formed."""
-    return bool(policy.plans_on_actual_counts or getattr(policy, "estimator_kind", None) == "path")
-
-
 def _per_rank(seconds: np.ndarray, start: float, stream: str, op: str, kind: str, layer: int) -> list[Event]:
     return [Event(r, stream, op, kind, start, start + float(s), layer) for r, s in enumerate(seconds)]
 
 
 @dataclass
-class _Shared:
-    """Read-only inputs every policy's server shares."""
+class ServingInputs:
+    """Read-only inputs every policy's server shares, built by :func:`serving_inputs`.
+
+    ``serve_experts`` is the whole trace (the pool's token rows index into it); the rows
+    actually served are ``pool.token_index(...)`` of the pool's sequences (or of
+    ``request_seqs`` for the requests of this run). ``train_experts`` holds only the
+    training sequences' rows."""
 
     layers: int
     train_experts: np.ndarray  # [tokens, layers, k] that fit the estimators
@@ -644,7 +644,10 @@ class _Shared:
     cost: InferenceCostModel
 
 
-def _shared(setup: InferenceSetup) -> _Shared:
+def serving_inputs(setup: InferenceSetup) -> ServingInputs:
+    """Split the trace's sequences into a training part (``serving.train_fraction``, to
+    fit the estimators) and a served pool, draw the request stream's sequences from the
+    pool, and build the cost model: everything the policies' servers share."""
     ex = setup.experts
     seq_ids = setup.trace.seq_ids
     cut = np.flatnonzero(np.diff(seq_ids) != 0) + 1
@@ -658,7 +661,7 @@ def _shared(setup: InferenceSetup) -> _Shared:
     seq_len = np.repeat(lengths, lengths).astype(np.float64)
     pool = RequestPool(starts[serve], lengths[serve], seed=setup.scenario.seed)
     request_seqs = np.array([pool.draw() for _ in range(setup.serving.requests)], dtype=np.int64)
-    return _Shared(ex.shape[1], ex[train_rows], ex, seq_len, pool, request_seqs,
+    return ServingInputs(ex.shape[1], ex[train_rows], ex, seq_len, pool, request_seqs,
                    InferenceCostModel(setup.model, setup.cluster, setup.top_k))
 
 
@@ -667,7 +670,7 @@ def _shared(setup: InferenceSetup) -> _Shared:
 # ---------------------------------------------------------------------------------------
 def serve_policies(setup: InferenceSetup) -> list[PolicyServing]:
     """Serve the request stream with every policy, in lockstep (see module docstring)."""
-    shared = _shared(setup)
+    shared = serving_inputs(setup)
     timer = AllToAllTimer(setup.cluster, algo=setup.a2a_algo)
     servers = [PolicyServer(setup, e, shared) for e in setup.policies]
     token_bytes = shared.cost.token_bytes
@@ -728,7 +731,7 @@ def run_inference(setup: InferenceSetup) -> tuple[pd.DataFrame, list[PolicyServi
             "batch_time_mean_s": float(bt.mean()), "batch_time_p50_s": _pct(bt, 50), "batch_time_p95_s": _pct(bt, 95),
             "batch_tokens_mean": float(np.mean([r.tokens for r in b])),
             "moe_layer_p95_s": _pct(moe, 95), "a2a_p95_s": _pct(a2a.ravel(), 95),
-            "a2a_tail_layer_max_s": float(np.percentile(a2a, 95, axis=0).max()),
+            "a2a_tail_layer_max_s": float(layer_a2a_tail(run).max()),
             "ffn_p95_s": _pct(np.concatenate([r.ffn for r in b]), 95),
             "exposed_swap_per_batch_s": float(np.mean([r.exposed_swap.sum() for r in b])),
             "swapped_experts_per_batch": float(np.mean([r.swapped for r in b])),
@@ -740,13 +743,11 @@ def run_inference(setup: InferenceSetup) -> tuple[pd.DataFrame, list[PolicyServi
             **dict(setup.scenario.swept),
         })
     df = pd.DataFrame(rows)
-    for base, col in (("static", "static"), ("ideal", "ideal")):
+    ratios = (("static", "p50"), ("static", "p95"), ("static", "p99"), ("ideal", "p95"))
+    for base, q in ratios:
         ref = df[df["policy_name"] == base]
-        for q in ("p50", "p95", "p99"):
-            name = f"latency_{q}_vs_{col}"
-            if base == "ideal" and q != "p95":
-                continue
-            df[name] = df[f"latency_{q}_s"] / float(ref[f"latency_{q}_s"].iloc[0]) if len(ref) else float("nan")
+        col = f"latency_{q}_s"
+        df[f"latency_{q}_vs_{base}"] = df[col] / float(ref[col].iloc[0]) if len(ref) else float("nan")
     return df, runs
 
 

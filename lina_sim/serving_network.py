@@ -246,7 +246,6 @@ class AllToAllTimer:
     def __init__(self, cluster: ClusterSpec, ranks: int | None = None, algo: str = "direct",
                  topology: Topology | None = None, cache_size: int = 4096):
         check_algo("all_to_all", algo)
-        self.cluster = cluster
         self.topology = topology or Topology(cluster)
         n = cluster.world_size if ranks is None else int(ranks)
         self.ranks = self.topology.check_ranks(np.arange(n))
@@ -270,7 +269,6 @@ class AllToAllTimer:
         self._cache: dict[bytes, float] = {}
         self._cache_size = cache_size
         self.hits = 0
-        self.solved = 0
 
     def times(self, matrices: np.ndarray) -> np.ndarray:
         """``[I]`` seconds for a stack of byte matrices ``[I, n, n]`` (or one ``[n, n]``)."""
@@ -297,7 +295,6 @@ class AllToAllTimer:
                 uniq.setdefault(keys[i], []).append(i)
             first = [v[0] for v in uniq.values()]
             t = self._solve(m[first])
-            self.solved += len(first)
             for (k, idx), v in zip(uniq.items(), t):
                 out[idx] = v
                 if len(self._cache) >= self._cache_size:

@@ -32,7 +32,6 @@ import math
 import os
 import socket
 import sys
-import tempfile
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -45,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 import lina_sim
+from lina_sim.timeline import atomic_write_bytes
 from lina_sim.errors import ConfigError, LinaSimError
 from lina_sim.scenario import Scenario, canonical_path, expand, load_yaml, set_path
 
@@ -267,22 +267,7 @@ def _parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
 
 def write_parquet(df: pd.DataFrame, path: str | Path) -> Path:
     """Write a Parquet file so that readers never see half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        _parquet_safe(df).to_parquet(tmp, index=False)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, _parquet_safe(df).to_parquet(index=False))
 
 
 # ---- backends ---------------------------------------------------------------------------

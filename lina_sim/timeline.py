@@ -101,14 +101,14 @@ def to_chrome_trace(df: pd.DataFrame, name: str = "lina-sim") -> dict:
     return {"traceEvents": trace, "displayTimeUnit": "ms", "otherData": {"generator": name}}
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write a file so that readers never see half of it: temp file, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         # mkstemp makes the file owner-only; give it the usual umask-based mode.
@@ -120,6 +120,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write_bytes` for text (UTF-8)."""
+    return atomic_write_bytes(path, text.encode())
 
 
 def write_chrome_trace(df: pd.DataFrame, path: str | os.PathLike, name: str = "lina-sim") -> Path:

@@ -15,9 +15,9 @@ raises :class:`lina_sim.errors.TraceError` naming the file and the problem.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lina_sim.errors import TraceError
+from lina_sim.timeline import atomic_write_bytes
 
 #: Metadata every trace must carry. ``made_by`` says how it was made (a command line,
 #: an importer, or a generator with its seed).
@@ -112,7 +113,6 @@ class Trace:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the trace as ``.npz`` atomically (a crash leaves no half-written file)."""
-        path = Path(path)
         arrays: dict[str, np.ndarray] = {
             "experts": self.experts,
             "seq_ids": self.seq_ids,
@@ -120,18 +120,9 @@ class Trace:
         }
         if self.probs is not None:
             arrays["probs"] = self.probs
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, **arrays)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a trace is a shareable data file
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        return atomic_write_bytes(path, buf.getvalue())
 
 
 def make_trace(
@@ -262,10 +253,6 @@ def load(path: str | os.PathLike) -> Trace:
     except (json.JSONDecodeError, TypeError, IndexError) as e:
         raise TraceError(name, f"metadata is not valid JSON ({e})") from None
     return Trace(experts=experts, seq_ids=seq_ids, metadata=metadata, probs=probs, origin=name)
-
-
-def save(trace: Trace, path: str | os.PathLike) -> Path:
-    return trace.save(path)
 
 
 def concatenate(traces: Sequence[Trace], dataset: str | None = None) -> Trace:

@@ -147,17 +147,25 @@ class PolicyRun:
     wall_s: float
 
 
-def run_policy(setup: TrainingSetup, entry: PolicyEntry, alone: AloneTimes | None = None) -> PolicyRun:
-    t0 = time.perf_counter()
+def choose_shape(setup: TrainingSetup, entry: PolicyEntry, alone: AloneTimes) -> tuple[Any, int, int]:
+    """The policy object, its experts per device k (from its packing rule, fed the compute
+    model's FFN time and the network's all-to-all time alone) and its pipelining degree r.
+    The simulator and the real executor both call this, so they run the same shape."""
     cluster, model = setup.cluster, setup.model
-    alone = alone or AloneTimes(cluster, setup.algos)
     policy = make_training_policy(entry.name, **entry.params)
     r = policy.pipeline_degree
     cands = packing_candidates(model, cluster.world_size)
     estimates = micro_op_estimates(
         model, cluster, r, ffn_time=setup.compute.op_time,
         a2a_time=lambda op, comm: alone("all_to_all", op.bytes, comm.groups[0]))
-    k = policy.experts_per_device(cands, estimates)
+    return policy, policy.experts_per_device(cands, estimates), r
+
+
+def run_policy(setup: TrainingSetup, entry: PolicyEntry, alone: AloneTimes | None = None) -> PolicyRun:
+    t0 = time.perf_counter()
+    cluster, model = setup.cluster, setup.model
+    alone = alone or AloneTimes(cluster, setup.algos)
+    policy, k, r = choose_shape(setup, entry, alone)
     graph = build_training_graph(model, cluster, experts_per_device=k, pipeline_degree=r)
     res = TrainingEngine(graph, policy, cluster, setup.compute.op_time, setup.algos, alone.topology).run()
     # Rank 0's backward all-to-alls; a one-rank group moves nothing, so it has no slowdown.

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from plots.training import _save  # noqa: E402  (atomic figure writes, shared)
+from plots.training import save_figure  # noqa: E402  (atomic figure writes, shared)
 
 # One colour per placement policy, stable across figures.
 POLICY_COLORS = {
@@ -46,7 +46,7 @@ def latency_cdf(runs, path: str | Path, title: str = "") -> Path:
     ax.set_title(textwrap.fill(title or "request latency", 70), fontsize=8)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def p95_bars(results: pd.DataFrame, path: str | Path) -> Path:
@@ -74,7 +74,7 @@ def p95_bars(results: pd.DataFrame, path: str | Path) -> Path:
         ax.set_visible(False)
     fig.suptitle("p95 request latency (label: ratio to static)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def layer_tail(runs, path: str | Path, title: str = "") -> Path:
@@ -92,4 +92,4 @@ def layer_tail(runs, path: str | Path, title: str = "") -> Path:
     ax.set_title(textwrap.fill(title or "tail all-to-all per layer", 70), fontsize=8)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

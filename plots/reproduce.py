@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from plots.training import _save, speedup_vs_experts  # noqa: E402
+from plots.training import save_figure, speedup_vs_experts  # noqa: E402
 
 BASELINE = "deepspeed"
 LINESTYLES = ("-", "--", "-.", ":")
@@ -62,7 +62,7 @@ def training_ablation(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
     ax.set_ylabel("step-time speedup over deepspeed")
     ax.set_title(f"ablation: Lina's parts added in turn ({int(d['gpus'].iloc[0])} GPUs)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    _save(fig, path)
+    save_figure(fig, path)
     t = d.assign(step_ms=d["step_time_s"] * 1e3)[["model", "policy", "step_ms", "speedup", "experts_per_device",
                                                   "pipeline_degree", "exposed_a2a_s", "exposed_allreduce_s"]]
     return t.assign(exposed_a2a_ms=t.pop("exposed_a2a_s") * 1e3, exposed_allreduce_ms=t.pop("exposed_allreduce_s") * 1e3)
@@ -89,7 +89,7 @@ def microop_size(df: pd.DataFrame, path: str | Path, size_col: str = "policies[l
         ax.set_title(model)
     axes[0][0].set_ylabel("step time (ms)")
     axes[0][-1].legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
     return d.pivot_table(index=["model", "micro_op_mb"], columns="policy", values="step_ms", sort=False).reset_index()
 
 
@@ -116,7 +116,7 @@ def a2a_slowdown(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
         ax.set_title(f"{model}, {int(d[d['model'] == model]['experts'].iloc[0])} experts")
     axes[0][0].set_ylabel("fraction of all-to-alls")
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    _save(fig, path)
+    save_figure(fig, path)
     return pd.DataFrame(rows)
 
 
@@ -185,7 +185,7 @@ def inference_latency(df: pd.DataFrame, path: str | Path, reference: str = "idea
         axes[i][0].set_ylabel(f"latency / {reference}")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return t if t["setting"].astype(bool).any() else t.drop(columns="setting")
 
 
@@ -209,7 +209,7 @@ def path_length(df: pd.DataFrame, path: str | Path, length_col: str, reference: 
     ax.set_ylabel("p95 latency (ms)")
     ax.set_title("Lina's p95 against path length")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
     return t
 
 
@@ -225,7 +225,7 @@ def estimation_accuracy(acc: pd.DataFrame, path: str | Path) -> pd.DataFrame:
     ax.set_ylabel("estimate = actual top-2k set")
     ax.set_title("estimation accuracy per layer")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
     t = acc.pivot_table(index="layer", columns="path_length", values=["exact", "overlap"])
     t.columns = [f"{what} (path {m})" for what, m in t.columns]
     return t.reset_index()

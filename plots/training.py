@@ -19,7 +19,9 @@ LABELS = {"compute": "compute", "exposed_a2a": "exposed all-to-all", "exposed_al
           "idle": "idle / waiting"}
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Save and close a figure; written under a temporary name and renamed, so a reader
+    never sees half a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
@@ -43,7 +45,7 @@ def breakdown_bars(rows: pd.DataFrame, path: str | Path, title: str = "") -> Pat
     ax.set_title(title or "where the step time goes")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.tick_params(axis="x", rotation=30)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def speedup_vs_experts(rows: pd.DataFrame, path: str | Path, baseline: str | None = None) -> Path:
@@ -68,7 +70,7 @@ def speedup_vs_experts(rows: pd.DataFrame, path: str | Path, baseline: str | Non
         ax.set_xlabel("experts (= GPUs)")
     axes[0][0].set_ylabel(f"speedup over {baseline or 'first policy'}")
     axes[0][-1].legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def timeline_figure(df: pd.DataFrame, path: str | Path, title: str = "", max_ranks: int = 8) -> Path:
@@ -88,4 +90,4 @@ def timeline_figure(df: pd.DataFrame, path: str | Path, title: str = "", max_ran
     ax.invert_yaxis()
     ax.set_xlabel("time (ms)")
     ax.set_title(title or "one training step")
-    return _save(fig, path)
+    return save_figure(fig, path)

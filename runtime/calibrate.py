@@ -33,6 +33,7 @@ import yaml
 
 from lina_sim.errors import ConfigError
 from lina_sim.timeline import atomic_write_text
+from runtime.ep_moe import TORCH_DTYPES
 
 # The expert FFN and attention matmuls of the paper's Transformer-XL (d_model 512,
 # d_ff 2048), 1024 tokens per device, 8 heads: (M, K, N) of C[M, N] = A[M, K] @ B[K, N].
@@ -43,7 +44,6 @@ DEFAULT_SHAPES: tuple[tuple[int, int, int], ...] = (
     (1024, 512, 512),  # attention output projection
     (512, 64, 512),  # attention scores, one head
 )
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET_S = 0.05  # stop growing a ping-pong message once one round trip takes this long
 
 

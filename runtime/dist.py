@@ -32,7 +32,7 @@ class DistError(LinaSimError):
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Who this process is. ``node`` = rank // local_world_size (ranks are node-major)."""
+    """Who this process is (ranks are node-major: ``local_world_size`` per node)."""
 
     rank: int
     world_size: int
@@ -41,27 +41,16 @@ class DistInfo:
     backend: str
     device: torch.device
 
-    @property
-    def node(self) -> int:
-        return self.rank // self.local_world_size
-
-    @property
-    def nodes(self) -> int:
-        return self.world_size // self.local_world_size
-
 
 @dataclass(frozen=True)
 class Groups:
     """Communicators the executor uses. ``ep`` (expert-parallel all-to-all) and ``dp``
     (data-parallel gradient allreduce) are *different* communicators even when they span
     the same ranks, so their collectives run concurrently and contend for links, as
-    DeepSpeed-MoE's do. ``node`` holds this rank's node-local ranks."""
+    DeepSpeed-MoE's do."""
 
     ep: dist.ProcessGroup
     dp: dist.ProcessGroup
-    node: dist.ProcessGroup
-    ep_ranks: tuple[int, ...]
-    dp_ranks: tuple[int, ...]
 
 
 def _env_int(name: str, default: int | None = None) -> int:
@@ -98,9 +87,8 @@ def init(
     local_world = _env_int("LOCAL_WORLD_SIZE", world)
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = _env_int("MASTER_PORT", 29500)
-    if expected_world_size is not None and world != expected_world_size:
-        raise DistError(f"dist: world size mismatch: launched with WORLD_SIZE={world}, "
-                        f"but the run needs {expected_world_size} ranks")
+    if expected_world_size is not None:
+        check_world_size(world, expected_world_size)
     if not (0 <= rank < world) or world % local_world:
         raise DistError(f"dist: inconsistent RANK={rank} WORLD_SIZE={world} LOCAL_WORLD_SIZE={local_world}")
     backend = backend or default_backend()
@@ -117,11 +105,12 @@ def init(
     return DistInfo(rank, world, local_rank, local_world, backend, device)
 
 
-def check_world_size(info: DistInfo, expected: int, what: str = "the scenario") -> None:
-    """One-line error when the launch's world size does not match what ``what`` needs."""
-    if info.world_size != expected:
-        raise DistError(f"dist: world size mismatch: launched with {info.world_size} ranks, "
-                        f"but {what} needs {expected}")
+def check_world_size(world: int, expected: int, what: str = "the run") -> None:
+    """One-line error when the launch's world size (``WORLD_SIZE``) does not match what
+    ``what`` needs."""
+    if world != expected:
+        raise DistError(f"dist: world size mismatch: launched with WORLD_SIZE={world}, "
+                        f"but {what} needs {expected} ranks")
 
 
 def _connect_store(addr: str, port: int, rank: int, world: int, timeout_s: float) -> dist.TCPStore:
@@ -155,7 +144,7 @@ def new_group(ranks: Sequence[int]) -> dist.ProcessGroup:
 
 
 def make_groups(info: DistInfo, ep_size: int | None = None) -> Groups:
-    """Build the expert-parallel, data-parallel and node groups (collective).
+    """Build the expert-parallel and data-parallel groups (collective).
 
     Expert parallelism spans blocks of ``ep_size`` consecutive ranks (default: the whole
     world, one expert group as in the Lina paper). The data-parallel group for the
@@ -166,14 +155,11 @@ def make_groups(info: DistInfo, ep_size: int | None = None) -> Groups:
     if world % ep_size:
         raise DistError(f"dist: ep_size={ep_size} does not divide the world size {world}")
     ep_blocks = [list(range(s, s + ep_size)) for s in range(0, world, ep_size)]
-    node_blocks = [list(range(s, s + info.local_world_size)) for s in range(0, world, info.local_world_size)]
     # new_group is collective over the default group: every rank creates every group, in order.
     ep = {tuple(b): new_group(b) for b in ep_blocks}
     dp = new_group(range(world))
-    node = {tuple(b): new_group(b) for b in node_blocks}
     my_ep = next(b for b in ep if info.rank in b)
-    my_node = next(b for b in node if info.rank in b)
-    return Groups(ep=ep[my_ep], dp=dp, node=node[my_node], ep_ranks=my_ep, dp_ranks=tuple(range(world)))
+    return Groups(ep=ep[my_ep], dp=dp)
 
 
 def destroy() -> None:

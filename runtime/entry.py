@@ -52,7 +52,7 @@ class RankContext:
     _groups: dict = field(default_factory=dict)
 
     def groups(self, ep_size: int | None = None) -> "ldist.Groups":
-        """Expert-parallel, data-parallel and node communicators (built once per ep_size)."""
+        """Expert-parallel and data-parallel communicators (built once per ep_size)."""
         from runtime import dist as ldist
 
         if ep_size not in self._groups:
@@ -63,13 +63,6 @@ class RankContext:
         """Seconds since the run's common origin (the timeline's ``start``/``end`` clock).
         On GPU, synchronise the stream (or use CUDA events) before reading it."""
         return time.monotonic() - self.t0
-
-    def event(self, stream: str, op: str, kind: str, start: float, end: float,
-              layer: int = -1, micro_op: int = -1, nbytes: float = 0.0):
-        """A :class:`lina_sim.timeline.Event` of this rank (times from :meth:`now`)."""
-        from lina_sim.timeline import Event
-
-        return Event(self.info.rank, stream, op, kind, start, end, layer, micro_op, float(nbytes))
 
 
 def check_mode(mode: str) -> None:

@@ -93,7 +93,6 @@ class Item:
     after: Callable[[], None] | None = None  # on completion (scheduler thread)
     done: threading.Event = field(default_factory=threading.Event)
     t_submit: float = 0.0
-    t_launch: float = -1.0  # the policy selected it
     t_issue: float = -1.0
     t_end: float = -1.0
     work: Any = None
@@ -199,7 +198,6 @@ class CommScheduler:
         now = self.now()
         for m in chosen:
             it = self.items[m.id]
-            it.t_launch = now
             if m.is_a2a:  # all-to-alls launch at once under every policy: pure hand-off
                 self.handoff_s.append(now - it.t_submit)
             self.streams[m.stream].append(it)
@@ -394,28 +392,14 @@ def comm_groups(ctx: Any, graph: Any) -> dict[str, Any]:
     (tokens), ``meta`` (fill counts, a second ep communicator), ``dp`` (all ranks) and
     ``expert_dp`` (expert replicas)."""
     rank, comms = ctx.info.rank, graph.communicators
-    out = {"ep": ctx.groups(comms["ep"].size).ep, "dp": ctx.groups(comms["ep"].size).dp}
+    groups = ctx.groups(comms["ep"].size)
+    out = {"ep": groups.ep, "dp": groups.dp}
     for name in ("meta", "expert_dp"):
         src = comms["ep" if name == "meta" else name]
         if src.size > 1 or name == "meta":
             built = {g: _group(g) for g in src.groups}  # all ranks create all groups, in order
             out[name] = built[src.group_of(rank)]
     return out
-
-
-def choose_shape(setup: Any, entry: Any) -> tuple[Any, int, int]:
-    """The policy object, its experts per device and pipelining degree, decided as
-    ``lina_sim.training.run_policy`` decides them (same estimates, same cluster)."""
-    from lina_sim.policies.registry import make_training_policy
-    from lina_sim.training import AloneTimes
-    from lina_sim.workload import micro_op_estimates, packing_candidates
-
-    policy = make_training_policy(entry.name, **entry.params)
-    r = policy.pipeline_degree
-    alone = AloneTimes(setup.cluster, setup.algos)
-    est = micro_op_estimates(setup.model, setup.cluster, r, ffn_time=setup.compute.op_time,
-                             a2a_time=lambda op, comm: alone("all_to_all", op.bytes, comm.groups[0]))
-    return policy, policy.experts_per_device(packing_candidates(setup.model, setup.cluster.world_size), est), r
 
 
 def global_name(tensor: str, lay: Any) -> str:
@@ -450,11 +434,14 @@ def batch(spec: Any, seed: int, rank: int, step: int) -> tuple[torch.Tensor, tor
 def train_policy(ctx: Any, setup: Any, entry: Any, steps: int, dispatch: str = "padded",
                  keep_grads: bool = False) -> dict:
     """Run ``steps`` training steps of one policy on this rank; return its records."""
+    from lina_sim.microbench import AloneTimes
+    from lina_sim.training import choose_shape
     from lina_sim.workload import build_training_graph
     from runtime.ep_moe import TORCH_DTYPES, EPTransformer, Layout
 
     info = ctx.info
-    policy, k, r = choose_shape(setup, entry)
+    # The very decision the simulator makes, so measured and predicted runs share k and r.
+    policy, k, r = choose_shape(setup, entry, AloneTimes(setup.cluster, setup.algos))
     graph = build_training_graph(setup.model, setup.cluster, experts_per_device=k, pipeline_degree=r)
     ep_comm = graph.communicators["ep"]
     groups = comm_groups(ctx, graph)
@@ -537,7 +524,7 @@ def check_launch(info: Any, cluster: Any) -> None:
     """The launch must have the scenario's shape: world size and ranks per node."""
     from runtime.dist import check_world_size
 
-    check_world_size(info, cluster.world_size, f"the scenario's cluster ({cluster.nodes} nodes x "
+    check_world_size(info.world_size, cluster.world_size, f"the scenario's cluster ({cluster.nodes} nodes x "
                                                 f"{cluster.gpus_per_node} GPUs, field cluster)")
     if info.local_world_size != cluster.gpus_per_node:
         raise ConfigError("cluster.gpus_per_node", f"the scenario has {cluster.gpus_per_node} per node, the launch "
@@ -573,7 +560,8 @@ def rank_main(ctx: Any) -> dict:
     if a.profile_compute:
         from runtime.validate import profile_compute_rank
 
-        return {"kind": "profile", "rows": [profile_compute_rank(ctx, s, a.dispatch) for s in setups]}
+        # One table for the first point: all points of a validation share one model shape.
+        return {"kind": "profile", "rows": profile_compute_rank(ctx, setups[0])}
     out = []
     for setup in setups:
         steps = (a.steps or setup.steps) + a.warmup
@@ -675,8 +663,8 @@ def finish(results: list, args: list[str]) -> int:
     setups = [resolve_training(p) for p in points]
     df, timelines = measured_frame(results, setups)
     for pi, setup in enumerate(setups):
-        print(format_training_table(df[df["point"] == pi], point_title(setup) + " [measured]"))
         sub = df[df["point"] == pi]
+        print(format_training_table(sub, point_title(setup) + " [measured]"))
         print("  scheduler per step: " + ", ".join(
             f"{r.policy} {r.sched_busy_frac * 100:.2f}% thread + {r.handoff_total_s / r.step_time_s * 100:.2f}% "
             f"hand-off (median {r.handoff_median_s * 1e3:.2f} ms)" for r in sub.itertuples())

@@ -126,7 +126,7 @@ def serve_policy(ctx: Any, setup: Any, entry: Any, shared: Any) -> dict:
 
 
 def rank_main(ctx: Any, points: list, a: Any) -> dict:
-    from lina_sim.serving import _shared, resolve_inference
+    from lina_sim.serving import resolve_inference, serving_inputs
     from runtime.executor import check_launch
 
     setups = [resolve_inference(p) for p in points]
@@ -138,7 +138,7 @@ def rank_main(ctx: Any, points: list, a: Any) -> dict:
 
             raise ConfigError("serving.arrival.process", "the runtime replays batches whose make-up must not depend "
                               "on timing", ["closed"])
-        shared = _shared(setup)
+        shared = serving_inputs(setup)
         out.append([serve_policy(ctx, setup, e, shared) for e in setup.policies])
     return {"kind": "inference", "points": out}
 

@@ -45,10 +45,11 @@ class _LocalHandle:
         return self.t
 
 
-def profile_compute_rank(ctx: Any, setup: Any, dispatch: str = "padded") -> list[dict]:
+def profile_compute_rank(ctx: Any, setup: Any) -> list[dict]:
     """Time the model's compute ops on this rank with a local exchange (the fewest
-    experts per rank, receiving as many rows as in the real run), for every pipelining degree of the
-    scenario's policies. Returns rows {op, shape, tokens, seconds} (median over steps)."""
+    experts per rank, receiving as many rows as in the real run, padded dispatch), for
+    every pipelining degree of the scenario's policies. Returns rows {op, shape, tokens,
+    seconds} (median over steps)."""
     import os
 
     import torch.distributed as dist
@@ -116,11 +117,11 @@ def _profile_ops(ctx: Any, setup: Any) -> list[dict]:
 
 
 def write_compute_profile(results: list, out: str | Path) -> Path:
-    """Median over ranks of each (op, tokens) row; one table for the scenario's first
-    point (all points of a validation share one model shape per run)."""
+    """Median over ranks of each (op, tokens) row of the scenario's first point (the
+    only one profiled: all points of a validation share one model shape per run)."""
     by: dict[tuple[str, float], list[float]] = {}
     for res in results:
-        for row in res["rows"][0]:
+        for row in res["rows"]:
             by.setdefault((row["op"], row["tokens"]), []).append(row["seconds"])
     rows = [{"op": k, "shape": "", "tokens": t, "seconds": statistics.median(v)} for (k, t), v in sorted(by.items())]
     header = ("# Compute profile measured by `lina-sim validate` (lina-run --profile-compute): every compute op of\n"
@@ -149,9 +150,8 @@ def refine_profile(profile: str | Path, out: Path) -> tuple[Path, float, float]:
     Returns (path, efficiency, latency s). Nothing here sees a training step."""
     import math
 
-    from lina_sim.collectives import CollectiveAlgos
-    from lina_sim.hardware import load_preset
-    from lina_sim.training import AloneTimes
+    from lina_sim.hardware import cluster_from_dict
+    from lina_sim.microbench import AloneTimes
     from runtime.calibrate import raw_path
 
     data = yaml.safe_load(Path(profile).read_text())
@@ -168,8 +168,7 @@ def refine_profile(profile: str | Path, out: Path) -> tuple[Path, float, float]:
         d["nic"]["efficiency"] = eff
         if lat is not None:
             d["nic"]["latency"] = d["nvlink"]["latency"] = lat
-        cluster = load_preset(str(atomic_write_text(out, yaml.safe_dump(d, sort_keys=False))))
-        return AloneTimes(cluster, CollectiveAlgos())(kind, nbytes, group)
+        return AloneTimes(cluster_from_dict(d, where=Path(out).stem))(kind, nbytes, group)
 
     big = {k: max((r for r in rows if r["kind"] == k), key=lambda r: r["bytes"]) for k in kinds}
     ratios = [sim(k, big[k]["bytes"], 1.0, None) / big[k]["seconds"] for k in kinds]

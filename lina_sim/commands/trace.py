@@ -62,12 +62,10 @@ def run_stats(args: argparse.Namespace) -> int:
         print(ts.format_comparison([ts.trace_row(trace)] + rows))
     if args.json:
         import json
-        import os
 
-        tmp = f"{args.json}.tmp"  # write then rename: never a half-written result
-        with open(tmp, "w") as f:
-            json.dump(stats.to_dict(), f, indent=1)
-        os.replace(tmp, args.json)
+        from lina_sim.timeline import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(stats.to_dict(), indent=1))
     if args.plot:
         from plots.trace_plots import plot_trace_stats
 

@@ -50,7 +50,6 @@ class PathEstimator:
         self.path_length = path_length
         self.num_experts = num_experts
         self.min_count = min_count
-        self.top_k = 1
         self.num_layers = 0
         self._marginal: list[np.ndarray] = []  # per layer: expected choices per token [E]
         self._tables: list[dict[int, _Table]] = []  # per layer: path length -> table
@@ -68,7 +67,7 @@ class PathEstimator:
         self.num_experts = E
         self._check_key_range(E)
         T, L, k = ex.shape
-        self.top_k, self.num_layers = k, L
+        self.num_layers = L
         top1 = ex[:, :, 0]
         self._marginal, self._tables = [], []
         for layer in range(L):

@@ -80,7 +80,8 @@ class PlacementPolicy:
     - ``uniform_gate``: replace the gate's counts by a uniform split before anything uses
       them (``ideal``); :meth:`gate` does it, :func:`decide_layer` calls it;
     - ``plans_on_actual_counts``: :meth:`plan` wants the batch's actual counts as its
-      estimate (``oracle``), so the phase-1 placement already fits the real gate.
+      estimate (``oracle``), so the phase-1 placement already fits the real gate;
+    - :attr:`plans_within_batch`: when its phase-1 swaps can be issued.
     """
 
     uniform_gate: ClassVar[bool] = False
@@ -178,6 +179,16 @@ class PlacementPolicy:
         """The per-device, per-expert counts the simulated gate produces: the trace's
         unless :attr:`uniform_gate`, in which case each device's tokens are spread evenly."""
         return uniform_counts_by_source(counts_by_source) if self.uniform_gate else np.asarray(counts_by_source)
+
+    @property
+    def plans_within_batch(self) -> bool:
+        """Whether the phase-1 plan for layer ``l`` needs the current batch's gate results
+        at earlier layers (Lina's token paths) or the layer's own counts (the oracle, a
+        bound whose swaps are hidden like Lina's). The serving layer issues those swaps
+        once layer ``l-1``'s gate has run; a policy that plans from earlier batches only
+        (the default, unless :attr:`plans_on_actual_counts`) has all its swaps issued
+        when the batch is formed."""
+        return bool(self.plans_on_actual_counts)
 
     @property
     def phase2_rate(self) -> float:

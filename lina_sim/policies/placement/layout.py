@@ -81,11 +81,6 @@ class Placement:
             shares.append(tuple(weights[d] / total for d in devs) if total > 0 else ())
         return cls(num_devices, tuple(devices), tuple(shares), origin)
 
-    def relabel(self, perm: Sequence[int], origin: str | None = None) -> "Placement":
-        """The same placement with device ``d`` renamed ``perm[d]`` (a permutation)."""
-        reps = [{perm[d]: s for d, s in zip(devs, sh)} for devs, sh in zip(self.devices, self.shares)]
-        return Placement.from_replicas(self.num_devices, reps, self.origin if origin is None else origin)
-
     # ------------------------------------------------------------------ residency
     @property
     def num_experts(self) -> int:

@@ -94,6 +94,12 @@ class LinaPlacement(_BalancedPlanner):
         self._estimated: dict[int, np.ndarray | None] = {}  # per layer: phase-1 estimate
 
     @property
+    def plans_within_batch(self) -> bool:
+        """The path estimator reads this batch's experts at the layers before ``l``
+        (the ``previous`` estimator plans from earlier batches only)."""
+        return super().plans_within_batch or self.estimator_kind == "path"
+
+    @property
     def top_set_size(self) -> int:
         return min(2 * self.top_k, self.num_experts)
 

@@ -21,6 +21,11 @@ from lina_sim.policies.placement.layout import Placement
 _EPS = 1e-9
 
 
+
+def _group_load(w: np.ndarray, r: np.ndarray, g: list[int]) -> float:
+    """Load of a device group: each expert's weight split over its replicas."""
+    return float(sum(w[e] / r[e] for e in g))
+
 def decreasing_order(loads: Sequence[float] | np.ndarray, items: Sequence[int] | None = None) -> list[int]:
     """``items`` (default: all indices) by decreasing load, ties by increasing id."""
     w = np.asarray(loads, dtype=np.float64)
@@ -94,22 +99,19 @@ def lina_units(loads: Sequence[float] | np.ndarray, num_devices: int, max_items:
         groups.append(b)
         r[b] += 1
 
-    def group_load(g: list[int]) -> float:
-        return float(sum(w[e] / r[e] for e in g))
-
     while len(groups) > n:
         best: tuple[float, int, int, int] | None = None  # (resulting load, kind, i, j)
         # Dropping a replica that sits alone on its device.
         for i, g in enumerate(groups):
             if len(g) == 1 and r[g[0]] > 1:
                 e = g[0]
-                worst = max(group_load(h) - w[e] / r[e] + w[e] / (r[e] - 1) for k, h in enumerate(groups) if k != i and e in h)
+                worst = max(_group_load(w, r, h) - w[e] / r[e] + w[e] / (r[e] - 1) for k, h in enumerate(groups) if k != i and e in h)
                 cand = (worst, 0, i, -1)
                 if best is None or cand < best:
                     best = cand
         # Merging the lightest compatible pair (sorted scan: first fit per i is its best).
-        order = sorted(range(len(groups)), key=lambda k: (group_load(groups[k]), k))
-        loads_sorted = [group_load(groups[k]) for k in order]
+        order = sorted(range(len(groups)), key=lambda k: (_group_load(w, r, groups[k]), k))
+        loads_sorted = [_group_load(w, r, groups[k]) for k in order]
         for a in range(len(order)):
             if a + 1 < len(order) and best is not None and loads_sorted[a] + loads_sorted[a + 1] >= best[0]:
                 break
@@ -143,10 +145,7 @@ def _spill_lightest(groups: list[list[int]], r: np.ndarray, w: np.ndarray, max_i
     """Remove the lightest group: drop its extra replicas and move each remaining expert
     (heaviest first) onto the lightest other group with a free slot."""
 
-    def group_load(g: list[int]) -> float:
-        return float(sum(w[e] / r[e] for e in g))
-
-    k = min(range(len(groups)), key=lambda i: (group_load(groups[i]), i))
+    k = min(range(len(groups)), key=lambda i: (_group_load(w, r, groups[i]), i))
     victim = groups.pop(k)
     for e in decreasing_order(w, victim):
         if r[e] > 1:
@@ -155,7 +154,7 @@ def _spill_lightest(groups: list[list[int]], r: np.ndarray, w: np.ndarray, max_i
         room = [i for i, g in enumerate(groups) if len(g) < max_items and e not in g]
         if not room:
             raise RuntimeError("no device has a free expert slot; num_devices * max_items < num_experts?")
-        dest = min(room, key=lambda i: (group_load(groups[i]), i))
+        dest = min(room, key=lambda i: (_group_load(w, r, groups[i]), i))
         groups[dest].append(e)
 
 
