@@ -11,7 +11,10 @@ every rank of its communicator group has it at the head of that stream (the NCCL
 rendezvous), and it completes for all of them together.
 
 With ``policy.isolated_allreduce`` (the ``no-contention`` bound) allreduce flows run on
-their own copy of every link. Output: the DESIGN.md timeline (seconds).
+their own copy of every link. On a cluster whose ranks share a host's CPU cores
+(``cluster.host_cores``, an emulated testbed) compute ops of all ranks share those cores
+through a :class:`~lina_sim.processors.ProcessorPool`; otherwise each rank computes on
+its own device. Output: the DESIGN.md timeline (seconds).
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import pandas as pd
 import simpy
 
 from lina_sim.collectives import CollectiveAlgos, Collectives
-from lina_sim.hardware import ClusterSpec
+from lina_sim.hardware import ClusterSpec, HostSpec
 from lina_sim.network import FluidNetwork
 from lina_sim.policies.base import MicroOp, RankScheduler, TrainingPolicy
+from lina_sim.processors import ProcessorPool
 from lina_sim.timeline import Event, Timeline
 from lina_sim.topology import Topology
 
@@ -69,6 +73,14 @@ class StepResult:
     timeline: pd.DataFrame
     collectives: list[CollectiveRecord] = field(default_factory=list)
     launches: list[Launch] = field(default_factory=list)
+
+
+def host_delay(host: HostSpec, is_a2a: bool, n: int) -> float:
+    """Seconds a CPU collective of ``n`` ranks waits for its threads on ``host`` when it
+    is oversubscribed as at calibration: the per-step delay times the collective's steps
+    (one per peer for an all-to-all, ``2(n-1)`` for a ring allreduce)."""
+    kind, steps = ("all_to_all", n - 1) if is_a2a else ("allreduce", 2 * (n - 1))
+    return steps * host.step_delay_s.get(kind, 0.0)
 
 
 class _RankState:
@@ -116,6 +128,8 @@ class TrainingEngine:
         net = FluidNetwork(env, self.topology)
         a2a_coll = Collectives(net)
         ar_coll = Collectives(FluidNetwork(env, self.topology)) if self.policy.isolated_allreduce else a2a_coll
+        host = self.cluster.host
+        cores = ProcessorPool(env, host.cores) if self.cluster.shares_cores else None
         g = self.graph
         n = g.world_size
         tl = Timeline()
@@ -161,10 +175,13 @@ class TrainingEngine:
 
         def run_collective(m: MicroOp, grp: tuple[int, ...]):
             start = env.now
+            since = (start, cores.excess_time()) if cores is not None else None
             if m.is_a2a:
                 yield a2a_coll.all_to_all(grp, m.nbytes, self.algos.all_to_all, tag=m.id)
             else:
                 yield ar_coll.allreduce(grp, m.nbytes, self.algos.allreduce, tag=m.id)
+            if since is not None:
+                yield env.process(cores.busy_delay(host_delay(host, m.is_a2a, len(grp)), host.reference_excess, since))
             end = env.now
             records.append(CollectiveRecord(m, grp, start, end))
             kind = "all_to_all" if m.is_a2a else "allreduce"
@@ -196,7 +213,7 @@ class TrainingEngine:
                 start = env.now
                 dur = self.op_time(op)
                 if dur > 0:
-                    yield env.timeout(dur)
+                    yield cores.run(dur) if cores is not None else env.timeout(dur)
                 tl.add(Event(st.rank, "compute", op.name, "compute", start, env.now, op.layer, op.chunk, 0.0))
                 st.done_event(op.id).succeed()
                 st.compute_done += 1

@@ -60,6 +60,40 @@ class ComputeSpec:
     kernel_launch_s: float = 0.0
 
 
+COLLECTIVE_KINDS = ("all_to_all", "allreduce")
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """One CPU host that runs every rank as a process (an emulated testbed).
+
+    - ``cores``: the cores the ranks share; ops of ranks that compute at once divide
+      them (processor sharing, :mod:`lina_sim.processors`).
+    - ``step_delay_s[kind]``: extra seconds per step of a collective (``all_to_all``:
+      one per peer; ``allreduce``: ``2(n-1)`` ring steps) while the cores are
+      oversubscribed: CPU collectives (gloo) progress on threads that must wait for a
+      core when compute threads outnumber the cores. Measured by ``lina-run calibrate``
+      as (mean time with every rank computing - mean time alone) / steps.
+    - ``reference_excess``: the oversubscription ``(running - cores) / cores`` at which
+      ``step_delay_s`` was measured; the delay accrues in proportion to it.
+    """
+
+    cores: int
+    step_delay_s: Mapping[str, float] = field(default_factory=dict)
+    reference_excess: float = 1.0
+
+    def validate(self, where: str = "host") -> "HostSpec":
+        _check_positive_int(f"{where}.cores", self.cores)
+        for k, v in self.step_delay_s.items():
+            if k not in COLLECTIVE_KINDS:
+                raise ConfigError(f"{where}.step_delay_s.{k}", "unknown collective", COLLECTIVE_KINDS)
+            if not v >= 0:
+                raise ConfigError(f"{where}.step_delay_s.{k}", f"must be >= 0 s, got {v}")
+        if not self.reference_excess > 0:
+            raise ConfigError(f"{where}.reference_excess", f"must be > 0, got {self.reference_excess}")
+        return self
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
     """A cluster of identical nodes.
@@ -70,6 +104,9 @@ class ClusterSpec:
     - ``pcie``: each GPU's PCIe link to its NIC (and to host memory).
     - ``oversubscription``: node uplink capacity is NICs × NIC bandwidth / this factor;
       1.0 means a non-blocking fabric and no uplink is modelled.
+    - ``host``: ``None`` (the default) gives every rank a device of its own; a
+      :class:`HostSpec` says every rank is a CPU process on one shared host (an emulated
+      testbed).
     """
 
     name: str
@@ -86,6 +123,7 @@ class ClusterSpec:
     switch_latency: float = 0.0
     compute: ComputeSpec = field(default_factory=ComputeSpec)
     description: str = ""
+    host: HostSpec | None = None
 
     @property
     def world_size(self) -> int:
@@ -119,7 +157,14 @@ class ClusterSpec:
                 raise ConfigError(f"{where}.{name}.latency", f"must be >= 0 s, got {link.latency}")
         if not self.oversubscription >= 1:
             raise ConfigError(f"{where}.oversubscription", f"must be >= 1, got {self.oversubscription}")
+        if self.host is not None:
+            self.host.validate(f"{where}.host")
         return self
+
+    @property
+    def shares_cores(self) -> bool:
+        """Whether ranks contend for CPU cores (fewer host cores than ranks)."""
+        return self.host is not None and self.host.cores < self.world_size
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -153,10 +198,25 @@ def _link(d: Any, where: str) -> LinkSpec:
     )
 
 
+def _host(d: Any, where: str) -> HostSpec | None:
+    if d is None:
+        return None
+    if not isinstance(d, Mapping):
+        raise ConfigError(where, "must be a mapping with cores, step_delay_s, reference_excess")
+    for k in d:
+        if k not in ("cores", "step_delay_s", "reference_excess"):
+            raise ConfigError(f"{where}.{k}", "unknown field", ["cores", "reference_excess", "step_delay_s"])
+    delays = d.get("step_delay_s") or {}
+    if not isinstance(delays, Mapping):
+        raise ConfigError(f"{where}.step_delay_s", "must be a mapping", COLLECTIVE_KINDS)
+    return HostSpec(cores=d.get("cores"), step_delay_s={str(k): _num(delays, k, f"{where}.step_delay_s") for k in delays},
+                    reference_excess=_num(d, "reference_excess", where, 1.0))
+
+
 def cluster_from_dict(d: Mapping[str, Any], where: str = "cluster") -> ClusterSpec:
     """Build a ClusterSpec from a preset-shaped mapping, naming any bad field."""
     known = {"name", "description", "nodes", "gpus_per_node", "gpu", "intra_node", "nvlink", "pcie", "nic",
-             "nics_per_node", "nic_of_gpu", "oversubscription", "switch_latency", "compute", "source"}
+             "nics_per_node", "nic_of_gpu", "oversubscription", "switch_latency", "compute", "source", "host"}
     for k in d:
         if k not in known:
             raise ConfigError(f"{where}.{k}", "unknown field", sorted(known))
@@ -199,6 +259,7 @@ def cluster_from_dict(d: Mapping[str, Any], where: str = "cluster") -> ClusterSp
         oversubscription=_num(d, "oversubscription", where, 1.0),
         switch_latency=_num(d, "switch_latency", where, 0.0),
         compute=compute,
+        host=_host(d.get("host"), f"{where}.host"),
     )
     return spec.validate(where)
 

@@ -6,9 +6,14 @@ Run in every rank (``lina-run calibrate --out profile.yaml [--testbed 2x2 --nic 
   the last node (inter-node) over growing message sizes; a least-squares fit of
   ``t(n) = alpha + n / bandwidth`` gives each link's latency (s) and bandwidth (bytes/s);
 - **collectives:** all-to-all and allreduce over all ranks at several sizes (raw data);
-- **compute:** matmul throughput (FLOP/s) at the model's (M, K, N) shapes, measured on
-  all ranks at once (ranks share the machine's cores, as they do in a real run), memory
-  bandwidth from a large copy, and the per-op launch overhead.
+- **compute:** matmul throughput (FLOP/s) at the model's (M, K, N) shapes at one-device
+  speed (CPU ranks that outnumber their host's cores take turns, one per core), memory
+  bandwidth from a large copy, and the per-op launch overhead;
+- **host:** when every rank is a CPU process on one machine (an emulated testbed) with
+  fewer cores than ranks, the profile's ``host`` block gives the cores they share (the
+  simulator divides them among ranks that compute at once) and the extra time per
+  collective step while compute oversubscribes them (collectives timed again with every
+  rank computing).
 
 Rank 0 writes ``profile.yaml`` in the preset schema (``lina_sim.hardware.load_preset``
 loads it) and the raw measurements to the sibling ``profile.raw.yaml``, both atomically.
@@ -33,6 +38,7 @@ import yaml
 
 from lina_sim.errors import ConfigError
 from lina_sim.timeline import atomic_write_text
+from runtime.dist import host_cores, host_id, one_core_each
 from runtime.ep_moe import TORCH_DTYPES
 
 # The expert FFN and attention matmuls of the paper's Transformer-XL (d_model 512,
@@ -167,8 +173,16 @@ def pingpong(peer: int, device: torch.device, max_bytes: int) -> list[dict]:
         size *= 8
 
 
-def time_collectives(sizes: Sequence[int], device: torch.device, reps: int = 3) -> list[dict]:
-    """All-to-all (``n`` bytes sent per rank, split evenly) and allreduce (``n`` bytes)."""
+def _collective_reps(nbytes: int) -> int:
+    return 40 if nbytes <= 256 << 10 else 16 if nbytes <= 2 << 20 else 8
+
+
+def time_collectives(sizes: Sequence[int], device: torch.device) -> list[dict]:
+    """All-to-all (``n`` bytes sent per rank, split evenly) and allreduce (``n`` bytes):
+    the *mean* time over back-to-back repetitions, as nccl-tests reports it. A training
+    step is a sum of many collectives, so their mean, occasional stalls included (gloo
+    over a shaped TCP link stalls a few % of back-to-back collectives by tens of ms),
+    is what adds up; a median would hide them. ``seconds_median`` is kept beside it."""
     world, rows = dist.get_world_size(), []
     for n in sizes:
         count = max(world, n // 4 // world * world)
@@ -176,8 +190,60 @@ def time_collectives(sizes: Sequence[int], device: torch.device, reps: int = 3) 
         for kind, fn in (("all_to_all", lambda: dist.all_to_all_single(y, x)),
                          ("allreduce", lambda: dist.all_reduce(x))):
             dist.barrier()
-            rows.append({"kind": kind, "bytes": count * 4, "seconds": time_op(fn, device, reps)})
+            fn()  # warm-up
+            times = []
+            for _ in range(_collective_reps(count * 4)):
+                _sync(device)
+                t = time.perf_counter()
+                fn()
+                _sync(device)
+                times.append(time.perf_counter() - t)
+            rows.append({"kind": kind, "bytes": count * 4, "seconds": statistics.fmean(times),
+                         "seconds_median": statistics.median(times)})
     return rows
+
+
+BUSY_MAX_BYTES = 1 << 20  # collectives up to this size are also timed on a busy host
+
+
+def time_collectives_busy(sizes: Sequence[int], device: torch.device, reps: int = 8) -> list[dict]:
+    """Each collective of :func:`time_collectives` up to ``BUSY_MAX_BYTES`` again, while
+    every rank keeps its main thread computing (matmuls) until the collective completes,
+    as a rank does when it overlaps communication with compute: the mean time from
+    launch to completion (a future callback stamps it)."""
+    world, rows = dist.get_world_size(), []
+    a, b = torch.randn(256, 256, device=device), torch.randn(256, 1024, device=device)
+    for n in (s for s in sizes if s <= BUSY_MAX_BYTES):
+        count = max(world, n // 4 // world * world)
+        x, y = torch.ones(count, device=device), torch.empty(count, device=device)
+        for kind, fn in (("all_to_all", lambda: dist.all_to_all_single(y, x, async_op=True)),
+                         ("allreduce", lambda: dist.all_reduce(x, async_op=True))):
+            times = []
+            for _ in range(reps + 1):
+                dist.barrier()
+                done: list[float] = []
+                t = time.perf_counter()
+                work = fn()
+                work.get_future().add_done_callback(lambda _f: done.append(time.perf_counter()))
+                while not done:
+                    a @ b
+                work.wait()
+                times.append(done[0] - t)
+            rows.append({"kind": kind, "bytes": count * 4, "seconds": statistics.fmean(times[1:])})
+    return rows
+
+
+def host_step_delays(alone: Sequence[dict], busy: Sequence[dict], world: int) -> dict[str, float]:
+    """Per kind: mean over sizes of (busy - alone mean time) / steps, never below 0, with
+    ``world - 1`` steps for an all-to-all (one per peer) and ``2(world - 1)`` for a ring
+    allreduce (:func:`lina_sim.engine.host_delay` charges the same steps)."""
+    base = {(r["kind"], r["bytes"]): r["seconds"] for r in alone}
+    out = {}
+    for kind, steps in (("all_to_all", world - 1), ("allreduce", 2 * (world - 1))):
+        extra = [r["seconds"] - base[(kind, r["bytes"])] for r in busy if r["kind"] == kind and (kind, r["bytes"]) in base]
+        if extra and steps > 0:
+            out[kind] = max(0.0, statistics.fmean(extra) / steps)
+    return out
 
 
 # -- the rank-side mode -------------------------------------------------------------------------
@@ -222,16 +288,23 @@ def rank_main(ctx) -> dict:
     dist.barrier()
     raw["inter_node_pingpong"] = pingpong(inter_peer, device, int(args.max_bytes))
     dist.barrier()
-    raw["collectives"] = time_collectives([int(float(s)) for s in args.collective_bytes.split(",")], device)
+    sizes = [int(float(s)) for s in args.collective_bytes.split(",")]
+    raw["collectives"] = time_collectives(sizes, device)
+    hosts: list = [None] * world
+    dist.all_gather_object(hosts, (host_id(), host_cores()))
+    if device.type == "cpu" and len({h for h, _ in hosts}) == 1 and hosts[0][1] < world:
+        raw["host_cores"] = hosts[0][1]
+        raw["collectives_busy"] = time_collectives_busy(sizes, device)
 
-    # Compute on all ranks at once, then the median rank: ranks share the machine's cores.
+    # Compute at one-core (one-device) speed, then the median rank: CPU ranks that share a
+    # host take turns, and the profile's host block lets the simulator share the cores.
     dist.barrier()
-    mine = {
+    mine = one_core_each(info, lambda: {
         "matmul": {d: measure_matmul(shapes, d, device) for d in dtypes},
         "copy_bytes_per_s": measure_copy(256 << 20 if device.type == "cuda" else 32 << 20, device),
         "launch_s": measure_launch(device),
         "host_link_bytes_per_s": measure_host_link(64 << 20, device) if device.type == "cuda" else None,
-    }
+    })
     gathered: list = [None] * world
     dist.all_gather_object(gathered, mine)
     raw["compute_per_rank"] = gathered
@@ -285,14 +358,23 @@ def build_profile(raw: dict, info, note: str = "") -> dict:
     pcie = {"bandwidth": statistics.median(host) if host else copy_bw / 2, "latency": 0.0, "efficiency": 1.0}
     if not host:
         caveats.append("no GPU: pcie set to the memory copy bandwidth")
+    # CPU ranks on one machine share its cores: the simulator must know how many, and how
+    # long collectives wait for them.
+    host = None
+    if raw.get("host_cores"):
+        cores = int(raw["host_cores"])
+        host = {"cores": cores, "step_delay_s": host_step_delays(raw["collectives"], raw["collectives_busy"], world),
+                "reference_excess": (world - cores) / cores}
+        caveats.append(f"{world} CPU ranks share {cores} cores of one host (host: per-step delays of collectives "
+                       f"timed with every rank computing)")
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     host_name = socket.gethostname()
     source = (f"measured by `lina-run calibrate` at {now} on {host_name}: {nodes} node(s) x {lw} rank(s), "
               f"backend {info.backend}, torch {torch.__version__}; links = alpha-beta fit of ping-pong "
               f"one-way times; peak_flops = total FLOPs / total time over the model's matmul shapes "
-              f"(all ranks at once, median rank); hbm_bandwidth = large copy"
+              f"(one rank per core at a time, median rank); hbm_bandwidth = large copy"
               + (f"; {'; '.join(caveats)}" if caveats else "") + (f"; {note}" if note else ""))
-    return {
+    profile = {
         "name": f"calibrated-{host_name}-{nodes}x{lw}",
         "description": f"measured: {nodes} x {lw} ranks on {_device_name(info.device)}" + (f" ({note})" if note else ""),
         "source": source,
@@ -310,6 +392,9 @@ def build_profile(raw: dict, info, note: str = "") -> dict:
         "oversubscription": 1.0,
         "switch_latency": 0.0,
     }
+    if host is not None:
+        profile["host"] = host
+    return profile
 
 
 def raw_path(out: str | os.PathLike) -> Path:

@@ -166,3 +166,39 @@ def destroy() -> None:
     """Tear the process groups down (safe to call twice or when never initialised)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def host_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def host_id() -> str:
+    """An id of the machine (kernel boot id): ranks that print the same one share its cores."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:
+        import socket
+
+        return socket.gethostname()
+
+
+def one_core_each(info: DistInfo, fn):
+    """Run ``fn()`` on every rank with at most one rank per core of the host at a time
+    (collective): CPU ranks that outnumber the cores take turns, the others wait at a
+    barrier. Measures one-core speed, which the simulator shares among ranks itself
+    (``cluster.host_cores``); on GPUs every rank runs at once. Returns ``fn()``'s value."""
+    if info.device.type != "cpu":
+        return fn()
+    cores = max(1, min(host_cores(), info.world_size))
+    turns = -(-info.world_size // cores)
+    out = None
+    for turn in range(turns):
+        if info.rank % turns == turn:
+            out = fn()
+        dist.barrier()
+    return out

@@ -50,20 +50,9 @@ def profile_compute_rank(ctx: Any, setup: Any) -> list[dict]:
     experts per rank, receiving as many rows as in the real run, padded dispatch), for
     every pipelining degree of the scenario's policies. Returns rows {op, shape, tokens,
     seconds} (median over steps)."""
-    import os
+    from runtime.dist import one_core_each
 
-    import torch.distributed as dist
-
-    # One core per rank, as the simulator gives each rank its own device: with more ranks
-    # than cores, ranks take turns, ``cores`` at a time (the others wait at a barrier).
-    cores = max(1, min(os.cpu_count() or 1, ctx.info.world_size))
-    turns = -(-ctx.info.world_size // cores)
-    rows: list[dict] = []
-    for turn in range(turns):
-        if ctx.info.rank % turns == turn:
-            rows = _profile_ops(ctx, setup)
-        dist.barrier()
-    return rows
+    return one_core_each(ctx.info, lambda: _profile_ops(ctx, setup))
 
 
 def _profile_ops(ctx: Any, setup: Any) -> list[dict]:
@@ -262,6 +251,9 @@ def calibrate(spec: Any, out: Path, shapes: str, timeout_s: float, runs: int = C
         merged["gpu"]["peak_flops"][dtype] = statistics.median(p["gpu"]["peak_flops"][dtype] for p in profiles)
     for i, row in enumerate(raw["collectives"]):
         row["seconds"] = statistics.median(r["collectives"][i]["seconds"] for r in raws)
+    if merged.get("host"):
+        for kind in merged["host"]["step_delay_s"]:
+            merged["host"]["step_delay_s"][kind] = statistics.median(p["host"]["step_delay_s"][kind] for p in profiles)
     merged["source"] += f"; median of {runs} calibration runs (lina-sim validate)"
     atomic_write_text(raw_path(out), yaml.safe_dump(raw, sort_keys=False))
     return atomic_write_text(out, yaml.safe_dump(merged, sort_keys=False))
