@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import simpy
 
 _DONE_S = 1e-12  # work left (one-core seconds) below which a job counts as finished
@@ -125,3 +126,22 @@ class ProcessorPool:
             self._jobs.pop(k)[1].succeed()
         self._notify()
         self._schedule()
+
+
+def shared_finish_times(work_s: np.ndarray, cores: int | None) -> np.ndarray:
+    """When each of the jobs ``work_s`` (one-core seconds), all started together, ends
+    on ``cores`` shared cores under processor sharing (what :class:`ProcessorPool` does
+    with simultaneous arrivals), as seconds after the start. ``cores=None`` or at least
+    one core per job: each job ends after its own work."""
+    work = np.asarray(work_s, dtype=float)
+    if cores is None or work.size <= cores:
+        return work.copy()
+    order = np.argsort(work, kind="stable")
+    out = np.empty_like(work)
+    t = done = 0.0
+    for i, j in enumerate(order):
+        active = work.size - i
+        t += (work[j] - done) / min(1.0, cores / active)
+        done = work[j]
+        out[j] = t
+    return out

@@ -27,6 +27,9 @@ Per MoE layer ``l`` (:class:`PolicyServer`):
 6. expert FFN per device from its token load; the slowest device gates the combine;
 7. the combine all-to-all: the transposed matrix.
 
+On a cluster of CPU ranks sharing one host's cores (``cluster.host``), each compute phase
+ends when processor sharing of those cores says it does (all ranks start it together).
+
 Weights start with the static layout resident (every expert, when the slots hold them
 all). Every policy serves the identical
 request stream (same sequences, same arrival times for open loop). Placement decisions
@@ -39,6 +42,7 @@ Units: seconds, bytes, tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import time
 from dataclasses import dataclass
@@ -53,6 +57,7 @@ from lina_sim.errors import ConfigError, TraceError
 from lina_sim.hardware import ClusterSpec
 from lina_sim.policies.placement import Placement, PlacementPolicy, decide_layer, token_sources
 from lina_sim.policies.registry import PLACEMENT_POLICIES, make_placement_policy
+from lina_sim.processors import shared_finish_times
 from lina_sim.requests import (
     ArrivalSpec, Batcher, BatchingSpec, Request, RequestPool, make_arrivals,
 )
@@ -498,6 +503,8 @@ class PolicyServer:
         self.timeline = Timeline()
         self.within_batch = self.policy.plans_within_batch
         self.wall = 0.0
+        # On a shared host (an emulated testbed) ranks that compute at once divide its cores.
+        self.host_cores = setup.cluster.host.cores if setup.cluster.shares_cores else None
 
     def _admit(self, times: list[float]) -> None:
         new = []
@@ -555,16 +562,18 @@ class PolicyServer:
         ev: list[Event] = []
         t = plan.start
         pcie_free = np.maximum(self.pcie_free, plan.start)
-        embed = cost.embed(plan.tokens)
+        on_host = functools.partial(shared_finish_times, cores=self.host_cores)
+        embed = on_host(cost.embed(plan.tokens))
         if record_tl:
             ev += _per_rank(embed, t, "compute", "embed", "compute", -1)
         t += float(embed.max())
         # When each layer's phase-1 swaps can be issued (module docstring, step 4).
         issue = plan.start
         moe, exposed = np.zeros(L), np.zeros(L)
-        ffn_max = plan.ffn.max(axis=1)
-        dense_first = cost.dense_layer(plan.tokens, plan.keys, first=True)
-        dense_rest = cost.dense_layer(plan.tokens, plan.keys, first=False)
+        ffn = np.stack([on_host(f) for f in plan.ffn])
+        ffn_max = ffn.max(axis=1)
+        dense_first = on_host(cost.dense_layer(plan.tokens, plan.keys, first=True))
+        dense_rest = on_host(cost.dense_layer(plan.tokens, plan.keys, first=False))
         for l in range(L):
             dense = dense_first if l == 0 else dense_rest
             if record_tl:
@@ -583,7 +592,7 @@ class PolicyServer:
                                      bytes=float(n_swaps[r] * cost.expert_bytes)) for r in np.flatnonzero(has)]
             d_end = gate_end + dispatch[l]
             f_start = np.maximum(d_end, ready)
-            f_end = f_start + plan.ffn[l]
+            f_end = f_start + ffn[l]
             c_start = float(f_end.max())
             c_end = c_start + combine[l]
             exposed[l] = c_start - (d_end + ffn_max[l])
@@ -601,7 +610,7 @@ class PolicyServer:
             if self.within_batch:
                 issue = gate_end  # the next layer's estimate needs this layer's gate
             t = c_end
-        head = cost.head(plan.tokens)
+        head = on_host(cost.head(plan.tokens))
         if record_tl:
             ev += _per_rank(head, t, "compute", "head", "compute", L)
             self.timeline.extend(ev)

@@ -628,6 +628,7 @@ def measured_frame(results: list, setups: list):
                 "bwd_a2a_slowdown_max": float("nan"),
                 "collectives": run["micro_ops"], "sim_wall_s": float(sum(times)),
                 "step_time_min_s": min(times), "step_time_max_s": max(times), "steps": len(times),
+                "step_time_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
                 "loss_step0": statistics.mean(rr[j]["records"][0].loss for rr in runs_by_rank),
                 "sched_busy_s": sched_busy, "sched_busy_frac": sched_busy / step,
                 "partition_s": statistics.mean(rr[j]["partition_s"] for rr in runs_by_rank),

@@ -166,6 +166,7 @@ def measured_frame(results: list, setups: list):
             rows.append({"point": pi, "scenario": setup.scenario.name, "policy": run["label"],
                          "policy_name": run["name"], "batches": len(times), "batch_time_mean_s": float(np.mean(times)),
                          "batch_time_p50_s": med, "batch_time_min_s": min(times), "batch_time_max_s": max(times),
+                         "batch_time_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
                          "a2a_s": float(df[df["kind"] == "all_to_all"].groupby("rank").apply(
                              lambda d: (d["end"] - d["start"]).sum()).mean()),
                          "swaps": sum(b["swaps"] for b in per_rank[0]),
@@ -200,7 +201,8 @@ def validate_inference(scenario: str, out: Path, testbed: str | None, nic: str |
     from lina_sim.serving import resolve_inference, run_inference
     from lina_sim.timeline import atomic_write_text
     from runtime.launch import run_entry
-    from runtime.validate import _testbed, calibrate, model_shapes, prepare_profile, ranking, resolved_scenario
+    from runtime.validate import (_testbed, calibrate, mark_rankings, model_shapes, prepare_profile, ranking_summary,
+                                  resolved_scenario)
 
     points = load_scenarios(scenario)
     first = resolve_inference(points[0])
@@ -228,9 +230,7 @@ def validate_inference(scenario: str, out: Path, testbed: str | None, nic: str |
         atomic_write_text(out / f"timeline-measured-p{pi}-{label}.csv", tl.to_csv(index=False))
     j = pred.merge(meas, on=["point", "policy"], suffixes=("_pred", "_meas"))
     j["error_pct"] = (j["batch_time_mean_s_pred"] - j["batch_time_mean_s_meas"]) / j["batch_time_mean_s_meas"] * 100
-    same = {p: ranking(list(g["batch_time_mean_s_pred"])) == ranking(list(g["batch_time_mean_s_meas"]))
-            for p, g in j.groupby("point")}
-    j["ranking_match"] = j["point"].map(same)
+    mark_rankings(j, "batch_time_mean_s_pred", "batch_time_mean_s_meas", "batch_time_std_s", "batches_meas")
     atomic_write_text(out / "validation.csv", j.to_csv(index=False))
     print(f"# {points[0].name}: testbed {spec.nodes}x{spec.ranks_per_node} at {spec.nic_bps / 1e6:.0f} Mbit/s "
           f"(mean batch time)")
@@ -238,6 +238,7 @@ def validate_inference(scenario: str, out: Path, testbed: str | None, nic: str |
     for r in j.itertuples():
         print(f"  {r.point:>2} {r.policy:<18} {r.batch_time_mean_s_pred * 1e3:>12.2f} "
               f"{r.batch_time_mean_s_meas * 1e3:>12.2f} {r.error_pct:>+7.1f}%  {'same' if r.ranking_match else 'DIFFERS'}")
-    print(f"  median |error| {statistics.median(abs(e) for e in j['error_pct']):.1f}%; "
-          f"# validation: {out / 'validation.csv'}")
+    print(f"  median |error| {statistics.median(abs(e) for e in j['error_pct']):.1f}% (target <= 10%); "
+          + ranking_summary(j))
+    print(f"# validation: {out / 'validation.csv'}")
     return j

@@ -12,7 +12,8 @@ import yaml
 
 from lina_sim.hardware import load_preset
 from runtime.calibrate import raw_path
-from runtime.validate import compare, format_table, op_classes, ranking, refine_profile, resolved_scenario
+from runtime.validate import (compare, format_table, op_classes, ranking, refine_profile, resolved_pairs,
+                              resolved_scenario)
 from tests._netns import PY, ROOT, needs_netns
 
 PROFILE = ROOT / "scenarios/profiles/testbed-2x2-400mbit.yaml"
@@ -28,14 +29,22 @@ def _frame(times, **extra):
 def test_compare_errors_and_ranking():
     pred = _frame([1.0, 2.0, 3.0])
     meas = _frame([1.25, 1.9, 3.3], step_time_min_s=1.0, step_time_max_s=4.0, sched_busy_frac=0.01,
-                  handoff_median_s=1e-4, handoff_total_s=1e-3)
+                  handoff_median_s=1e-4, handoff_total_s=1e-3, step_time_std_s=0.1, steps=4)
     j = compare(pred, meas)
     assert j["error_pct"].round(1).tolist() == [-20.0, 5.3, -9.1]
-    assert j["ranking_match"].all()
-    assert "median |error| 9.1%" in format_table(j, "t")
+    assert j["ranking_match"].all() and (j["pairs_resolved"] == 3).all() and (j["pairs_agree"] == 3).all()
+    assert "median |error| 9.1%" in format_table(j, "t") and "ordered alike: 3/3" in format_table(j, "t")
     meas.loc[0, "step_time_s"] = 2.5  # now p1 is fastest for real
-    assert not compare(pred, meas)["ranking_match"].any()
+    j = compare(pred, meas)
+    assert not j["ranking_match"].any() and (j["pairs_agree"] == 2).all()  # p0-p1 swapped
     assert ranking([3.0, 1.0, 2.0]) == [1, 2, 0]
+
+
+def test_pairs_closer_than_the_noise_are_not_resolved():
+    # p0 and p1 are 0.05 s apart with 0.1 s spread over 4 steps (s.e. of the difference
+    # 0.07 s): a tie the measurement cannot order, whatever the prediction says.
+    assert resolved_pairs([2.0, 1.0, 3.0], [1.0, 1.05, 2.0], [0.1, 0.1, 0.1], [4, 4, 4]) == (2, 2)
+    assert resolved_pairs([2.0, 1.0, 3.0], [1.0, 1.05, 2.0], [0.0, 0.0, 0.0], [4, 4, 4]) == (2, 3)
 
 
 def test_op_classes_skew_and_transfer():
