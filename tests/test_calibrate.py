@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -50,3 +51,12 @@ def test_calibrate_on_testbed_writes_a_loadable_profile(tmp_path):
     raw = yaml.safe_load(raw_path(out).read_text())
     assert {r["kind"] for r in raw["collectives"]} == {"all_to_all", "allreduce"}
     assert len(raw["inter_node_pingpong"]) >= 2 and len(raw["compute_per_rank"]) == 4
+    # 4 CPU ranks on one machine: with fewer cores than ranks the profile says how many
+    # they share and how long collectives wait for them while compute holds the cores.
+    if len(os.sched_getaffinity(0)) < 4:
+        assert spec.host is not None and spec.host.cores == len(os.sched_getaffinity(0)) and spec.shares_cores
+        assert set(spec.host.step_delay_s) == {"all_to_all", "allreduce"}
+        assert all(v >= 0 for v in spec.host.step_delay_s.values())
+        assert {r["kind"] for r in raw["collectives_busy"]} == {"all_to_all", "allreduce"}
+    else:
+        assert spec.host is None

@@ -118,3 +118,14 @@ def test_host_block_is_validated_by_name():
     assert spec.host == HostSpec(2, {"allreduce": 0.01}, 1.0) and spec.shares_cores
     assert not load_preset("paper-testbed").shares_cores
     assert not dataclasses.replace(spec, host=HostSpec(64)).shares_cores
+
+
+def test_shared_finish_times_match_the_pool():
+    import numpy as np
+
+    from lina_sim.processors import shared_finish_times
+
+    work = [0.3, 0.7, 0.2, 1.1]
+    assert shared_finish_times(np.array(work), 2) == pytest.approx(_finish_times(2, [(0.0, w) for w in work]))
+    assert shared_finish_times(np.array(work), None).tolist() == work  # a device per rank
+    assert shared_finish_times(np.array(work), 4).tolist() == work
