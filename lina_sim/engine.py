@@ -12,9 +12,11 @@ rendezvous), and it completes for all of them together.
 
 With ``policy.isolated_allreduce`` (the ``no-contention`` bound) allreduce flows run on
 their own copy of every link. On a cluster whose ranks share a host's CPU cores
-(``cluster.host_cores``, an emulated testbed) compute ops of all ranks share those cores
-through a :class:`~lina_sim.processors.ProcessorPool`; otherwise each rank computes on
-its own device. Output: the DESIGN.md timeline (seconds).
+(``cluster.host``, an emulated testbed) compute ops of all ranks share those cores
+through a :class:`~lina_sim.processors.ProcessorPool`, and a collective that lived while
+compute oversubscribed them waits the host's calibrated per-step delay on top of its
+transfer; otherwise each rank computes on its own device. Output: the DESIGN.md timeline
+(seconds).
 """
 
 from __future__ import annotations

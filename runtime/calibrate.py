@@ -360,11 +360,11 @@ def build_profile(raw: dict, info, note: str = "") -> dict:
         caveats.append("no GPU: pcie set to the memory copy bandwidth")
     # CPU ranks on one machine share its cores: the simulator must know how many, and how
     # long collectives wait for them.
-    host = None
+    host_block = None
     if raw.get("host_cores"):
         cores = int(raw["host_cores"])
-        host = {"cores": cores, "step_delay_s": host_step_delays(raw["collectives"], raw["collectives_busy"], world),
-                "reference_excess": (world - cores) / cores}
+        delays = host_step_delays(raw["collectives"], raw["collectives_busy"], world)
+        host_block = {"cores": cores, "step_delay_s": delays, "reference_excess": (world - cores) / cores}
         caveats.append(f"{world} CPU ranks share {cores} cores of one host (host: per-step delays of collectives "
                        f"timed with every rank computing)")
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -392,8 +392,8 @@ def build_profile(raw: dict, info, note: str = "") -> dict:
         "oversubscription": 1.0,
         "switch_latency": 0.0,
     }
-    if host is not None:
-        profile["host"] = host
+    if host_block is not None:
+        profile["host"] = host_block
     return profile
 
 

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ from lina_sim.errors import LinaSimError
 # Override with LINA_CONNECT_TIMEOUT_S / LINA_OP_TIMEOUT_S in the ranks' environment.
 DEFAULT_CONNECT_TIMEOUT_S = 30.0  # reaching the master and waiting for all ranks to join
 DEFAULT_OP_TIMEOUT_S = 120.0  # any one collective
+T = TypeVar("T")
 
 
 class DistError(LinaSimError):
@@ -187,11 +188,11 @@ def host_id() -> str:
         return socket.gethostname()
 
 
-def one_core_each(info: DistInfo, fn):
+def one_core_each(info: DistInfo, fn: Callable[[], T]) -> T:
     """Run ``fn()`` on every rank with at most one rank per core of the host at a time
     (collective): CPU ranks that outnumber the cores take turns, the others wait at a
     barrier. Measures one-core speed, which the simulator shares among ranks itself
-    (``cluster.host_cores``); on GPUs every rank runs at once. Returns ``fn()``'s value."""
+    (``cluster.host``); on GPUs every rank runs at once. Returns ``fn()``'s value."""
     if info.device.type != "cpu":
         return fn()
     cores = max(1, min(host_cores(), info.world_size))
