@@ -9,7 +9,8 @@ Ranks of node ``i`` run inside ``<prefix>-n<i>``; traffic between them stays on 
 namespace's local stack (loopback speed), traffic between nodes crosses ``eth0 -> p<i> ->
 br0 -> p<j> -> eth0``. Both ends of every node link shape their egress with HTB to the
 NIC rate, so a node's upload and download are each limited to ``nic`` bits/s, the way a
-full-duplex NIC is. The subnet's route acknowledges every segment at once (``quickack``).
+full-duplex NIC is. The subnet's route acknowledges every segment at once (``quickack``)
+and the node links carry GSO super-packets of at most ``GSO_MAX_SEGS`` segments.
 Nothing is created in, or routed to, the host's own namespace: the
 subnet exists only inside these namespaces.
 
@@ -34,6 +35,7 @@ from typing import Sequence
 from lina_sim.errors import ConfigError, LinaSimError
 
 PREFIX = "lina-"
+GSO_MAX_SEGS = 4  # TCP segments per GSO super-packet on a node link
 SUBNET = "10.77.0"  # /24, private, exists only inside the testbed's namespaces
 IFNAME = "eth0"  # each node's NIC, inside its namespace
 _RUN_IDS = itertools.count()
@@ -247,6 +249,11 @@ class Testbed:
             # collectives by tens of ms; a NIC fabric has no such stalls to emulate.
             _sh("ip", "-n", ns, "route", "replace", f"{SUBNET}.0/24", "dev", IFNAME, "proto", "kernel",
                 "scope", "link", "src", self.node_addr(i), "quickack", "1")
+            # Small GSO super-packets on the shaped link: 64 KB ones against HTB's 64 KB
+            # bucket stalled 2-4% of back-to-back collectives by 40-80 ms; 4 segments
+            # (~6 KB) removed every stall in 1000 all-to-alls for 4% of the median time.
+            for where, dev in ((ns, IFNAME), (sw, port)):
+                _sh("ip", "-n", where, "link", "set", dev, "gso_max_segs", str(GSO_MAX_SEGS))
             self._shape(ns, IFNAME)  # node upload
             self._shape(sw, port)  # node download
 
