@@ -213,7 +213,10 @@ def validate_inference(scenario: str, out: Path, testbed: str | None, nic: str |
         profile = str(calibrate(spec, out / "profile.yaml", model_shapes(m), timeout_s))
     elif not Path(profile).is_file():
         raise ConfigError("--profile", f"no such file {profile!r}")
-    profile = prepare_profile(profile, out)
+    # The largest dispatch per rank: a full batch's tokens, spread evenly, each sent top_k times.
+    widest = max(s.serving.batching.token_budget * s.top_k * s.model.d_model * s.model.dtype_bytes
+                 / s.cluster.world_size for s in map(resolve_inference, points))
+    profile = prepare_profile(profile, out, widest)
     resolved = resolved_scenario(scenario, profile, None, out / "scenario-resolved.yaml")
     setups = [resolve_inference(p) for p in load_scenarios(resolved)]
     preds = []

@@ -124,14 +124,19 @@ def write_compute_profile(results: list, out: str | Path) -> Path:
 CALIBRATION_COLLECTIVE_BYTES = "65536,262144,1048576,2097152,4194304"
 
 
-def refine_profile(profile: str | Path, out: Path) -> tuple[Path, float, float]:
+def refine_profile(profile: str | Path, out: Path, workload_bytes: float | None = None) -> tuple[Path, float, float]:
     """The profile with the inter-node link fitted to the calibration's own collectives
     (ping-pong fits one TCP flow; collectives add many concurrent flows, gloo's
     algorithms and its per-collective overhead), the alpha-beta way calibrate.py fits
-    links: bandwidth from the largest messages, latency from the smallest.
+    links: bandwidth from the largest messages the workload sends, latency from the
+    smallest.
 
-    - ``nic.efficiency``: geometric mean over the largest measured all-to-all and
-      allreduce of (simulated time at efficiency 1) / (measured time), capped at 1;
+    - ``nic.efficiency``: geometric mean over all-to-all and allreduce of (simulated time
+      at efficiency 1) / (measured time) at the smallest calibrated size that covers
+      ``workload_bytes`` (the scenario's largest collective per rank; the largest
+      calibrated size without it), capped at 1: a shaped TCP link's efficiency falls
+      with message size (4 MB all-to-alls reach ~0.65 of it, 1 MB ones ~0.8), so sizes
+      far above the workload's would bias every prediction;
     - per-hop ``latency`` of ``nic`` and ``nvlink``: least squares over the smallest
       measured all-to-all and allreduce (simulated time is affine in it), at least the
       ping-pong value.
@@ -159,7 +164,7 @@ def refine_profile(profile: str | Path, out: Path) -> tuple[Path, float, float]:
             d["nic"]["latency"] = d["nvlink"]["latency"] = lat
         return AloneTimes(cluster_from_dict(d, where=Path(out).stem))(kind, nbytes, group)
 
-    big = {k: max((r for r in rows if r["kind"] == k), key=lambda r: r["bytes"]) for k in kinds}
+    big = {k: _covering([r for r in rows if r["kind"] == k], workload_bytes) for k in kinds}
     ratios = [sim(k, big[k]["bytes"], 1.0, None) / big[k]["seconds"] for k in kinds]
     eff = min(1.0, math.exp(sum(map(math.log, ratios)) / len(ratios)))
     small = {k: min((r for r in rows if r["kind"] == k), key=lambda r: r["bytes"]) for k in kinds}
@@ -176,15 +181,34 @@ def refine_profile(profile: str | Path, out: Path) -> tuple[Path, float, float]:
     return atomic_write_text(out, yaml.safe_dump(data, sort_keys=False)), eff, lat
 
 
-def prepare_profile(profile: str | Path, out: Path) -> Path:
+def _covering(rows: list[dict], nbytes: float | None) -> dict:
+    """The row of the smallest size >= ``nbytes`` (the largest row if none is, or without ``nbytes``)."""
+    above = [r for r in rows if nbytes is not None and r["bytes"] >= nbytes]
+    return min(above, key=lambda r: r["bytes"]) if above else max(rows, key=lambda r: r["bytes"])
+
+
+def training_collective_bytes(setup: Any) -> float:
+    """The largest collective per rank a training scenario's policies issue: its
+    all-to-alls unpipelined with the fewest experts per device, and every policy's
+    gradient micro-ops (buckets, partitions)."""
+    from lina_sim.policies.registry import make_training_policy
+    from lina_sim.workload import build_training_graph, packing_candidates
+
+    k = packing_candidates(setup.model, setup.cluster.world_size)[0]
+    graph = build_training_graph(setup.model, setup.cluster, experts_per_device=k, pipeline_degree=1)
+    return max(m.nbytes for e in setup.policies for m in graph.micro_ops(make_training_policy(e.name, **e.params)))
+
+
+def prepare_profile(profile: str | Path, out: Path, workload_bytes: float | None = None) -> Path:
     """``out/profile-refined.yaml``: ``profile`` with links fitted to its collectives."""
     import shutil
 
     from runtime.calibrate import raw_path
 
     shutil.copyfile(raw_path(profile), raw_path(out / "profile-refined.yaml"))  # the raw data travels along
-    path, eff, lat = refine_profile(profile, out / "profile-refined.yaml")
-    print(f"validate: from the calibrated collectives: nic.efficiency {eff:.3f}, per-hop latency "
+    path, eff, lat = refine_profile(profile, out / "profile-refined.yaml", workload_bytes)
+    at = f" at the workload's sizes (<= {workload_bytes / 2**20:.2f} MiB per rank)" if workload_bytes else ""
+    print(f"validate: from the calibrated collectives{at}: nic.efficiency {eff:.3f}, per-hop latency "
           f"{lat * 1e6:.0f} us -> {path}")
     return path
 
@@ -439,7 +463,7 @@ def validate(scenario: str, out: Path, testbed: str | None = None, nic: str | No
         profile = str(calibrate(spec, out / "profile.yaml", model_shapes(first.model), timeout_s))
     elif not Path(profile).is_file():
         raise ConfigError("--profile", f"no such file {profile!r}")
-    profile = prepare_profile(profile, out)
+    profile = prepare_profile(profile, out, max(training_collective_bytes(resolve_training(p)) for p in points))
     base = resolved_scenario(scenario, profile, None, out / "scenario-resolved.yaml")
     extra = ["--steps", str(steps)] if steps else []
     # Compute calibration: every op, on the testbed's cores, without the network.

@@ -69,6 +69,27 @@ def test_refine_profile_fits_links_from_collectives(tmp_path):
     assert "fitted nic.efficiency" in yaml.safe_load(out.read_text())["source"]
 
 
+def test_link_efficiency_is_fitted_at_the_workloads_sizes(tmp_path):
+    from runtime.validate import _covering, training_collective_bytes
+
+    rows = [{"bytes": b} for b in (65536, 262144, 1048576, 4194304)]
+    assert _covering(rows, 200_000)["bytes"] == 262144 and _covering(rows, 262144)["bytes"] == 262144
+    assert _covering(rows, 9e9)["bytes"] == _covering(rows, None)["bytes"] == 4194304
+    src = tmp_path / "p.yaml"
+    shutil.copy(PROFILE, src)
+    shutil.copy(raw_path(PROFILE), raw_path(src))
+    _, eff_small, _ = refine_profile(src, tmp_path / "small.yaml", 262144)
+    _, eff_big, _ = refine_profile(src, tmp_path / "big.yaml")
+    assert 0.3 < eff_small <= 1.0 and 0.3 < eff_big <= 1.0 and eff_small != eff_big
+
+    from lina_sim.scenario import load_scenarios
+    from lina_sim.training import resolve_training
+
+    setup = resolve_training(load_scenarios(ROOT / "scenarios/testbed-training.yaml")[0])
+    # deepspeed's 1 MB buckets are the largest; a 256-token fp32 all-to-all is 0.5 MB per rank.
+    assert 0.9e6 < training_collective_bytes(setup) < 1.2e6
+
+
 def test_resolved_scenario_points_at_the_profile(tmp_path):
     out = resolved_scenario(ROOT / "scenarios/testbed-inference.yaml", PROFILE, tmp_path / "c.yaml", tmp_path / "s.yaml")
     d = yaml.safe_load(out.read_text())
