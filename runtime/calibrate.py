@@ -436,4 +436,8 @@ def finish(results: list, args: list[str]) -> int:
           f"inter-node {spec.nic.bandwidth / 1e6:.1f} MB/s, {spec.nic.latency * 1e6:.0f} us")
     print(f"  matmul {peak}; copy {spec.gpu.hbm_bandwidth / 1e9:.2f} GB/s; "
           f"per-op overhead {spec.compute.kernel_launch_s * 1e6:.1f} us")
+    if spec.host is not None:
+        delays = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in spec.host.step_delay_s.items())
+        print(f"  host: {spec.world_size} ranks share {spec.host.cores} cores; per collective step while "
+              f"compute oversubscribes them: {delays}")
     return 0
