@@ -57,7 +57,7 @@ def serve_policy(ctx: Any, setup: Any, entry: Any, shared: Any) -> dict:
 
     torch.manual_seed(setup.scenario.seed)
     spec, info, now = setup.model, ctx.info, ctx.now
-    r, N, d = info.rank, info.world_size, spec.d_model
+    r, d = info.rank, spec.d_model
     dev = info.device
     layers = [_Dense(spec).to(dev) for _ in range(shared.layers)]
     host = [[ExpertFFN(d, spec.d_ff) for _ in range(spec.experts)] for _ in range(shared.layers)]  # host memory
@@ -196,27 +196,19 @@ def finish(results: list, points: list, out: Path) -> int:
 def validate_inference(scenario: str, out: Path, testbed: str | None, nic: str | None, profile: str | None,
                        timeout_s: float, echo: bool):
     """Predicted (``run_inference``) against measured mean batch time per policy."""
-    from lina_sim.errors import ConfigError
     from lina_sim.scenario import load_scenarios
     from lina_sim.serving import resolve_inference, run_inference
     from lina_sim.timeline import atomic_write_text
     from runtime.launch import run_entry
-    from runtime.validate import (_testbed, calibrate, mark_rankings, model_shapes, prepare_profile, ranking_summary,
-                                  resolved_scenario)
+    from runtime.validate import _testbed, calibrated_profile, mark_rankings, ranking_summary, resolved_scenario
 
     points = load_scenarios(scenario)
     first = resolve_inference(points[0])
     spec = _testbed(testbed, nic, first.cluster)
-    out.mkdir(parents=True, exist_ok=True)
-    if profile is None:
-        m = first.model
-        profile = str(calibrate(spec, out / "profile.yaml", model_shapes(m), timeout_s))
-    elif not Path(profile).is_file():
-        raise ConfigError("--profile", f"no such file {profile!r}")
     # The largest dispatch per rank: a full batch's tokens, spread evenly, each sent top_k times.
     widest = max(s.serving.batching.token_budget * s.top_k * s.model.d_model * s.model.dtype_bytes
                  / s.cluster.world_size for s in map(resolve_inference, points))
-    profile = prepare_profile(profile, out, widest)
+    profile = calibrated_profile(spec, out, profile, first.model, timeout_s, widest)
     resolved = resolved_scenario(scenario, profile, None, out / "scenario-resolved.yaml")
     setups = [resolve_inference(p) for p in load_scenarios(resolved)]
     preds = []

@@ -181,6 +181,18 @@ def refine_profile(profile: str | Path, out: Path, workload_bytes: float | None 
     return atomic_write_text(out, yaml.safe_dump(data, sort_keys=False)), eff, lat
 
 
+def calibrated_profile(spec: Any, out: Path, profile: str | None, model: Any, timeout_s: float,
+                       workload_bytes: float) -> Path:
+    """Step 1 of a validation: calibrate the testbed ``spec`` for ``model`` (or reuse
+    ``profile``) and fit its links at the workload's sizes; ``out/profile-refined.yaml``."""
+    out.mkdir(parents=True, exist_ok=True)
+    if profile is None:
+        profile = str(calibrate(spec, out / "profile.yaml", model_shapes(model), timeout_s))
+    elif not Path(profile).is_file():
+        raise ConfigError("--profile", f"no such file {profile!r}")
+    return prepare_profile(profile, out, workload_bytes)
+
+
 def _covering(rows: list[dict], nbytes: float | None) -> dict:
     """The row of the smallest size >= ``nbytes`` (the largest row if none is, or without ``nbytes``)."""
     above = [r for r in rows if nbytes is not None and r["bytes"] >= nbytes]
@@ -361,8 +373,6 @@ def op_classes(tl: Any, ep_size: int) -> dict[str, float]:
     and backward compute, forward and backward all-to-all, allreduce (busy time, overlap
     included), and the step time; plus per all-to-all the mean arrival skew and
     transfer time."""
-    import pandas as pd
-
     d = tl.assign(dur=tl["end"] - tl["start"], phase=tl["op"].str.contains(".bwd.") | tl["op"].str.startswith("head.bwd"))
     ranks = max(1, d["rank"].nunique())
     pick = {"compute fwd": (d["kind"] == "compute") & ~d["phase"] & (d["op"] != "optimizer"),
@@ -458,12 +468,8 @@ def validate(scenario: str, out: Path, testbed: str | None = None, nic: str | No
         return validate_inference(scenario, out, testbed, nic, profile, timeout_s, echo)
     first = resolve_training(points[0])
     spec = _testbed(testbed, nic, first.cluster)
-    out.mkdir(parents=True, exist_ok=True)
-    if profile is None:
-        profile = str(calibrate(spec, out / "profile.yaml", model_shapes(first.model), timeout_s))
-    elif not Path(profile).is_file():
-        raise ConfigError("--profile", f"no such file {profile!r}")
-    profile = prepare_profile(profile, out, max(training_collective_bytes(resolve_training(p)) for p in points))
+    profile = calibrated_profile(spec, out, profile, first.model, timeout_s,
+                                 max(training_collective_bytes(resolve_training(p)) for p in points))
     base = resolved_scenario(scenario, profile, None, out / "scenario-resolved.yaml")
     extra = ["--steps", str(steps)] if steps else []
     # Compute calibration: every op, on the testbed's cores, without the network.
