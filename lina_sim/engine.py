@@ -29,7 +29,7 @@ import pandas as pd
 import simpy
 
 from lina_sim.collectives import CollectiveAlgos, Collectives
-from lina_sim.hardware import ClusterSpec, HostSpec
+from lina_sim.hardware import ClusterSpec
 from lina_sim.network import FluidNetwork
 from lina_sim.policies.base import MicroOp, RankScheduler, TrainingPolicy
 from lina_sim.processors import ProcessorPool
@@ -74,14 +74,6 @@ class StepResult:
     timeline: pd.DataFrame
     collectives: list[CollectiveRecord] = field(default_factory=list)
     launches: list[Launch] = field(default_factory=list)
-
-
-def host_delay(host: HostSpec, is_a2a: bool, n: int) -> float:
-    """Seconds a CPU collective of ``n`` ranks waits for its threads on ``host`` when it
-    is oversubscribed as at calibration: the per-step delay times the collective's steps
-    (one per peer for an all-to-all, ``2(n-1)`` for a ring allreduce)."""
-    kind, steps = ("all_to_all", n - 1) if is_a2a else ("allreduce", 2 * (n - 1))
-    return steps * host.step_delay_s.get(kind, 0.0)
 
 
 class _RankState:
@@ -176,16 +168,19 @@ class TrainingEngine:
 
         def run_collective(m: MicroOp, grp: tuple[int, ...]):
             start = env.now
-            since = (start, cores.excess_time()) if cores is not None else None
+            kind = "all_to_all" if m.is_a2a else "allreduce"
+            delay = host.collective_delay_s(kind, len(grp)) if cores is not None else 0.0
+            since = (start, cores.excess_time()) if delay > 0 else None
             if m.is_a2a:
                 yield a2a_coll.all_to_all(grp, m.nbytes, self.algos.all_to_all, tag=m.id)
             else:
                 yield ar_coll.allreduce(grp, m.nbytes, self.algos.allreduce, tag=m.id)
             if since is not None:
-                yield env.process(cores.busy_delay(host_delay(host, m.is_a2a, len(grp)), host.reference_excess, since))
+                owed = cores.owed(delay, host.reference_excess, since)
+                if owed > 0:
+                    yield env.process(cores.pay(owed, host.reference_excess))
             end = env.now
             records.append(CollectiveRecord(m, grp, start, end))
-            kind = "all_to_all" if m.is_a2a else "allreduce"
             for r in grp:
                 st = ranks[r]
                 tl.add(Event(r, m.stream, m.id, kind, start, end, m.layer, m.chunk, m.nbytes))

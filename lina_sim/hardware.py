@@ -82,6 +82,17 @@ class HostSpec:
     step_delay_s: Mapping[str, float] = field(default_factory=dict)
     reference_excess: float = 1.0
 
+    @staticmethod
+    def steps(kind: str, n: int) -> int:
+        """Steps a CPU collective of ``n`` ranks takes: one per peer for an all-to-all,
+        ``2(n-1)`` for a ring allreduce (what ``step_delay_s`` is per)."""
+        return n - 1 if kind == "all_to_all" else 2 * (n - 1)
+
+    def collective_delay_s(self, kind: str, n: int) -> float:
+        """Seconds a ``kind`` collective of ``n`` ranks waits for its threads when the host
+        is oversubscribed as at calibration."""
+        return self.steps(kind, n) * self.step_delay_s.get(kind, 0.0)
+
     def validate(self, where: str = "host") -> "HostSpec":
         _check_positive_int(f"{where}.cores", self.cores)
         for k, v in self.step_delay_s.items():

@@ -11,10 +11,10 @@ alone on a free core runs exactly as long as its one-core time.
 CPU collectives (gloo) need cores too, not for long but at once: each step of a
 collective waits for its thread to be scheduled, which costs little on an idle host and
 milliseconds per step when compute threads outnumber the cores (measured on a 2-core
-testbed with 4 ranks: about 5 ms per all-to-all peer, 11 ms per ring-allreduce step). :meth:`ProcessorPool.
-excess_time` integrates the oversubscription ``(running - cores) / cores`` so that a
-collective can be charged :meth:`ProcessorPool.busy_delay` for the part of its life the
-host spent oversubscribed.
+testbed with 4 ranks: about 5 ms per all-to-all peer, 11 ms per ring-allreduce step).
+:meth:`ProcessorPool.excess_time` integrates the oversubscription ``(running - cores) / cores`` so that a
+collective can be charged (:meth:`ProcessorPool.owed`, :meth:`ProcessorPool.pay`) for the
+part of its life the host spent oversubscribed.
 """
 
 from __future__ import annotations
@@ -46,10 +46,6 @@ class ProcessorPool:
         self._excess_time = 0.0  # integral of excess() over time (s)
         self._changed = env.event()  # fires (and is renewed) whenever a job starts or ends
 
-    @property
-    def running(self) -> int:
-        return len(self._jobs)
-
     def rate(self) -> float:
         """One-core seconds of work each running job gets per second now."""
         return min(1.0, self.cores / len(self._jobs)) if self._jobs else 1.0
@@ -74,26 +70,28 @@ class ProcessorPool:
         self._schedule()
         return ev
 
-    def busy_delay(self, delay_s: float, reference_excess: float, since: tuple[float, float]):
-        """A simpy process body: the extra time a collective that started at ``since`` =
-        (time, :meth:`excess_time` then) and whose transfer ends now waits for its
-        threads. ``delay_s`` is the delay measured at oversubscription
-        ``reference_excess`` for the whole collective; the collective owes it in
-        proportion to the mean oversubscription over its life, and pays it off at the
-        current oversubscription's pace, so the wait ends early once the host frees up."""
+    def owed(self, delay_s: float, reference_excess: float, since: tuple[float, float]) -> float:
+        """Seconds a collective that started at ``since`` = (time, :meth:`excess_time`
+        then) and whose transfer ends now still waits for its threads: ``delay_s``, the
+        whole collective's delay measured at oversubscription ``reference_excess``, in
+        proportion to the mean oversubscription over its life."""
         t0, x0 = since
         span = self.env.now - t0
         if delay_s <= 0 or span <= 0:
-            return
-        owed = delay_s * (self.excess_time() - x0) / span / reference_excess
-        while owed > 1e-12:
+            return 0.0
+        return delay_s * (self.excess_time() - x0) / span / reference_excess
+
+    def pay(self, owed_s: float, reference_excess: float):
+        """A simpy process body that waits off :meth:`owed` seconds at the current
+        oversubscription's pace (relative to ``reference_excess``), so the wait ends early
+        once the host frees up."""
+        while owed_s > 1e-12:
             pace = self.excess() / reference_excess
             if pace <= 0:
                 return
             t = self.env.now
-            changed = self._changed
-            yield self.env.timeout(owed / pace) | changed
-            owed -= (self.env.now - t) * pace
+            yield self.env.timeout(owed_s / pace) | self._changed
+            owed_s -= (self.env.now - t) * pace
 
     def _notify(self) -> None:
         ev, self._changed = self._changed, self.env.event()

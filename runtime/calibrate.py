@@ -37,6 +37,7 @@ import torch.distributed as dist
 import yaml
 
 from lina_sim.errors import ConfigError
+from lina_sim.hardware import COLLECTIVE_KINDS, HostSpec
 from lina_sim.timeline import atomic_write_text
 from runtime.dist import host_cores, host_id, one_core_each
 from runtime.ep_moe import TORCH_DTYPES
@@ -59,8 +60,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_op(fn: Callable[[], object], device: torch.device, reps: int = 3, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in seconds (device-synchronised around each call)."""
+def time_reps(fn: Callable[[], object], device: torch.device, reps: int = 3, warmup: int = 1) -> list[float]:
+    """Wall time of each of ``reps`` back-to-back calls of ``fn`` (s, device-synchronised
+    around each call), after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -70,7 +72,12 @@ def time_op(fn: Callable[[], object], device: torch.device, reps: int = 3, warmu
         fn()
         _sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
+
+
+def time_op(fn: Callable[[], object], device: torch.device, reps: int = 3, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in seconds (device-synchronised around each call)."""
+    return statistics.median(time_reps(fn, device, reps, warmup))
 
 
 def fit_alpha_beta(sizes: Sequence[float], times: Sequence[float]) -> tuple[float, float]:
@@ -190,14 +197,7 @@ def time_collectives(sizes: Sequence[int], device: torch.device) -> list[dict]:
         for kind, fn in (("all_to_all", lambda: dist.all_to_all_single(y, x)),
                          ("allreduce", lambda: dist.all_reduce(x))):
             dist.barrier()
-            fn()  # warm-up
-            times = []
-            for _ in range(_collective_reps(count * 4)):
-                _sync(device)
-                t = time.perf_counter()
-                fn()
-                _sync(device)
-                times.append(time.perf_counter() - t)
+            times = time_reps(fn, device, _collective_reps(count * 4))
             rows.append({"kind": kind, "bytes": count * 4, "seconds": statistics.fmean(times),
                          "seconds_median": statistics.median(times)})
     return rows
@@ -234,12 +234,12 @@ def time_collectives_busy(sizes: Sequence[int], device: torch.device, reps: int 
 
 
 def host_step_delays(alone: Sequence[dict], busy: Sequence[dict], world: int) -> dict[str, float]:
-    """Per kind: mean over sizes of (busy - alone mean time) / steps, never below 0, with
-    ``world - 1`` steps for an all-to-all (one per peer) and ``2(world - 1)`` for a ring
-    allreduce (:func:`lina_sim.engine.host_delay` charges the same steps)."""
+    """Per kind: mean over sizes of (busy - alone mean time) / steps, never below 0: one
+    step per peer for an all-to-all, ``2(world - 1)`` for a ring allreduce (``HostSpec.steps``, which the simulator charges)."""
     base = {(r["kind"], r["bytes"]): r["seconds"] for r in alone}
     out = {}
-    for kind, steps in (("all_to_all", world - 1), ("allreduce", 2 * (world - 1))):
+    for kind in COLLECTIVE_KINDS:
+        steps = HostSpec.steps(kind, world)
         extra = [r["seconds"] - base[(kind, r["bytes"])] for r in busy if r["kind"] == kind and (kind, r["bytes"]) in base]
         if extra and steps > 0:
             out[kind] = max(0.0, statistics.fmean(extra) / steps)

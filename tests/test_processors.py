@@ -64,7 +64,7 @@ def test_busy_delay_is_owed_in_proportion_and_ends_when_the_host_frees_up():
     def collective(name: str, transfer_s: float, delay_s: float):
         since = (env.now, pool.excess_time())
         yield env.timeout(transfer_s)
-        yield env.process(pool.busy_delay(delay_s, 1.0, since))
+        yield env.process(pool.pay(pool.owed(delay_s, 1.0, since), 1.0))
         ends[name] = env.now
 
     pool.run(1.0), pool.run(1.0)  # 2 jobs on 1 core: excess 1 until t = 2
