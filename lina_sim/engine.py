@@ -30,6 +30,8 @@ import simpy
 
 from lina_sim.collectives import CollectiveAlgos, Collectives
 from lina_sim.hardware import ClusterSpec
+from lina_sim.launch_plan import planned_micro_ops
+from lina_sim.microbench import AloneTimes
 from lina_sim.network import FluidNetwork
 from lina_sim.policies.base import MicroOp, RankScheduler, TrainingPolicy
 from lina_sim.processors import ProcessorPool
@@ -79,9 +81,9 @@ class StepResult:
 class _RankState:
     """One rank's scheduler, stream queues and completion events."""
 
-    def __init__(self, rank: int, policy: TrainingPolicy, env: simpy.Environment):
+    def __init__(self, rank: int, policy: TrainingPolicy, env: simpy.Environment, micro_ops: tuple[MicroOp, ...]):
         self.rank = rank
-        self.sched = RankScheduler(policy, validate=False)  # the policy tests check the contract
+        self.sched = RankScheduler(policy, validate=False, micro_ops=micro_ops)  # the policy tests check the contract
         self.queues: dict[str, deque[MicroOp]] = {"a2a": deque(), "allreduce": deque()}
         self.busy: dict[str, bool] = {"a2a": False, "allreduce": False}
         self.done: dict[int, simpy.Event] = {}
@@ -100,12 +102,13 @@ class _RankState:
 class TrainingEngine:
     """Simulates one training step of ``graph`` under ``policy`` on ``cluster``.
 
-    ``op_time(op) -> seconds`` is the compute model (roofline or measured profile).
+    ``op_time(op) -> seconds`` is the compute model (roofline or measured profile);
+    ``alone`` (collective times alone on the network) feeds a policy's launch plan.
     """
 
     def __init__(self, graph: Any, policy: TrainingPolicy, cluster: ClusterSpec,
                  op_time: Callable[[Any], float], algos: CollectiveAlgos = CollectiveAlgos(),
-                 topology: Topology | None = None, record_launches: bool = False):
+                 topology: Topology | None = None, record_launches: bool = False, alone: AloneTimes | None = None):
         self.record_launches = record_launches
         self.graph = graph
         self.policy = policy
@@ -113,6 +116,7 @@ class TrainingEngine:
         self.op_time = op_time
         self.algos = algos
         self.topology = topology or Topology(cluster)
+        self.alone = alone or AloneTimes(cluster, algos, self.topology)
         if graph.world_size != self.topology.world_size:
             raise ValueError(f"graph is for {graph.world_size} ranks, cluster has {self.topology.world_size}")
 
@@ -127,8 +131,8 @@ class TrainingEngine:
         n = g.world_size
         tl = Timeline()
         records: list[CollectiveRecord] = []
-        ranks = [_RankState(r, self.policy, env) for r in range(n)]
-        micro_ops = g.micro_ops(self.policy)
+        micro_ops = planned_micro_ops(g, self.policy, self.cluster, self.op_time, self.alone)
+        ranks = [_RankState(r, self.policy, env, micro_ops) for r in range(n)]
         a2a_mops = [m for m in micro_ops if m.is_a2a]
         grad_mops = sorted((m for m in micro_ops if not m.is_a2a), key=lambda m: (m.ready_after, m.communicator, m.seq))
         for st in ranks:

@@ -167,7 +167,8 @@ def run_policy(setup: TrainingSetup, entry: PolicyEntry, alone: AloneTimes | Non
     alone = alone or AloneTimes(cluster, setup.algos)
     policy, k, r = choose_shape(setup, entry, alone)
     graph = build_training_graph(model, cluster, experts_per_device=k, pipeline_degree=r)
-    res = TrainingEngine(graph, policy, cluster, setup.compute.op_time, setup.algos, alone.topology).run()
+    res = TrainingEngine(graph, policy, cluster, setup.compute.op_time, setup.algos, alone.topology,
+                         alone=alone).run()
     # Rank 0's backward all-to-alls; a one-rank group moves nothing, so it has no slowdown.
     bwd = [c for c in res.collectives if c.mop.is_a2a and c.mop.phase == "bwd" and c.group[0] == 0]
     base = [(c.duration, alone("all_to_all", c.mop.nbytes, c.group)) for c in bwd if len(c.group) > 1]

@@ -4,7 +4,8 @@ Per rank and policy (``rank_main``, the ``scenario`` mode of ``runtime.entry``):
 
 - the step graph is the simulator's (``build_training_graph`` with the packing and
   pipelining the policy picks from the same estimates as ``lina-sim run``), and the
-  collectives are its micro-ops: ``graph.micro_ops(policy)``;
+  collectives are its micro-ops with the policy's launch plan, computed by the same
+  function as the simulator's (``planned_micro_ops``), so every rank holds the same plan;
 - the model is :class:`runtime.ep_moe.EPTransformer` of the scenario's ``model:``;
 - a :class:`CommScheduler` thread owns the policy's :class:`RankScheduler` (the object
   the simulator's engine drives): the compute thread and the gradient hooks *submit*
@@ -108,8 +109,8 @@ class CommScheduler:
     their futures fire. ``busy_s`` is the thread's own time in submit/poll/complete.
     """
 
-    def __init__(self, policy: Any, now: Callable[[], float]):
-        self.policy, self.now = policy, now
+    def __init__(self, policy: Any, now: Callable[[], float], micro_ops: Sequence[MicroOp] = ()):
+        self.policy, self.now, self.micro_ops = policy, now, tuple(micro_ops)
         self._cv = threading.Condition()
         self._inbox: list[Item] = []
         self._finished: list[Item] = []
@@ -121,7 +122,7 @@ class CommScheduler:
 
     def new_step(self) -> None:
         """Fresh scheduler state: micro-op sequence numbers restart every step."""
-        self.sched = RankScheduler(self.policy)
+        self.sched = RankScheduler(self.policy, micro_ops=self.micro_ops)
         self.streams: dict[str, collections.deque[Item]] = {"a2a": collections.deque(), "allreduce": collections.deque()}
         self.items: dict[str, Item] = {}
         self.done_items: list[Item] = []
@@ -434,6 +435,7 @@ def batch(spec: Any, seed: int, rank: int, step: int) -> tuple[torch.Tensor, tor
 def train_policy(ctx: Any, setup: Any, entry: Any, steps: int, dispatch: str = "padded",
                  keep_grads: bool = False) -> dict:
     """Run ``steps`` training steps of one policy on this rank; return its records."""
+    from lina_sim.launch_plan import planned_micro_ops
     from lina_sim.microbench import AloneTimes
     from lina_sim.training import choose_shape
     from lina_sim.workload import build_training_graph
@@ -441,7 +443,8 @@ def train_policy(ctx: Any, setup: Any, entry: Any, steps: int, dispatch: str = "
 
     info = ctx.info
     # The very decision the simulator makes, so measured and predicted runs share k and r.
-    policy, k, r = choose_shape(setup, entry, AloneTimes(setup.cluster, setup.algos))
+    alone = AloneTimes(setup.cluster, setup.algos)
+    policy, k, r = choose_shape(setup, entry, alone)
     graph = build_training_graph(setup.model, setup.cluster, experts_per_device=k, pipeline_degree=r)
     ep_comm = graph.communicators["ep"]
     groups = comm_groups(ctx, graph)
@@ -450,14 +453,15 @@ def train_policy(ctx: Any, setup: Any, entry: Any, steps: int, dispatch: str = "
     model = EPTransformer(setup.model, lay, setup.scenario.seed).to(info.device, TORCH_DTYPES[setup.model.dtype])
     tensors = model.grad_tensors()
     t0 = time.perf_counter()
-    micro = graph.micro_ops(policy)  # policy.partition_gradients: once per run, as in Lina
+    # partition_gradients (and a policy's launch plan): once per run, as in Lina.
+    micro = planned_micro_ops(graph, policy, setup.cluster, setup.compute.op_time, alone)
     partition_s = time.perf_counter() - t0
     a2a_mops = {m.id: m for m in micro if m.is_a2a}
     ops = {o.name: o for o in graph.ops}
     experts = model.expert_params()
     expected = {p: (r if p in experts else 1) for p in model.parameters()}
     clock = Clock(ctx.now, info.device)
-    sched = CommScheduler(policy, ctx.now)
+    sched = CommScheduler(policy, ctx.now, micro)
     grads = GradSync(sched, tensors, [m for m in micro if not m.is_a2a], groups, expected)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=False)
     records: list[StepRecord] = []
@@ -669,7 +673,7 @@ def finish(results: list, args: list[str]) -> int:
         print("  scheduler per step: " + ", ".join(
             f"{r.policy} {r.sched_busy_frac * 100:.2f}% thread + {r.handoff_total_s / r.step_time_s * 100:.2f}% "
             f"hand-off (median {r.handoff_median_s * 1e3:.2f} ms)" for r in sub.itertuples())
-            + "; partitioning once per run: " + ", ".join(f"{r.policy} {r.partition_s * 1e3:.1f} ms"
+            + "; partitioning and launch plan once per run: " + ", ".join(f"{r.policy} {r.partition_s * 1e3:.1f} ms"
                                                           for r in sub.itertuples()))
         print()
     for (pi, label), tl in timelines.items():

@@ -58,9 +58,8 @@ def test_loss_and_gradients_are_the_same_under_every_policy(tmp_path):
 @needs_netns
 def test_testbed_run_of_deepspeed_and_lina(tmp_path, no_leftovers):  # noqa: F811
     """4 ranks on a 2-node testbed: both policies complete, results are written like
-    `lina-sim run`'s, and lina never starts an allreduce micro-op while an all-to-all is
-    running on the same rank, so an all-to-all overlaps at most the one micro-op already
-    in flight when it arrived (deepspeed does not care)."""
+    `lina-sim run`'s, and lina's allreduce micro-ops never overlap an all-to-all on the
+    same rank (deepspeed's buckets do)."""
     # packing off keeps lina's all-to-alls across the nodes (the tiny model would pack
     # all experts on every rank and make the all-to-all local).
     path = scenario(tmp_path, [{"name": "deepspeed", "bucket_mb": 0.01},
@@ -80,18 +79,15 @@ def test_testbed_run_of_deepspeed_and_lina(tmp_path, no_leftovers):  # noqa: F81
         assert (tl["end"] >= tl["start"]).all()
         assert (out / f"trace-{label}.json").exists()
     lina = pd.read_csv(out / "timeline-lina.csv")
-    assert (lina["kind"] == "allreduce").sum() > 8  # partitioned into many micro-ops
+    ar = lina[lina["kind"] == "allreduce"]
+    assert len(ar) > 8  # partitioned into many micro-ops
+    last_a2a = lina.loc[lina["kind"] == "all_to_all", "end"].max()
+    assert (ar["start"] < last_a2a).any(), "some micro-ops should run between all-to-alls"
     for rank, d in lina.groupby("rank"):
-        a2a = d[d["kind"] == "all_to_all"][["start", "end"]].to_numpy()
-        ar = d[d["kind"] == "allreduce"][["start", "end"]].to_numpy()
-        for s in ar[:, 0]:
-            inside = (a2a[:, 0] < s) & (s < a2a[:, 1])
-            assert not inside.any(), f"rank {rank}: allreduce launched at {s:.4f} inside an all-to-all"
-        # Preemption at micro-op boundaries: an all-to-all that arrives while a micro-op
-        # runs shares the links with that one micro-op only, never with a later one.
-        for a0, a1 in a2a:
-            overlapping = ar[(ar[:, 0] < a1) & (a0 < ar[:, 1])]
-            assert len(overlapping) <= 1 and (overlapping[:, 0] <= a0).all(), (rank, a0, overlapping)
+        a2a = d[d["kind"] == "all_to_all"][["start", "end", "op"]].to_numpy()
+        for s, e, op in d[d["kind"] == "allreduce"][["start", "end", "op"]].to_numpy():
+            hit = [x for a0, a1, x in a2a if a0 < e and s < a1]
+            assert not hit, f"rank {rank}: allreduce {op} [{s:.4f}, {e:.4f}) overlaps all-to-all {hit}"
 
 
 def test_world_size_mismatch_is_one_line_and_clean(tmp_path):

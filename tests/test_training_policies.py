@@ -4,7 +4,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lina_sim.compute import RooflineComputeModel
 from lina_sim.errors import ConfigError
+from lina_sim.hardware import load_preset
+from lina_sim.launch_plan import planned_micro_ops
+from lina_sim.microbench import AloneTimes
 from lina_sim.policies.base import (
     ALL_TO_ALL, ALLREDUCE, MB, GradRequest, MicroOp, RankScheduler, RankView, check_selection,
 )
@@ -29,6 +33,7 @@ def test_registry_and_defaults():
     ("deepspeed", {"bucket_mb": -1}, "policies.deepspeed.bucket_mb", "> 0"),
     ("tutel", {"pipeline_degree": 1.5}, "policies.tutel.pipeline_degree", ">= 1"),
     ("lina", {"hold": "never"}, "policies.lina.hold", "moe-block"),
+    ("lina", {"launch": "global"}, "policies.lina.launch", "planned, local"),
     ("lina", {"packing": "yes"}, "policies.lina.packing", "true"),
     ("lina-priority", {"micro_op_mb": 30}, "policies.lina-priority.micro_op_mb", "bucket_mb"),
 ])
@@ -130,8 +135,8 @@ def test_every_policy_keeps_communicator_order_and_is_deterministic(view, name):
 
 @settings(max_examples=300, deadline=None)
 @given(view=rank_views(), name=st.sampled_from(LINA_FAMILY), hold=st.sampled_from(("moe-block", "a2a")))
-def test_lina_never_launches_allreduce_while_an_a2a_is_pending_or_running(view, name, hold):
-    chosen = make_training_policy(name, hold=hold).select(view)
+def test_local_lina_never_launches_allreduce_while_an_a2a_is_pending_or_running(view, name, hold):
+    chosen = make_training_policy(name, hold=hold, launch="local").select(view)
     ar = [m for m in chosen if m.kind == ALLREDUCE]
     a2a_busy = any(m.kind == ALL_TO_ALL for m in view.pending + view.in_flight)
     if a2a_busy or any(m.kind == ALLREDUCE for m in view.in_flight) or (hold == "moe-block" and view.open_moe_blocks):
@@ -146,58 +151,70 @@ def test_deepspeed_launches_everything_at_once():
     g = MicroOp("g", ALLREDUCE, "dp", 0, 1.0)
     view = RankView(pending=(g,), in_flight=(a2a,))
     assert make_training_policy("deepspeed").select(view) == (g,)
-    assert make_training_policy("lina").select(view) == ()
+    assert make_training_policy("lina", launch="local").select(view) == ()
 
 
 # -- the scheduler driven by a random event loop over a real graph ------------------------------
-def drive(policy_name, seed):
+def drive(policy_name, seed, **params):
     """Run one rank's scheduler over the step with random completion times.
 
-    Returns the launch order per communicator; checks Lina's rule at every launch."""
-    policy = make_training_policy(policy_name)
-    g = build_training_graph(model_preset("transformer-xl-12"), 8, experts_per_device=2,
+    Returns the launch order per communicator; checks Lina's rule at every launch: a
+    local Lina launches no allreduce while an all-to-all is pending or running, a planned
+    one never has an allreduce and an all-to-all in flight together."""
+    policy = make_training_policy(policy_name, **params)
+    cluster = load_preset("paper-testbed", nodes=2)
+    g = build_training_graph(model_preset("transformer-xl-12"), cluster, experts_per_device=2,
                              pipeline_degree=policy.pipeline_degree)
     rng = random.Random(seed)
-    mops = g.micro_ops(policy)
+    mops = planned_micro_ops(g, policy, cluster, RooflineComputeModel.from_cluster(cluster).op_time, AloneTimes(cluster))
+    planned = any(m.gap >= 0 for m in mops)
     a2a_of = {m.op_id: m for m in mops if m.kind == ALL_TO_ALL}
     grads_after: dict[int, list[MicroOp]] = {}
     for m in mops:
         if m.kind == ALLREDUCE:
             grads_after.setdefault(m.ready_after, []).append(m)
-    sched = RankScheduler(policy)
+    sched = RankScheduler(policy, micro_ops=mops)
     launched: dict[str, list[int]] = {}
     in_flight: list[MicroOp] = []
+
+    def launch():
+        view = sched.view()
+        for m in sched.poll():
+            if policy_name in LINA_FAMILY and m.kind == ALLREDUCE and not planned:
+                assert not any(x.kind == ALL_TO_ALL for x in view.pending + view.in_flight)
+            launched.setdefault(m.communicator, []).append(m.seq)
+            in_flight.append(m)
+        if planned:
+            assert len({m.kind for m in in_flight}) <= 1, in_flight
+
     for op in g.ops:  # the compute stream in program order; a2a ops block until done
         if op.id in a2a_of:
             sched.submit(a2a_of[op.id])
         for m in rng.sample(grads_after.get(op.id, []), len(grads_after.get(op.id, []))):
             sched.submit(m)  # submitted in a shuffled order: the scheduler restores seq order
         while True:
-            view = sched.view()
-            for m in sched.poll():
-                if policy_name in LINA_FAMILY and m.kind == ALLREDUCE:
-                    assert not any(x.kind == ALL_TO_ALL for x in view.pending + view.in_flight)
-                launched.setdefault(m.communicator, []).append(m.seq)
-                in_flight.append(m)
-            must_finish = op.id in a2a_of and any(m.op_id == op.id for m in in_flight)
-            if not in_flight or (not must_finish and rng.random() < 0.5):
+            launch()
+            must_finish = op.id in a2a_of and not any(m.op_id == op.id for m in sched.view().pending)
+            must_finish = must_finish and any(m.op_id == op.id for m in in_flight)
+            held = op.id in a2a_of and any(m.op_id == op.id for m in sched.view().pending)
+            if not in_flight or (not (must_finish or held) and rng.random() < 0.5):
+                assert not held, f"{op.name} held with nothing in flight: a deadlock"
                 break
-            done = in_flight.pop(rng.randrange(len(in_flight)) if not must_finish else
-                                 next(i for i, m in enumerate(in_flight) if m.op_id == op.id))
-            sched.complete(done)
+            idx = rng.randrange(len(in_flight))
+            if must_finish:
+                idx = next(i for i, m in enumerate(in_flight) if m.op_id == op.id)
+            sched.complete(in_flight.pop(idx))
     while not sched.idle:
-        for m in sched.poll():
-            launched.setdefault(m.communicator, []).append(m.seq)
-            in_flight.append(m)
+        launch()
         sched.complete(in_flight.pop(0))
     return launched, mops
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_scheduler_launches_each_communicator_in_order_identically_on_all_ranks(name):
+@pytest.mark.parametrize("name,params", [(n, {}) for n in NAMES] + [("lina", {"launch": "local"})])
+def test_scheduler_launches_each_communicator_in_order_identically_on_all_ranks(name, params):
     orders = []
     for seed in range(3):  # three "ranks" with different timings
-        launched, mops = drive(name, seed)
+        launched, mops = drive(name, seed, **params)
         for comm, seqs in launched.items():
             assert seqs == list(range(sum(1 for m in mops if m.communicator == comm)))
         orders.append(launched)
@@ -221,7 +238,7 @@ def test_lina_hold_covers_the_backward_moe_block(hold, launches_in_ffn_gap):
     combine = MicroOp("L3.bwd.combine.c0", ALL_TO_ALL, "ep", 0, 1.0, layer=3, phase="bwd", role="combine")
     dispatch = MicroOp("L3.bwd.dispatch.c0", ALL_TO_ALL, "ep", 1, 1.0, layer=3, phase="bwd", role="dispatch")
     grad = MicroOp("dp.L4.attn_qkv", ALLREDUCE, "dp", 0, 1.0, layer=4)
-    s = RankScheduler(make_training_policy("lina", hold=hold))
+    s = RankScheduler(make_training_policy("lina", hold=hold, launch="local"))
     s.submit(combine)
     s.submit(grad)
     assert s.poll() == (combine,)          # the all-to-all goes first, the gradient waits

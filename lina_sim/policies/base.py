@@ -5,7 +5,9 @@ A training policy decides four things and nothing else:
 1. how each gradient allreduce request is partitioned into micro-ops
    (:meth:`TrainingPolicy.partition_gradients`);
 2. which pending micro-ops one rank launches now, given what is pending and in flight on
-   that rank (:meth:`TrainingPolicy.select`);
+   that rank (:meth:`TrainingPolicy.select`), optionally after planning, once per step
+   and identically on every rank, in which gap between all-to-alls each allreduce
+   micro-op may run (:meth:`TrainingPolicy.plan`, from a :class:`ProgramEstimate`);
 3. the all-to-all/FFN pipelining degree (:attr:`TrainingPolicy.pipeline_degree`);
 4. the number of experts per device (:meth:`TrainingPolicy.experts_per_device`).
 
@@ -67,6 +69,9 @@ class MicroOp:
       submitted when their graph op's dependencies are done.
     - ``pieces``: (tensor name, bytes) carried by an allreduce micro-op.
     - ``role``: ``dispatch`` / ``combine`` for all-to-alls, ``grad`` for allreduces.
+    - ``gap``: for a planned allreduce micro-op, the gap between all-to-alls it runs in:
+      it launches only after the all-to-alls with ``seq < gap`` have completed, and the
+      all-to-all with ``seq == gap`` waits until it has completed. -1: not planned.
     """
 
     id: str
@@ -82,6 +87,7 @@ class MicroOp:
     op_id: int = -1
     ready_after: int = -1
     pieces: tuple[tuple[str, float], ...] = ()
+    gap: int = -1
 
     @property
     def stream(self) -> str:
@@ -91,6 +97,41 @@ class MicroOp:
     @property
     def is_a2a(self) -> bool:
         return self.kind == ALL_TO_ALL
+
+
+NO_GAP = 2**62  # RankView.first_owed_gap when no planned micro-op is owed
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramEstimate:
+    """One rank's step as estimated before it runs, for planning launches (seconds from
+    the step's start, every rank alike: the program is SPMD).
+
+    - ``a2a_start_s[j]`` / ``a2a_end_s[j]``: when the all-to-all with ``seq == j`` would
+      start and end with no allreduce traffic (its dependencies done and the previous
+      all-to-all finished; its time alone on the network);
+    - ``op_end_s[op_id]``: when each compute op would end;
+    - ``min_gap[op_id]``: how many all-to-alls (in ``seq`` order) must complete before
+      that compute op can: its own dependencies and those of every compute op before it
+      in program order (one compute stream).
+    """
+
+    a2a_start_s: tuple[float, ...]
+    a2a_end_s: tuple[float, ...]
+    op_end_s: Mapping[int, float]
+    min_gap: Mapping[int, int]
+
+    @property
+    def gaps(self) -> int:
+        """Gap indices run 0 .. ``gaps - 1``; the last one has no all-to-all after it."""
+        return len(self.a2a_start_s) + 1
+
+    def gap_window(self, j: int) -> tuple[float, float]:
+        """[start, end) of gap ``j`` in s: from the end of all-to-all ``j - 1`` (0 for
+        the first) to the start of all-to-all ``j`` (infinite for the last)."""
+        start = self.a2a_end_s[j - 1] if j > 0 else 0.0
+        end = self.a2a_start_s[j] if j < len(self.a2a_start_s) else math.inf
+        return start, end
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +147,10 @@ class RankView:
     - ``pending_a2a`` / ``pending_allreduce``: ``pending`` split by kind, each in
       submission order (derived when not given; a scheduler passes them so that a
       policy need not scan a long queue of held-back gradients at every decision).
+    - ``a2a_done``: all-to-alls completed on this rank this step (they complete in
+      ``seq`` order: one stream).
+    - ``first_owed_gap``: the smallest ``gap`` of a planned allreduce micro-op not yet
+      completed on this rank (:data:`NO_GAP` when none is owed).
     """
 
     pending: tuple[MicroOp, ...] = ()
@@ -113,6 +158,8 @@ class RankView:
     open_moe_blocks: frozenset[int] = frozenset()
     pending_a2a: tuple[MicroOp, ...] | None = None
     pending_allreduce: tuple[MicroOp, ...] | None = None
+    a2a_done: int = 0
+    first_owed_gap: int = NO_GAP
 
     def __post_init__(self) -> None:
         if self.pending_a2a is None:
@@ -190,6 +237,13 @@ class TrainingPolicy:
     def select(self, view: RankView) -> tuple[MicroOp, ...]:
         """Which pending micro-ops to launch now (default: all of them, in order)."""
         return view.pending
+
+    def plan(self, micro_ops: Sequence[MicroOp], program: ProgramEstimate,
+             allreduce_s: Callable[[MicroOp], float]) -> tuple[MicroOp, ...]:
+        """The step's micro-ops with any launch plan set (``MicroOp.gap``), decided once
+        per step from estimates every rank computes alike: ``program`` and
+        ``allreduce_s(mop)``, an allreduce micro-op's time alone. Default: no plan."""
+        return tuple(micro_ops)
 
     def experts_per_device(self, candidates: Sequence[int],
                            estimates: Mapping[int, tuple[float, float]] | None = None) -> int:
@@ -340,9 +394,11 @@ class RankScheduler:
     every event on the rank to learn what to launch, and :meth:`complete` when a
     launched micro-op finishes. A micro-op submitted ahead of an earlier one of its
     communicator is held back until the gap is filled, so launches stay in ``seq`` order.
+    ``micro_ops`` (the step's, as planned by the policy) tells it which planned
+    allreduce micro-ops the step owes, before they are submitted.
     """
 
-    def __init__(self, policy: TrainingPolicy, validate: bool = True) -> None:
+    def __init__(self, policy: TrainingPolicy, validate: bool = True, micro_ops: Sequence[MicroOp] = ()) -> None:
         self.policy = policy
         self.validate = validate
         self._pending_a2a: list[MicroOp] = []
@@ -351,6 +407,12 @@ class RankScheduler:
         self._open: set[int] = set()
         self._next_seq: dict[str, int] = {}
         self._held: dict[str, dict[int, MicroOp]] = {}
+        self._a2a_done = 0
+        self._owed: dict[int, int] = {}
+        for m in micro_ops:
+            if m.gap >= 0 and not m.is_a2a:
+                self._owed[m.gap] = self._owed.get(m.gap, 0) + 1
+        self._first_owed = min(self._owed, default=NO_GAP)
 
     def submit(self, mop: MicroOp) -> None:
         comm = mop.communicator
@@ -365,7 +427,8 @@ class RankScheduler:
 
     def view(self) -> RankView:
         a2a, ar = tuple(self._pending_a2a), tuple(self._pending_ar)
-        return RankView(a2a + ar, tuple(self._in_flight.values()), frozenset(self._open), a2a, ar)
+        return RankView(a2a + ar, tuple(self._in_flight.values()), frozenset(self._open), a2a, ar,
+                        self._a2a_done, self._first_owed)
 
     def poll(self) -> tuple[MicroOp, ...]:
         """Ask the policy what to launch now; mark it in flight and return it in order."""
@@ -387,8 +450,18 @@ class RankScheduler:
 
     def complete(self, mop: MicroOp) -> None:
         del self._in_flight[mop.id]
-        if mop.is_a2a and mop.phase == "bwd" and mop.role == "dispatch" and mop.chunk == mop.chunks - 1:
-            self._open.discard(mop.layer)
+        if mop.is_a2a:
+            self._a2a_done += 1
+            if mop.phase == "bwd" and mop.role == "dispatch" and mop.chunk == mop.chunks - 1:
+                self._open.discard(mop.layer)
+        elif mop.gap >= 0:
+            left = self._owed[mop.gap] - 1
+            if left:
+                self._owed[mop.gap] = left
+            else:
+                del self._owed[mop.gap]
+                if mop.gap == self._first_owed:
+                    self._first_owed = min(self._owed, default=NO_GAP)
 
     @property
     def idle(self) -> bool:
