@@ -1,6 +1,7 @@
 """Run a scenario's training policies for real on torch.distributed, and time every op.
 
-Per rank and policy (``rank_main``, the ``scenario`` mode of ``runtime.entry``):
+Per rank and policy (``rank_main``, the ``scenario`` mode of ``runtime.entry``; the
+policies take turns step by step, see :func:`train_policies`):
 
 - the step graph is the simulator's (``build_training_graph`` with the packing and
   pipelining the policy picks from the same estimates as ``lina-sim run``), and the
@@ -128,6 +129,7 @@ class CommScheduler:
         self.done_items: list[Item] = []
         self.busy_s = 0.0
         self.handoff_s: list[float] = []
+        self._last_allreduce_end = -1.0
 
     # -- any thread -------------------------------------------------------------------
     def submit(self, mop: MicroOp, issue: Callable[[], Any], after: Callable[[], None] | None = None) -> Item:
@@ -181,6 +183,8 @@ class CommScheduler:
             except Exception as e:
                 it.error = e
             self.sched.complete(it.mop)
+            if not it.mop.is_a2a:
+                self._last_allreduce_end = max(self._last_allreduce_end, it.t_end)
             stream = self.streams[it.mop.stream]
             assert stream[0] is it
             stream.popleft()
@@ -199,8 +203,9 @@ class CommScheduler:
         now = self.now()
         for m in chosen:
             it = self.items[m.id]
-            if m.is_a2a:  # all-to-alls launch at once under every policy: pure hand-off
-                self.handoff_s.append(now - it.t_submit)
+            if m.is_a2a:  # the thread's reaction time: from when the policy let it go
+                # (submitted, or the planned micro-op it waited for completed) to launch
+                self.handoff_s.append(now - max(it.t_submit, self._last_allreduce_end))
             self.streams[m.stream].append(it)
         for stream in self.streams.values():
             self._issue_head(stream)
@@ -432,71 +437,100 @@ def batch(spec: Any, seed: int, rank: int, step: int) -> tuple[torch.Tensor, tor
     return t[:, :-1], t[:, 1:]
 
 
-def train_policy(ctx: Any, setup: Any, entry: Any, steps: int, dispatch: str = "padded",
-                 keep_grads: bool = False) -> dict:
-    """Run ``steps`` training steps of one policy on this rank; return its records."""
-    from lina_sim.launch_plan import planned_micro_ops
-    from lina_sim.microbench import AloneTimes
-    from lina_sim.training import choose_shape
-    from lina_sim.workload import build_training_graph
-    from runtime.ep_moe import TORCH_DTYPES, EPTransformer, Layout
+class PolicyRunner:
+    """One training policy on this rank: its model, scheduler thread and gradient hooks,
+    run one step at a time (:meth:`step`) so that policies can take turns."""
 
-    info = ctx.info
-    # The very decision the simulator makes, so measured and predicted runs share k and r.
-    alone = AloneTimes(setup.cluster, setup.algos)
-    policy, k, r = choose_shape(setup, entry, alone)
-    graph = build_training_graph(setup.model, setup.cluster, experts_per_device=k, pipeline_degree=r)
-    ep_comm = graph.communicators["ep"]
-    groups = comm_groups(ctx, graph)
-    ep_group = ep_comm.group_of(info.rank)
-    lay = Layout(k=k, ep_size=ep_comm.size, ep_rank=ep_group.index(info.rank), r=r, dispatch=dispatch)
-    model = EPTransformer(setup.model, lay, setup.scenario.seed).to(info.device, TORCH_DTYPES[setup.model.dtype])
-    tensors = model.grad_tensors()
-    t0 = time.perf_counter()
-    # partition_gradients (and a policy's launch plan): once per run, as in Lina.
-    micro = planned_micro_ops(graph, policy, setup.cluster, setup.compute.op_time, alone)
-    partition_s = time.perf_counter() - t0
-    a2a_mops = {m.id: m for m in micro if m.is_a2a}
-    ops = {o.name: o for o in graph.ops}
-    experts = model.expert_params()
-    expected = {p: (r if p in experts else 1) for p in model.parameters()}
-    clock = Clock(ctx.now, info.device)
-    sched = CommScheduler(policy, ctx.now, micro)
-    grads = GradSync(sched, tensors, [m for m in micro if not m.is_a2a], groups, expected)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=False)
-    records: list[StepRecord] = []
-    final_grads = None
+    def __init__(self, ctx: Any, setup: Any, entry: Any, dispatch: str = "padded", keep_grads: bool = False):
+        from lina_sim.launch_plan import planned_micro_ops
+        from lina_sim.microbench import AloneTimes
+        from lina_sim.training import choose_shape
+        from lina_sim.workload import build_training_graph
+        from runtime.ep_moe import TORCH_DTYPES, EPTransformer, Layout
+
+        self.ctx, self.setup, self.entry, self.keep_grads = ctx, setup, entry, keep_grads
+        info = ctx.info
+        # The very decisions the simulator makes, so measured and predicted runs share
+        # k, r and the launch plan.
+        alone = AloneTimes(setup.cluster, setup.algos)
+        policy, self.k, self.r = choose_shape(setup, entry, alone)
+        graph = build_training_graph(setup.model, setup.cluster, experts_per_device=self.k, pipeline_degree=self.r)
+        ep_comm = graph.communicators["ep"]
+        self.groups = comm_groups(ctx, graph)
+        ep_group = ep_comm.group_of(info.rank)
+        self.lay = Layout(k=self.k, ep_size=ep_comm.size, ep_rank=ep_group.index(info.rank), r=self.r,
+                          dispatch=dispatch)
+        self.model = EPTransformer(setup.model, self.lay, setup.scenario.seed).to(
+            info.device, TORCH_DTYPES[setup.model.dtype])
+        self.tensors = self.model.grad_tensors()
+        t0 = time.perf_counter()
+        # partition_gradients (and a policy's launch plan): once per run, as in Lina.
+        self.micro = planned_micro_ops(graph, policy, setup.cluster, setup.compute.op_time, alone)
+        self.partition_s = time.perf_counter() - t0
+        self.a2a_mops = {m.id: m for m in self.micro if m.is_a2a}
+        self.ops = {o.name: o for o in graph.ops}
+        experts = self.model.expert_params()
+        expected = {p: (self.r if p in experts else 1) for p in self.model.parameters()}
+        self.clock = Clock(ctx.now, info.device)
+        self.sched = CommScheduler(policy, ctx.now, self.micro)
+        self.grads = GradSync(self.sched, self.tensors, [m for m in self.micro if not m.is_a2a], self.groups, expected)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3, foreach=False)
+        self.records: list[StepRecord] = []
+        self.final_grads: dict[str, torch.Tensor] | None = None
+
+    def step(self, step: int) -> None:
+        """One training step (batch ``step``), recorded."""
+        ctx, info, sched = self.ctx, self.ctx.info, self.sched
+        tokens, targets = (x.to(info.device) for x in batch(self.setup.model, self.setup.scenario.seed, info.rank, step))
+        sched.new_step()
+        self.grads.reset()
+        ex = RankExchange(info.rank, sched, self.a2a_mops, self.groups["ep"], self.groups["meta"], self.clock, self.ops)
+        self.opt.zero_grad(set_to_none=True)
+        dist.barrier()
+        self.clock.start_step()
+        start = ctx.now()
+        loss = self.model.loss(tokens, targets, ex)
+        ex.mark("head.bwd")
+        (loss / info.world_size).backward()  # allreduce sums: the mean over ranks
+        ex.pause()
+        self.grads.wait_all()
+        if self.keep_grads and self.final_grads is None:
+            self.final_grads = {global_name(n, self.lay): torch.cat([p.grad.reshape(-1) for p in ps]).cpu()
+                                for n, ps in self.tensors.items()}
+        ex.mark("optimizer")
+        self.opt.step()
+        ex.pause()
+        events = ex.compute_events()
+        end = events[-1].end if events else ctx.now()
+        events += [Event(info.rank, it.mop.stream, it.mop.id, it.mop.kind, it.t_issue, it.t_end, it.mop.layer,
+                         it.mop.chunk, it.mop.nbytes) for it in sched.done_items]
+        self.records.append(StepRecord(start, end, events, float(loss.detach()), sched.busy_s, list(sched.handoff_s)))
+
+    def close(self) -> None:
+        self.sched.stop()
+        self.grads.remove()
+
+    def result(self) -> dict:
+        return {"label": self.entry.label, "name": self.entry.name, "k": self.k, "r": self.r, "records": self.records,
+                "grads": self.final_grads, "micro_ops": len(self.micro), "partition_s": self.partition_s}
+
+
+def train_policies(ctx: Any, setup: Any, entries: Sequence[Any], steps: int, dispatch: str = "padded",
+                   keep_grads: bool = False) -> list[dict]:
+    """Run ``steps`` training steps of every policy on this rank, interleaved (step i of
+    every policy, then step i + 1), so that a slow drift of the host or the network
+    during the run falls on every policy alike instead of on whichever ran then."""
+    runners: list[PolicyRunner] = []
     try:
+        for e in entries:
+            runners.append(PolicyRunner(ctx, setup, e, dispatch, keep_grads))
         for step in range(steps):
-            tokens, targets = (x.to(info.device) for x in batch(setup.model, setup.scenario.seed, info.rank, step))
-            sched.new_step()
-            grads.reset()
-            ex = RankExchange(info.rank, sched, a2a_mops, groups["ep"], groups["meta"], clock, ops)
-            opt.zero_grad(set_to_none=True)
-            dist.barrier()
-            clock.start_step()
-            start = ctx.now()
-            loss = model.loss(tokens, targets, ex)
-            ex.mark("head.bwd")
-            (loss / info.world_size).backward()  # allreduce sums: the mean over ranks
-            ex.pause()
-            grads.wait_all()
-            if keep_grads and step == 0:
-                final_grads = {global_name(n, lay): torch.cat([p.grad.reshape(-1) for p in ps]).cpu()
-                               for n, ps in tensors.items()}
-            ex.mark("optimizer")
-            opt.step()
-            ex.pause()
-            events = ex.compute_events()
-            end = events[-1].end if events else ctx.now()
-            events += [Event(info.rank, it.mop.stream, it.mop.id, it.mop.kind, it.t_issue, it.t_end, it.mop.layer,
-                             it.mop.chunk, it.mop.nbytes) for it in sched.done_items]
-            records.append(StepRecord(start, end, events, float(loss.detach()), sched.busy_s, list(sched.handoff_s)))
+            for runner in runners:
+                runner.step(step)
     finally:
-        sched.stop()
-        grads.remove()
-    return {"label": entry.label, "name": entry.name, "k": k, "r": r, "records": records,
-            "grads": final_grads, "micro_ops": len(micro), "partition_s": partition_s}
+        for runner in runners:
+            runner.close()
+    return [runner.result() for runner in runners]
 
 
 # ---------------------------------------------------------------------------------------
@@ -569,7 +603,7 @@ def rank_main(ctx: Any) -> dict:
     out = []
     for setup in setups:
         steps = (a.steps or setup.steps) + a.warmup
-        runs = [train_policy(ctx, setup, e, steps, a.dispatch, a.keep_grads) for e in select_policies(setup, a.policies)]
+        runs = train_policies(ctx, setup, select_policies(setup, a.policies), steps, a.dispatch, a.keep_grads)
         out.append({"runs": runs, "warmup": a.warmup})
     return {"kind": "training", "points": out}
 
