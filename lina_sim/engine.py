@@ -33,7 +33,7 @@ from lina_sim.hardware import ClusterSpec
 from lina_sim.launch_plan import planned_micro_ops
 from lina_sim.microbench import AloneTimes
 from lina_sim.network import FluidNetwork
-from lina_sim.policies.base import MicroOp, RankScheduler, TrainingPolicy
+from lina_sim.policies.base import MicroOp, RankScheduler, TrainingPolicy, owed_per_gap, submission_order
 from lina_sim.processors import ProcessorPool
 from lina_sim.timeline import Event, Timeline
 from lina_sim.topology import Topology
@@ -81,9 +81,9 @@ class StepResult:
 class _RankState:
     """One rank's scheduler, stream queues and completion events."""
 
-    def __init__(self, rank: int, policy: TrainingPolicy, env: simpy.Environment, micro_ops: tuple[MicroOp, ...]):
+    def __init__(self, rank: int, policy: TrainingPolicy, env: simpy.Environment, owed: dict[int, int]):
         self.rank = rank
-        self.sched = RankScheduler(policy, validate=False, micro_ops=micro_ops)  # the policy tests check the contract
+        self.sched = RankScheduler(policy, validate=False, owed=owed)  # the policy tests check the contract
         self.queues: dict[str, deque[MicroOp]] = {"a2a": deque(), "allreduce": deque()}
         self.busy: dict[str, bool] = {"a2a": False, "allreduce": False}
         self.done: dict[int, simpy.Event] = {}
@@ -132,9 +132,10 @@ class TrainingEngine:
         tl = Timeline()
         records: list[CollectiveRecord] = []
         micro_ops = planned_micro_ops(g, self.policy, self.cluster, self.op_time, self.alone)
-        ranks = [_RankState(r, self.policy, env, micro_ops) for r in range(n)]
+        owed = owed_per_gap(micro_ops)
+        ranks = [_RankState(r, self.policy, env, owed) for r in range(n)]
         a2a_mops = [m for m in micro_ops if m.is_a2a]
-        grad_mops = sorted((m for m in micro_ops if not m.is_a2a), key=lambda m: (m.ready_after, m.communicator, m.seq))
+        grad_mops = submission_order(micro_ops)
         for st in ranks:
             st.grads_left = len(grad_mops)
             if not grad_mops:

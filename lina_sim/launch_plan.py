@@ -59,8 +59,8 @@ def planned_micro_ops(graph: Any, policy: TrainingPolicy, cluster: Any, op_time:
     ``ranks / cores`` times slower.
     """
     micro = graph.micro_ops(policy)
-    if type(policy).plan is TrainingPolicy.plan:
-        return micro  # nothing to plan: skip the estimate
+    if not policy.plans_launches:
+        return micro
     comms = graph.communicators
     scale = max(1.0, graph.world_size / cluster.host.cores) if cluster.shares_cores else 1.0
 

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from lina_sim.errors import ConfigError, LinaSimError
-from lina_sim.policies.base import MicroOp, RankScheduler
+from lina_sim.policies.base import MicroOp, RankScheduler, owed_per_gap, submission_order
 from lina_sim.timeline import Event
 
 WAIT_TIMEOUT_S = 120.0  # one collective; a dead peer surfaces as gloo's own error first
@@ -111,7 +111,7 @@ class CommScheduler:
     """
 
     def __init__(self, policy: Any, now: Callable[[], float], micro_ops: Sequence[MicroOp] = ()):
-        self.policy, self.now, self.micro_ops = policy, now, tuple(micro_ops)
+        self.policy, self.now, self.owed = policy, now, owed_per_gap(micro_ops)
         self._cv = threading.Condition()
         self._inbox: list[Item] = []
         self._finished: list[Item] = []
@@ -123,7 +123,7 @@ class CommScheduler:
 
     def new_step(self) -> None:
         """Fresh scheduler state: micro-op sequence numbers restart every step."""
-        self.sched = RankScheduler(self.policy, micro_ops=self.micro_ops)
+        self.sched = RankScheduler(self.policy, owed=self.owed)
         self.streams: dict[str, collections.deque[Item]] = {"a2a": collections.deque(), "allreduce": collections.deque()}
         self.items: dict[str, Item] = {}
         self.done_items: list[Item] = []
@@ -300,7 +300,7 @@ class GradSync:
     def __init__(self, sched: CommScheduler, tensors: dict[str, list[torch.nn.Parameter]], mops: Sequence[MicroOp],
                  groups: dict[str, Any], expected: dict[torch.nn.Parameter, int]):
         self.sched, self.tensors, self.groups, self.expected = sched, tensors, groups, expected
-        self.mops = sorted(mops, key=lambda m: (m.ready_after, m.communicator, m.seq))
+        self.mops = submission_order(mops)
         self.hooks = []
         users: dict[torch.nn.Parameter, list[int]] = collections.defaultdict(list)
         self._need = []

@@ -6,7 +6,7 @@ from lina_sim.compute import RooflineComputeModel
 from lina_sim.hardware import load_preset
 from lina_sim.launch_plan import estimate_program, planned_micro_ops
 from lina_sim.microbench import AloneTimes
-from lina_sim.policies.base import ALL_TO_ALL, ALLREDUCE, MicroOp, ProgramEstimate, RankScheduler
+from lina_sim.policies.base import ALL_TO_ALL, ALLREDUCE, MicroOp, ProgramEstimate, RankScheduler, owed_per_gap
 from lina_sim.policies.registry import make_training_policy
 from lina_sim.workload import build_training_graph, model_from_dict
 
@@ -51,7 +51,7 @@ def test_planned_scheduler_holds_an_all_to_all_behind_the_micro_ops_planned_befo
     a0 = MicroOp("a0", ALL_TO_ALL, "ep", 0, 1.0, role="combine", phase="bwd")
     a1 = MicroOp("a1", ALL_TO_ALL, "ep", 1, 1.0, role="dispatch", phase="bwd")
     g = MicroOp("g", ALLREDUCE, "dp", 0, 1.0, ready_after=5, gap=1)
-    s = RankScheduler(make_training_policy("lina"), micro_ops=(a0, a1, g))
+    s = RankScheduler(make_training_policy("lina"), owed=owed_per_gap((a0, a1, g)))
     s.submit(g)
     assert s.poll() == ()                 # its gap opens only once a0 has completed
     s.submit(a0)

@@ -10,7 +10,7 @@ from lina_sim.hardware import load_preset
 from lina_sim.launch_plan import planned_micro_ops
 from lina_sim.microbench import AloneTimes
 from lina_sim.policies.base import (
-    ALL_TO_ALL, ALLREDUCE, MB, GradRequest, MicroOp, RankScheduler, RankView, check_selection,
+    ALL_TO_ALL, ALLREDUCE, MB, GradRequest, MicroOp, RankScheduler, RankView, check_selection, owed_per_gap,
 )
 from lina_sim.policies.registry import TRAINING_POLICIES, make_training_policy, training_policy_class
 from lina_sim.workload import build_training_graph, model_preset
@@ -173,7 +173,7 @@ def drive(policy_name, seed, **params):
     for m in mops:
         if m.kind == ALLREDUCE:
             grads_after.setdefault(m.ready_after, []).append(m)
-    sched = RankScheduler(policy, micro_ops=mops)
+    sched = RankScheduler(policy, owed=owed_per_gap(mops))
     launched: dict[str, list[int]] = {}
     in_flight: list[MicroOp] = []
 

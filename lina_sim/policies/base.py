@@ -188,12 +188,15 @@ class TrainingPolicy:
     - ``pipeline_degree`` (int): chunks r of each dispatch all-to-all / expert FFN /
       combine all-to-all, along tokens;
     - ``isolated_allreduce`` (bool): if True, allreduce traffic never shares bandwidth
-      with all-to-all traffic (only the ``no-contention`` lower bound sets it).
+      with all-to-all traffic (only the ``no-contention`` lower bound sets it);
+    - ``plans_launches`` (bool): whether :meth:`plan` plans anything (else the caller
+      skips estimating the program).
     """
 
     PARAMS: ClassVar[dict[str, Param]] = {}
     pipeline_degree: int = 1
     isolated_allreduce: bool = False
+    plans_launches: bool = False  # True: :meth:`plan` sets MicroOp.gap, so callers estimate the program
 
     def __init__(self, name: str, **params: Any) -> None:
         self.name = name
@@ -276,6 +279,22 @@ def _coerce(field_path: str, value: Any, spec: Param) -> Any:
     return value
 
 
+def submission_order(micro_ops: Iterable[MicroOp]) -> tuple[MicroOp, ...]:
+    """The allreduce micro-ops in the order every rank submits them: by the compute op
+    that makes them ready, then communicator, then ``seq``."""
+    return tuple(sorted((m for m in micro_ops if not m.is_a2a), key=lambda m: (m.ready_after, m.communicator, m.seq)))
+
+
+def owed_per_gap(micro_ops: Iterable[MicroOp]) -> dict[int, int]:
+    """Planned allreduce micro-ops per gap (``MicroOp.gap``): what a step owes each gap,
+    the same on every rank (computed once per step, handed to each RankScheduler)."""
+    owed: dict[int, int] = {}
+    for m in micro_ops:
+        if m.gap >= 0 and not m.is_a2a:
+            owed[m.gap] = owed.get(m.gap, 0) + 1
+    return owed
+
+
 # -- partitioning: shared by every policy ----------------------------------------------
 def _ready_sorted(requests: Iterable[GradRequest]) -> list[GradRequest]:
     # The order gradients become ready; ties keep the backward's production order.
@@ -320,7 +339,7 @@ def cut_requests(requests: Sequence[GradRequest], chunk_bytes: float, fuse_below
                  f"{comm}.{r.name}" + (f".p{i}" if n > 1 else ""))
     for comm in list(small):
         flush(comm)
-    return tuple(sorted(out, key=lambda m: (m.ready_after, m.communicator, m.seq)))
+    return submission_order(out)
 
 
 def bucket_requests(requests: Sequence[GradRequest], cap_bytes: float) -> tuple[MicroOp, ...]:
@@ -350,7 +369,7 @@ def bucket_requests(requests: Sequence[GradRequest], cap_bytes: float) -> tuple[
     for comm in list(open_):
         close(comm)
     # Interleave communicators by readiness so the list reads in submission order.
-    return tuple(sorted(out, key=lambda m: (m.ready_after, m.communicator, m.seq)))
+    return submission_order(out)
 
 
 # -- launch-rule helpers -----------------------------------------------------------------
@@ -394,11 +413,11 @@ class RankScheduler:
     every event on the rank to learn what to launch, and :meth:`complete` when a
     launched micro-op finishes. A micro-op submitted ahead of an earlier one of its
     communicator is held back until the gap is filled, so launches stay in ``seq`` order.
-    ``micro_ops`` (the step's, as planned by the policy) tells it which planned
-    allreduce micro-ops the step owes, before they are submitted.
+    ``owed`` (:func:`owed_per_gap` of the step's planned micro-ops) tells it what the
+    step owes each gap before those micro-ops are submitted.
     """
 
-    def __init__(self, policy: TrainingPolicy, validate: bool = True, micro_ops: Sequence[MicroOp] = ()) -> None:
+    def __init__(self, policy: TrainingPolicy, validate: bool = True, owed: Mapping[int, int] | None = None) -> None:
         self.policy = policy
         self.validate = validate
         self._pending_a2a: list[MicroOp] = []
@@ -408,10 +427,7 @@ class RankScheduler:
         self._next_seq: dict[str, int] = {}
         self._held: dict[str, dict[int, MicroOp]] = {}
         self._a2a_done = 0
-        self._owed: dict[int, int] = {}
-        for m in micro_ops:
-            if m.gap >= 0 and not m.is_a2a:
-                self._owed[m.gap] = self._owed.get(m.gap, 0) + 1
+        self._owed = dict(owed or {})
         self._first_owed = min(self._owed, default=NO_GAP)
 
     def submit(self, mop: MicroOp) -> None:

@@ -40,7 +40,7 @@ from typing import Callable, ClassVar, Mapping, Sequence
 
 from lina_sim.policies.base import (
     ALL_TO_ALL, MB, GradRequest, MicroOp, Param, ProgramEstimate, RankView, TrainingPolicy, bucket_requests,
-    cut_requests,
+    cut_requests, submission_order,
 )
 
 HOLDS = ("moe-block", "a2a")
@@ -70,6 +70,10 @@ class LinaPolicy(TrainingPolicy):
     hold: str
     launch: str
 
+    @property
+    def plans_launches(self) -> bool:
+        return self.launch == "planned"
+
     # How gradients are cut; the ablations override only this.
     def partition_gradients(self, requests: Sequence[GradRequest]) -> tuple[MicroOp, ...]:
         return cut_requests(requests, self.micro_op_mb * MB, self.fuse_below_mb * MB)
@@ -83,7 +87,7 @@ class LinaPolicy(TrainingPolicy):
         return self.hold == "moe-block" and bool(view.open_moe_blocks)
 
     def select(self, view: RankView) -> tuple[MicroOp, ...]:
-        if self.launch == "planned":
+        if self.plans_launches:
             return self._select_planned(view)
         # All-to-alls always launch at once, in order: they are on the critical path.
         a2a = view.pending_a2a
@@ -113,9 +117,9 @@ class LinaPolicy(TrainingPolicy):
              allreduce_s: Callable[[MicroOp], float]) -> tuple[MicroOp, ...]:
         """With ``launch = "planned"``: every allreduce micro-op's gap (see the module
         docstring), first fit in submission order on one allreduce stream."""
-        if self.launch != "planned":
+        if not self.plans_launches:
             return tuple(micro_ops)
-        grads = sorted((m for m in micro_ops if not m.is_a2a), key=lambda m: (m.ready_after, m.communicator, m.seq))
+        grads = submission_order(micro_ops)
         last = program.gaps - 1
         gap, free = 0, 0.0  # the current gap and when the allreduce stream frees up (s)
         gaps: dict[str, int] = {}
