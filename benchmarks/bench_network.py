@@ -25,8 +25,8 @@ def one(gpus: int, pipelined: bool) -> dict:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     t0 = time.perf_counter()
-    from lina_sim.hardware import load_preset
-    from lina_sim.microbench import SimCluster
+    from lina_sim.hardware.spec import load_preset
+    from lina_sim.network.alone import SimCluster
 
     t_import = time.perf_counter()
     cluster = load_preset("dgx-a100", nodes=gpus // 8)

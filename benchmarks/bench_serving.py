@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from lina_sim.scenario import Scenario, load_yaml
-from lina_sim.serving import resolve_inference, serve_policies
-from lina_sim.serving_network import AllToAllTimer
+from lina_sim.config.scenario import Scenario, load_yaml
+from lina_sim.serving.server import resolve_inference, serve_policies
+from lina_sim.network.serving_a2a import AllToAllTimer
 
 SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "paper-inference.yaml"
 
@@ -38,10 +38,10 @@ def setup_for(requests: int, synthetic: bool, tmp: Path):
     root = SCENARIO.parents[1]
     traces = [str(root / p) for p in data["serving"]["trace"] if (root / p).exists()]
     if synthetic or not traces:
-        from lina_sim.trace_gen import TraceGenerator
+        from lina_sim.routing.generator import RoutingTraceGenerator
 
         path = tmp / "synthetic16.npz"
-        TraceGenerator.synthetic(16, 12, top_k=1, zipf_s=1.0, affinity=0.6, seq_len=128, seed=0) \
+        RoutingTraceGenerator.synthetic(16, 12, top_k=1, zipf_s=1.0, affinity=0.6, seq_len=128, seed=0) \
             .generate(100_000, seed=0).save(path)
         traces = [str(path)]
     data["serving"]["trace"] = traces

@@ -14,8 +14,8 @@ import argparse
 import os
 import time
 
-from lina_sim.scenario import expand
-from lina_sim.sweep import LocalBackend, plan_points, run_sweep
+from lina_sim.config.scenario import expand
+from lina_sim.experiments.sweep import LocalBackend, plan_points, run_sweep
 
 NIC = [6.25e9, 8e9, 10e9, 12.5e9, 15e9, 20e9, 25e9, 30e9, 40e9, 50e9]  # bytes/s
 MICRO_OP_MB = [10, 30, 100, 200]

@@ -13,8 +13,8 @@ import argparse
 import os
 import time
 
-from lina_sim.scenario import expand
-from lina_sim.training import resolve_training, run_policy, AloneTimes
+from lina_sim.config.scenario import expand
+from lina_sim.training.run import resolve_training, run_policy, AloneTimes
 
 POLICIES = ["deepspeed", "tutel", "lina-priority", "lina-partition", "lina", "no-contention"]
 

@@ -93,9 +93,9 @@ def beside_table(reps: int) -> dict[tuple, float]:
 
 def simulated(profile: str, chunks: int, beside: bool) -> float:
     """The simulator's time for the same all-to-all (s)."""
-    from lina_sim.collectives import CollectiveAlgos
-    from lina_sim.hardware import load_preset
-    from lina_sim.microbench import SimCluster
+    from lina_sim.network.collectives import CollectiveAlgos
+    from lina_sim.hardware.spec import load_preset
+    from lina_sim.network.alone import SimCluster
 
     cluster = load_preset(profile)
     algos = CollectiveAlgos()

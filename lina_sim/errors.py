@@ -32,7 +32,7 @@ class ConfigError(LinaSimError, ValueError):
         return self.message
 
 
-class TraceError(LinaSimError, ValueError):
+class RoutingTraceError(LinaSimError, ValueError):
     """A malformed or mismatched expert-selection trace.
 
     ``source`` names the file (or ``<memory>`` for an in-memory trace) and ``problem``

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lina_sim.trace_stats import TraceStats  # noqa: E402
+from lina_sim.routing.stats import RoutingStats  # noqa: E402
 
 
 def heatmap_pairs(num_pairs: int, want: int = 4) -> list[int]:
@@ -21,7 +21,7 @@ def heatmap_pairs(num_pairs: int, want: int = 4) -> list[int]:
     return sorted({int(round(i * (num_pairs - 1) / (want - 1))) for i in range(want)})
 
 
-def plot_trace_stats(stats: TraceStats, path: str | Path, pairs: Sequence[int] | None = None) -> Path:
+def plot_trace_stats(stats: RoutingStats, path: str | Path, pairs: Sequence[int] | None = None) -> Path:
     """Skew per layer (busiest/uniform and CV, bars) above P(l+1 | l) heatmaps; writes PNG."""
     path = Path(path)
     pairs = list(pairs) if pairs is not None else heatmap_pairs(stats.transitions.shape[0])

@@ -15,7 +15,7 @@ Run in every rank (``lina-run calibrate --out profile.yaml [--testbed 2x2 --nic 
   collective step while compute oversubscribes them (collectives timed again with every
   rank computing).
 
-Rank 0 writes ``profile.yaml`` in the preset schema (``lina_sim.hardware.load_preset``
+Rank 0 writes ``profile.yaml`` in the preset schema (``lina_sim.hardware.spec.load_preset``
 loads it) and the raw measurements to the sibling ``profile.raw.yaml``, both atomically.
 """
 
@@ -37,8 +37,8 @@ import torch.distributed as dist
 import yaml
 
 from lina_sim.errors import ConfigError
-from lina_sim.hardware import COLLECTIVE_KINDS, HostSpec
-from lina_sim.timeline import atomic_write_text
+from lina_sim.hardware.spec import COLLECTIVE_KINDS, HostSpec
+from lina_sim.results.files import atomic_write_text
 from runtime.dist import host_cores, host_id, one_core_each
 from runtime.ep_moe import TORCH_DTYPES
 
@@ -336,7 +336,7 @@ def _memory_bytes(device: torch.device, ranks_per_node: int) -> float:
 
 
 def build_profile(raw: dict, info, note: str = "") -> dict:
-    """A preset-schema mapping from raw measurements (see ``lina_sim/presets/*.yaml``)."""
+    """A preset-schema mapping from raw measurements (see ``lina_sim/config/presets/*.yaml``)."""
     world, lw = raw["world_size"], raw["ranks_per_node"]
     nodes = world // lw
     per_rank = raw["compute_per_rank"]
@@ -416,7 +416,7 @@ def _plain(x):
 
 def write_profile(out: str | os.PathLike, profile: dict, raw: dict) -> Path:
     """Write the raw sibling, then the profile, each atomically; check the simulator loads it."""
-    from lina_sim.hardware import cluster_from_dict
+    from lina_sim.hardware.spec import cluster_from_dict
 
     cluster_from_dict(_plain(profile), where=str(out))  # never write a profile lina-sim rejects
     atomic_write_text(raw_path(out), yaml.safe_dump(_plain(raw), sort_keys=False))
@@ -426,7 +426,7 @@ def write_profile(out: str | os.PathLike, profile: dict, raw: dict) -> Path:
 
 def finish(results: list, args: list[str]) -> int:
     """Launcher side: load the written profile the way the simulator will, and summarise."""
-    from lina_sim.hardware import load_preset
+    from lina_sim.hardware.spec import load_preset
 
     out = rank_args(args).out
     spec = load_preset(out)

@@ -7,7 +7,7 @@ destroys the process groups. Errors print one line and exit 2 (user errors) or 1
 
 ``ENTRIES`` is the hook for new run modes: a name maps to ``(rank_fn, finish_fn)``, both
 ``"module:function"``. ``rank_fn(ctx: RankContext)`` runs in every rank and returns
-something picklable (e.g. a list of :class:`lina_sim.timeline.Event`);
+something picklable (e.g. a list of :class:`lina_sim.results.timeline.Event`);
 ``finish_fn(results: list, args: list[str]) -> int`` runs once in the launcher with the
 results by rank (write files, print a table) and returns the exit code; it may be None.
 ``lina-run SCENARIO.yaml ARGS`` runs the ``scenario`` mode with ARGS = [SCENARIO, ...];

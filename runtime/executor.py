@@ -44,8 +44,9 @@ import torch
 import torch.distributed as dist
 
 from lina_sim.errors import ConfigError, LinaSimError
-from lina_sim.policies.base import MicroOp, RankScheduler, owed_per_gap, submission_order
-from lina_sim.timeline import Event
+from lina_sim.policies.training.base import RankScheduler, owed_per_gap, submission_order
+from lina_sim.workload.comm import MicroOp
+from lina_sim.results.timeline import Event
 
 WAIT_TIMEOUT_S = 120.0  # one collective; a dead peer surfaces as gloo's own error first
 
@@ -442,10 +443,10 @@ class PolicyRunner:
     run one step at a time (:meth:`step`) so that policies can take turns."""
 
     def __init__(self, ctx: Any, setup: Any, entry: Any, dispatch: str = "padded", keep_grads: bool = False):
-        from lina_sim.launch_plan import planned_micro_ops
-        from lina_sim.microbench import AloneTimes
-        from lina_sim.training import choose_shape
-        from lina_sim.workload import build_training_graph
+        from lina_sim.training.launch_plan import planned_micro_ops
+        from lina_sim.network.alone import AloneTimes
+        from lina_sim.training.run import choose_shape
+        from lina_sim.workload.graph import build_training_graph
         from runtime.ep_moe import TORCH_DTYPES, EPTransformer, Layout
 
         self.ctx, self.setup, self.entry, self.keep_grads = ctx, setup, entry, keep_grads
@@ -582,8 +583,8 @@ def select_policies(setup: Any, only: str | None) -> list:
 
 def rank_main(ctx: Any) -> dict:
     """``runtime.entry`` mode ``scenario``: every policy of every point, on this rank."""
-    from lina_sim.scenario import load_scenarios
-    from lina_sim.training import resolve_training
+    from lina_sim.config.scenario import load_scenarios
+    from lina_sim.training.run import resolve_training
 
     sys.setswitchinterval(5e-4)  # hand the GIL to the scheduler thread promptly
     a = mode_args(ctx.args)
@@ -624,7 +625,7 @@ def _median_step(per_rank: list[list[StepRecord]], warmup: int) -> tuple[list[fl
 
 def step_timeline(per_rank: list[list[StepRecord]], i: int):
     """Step ``i`` of every rank as one timeline frame, shifted so the step starts at 0."""
-    from lina_sim.timeline import events_to_frame
+    from lina_sim.results.timeline import events_to_frame
 
     t0 = min(r[i].start for r in per_rank)
     df = events_to_frame([e for r in per_rank for e in r[i].events])
@@ -638,7 +639,7 @@ def measured_frame(results: list, setups: list):
     median step's timeline per (point, policy label))."""
     import pandas as pd
 
-    from lina_sim.breakdown import mean_breakdown
+    from lina_sim.training.breakdown import mean_breakdown
 
     rows, timelines = [], {}
     for pi, setup in enumerate(setups):
@@ -679,12 +680,12 @@ def measured_frame(results: list, setups: list):
 
 def finish(results: list, args: list[str]) -> int:
     """Write results.csv, timelines and Chrome traces; print the `lina-sim run` table."""
-    import pandas as pd
 
-    from lina_sim.commands.run import format_training_table, point_title
-    from lina_sim.scenario import load_scenarios
-    from lina_sim.timeline import atomic_write_text, write_chrome_trace
-    from lina_sim.training import resolve_training
+    from lina_sim.results.tables import format_training_table, point_title
+    from lina_sim.config.scenario import load_scenarios
+    from lina_sim.results.timeline import write_chrome_trace
+    from lina_sim.results.files import atomic_write_text
+    from lina_sim.training.run import resolve_training
 
     a = mode_args(args)
     points = load_scenarios(a.scenario)

@@ -1,7 +1,7 @@
 """Inference for real: placement policies drive uneven all-to-alls and expert swaps.
 
 The batches and decisions are the serving simulator's own: every rank builds the same
-:class:`lina_sim.serving.PolicyServer` per placement policy (fit on the trace's training
+:class:`lina_sim.serving.server.PolicyServer` per placement policy (fit on the trace's training
 slice) and takes its batches from ``prepare()``, which runs the placement protocol
 (``plan`` before the gate, ``refine`` after it) on the trace's real expert choices. The
 simulator's decisions depend on gate counts only, so every rank sees the same plan. Per
@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lina_sim.timeline import Event
+from lina_sim.results.timeline import Event
 from runtime.moe import CausalSelfAttention, ExpertFFN, MoEConfig
 
 
@@ -53,7 +53,7 @@ class _Dense(nn.Module):
 
 def serve_policy(ctx: Any, setup: Any, entry: Any, shared: Any) -> dict:
     """Serve the scenario's batches with one placement policy on this rank."""
-    from lina_sim.serving import PolicyServer
+    from lina_sim.serving.server import PolicyServer
 
     torch.manual_seed(setup.scenario.seed)
     spec, info, now = setup.model, ctx.info, ctx.now
@@ -126,7 +126,7 @@ def serve_policy(ctx: Any, setup: Any, entry: Any, shared: Any) -> dict:
 
 
 def rank_main(ctx: Any, points: list, a: Any) -> dict:
-    from lina_sim.serving import resolve_inference, serving_inputs
+    from lina_sim.serving.server import resolve_inference, serving_inputs
     from runtime.executor import check_launch
 
     setups = [resolve_inference(p) for p in points]
@@ -148,7 +148,7 @@ def measured_frame(results: list, setups: list):
     ranks), and the timeline of the median batch."""
     import pandas as pd
 
-    from lina_sim.timeline import events_to_frame
+    from lina_sim.results.timeline import events_to_frame
 
     rows, tls = [], {}
     for pi, setup in enumerate(setups):
@@ -175,8 +175,9 @@ def measured_frame(results: list, setups: list):
 
 
 def finish(results: list, points: list, out: Path) -> int:
-    from lina_sim.serving import resolve_inference
-    from lina_sim.timeline import atomic_write_text, write_chrome_trace
+    from lina_sim.serving.server import resolve_inference
+    from lina_sim.results.timeline import write_chrome_trace
+    from lina_sim.results.files import atomic_write_text
 
     setups = [resolve_inference(p) for p in points]
     df, tls = measured_frame(results, setups)
@@ -196,9 +197,9 @@ def finish(results: list, points: list, out: Path) -> int:
 def validate_inference(scenario: str, out: Path, testbed: str | None, nic: str | None, profile: str | None,
                        timeout_s: float, echo: bool):
     """Predicted (``run_inference``) against measured mean batch time per policy."""
-    from lina_sim.scenario import load_scenarios
-    from lina_sim.serving import resolve_inference, run_inference
-    from lina_sim.timeline import atomic_write_text
+    from lina_sim.config.scenario import load_scenarios
+    from lina_sim.serving.server import resolve_inference, run_inference
+    from lina_sim.results.files import atomic_write_text
     from runtime.launch import run_entry
     from runtime.validate import _testbed, calibrated_profile, mark_rankings, ranking_summary, resolved_scenario
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lina_sim.trace import make_trace
+from lina_sim.routing.traces import make_trace
 from runtime.moe import MoEConfig, MoETransformer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import yaml
 
 from lina_sim.errors import ConfigError
-from lina_sim.timeline import atomic_write_text
+from lina_sim.results.files import atomic_write_text
 
 PROFILE_STEPS = 6  # compute-only steps per pipelining degree (the first is a warm-up)
 
@@ -59,7 +59,7 @@ def _profile_ops(ctx: Any, setup: Any) -> list[dict]:
     import torch
 
     from lina_sim.policies.registry import make_training_policy
-    from lina_sim.workload import build_training_graph
+    from lina_sim.workload.graph import build_training_graph
     from runtime.ep_moe import TORCH_DTYPES, EPTransformer, Layout
     from runtime.executor import Clock, RankExchange, batch
 
@@ -70,7 +70,7 @@ def _profile_ops(ctx: Any, setup: Any) -> list[dict]:
         def counts_a2a(self, counts):
             return counts
 
-    from lina_sim.workload import packing_candidates
+    from lina_sim.workload.graph import packing_candidates
 
     spec = setup.model
     k = packing_candidates(spec, setup.cluster.world_size)[0]  # the fewest experts per rank
@@ -146,8 +146,8 @@ def refine_profile(profile: str | Path, out: Path, workload_bytes: float | None 
     Returns (path, efficiency, latency s). Nothing here sees a training step."""
     import math
 
-    from lina_sim.hardware import cluster_from_dict
-    from lina_sim.microbench import AloneTimes
+    from lina_sim.hardware.spec import cluster_from_dict
+    from lina_sim.network.alone import AloneTimes
     from runtime.calibrate import raw_path
 
     data = yaml.safe_load(Path(profile).read_text())
@@ -206,7 +206,7 @@ def training_collective_bytes(setup: Any) -> float:
     all-to-alls unpipelined with the fewest experts per device, and every policy's
     gradient micro-ops (buckets, partitions)."""
     from lina_sim.policies.registry import make_training_policy
-    from lina_sim.workload import build_training_graph, packing_candidates
+    from lina_sim.workload.graph import build_training_graph, packing_candidates
 
     k = packing_candidates(setup.model, setup.cluster.world_size)[0]
     graph = build_training_graph(setup.model, setup.cluster, experts_per_device=k, pipeline_degree=1)
@@ -230,7 +230,7 @@ def prepare_profile(profile: str | Path, out: Path, workload_bytes: float | None
 def resolved_scenario(src: str | Path, profile: str | Path, compute_profile: str | Path | None, out: Path) -> Path:
     """The scenario with ``cluster.preset`` = the profile (other cluster overrides kept)
     and, if given, ``compute: {model: profile}``; written to ``out``."""
-    from lina_sim.scenario import load_yaml
+    from lina_sim.config.scenario import load_yaml
 
     data = copy.deepcopy(load_yaml(src))
     cluster = data.get("cluster")
@@ -458,8 +458,8 @@ def validate(scenario: str, out: Path, testbed: str | None = None, nic: str | No
     table (also written to ``out/validation.csv``)."""
     import pandas as pd
 
-    from lina_sim.scenario import load_scenarios
-    from lina_sim.training import resolve_training, run_training
+    from lina_sim.config.scenario import load_scenarios
+    from lina_sim.training.run import resolve_training, run_training
     from runtime.executor import measured_frame
     from runtime.launch import run_entry
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from lina_sim.errors import ConfigError
-from lina_sim.hardware import load_preset
+from lina_sim.hardware.spec import load_preset
 from runtime.calibrate import (effective_flops, fit_alpha_beta, measure_copy, measure_matmul, parse_shapes,
                                raw_path)
 from tests._netns import PY, ROOT, needs_netns

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from lina_sim.cli import main
+from lina_sim.cli.main import main
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lina_sim.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "lina_sim.cli.main", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_collective_table(capsys, tmp_path):

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import simpy
 
-from lina_sim.collectives import Collectives
+from lina_sim.network.collectives import Collectives
 from lina_sim.errors import ConfigError
-from lina_sim.hardware import load_preset
-from lina_sim.network import FluidNetwork
-from lina_sim.topology import Topology
+from lina_sim.hardware.spec import load_preset
+from lina_sim.network.fluid import FluidNetwork
+from lina_sim.hardware.topology import Topology
 
 SIZES = [1 << 20, 64 << 20, 1 << 30]
 

@@ -4,11 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lina_sim.compute import RooflineComputeModel
-from lina_sim.engine import TrainingEngine
-from lina_sim.hardware import load_preset
+from lina_sim.hardware.compute import RooflineComputeModel
+from lina_sim.training.engine import TrainingEngine
+from lina_sim.hardware.spec import load_preset
 from lina_sim.policies.registry import TRAINING_POLICIES, make_training_policy
-from lina_sim.workload import build_training_graph, model_from_dict
+from lina_sim.workload.graph import build_training_graph, model_from_dict
 
 CLUSTER = load_preset("paper-testbed", nodes=2)  # 8 GPUs over 2 NICs: contention on the NICs
 

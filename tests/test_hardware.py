@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from lina_sim.errors import ConfigError
-from lina_sim.hardware import PRESET_DIR, available_presets, load_preset
-from lina_sim.topology import Topology
+from lina_sim.hardware.spec import PRESET_DIR, available_presets, load_preset
+from lina_sim.hardware.topology import Topology
 
 
 def test_shipped_presets():

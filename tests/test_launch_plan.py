@@ -2,13 +2,14 @@
 
 import pytest
 
-from lina_sim.compute import RooflineComputeModel
-from lina_sim.hardware import load_preset
-from lina_sim.launch_plan import estimate_program, planned_micro_ops
-from lina_sim.microbench import AloneTimes
-from lina_sim.policies.base import ALL_TO_ALL, ALLREDUCE, MicroOp, ProgramEstimate, RankScheduler, owed_per_gap
+from lina_sim.hardware.compute import RooflineComputeModel
+from lina_sim.hardware.spec import load_preset
+from lina_sim.training.launch_plan import estimate_program, planned_micro_ops
+from lina_sim.network.alone import AloneTimes
+from lina_sim.policies.training.base import ProgramEstimate, RankScheduler, owed_per_gap
+from lina_sim.workload.comm import ALL_TO_ALL, ALLREDUCE, MicroOp
 from lina_sim.policies.registry import make_training_policy
-from lina_sim.workload import build_training_graph, model_from_dict
+from lina_sim.workload.graph import build_training_graph, model_from_dict
 
 CLUSTER = load_preset("paper-testbed", nodes=2)
 

@@ -4,9 +4,9 @@ import numpy as np
 import simpy
 from hypothesis import given, settings, strategies as st
 
-from lina_sim.hardware import load_preset
-from lina_sim.network import FluidNetwork
-from lina_sim.topology import Topology
+from lina_sim.hardware.spec import load_preset
+from lina_sim.network.fluid import FluidNetwork
+from lina_sim.hardware.topology import Topology
 
 TOPO = Topology(load_preset("paper-testbed", nodes=3))
 N = TOPO.world_size

@@ -20,7 +20,7 @@ print(','.join(bad))
 """
 
 
-@pytest.mark.parametrize("extra", ["", "import lina_sim.workload"])
+@pytest.mark.parametrize("extra", ["", "import lina_sim.workload.graph"])
 def test_policies_import_neither_simpy_nor_torch(extra):
     out = subprocess.run([sys.executable, "-c", CHECK.format(extra=extra)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"policies pulled in {out.stdout.strip()}"

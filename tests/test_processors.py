@@ -8,8 +8,8 @@ import pytest
 import simpy
 
 from lina_sim.errors import ConfigError
-from lina_sim.hardware import HostSpec, cluster_from_dict, load_preset, read_preset
-from lina_sim.processors import ProcessorPool
+from lina_sim.hardware.spec import HostSpec, cluster_from_dict, load_preset, read_preset
+from lina_sim.hardware.processors import ProcessorPool
 
 
 def _finish_times(cores: int, jobs: list[tuple[float, float]]) -> list[float]:
@@ -84,10 +84,10 @@ def _testbed_cluster(cores: int | None):
 
 
 def test_engine_shares_host_cores_among_ranks():
-    from lina_sim.compute import RooflineComputeModel
-    from lina_sim.engine import TrainingEngine
+    from lina_sim.hardware.compute import RooflineComputeModel
+    from lina_sim.training.engine import TrainingEngine
     from lina_sim.policies.registry import make_training_policy
-    from lina_sim.workload import build_training_graph, model_from_dict
+    from lina_sim.workload.graph import build_training_graph, model_from_dict
 
     spec = model_from_dict(dict(layers=2, d_model=64, d_ff=128, heads=2, seq_len=16, micro_batch=2, vocab=64,
                                 experts=4, top_k=1, dtype="fp32"), world_size=4)
@@ -123,7 +123,7 @@ def test_host_block_is_validated_by_name():
 def test_shared_finish_times_match_the_pool():
     import numpy as np
 
-    from lina_sim.processors import shared_finish_times
+    from lina_sim.hardware.processors import shared_finish_times
 
     work = [0.3, 0.7, 0.2, 1.1]
     assert shared_finish_times(np.array(work), 2) == pytest.approx(_finish_times(2, [(0.0, w) for w in work]))

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lina_sim import trace as tr  # noqa: E402
+from lina_sim.routing import traces as tr  # noqa: E402
 from runtime import record  # noqa: E402
 from runtime.moe import MoEConfig, MoELayer, MoETransformer  # noqa: E402
 

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from lina_sim.errors import ConfigError
-from lina_sim.scenario import expand
-from lina_sim.training import resolve_training
+from lina_sim.config.scenario import expand
+from lina_sim.training.run import resolve_training
 
 BASE = {"kind": "training", "cluster": {"preset": "paper-testbed", "nodes": 2},
         "model": {"preset": "transformer-xl-12", "layers": 2}, "policies": ["deepspeed", {"name": "lina"}]}
@@ -69,7 +69,7 @@ def test_bad_sweeps_are_named(sweep, field):
 def test_run_command_writes_results(tmp_path):
     sc = tmp_path / "s.yaml"
     sc.write_text(yaml.safe_dump({**BASE, "name": "t", "sweep": {"grid": {"cluster.nodes": [1, 2]}}}))
-    r = subprocess.run([sys.executable, "-m", "lina_sim.cli", "run", str(sc), "--out", str(tmp_path / "o"), "--trace"],
+    r = subprocess.run([sys.executable, "-m", "lina_sim.cli.main", "run", str(sc), "--out", str(tmp_path / "o"), "--trace"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "step(ms)" in r.stdout and "lina" in r.stdout
@@ -81,9 +81,9 @@ def test_run_command_writes_results(tmp_path):
 def test_run_command_bad_input_is_one_line(tmp_path):
     sc = tmp_path / "s.yaml"
     sc.write_text(yaml.safe_dump({**BASE, "model": {"preset": "transformer-xl-12", "experts": 5}}))
-    r = subprocess.run([sys.executable, "-m", "lina_sim.cli", "run", str(sc)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "lina_sim.cli.main", "run", str(sc)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "model.experts" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    r = subprocess.run([sys.executable, "-m", "lina_sim.cli", "run", str(tmp_path / "nope.yaml")],
+    r = subprocess.run([sys.executable, "-m", "lina_sim.cli.main", "run", str(tmp_path / "nope.yaml")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "file not found" in r.stderr

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import yaml
 
-import lina_sim.serving as serving
-from lina_sim.errors import ConfigError, TraceError
-from lina_sim.hardware import load_preset
-from lina_sim.microbench import SimCluster
+import lina_sim.serving.server as serving
+from lina_sim.errors import ConfigError, RoutingTraceError
+from lina_sim.hardware.spec import load_preset
+from lina_sim.network.alone import SimCluster
 from lina_sim.policies.placement import Placement
-from lina_sim.requests import Batcher, BatchingSpec, ClosedLoopArrivals, Request
-from lina_sim.scenario import expand
-from lina_sim.serving import ExpertCache, resolve_inference, run_inference
-from lina_sim.serving_network import AllToAllTimer
-from lina_sim.topology import Topology
-from lina_sim.trace_gen import TraceGenerator
+from lina_sim.serving.requests import Batcher, BatchingSpec, ClosedLoopArrivals, Request
+from lina_sim.config.scenario import expand
+from lina_sim.serving.server import ExpertCache, resolve_inference, run_inference
+from lina_sim.network.serving_a2a import AllToAllTimer
+from lina_sim.hardware.topology import Topology
+from lina_sim.routing.generator import RoutingTraceGenerator
 
 ALL = ["static", "fastermoe-shadow", "eplb", "lina", "lina-no-estimate", "lina-no-finetune", "oracle", "ideal"]
 
@@ -28,7 +28,7 @@ ALL = ["static", "fastermoe-shadow", "eplb", "lina", "lina-no-estimate", "lina-n
 @pytest.fixture(scope="module")
 def trace16(tmp_path_factory):
     """A small synthetic 12-layer, 16-expert top-1 trace (64-token sequences)."""
-    gen = TraceGenerator.synthetic(16, 12, top_k=1, zipf_s=1.2, affinity=0.6, seq_len=64, seed=3)
+    gen = RoutingTraceGenerator.synthetic(16, 12, top_k=1, zipf_s=1.2, affinity=0.6, seq_len=64, seed=3)
     path = tmp_path_factory.mktemp("traces") / "syn16.npz"
     gen.generate(6400, seed=3).save(path)
     return path
@@ -217,9 +217,9 @@ def test_describe_is_plain_data(trace16):
     ({"serving.arrival": {"process": "poisson", "rate": "fast"}}, ConfigError, ["serving.arrival.rate"]),
     ({"serving.arrival": {"process": "bursty"}}, ConfigError, ["serving.arrival.process", "poisson, closed"]),
     ({"serving.batching": {"token_budget": 0}}, ConfigError, ["serving.batching.token_budget"]),
-    ({"serving.fold_experts": False}, TraceError, ["syn16.npz", "16 experts", "model.experts is 4"]),
-    ({"model": {"preset": "transformer-xl-24", "experts": 4, "top_k": 1}}, TraceError, ["12 MoE layers", "24"]),
-    ({"serving.trace": "nope.npz"}, TraceError, ["nope.npz", "no such file"]),
+    ({"serving.fold_experts": False}, RoutingTraceError, ["syn16.npz", "16 experts", "model.experts is 4"]),
+    ({"model": {"preset": "transformer-xl-24", "experts": 4, "top_k": 1}}, RoutingTraceError, ["12 MoE layers", "24"]),
+    ({"serving.trace": "nope.npz"}, RoutingTraceError, ["nope.npz", "no such file"]),
     ({"policies": [{"name": "lina", "path_length": 0}]}, ConfigError, ["policies[lina].path_length"]),
     ({"model": {"preset": "transformer-xl-12", "experts": 4, "top_k": 1, "d_model": 8192, "d_ff": 65536}},
      ConfigError, ["serving.expert_slots", "GB"]),
@@ -239,7 +239,7 @@ def test_bad_input_errors_name_the_field(trace16, patch, error, needles):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lina_sim.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "lina_sim.cli.main", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_cli_errors_are_one_line(trace16, tmp_path):

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import yaml
 
-import lina_sim.sweep as sweep
-from lina_sim.scenario import expand
-from lina_sim.sweep import (
+import lina_sim.experiments.sweep as sweep
+from lina_sim.config.scenario import expand
+from lina_sim.experiments.sweep import (
     Cache, LocalBackend, Progress, SweepError, comparable, describe_key, plan_points, resolve, run_sweep,
 )
 
@@ -27,7 +27,7 @@ BASE = {"name": "t", "kind": "training", "cluster": {"preset": "paper-testbed", 
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lina_sim.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lina_sim.cli.main", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
 
@@ -165,7 +165,7 @@ KILL = {"name": "kill", "kind": "training", "cluster": {"preset": "paper-testbed
 def test_killed_sweep_resumes_to_exactly_the_uninterrupted_rows(tmp_path):
     sc = write(tmp_path, KILL)
     cache = tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, "-m", "lina_sim.cli", "sweep", str(sc), "--workers", "1", "--quiet",
+    proc = subprocess.Popen([sys.executable, "-m", "lina_sim.cli.main", "sweep", str(sc), "--workers", "1", "--quiet",
                              "--cache", str(cache), "--out", str(tmp_path / "a.parquet")],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -240,7 +240,7 @@ def test_ray_and_local_backends_give_identical_rows(ray_session):
 
 # ---- compare and reproduce ------------------------------------------------------------------
 def test_compare_puts_tables_side_by_side(tmp_path, capsys):
-    from lina_sim.compare import compare_files
+    from lina_sim.experiments.compare import compare_files
 
     sim = pd.DataFrame({"model": ["m"] * 4, "experts": [8, 8, 16, 16], "policy": ["deepspeed", "lina"] * 2,
                         "step_time_s": [0.2, 0.1, 0.4, 0.3], "status": "ok"})
@@ -256,7 +256,7 @@ def test_compare_puts_tables_side_by_side(tmp_path, capsys):
 
 
 def test_reproduce_writes_figure_and_report(tmp_path):
-    from lina_sim.reproduce import reproduce
+    from lina_sim.experiments.reproduce import reproduce
 
     rc = reproduce(out=tmp_path / "gallery", quick=True, workers=1, cache=Cache(tmp_path / "cache"), only="ablation")
     assert rc == 0

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from lina_sim.microbench import contention
-from lina_sim.hardware import load_preset
-from lina_sim.timeline import COLUMNS, Event, Timeline, to_chrome_trace, validate_frame, write_chrome_trace
+from lina_sim.experiments.microbench import contention
+from lina_sim.hardware.spec import load_preset
+from lina_sim.results.timeline import COLUMNS, Event, Timeline, to_chrome_trace, check_frame, write_chrome_trace
 
 
 def test_schema_and_chrome_trace(tmp_path):
@@ -28,6 +28,6 @@ def test_bad_timeline_is_rejected():
     tl = Timeline()
     tl.add(Event(0, "compute", "x", "compute", start=2.0, end=1.0))
     with pytest.raises(ValueError, match="end before they start"):
-        validate_frame(tl.to_frame())
+        check_frame(tl.to_frame())
     with pytest.raises(ValueError, match="missing columns"):
         to_chrome_trace(tl.to_frame().drop(columns=["bytes"]))

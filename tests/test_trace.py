@@ -1,4 +1,4 @@
-"""Trace format: round trips, slicing, concatenation, importers, and bad input."""
+"""RoutingTrace format: round trips, slicing, concatenation, importers, and bad input."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from lina_sim import trace as tr
-from lina_sim.cli import main as cli_main
-from lina_sim.errors import LinaSimError, TraceError
+from lina_sim.routing import traces as tr
+from lina_sim.cli.main import main as cli_main
+from lina_sim.errors import LinaSimError, RoutingTraceError
 
 META = {"model": "m", "dataset": "d", "source": "test", "license": "CC0", "made_by": "hand"}
 
@@ -51,9 +51,9 @@ def test_slices_and_concatenate():
     assert c.num_tokens == 60
     # sequences of the two parts stay distinct even though their ids collided
     assert np.unique(c.seq_ids).size == np.unique(t.seq_ids).size + 2
-    with pytest.raises(TraceError, match="num_experts"):
+    with pytest.raises(RoutingTraceError, match="num_experts"):
         tr.concatenate([t, make(experts=8)])
-    with pytest.raises(TraceError, match="layers"):
+    with pytest.raises(RoutingTraceError, match="layers"):
         tr.concatenate([t, lay])
 
 
@@ -125,7 +125,7 @@ def test_malformed_npz(tmp_path, case, change, message):
     arrays = _arrays(make(probs=False))
     change(arrays)
     path = _write_npz(tmp_path / f"{case}.npz", **arrays)
-    with pytest.raises(TraceError, match=message) as e:
+    with pytest.raises(RoutingTraceError, match=message) as e:
         tr.load(path)
     assert str(path) in str(e.value)
 
@@ -136,10 +136,10 @@ def test_truncated_and_garbage_files(tmp_path):
     for name, content in (("cut.npz", data[: len(data) // 2]), ("garbage.npz", b"hello world"), ("empty.npz", b"")):
         bad = tmp_path / name
         bad.write_bytes(content)
-        with pytest.raises(TraceError, match="truncated or corrupt") as e:
+        with pytest.raises(RoutingTraceError, match="truncated or corrupt") as e:
             tr.load(bad)
         assert str(bad) in str(e.value)
-    with pytest.raises(TraceError, match="no such file"):
+    with pytest.raises(RoutingTraceError, match="no such file"):
         tr.load(tmp_path / "missing.npz")
 
 
@@ -159,13 +159,13 @@ def test_malformed_jsonl_and_npy(tmp_path):
     for name, text in cases.items():
         path = tmp_path / name
         path.write_text(text)
-        with pytest.raises(TraceError, match=messages[name]) as e:
+        with pytest.raises(RoutingTraceError, match=messages[name]) as e:
             tr.load(path)
         assert str(path) in str(e.value)
     np.save(tmp_path / "float.npy", np.zeros((3, 2), np.float32))
     np.save(tmp_path / "four.npy", np.zeros((3, 2, 1, 1), np.int64))
     for name, message in (("float.npy", "integer"), ("four.npy", "shape")):
-        with pytest.raises(TraceError, match=message) as e:
+        with pytest.raises(RoutingTraceError, match=message) as e:
             tr.load(tmp_path / name)
         assert name in str(e.value)
 
@@ -173,7 +173,7 @@ def test_malformed_jsonl_and_npy(tmp_path):
 def test_expert_count_must_match_scenario(tmp_path):
     t = tr.load(make(experts=6).save(tmp_path / "six.npz"))
     tr.check_num_experts(t, 6)
-    with pytest.raises(TraceError, match="6 experts but the scenario expects 8") as e:
+    with pytest.raises(RoutingTraceError, match="6 experts but the scenario expects 8") as e:
         tr.check_num_experts(t, 8)
     assert "six.npz" in str(e.value)
     assert isinstance(e.value, LinaSimError) and isinstance(e.value, ValueError)

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lina_sim import trace as tr
-from lina_sim import trace_stats as ts
-from lina_sim.cli import main as cli_main
+from lina_sim.routing import traces as tr
+from lina_sim.routing import stats as ts
+from lina_sim.cli.main import main as cli_main
 from lina_sim.errors import ConfigError
-from lina_sim.trace_gen import TraceGenerator
+from lina_sim.routing.generator import RoutingTraceGenerator
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_TRACES = [REPO / "traces" / "moe12-top1-c4.npz", REPO / "traces" / "moe12-top2-github.npz"]
@@ -24,7 +24,7 @@ def rel_err(a: float, b: float) -> float:
 @pytest.mark.parametrize("path", REAL_TRACES, ids=lambda p: p.stem)
 def test_fitted_generator_reproduces_real_trace_within_10_percent(path):
     real = tr.load(path)
-    synth = TraceGenerator.fit(real).generate(real.num_tokens, seed=7)
+    synth = RoutingTraceGenerator.fit(real).generate(real.num_tokens, seed=7)
     assert (synth.num_layers, synth.num_experts, synth.top_k) == (real.num_layers, real.num_experts, real.top_k)
     for fn in (lambda t: ts.skew_from_counts(ts.expert_counts(t.experts, t.num_experts)),
                lambda t: ts.skew_from_counts(ts.expert_counts(t.experts[:, :, :1], t.num_experts))):
@@ -41,41 +41,41 @@ def test_fitted_generator_reproduces_real_trace_within_10_percent(path):
 
 
 def test_generation_is_deterministic():
-    g = TraceGenerator.synthetic(8, 4, top_k=2, locality=0.3, seed=3)
+    g = RoutingTraceGenerator.synthetic(8, 4, top_k=2, locality=0.3, seed=3)
     a, b, c = g.generate(3000, seed=1), g.generate(3000, seed=1), g.generate(3000, seed=2)
     np.testing.assert_array_equal(a.experts, b.experts)
     assert a.metadata == b.metadata
     assert not np.array_equal(a.experts, c.experts)
-    g2 = TraceGenerator.synthetic(8, 4, top_k=2, locality=0.3, seed=3)
+    g2 = RoutingTraceGenerator.synthetic(8, 4, top_k=2, locality=0.3, seed=3)
     np.testing.assert_array_equal(g2.generate(3000, seed=1).experts, a.experts)
 
 
 def test_top_k_choices_are_distinct():
-    t = TraceGenerator.synthetic(6, 3, top_k=3, seed=0).generate(2000, seed=0)
+    t = RoutingTraceGenerator.synthetic(6, 3, top_k=3, seed=0).generate(2000, seed=0)
     s = np.sort(t.experts, axis=2)
     assert (np.diff(s, axis=2) > 0).all()
 
 
 def test_zipf_popularity_and_affinity_parameters():
     E = 16
-    g = TraceGenerator.synthetic(E, 4, popularity="zipf", zipf_s=1.0, affinity=1.0, locality=0.0, seed=0)
+    g = RoutingTraceGenerator.synthetic(E, 4, popularity="zipf", zipf_s=1.0, affinity=1.0, locality=0.0, seed=0)
     t = g.generate(40_000, seed=0)
     harmonic = (1.0 / np.arange(1, E + 1)).sum()
     skew = ts.skew_from_counts(ts.expert_counts(t.experts, E))
     # every layer keeps the Zipf popularity: busiest share is 1/H_E, i.e. E/H_E over uniform
     assert skew.max_over_uniform == pytest.approx([E / harmonic] * 4, rel=0.05)
     assert ts.affinity(t).accuracy == pytest.approx([1.0] * 3)
-    flat = TraceGenerator.synthetic(E, 4, affinity=0.0, locality=0.0, seed=0).generate(40_000, seed=0)
+    flat = RoutingTraceGenerator.synthetic(E, 4, affinity=0.0, locality=0.0, seed=0).generate(40_000, seed=0)
     aff = ts.affinity(flat)
     assert aff.accuracy == pytest.approx(aff.chance, abs=0.02)
-    d = TraceGenerator.synthetic(E, 3, popularity="dirichlet", dirichlet_alpha=0.3, seed=0).generate(100, seed=0)
+    d = RoutingTraceGenerator.synthetic(E, 3, popularity="dirichlet", dirichlet_alpha=0.3, seed=0).generate(100, seed=0)
     assert d.num_experts == E
 
 
 def test_locality_is_fitted():
-    g = TraceGenerator.synthetic(8, 3, affinity=0.6, locality=0.5, seq_len=64, seed=1)
+    g = RoutingTraceGenerator.synthetic(8, 3, affinity=0.6, locality=0.5, seq_len=64, seed=1)
     t = g.generate(20_000, seed=0)
-    fitted = TraceGenerator.fit(t)
+    fitted = RoutingTraceGenerator.fit(t)
     assert fitted.params.locality == pytest.approx([0.5] * 3, abs=0.04)
     assert fitted.params.seq_len == 64
     again = fitted.generate(20_000, seed=5)
@@ -83,9 +83,9 @@ def test_locality_is_fitted():
 
 
 def test_scaling_layers_and_experts():
-    base = TraceGenerator.synthetic(8, 4, top_k=2, affinity=0.7, seed=0)
+    base = RoutingTraceGenerator.synthetic(8, 4, top_k=2, affinity=0.7, seed=0)
     t = base.generate(30_000, seed=0)
-    g = TraceGenerator.fit(t)
+    g = RoutingTraceGenerator.fit(t)
     bigger = g.scaled(num_layers=10, num_experts=32).generate(30_000, seed=1)
     assert (bigger.num_layers, bigger.num_experts, bigger.top_k) == (10, 32, 2)
     s0 = ts.skew_from_counts(ts.expert_counts(t.experts[:, :, :1], 8)).mean()
@@ -98,11 +98,11 @@ def test_scaling_layers_and_experts():
 
 def test_bad_parameters():
     with pytest.raises(ConfigError, match="affinity"):
-        TraceGenerator.synthetic(8, 2, affinity=1.5)
+        RoutingTraceGenerator.synthetic(8, 2, affinity=1.5)
     with pytest.raises(ConfigError, match="popularity"):
-        TraceGenerator.synthetic(8, 2, popularity="pareto")
+        RoutingTraceGenerator.synthetic(8, 2, popularity="pareto")
     with pytest.raises(ConfigError, match="top_k"):
-        TraceGenerator.synthetic(4, 2, top_k=5)
+        RoutingTraceGenerator.synthetic(4, 2, top_k=5)
 
 
 def test_cli_trace_gen(tmp_path, capsys):

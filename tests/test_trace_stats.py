@@ -1,4 +1,4 @@
-"""Trace statistics on hand-made traces with known answers."""
+"""RoutingTrace statistics on hand-made traces with known answers."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from lina_sim import trace_stats as ts
-from lina_sim.errors import TraceError
+from lina_sim.routing import stats as ts
+from lina_sim.errors import RoutingTraceError
 from lina_sim.policies.path_estimator import PathEstimator, top_experts
-from lina_sim.trace import make_trace
+from lina_sim.routing.traces import make_trace
 
 META = {"model": "m", "dataset": "d", "source": "test", "license": "CC0", "made_by": "hand"}
 
@@ -99,7 +99,7 @@ def test_top_experts_breaks_ties_by_id():
 
 
 def test_path_estimator_is_pure():
-    code = ("import sys, lina_sim.policies.path_estimator, lina_sim.trace_stats; "
+    code = ("import sys, lina_sim.policies.path_estimator, lina_sim.routing.stats; "
             "bad = {'torch', 'simpy'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -107,7 +107,7 @@ def test_path_estimator_is_pure():
 def test_real_counts_comparison(tmp_path):
     try:
         real = ts.load_real()
-    except TraceError as e:  # a clone without ../shared beside it
+    except RoutingTraceError as e:  # a clone without ../shared beside it
         pytest.skip(f"real routing counts not available: {e}")
     rows = ts.real_rows(real)
     by = {(r.name, r.domain): r for r in rows}
@@ -126,9 +126,9 @@ def test_real_counts_comparison(tmp_path):
     assert row.skew.max_over_uniform == [1.5, 1.0]
     assert row.affinity.accuracy == [0.75] and row.affinity.chance == [0.5]
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(TraceError, match="bad.json"):
+    with pytest.raises(RoutingTraceError, match="bad.json"):
         ts.load_real(tmp_path / "bad.json")
-    with pytest.raises(TraceError, match="unexpected layout"):
+    with pytest.raises(RoutingTraceError, match="unexpected layout"):
         ts.real_rows({"layers": [0]})
 
 

@@ -4,16 +4,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lina_sim.compute import RooflineComputeModel
+from lina_sim.hardware.compute import RooflineComputeModel
 from lina_sim.errors import ConfigError
-from lina_sim.hardware import load_preset
-from lina_sim.launch_plan import planned_micro_ops
-from lina_sim.microbench import AloneTimes
-from lina_sim.policies.base import (
-    ALL_TO_ALL, ALLREDUCE, MB, GradRequest, MicroOp, RankScheduler, RankView, check_selection, owed_per_gap,
-)
+from lina_sim.hardware.spec import load_preset
+from lina_sim.training.launch_plan import planned_micro_ops
+from lina_sim.network.alone import AloneTimes
+from lina_sim.policies.training.base import RankScheduler, RankView, check_selection, owed_per_gap
+from lina_sim.workload.comm import ALL_TO_ALL, ALLREDUCE, MB, GradRequest, MicroOp
 from lina_sim.policies.registry import TRAINING_POLICIES, make_training_policy, training_policy_class
-from lina_sim.workload import build_training_graph, model_preset
+from lina_sim.workload.graph import build_training_graph, model_preset
 
 NAMES = sorted(TRAINING_POLICIES)
 LINA_FAMILY = ("lina", "lina-priority", "lina-partition")

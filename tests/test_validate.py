@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from lina_sim.hardware import load_preset
+from lina_sim.hardware.spec import load_preset
 from runtime.calibrate import raw_path
 from runtime.validate import (compare, format_table, op_classes, ranking, refine_profile, resolved_pairs,
                               resolved_scenario)
@@ -89,8 +89,8 @@ def test_link_efficiency_is_fitted_at_the_workloads_sizes(tmp_path):
     _, eff_big, _ = refine_profile(src, tmp_path / "big.yaml")
     assert 0.3 < eff_small <= 1.0 and 0.3 < eff_big <= 1.0 and eff_small != eff_big
 
-    from lina_sim.scenario import load_scenarios
-    from lina_sim.training import resolve_training
+    from lina_sim.config.scenario import load_scenarios
+    from lina_sim.training.run import resolve_training
 
     setup = resolve_training(load_scenarios(ROOT / "scenarios/testbed-training.yaml")[0])
     # deepspeed's 1 MB buckets are the largest; a 256-token fp32 all-to-all is 0.5 MB per rank.
@@ -106,9 +106,9 @@ def test_resolved_scenario_points_at_the_profile(tmp_path):
 
 
 def test_shipped_scenarios_resolve():
-    from lina_sim.scenario import load_scenarios
-    from lina_sim.serving import resolve_inference
-    from lina_sim.training import resolve_training
+    from lina_sim.config.scenario import load_scenarios
+    from lina_sim.serving.server import resolve_inference
+    from lina_sim.training.run import resolve_training
 
     setup = resolve_training(load_scenarios(ROOT / "scenarios/testbed-training.yaml")[0])
     assert setup.cluster.world_size == 4 and setup.model.dtype == "fp32"
@@ -116,7 +116,7 @@ def test_shipped_scenarios_resolve():
 
 
 def test_validate_bad_profile_is_one_line(tmp_path):
-    p = subprocess.run([PY, "-m", "lina_sim.cli", "validate", "scenarios/testbed-training.yaml", "--profile",
+    p = subprocess.run([PY, "-m", "lina_sim.cli.main", "validate", "scenarios/testbed-training.yaml", "--profile",
                         str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
@@ -128,7 +128,7 @@ def test_validate_bad_profile_is_one_line(tmp_path):
 def test_validate_training_on_the_testbed(tmp_path):
     """The whole loop with a fresh calibration: a table for every policy and figures."""
     out = tmp_path / "v"
-    p = subprocess.run([PY, "-m", "lina_sim.cli", "validate", "scenarios/testbed-training.yaml", "--steps", "2",
+    p = subprocess.run([PY, "-m", "lina_sim.cli.main", "validate", "scenarios/testbed-training.yaml", "--steps", "2",
                         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     j = pd.read_csv(out / "validation.csv")
@@ -141,7 +141,7 @@ def test_validate_training_on_the_testbed(tmp_path):
 @needs_netns
 def test_validate_inference_on_the_testbed(tmp_path):
     out = tmp_path / "v"
-    p = subprocess.run([PY, "-m", "lina_sim.cli", "validate", "scenarios/testbed-inference.yaml", "--profile",
+    p = subprocess.run([PY, "-m", "lina_sim.cli.main", "validate", "scenarios/testbed-inference.yaml", "--profile",
                         str(PROFILE), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     j = pd.read_csv(out / "validation.csv")

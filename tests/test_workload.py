@@ -3,9 +3,9 @@ import dataclasses
 import pytest
 
 from lina_sim.errors import ConfigError
-from lina_sim.hardware import load_preset
-from lina_sim.policies.base import ALL_TO_ALL
-from lina_sim.workload import (
+from lina_sim.hardware.spec import load_preset
+from lina_sim.workload.comm import ALL_TO_ALL
+from lina_sim.workload.graph import (
     available_models, build_training_graph, micro_op_estimates, model_from_dict, model_preset,
     packing_candidates,
 )
@@ -214,7 +214,7 @@ def test_cluster_spec_is_accepted():
 
 def test_graph_for_policy_applies_pipelining_and_packing():
     from lina_sim.policies.registry import make_training_policy
-    from lina_sim.workload import graph_for_policy
+    from lina_sim.workload.graph import graph_for_policy
 
     m = model_preset("transformer-xl-12")
     g = graph_for_policy(m, 8, make_training_policy("tutel"))

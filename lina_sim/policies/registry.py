@@ -9,12 +9,12 @@ from lina_sim.errors import ConfigError
 
 # Training (communication-scheduling) policies: name -> "module:Class".
 TRAINING_POLICIES: dict[str, str] = {
-    "deepspeed": "lina_sim.policies.deepspeed:DeepSpeedPolicy",
-    "tutel": "lina_sim.policies.deepspeed:TutelPolicy",
-    "lina": "lina_sim.policies.lina:LinaPolicy",
-    "lina-priority": "lina_sim.policies.lina:LinaPriorityPolicy",
-    "lina-partition": "lina_sim.policies.lina:LinaPartitionPolicy",
-    "no-contention": "lina_sim.policies.no_contention:NoContentionPolicy",
+    "deepspeed": "lina_sim.policies.training.deepspeed:DeepSpeedPolicy",
+    "tutel": "lina_sim.policies.training.deepspeed:TutelPolicy",
+    "lina": "lina_sim.policies.training.lina:LinaPolicy",
+    "lina-priority": "lina_sim.policies.training.lina:LinaPriorityPolicy",
+    "lina-partition": "lina_sim.policies.training.lina:LinaPartitionPolicy",
+    "no-contention": "lina_sim.policies.training.no_contention:NoContentionPolicy",
 }
 
 # Inference placement policies: name -> "module:Class".

@@ -1,0 +1,116 @@
+"""``lina-sim trace-stats`` and ``lina-sim trace-gen``: inspect and synthesise traces."""
+
+from __future__ import annotations
+
+import argparse
+
+from lina_sim.errors import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "trace-stats",
+        help="statistics of an expert-selection trace (skew, affinity, path estimation, locality)",
+        description="Print load skew, inter-layer affinity, path-based estimation accuracy and "
+        "token repeat rate of a trace (.npz, or .jsonl/.npy imported on the fly).",
+    )
+    p.add_argument("file", help="trace file (.npz, .jsonl, .npy)")
+    p.add_argument("--plot", metavar="PNG", help="write skew bars and transition heatmaps here")
+    p.add_argument("--compare-real", action="store_true",
+                   help="put the trace beside the real OLMoE/Mixtral routing counts")
+    p.add_argument("--real", metavar="JSON", help="routing_counts.json (default: ../shared/data/olmoe-routing)")
+    p.add_argument("--batch-tokens", type=int, default=256, help="batch size for path-based estimation")
+    p.add_argument("--path-lengths", type=int, nargs="+", default=[0, 1, 3, 6])
+    p.add_argument("--json", metavar="OUT", help="also write the statistics as JSON")
+    p.set_defaults(func=run_stats)
+
+    g = subparsers.add_parser(
+        "trace-gen",
+        help="generate a synthetic trace, fitted to a real one or from parameters",
+        description="Write a synthetic trace (.npz). With --from, fit the generator to a trace and "
+        "optionally scale it to more tokens, layers or experts; otherwise build it from parameters.",
+    )
+    g.add_argument("out", help="output .npz")
+    g.add_argument("--from", dest="source", metavar="TRACE", help="fit to this trace")
+    g.add_argument("--tokens", type=int, default=None, help="tokens to generate (default: as the source, or 50000)")
+    g.add_argument("--layers", type=int, default=None, help="MoE layers (with --from: scale to this many)")
+    g.add_argument("--experts", type=int, default=None,
+                   help="experts (with --from: a multiple of the source's, each expert split evenly)")
+    g.add_argument("--top-k", type=int, default=1, help="experts per token (parameters only)")
+    g.add_argument("--popularity", choices=["zipf", "dirichlet"], default="zipf")
+    g.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent of expert popularity")
+    g.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration of expert popularity")
+    g.add_argument("--affinity", type=float, default=0.5, help="weight of the rank-preserving transition, 0..1")
+    g.add_argument("--locality", type=float, default=0.1, help="probability of copying the previous token, 0..1")
+    g.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: as the source, or 128)")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=run_gen)
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    from lina_sim.routing import traces as tr
+    from lina_sim.routing import stats as ts
+
+    trace = tr.load(args.file)
+    if args.batch_tokens < 1:
+        raise ConfigError("--batch-tokens", f"must be >= 1, got {args.batch_tokens}")
+    stats = ts.compute(trace, args.path_lengths, args.batch_tokens)
+    print(ts.format_stats(stats))
+    if args.compare_real:
+        rows = ts.real_rows(ts.load_real(args.real), args.real or "routing_counts.json")
+        print()
+        print(ts.format_comparison([ts.trace_row(trace)] + rows))
+    if args.json:
+        import json
+
+        from lina_sim.results.files import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(stats.to_dict(), indent=1))
+    if args.plot:
+        from plots.trace_plots import plot_trace_stats
+
+        print(f"\nwrote {plot_trace_stats(stats, args.plot)}")
+    return 0
+
+
+def run_gen(args: argparse.Namespace) -> int:
+    from lina_sim.routing import traces as tr
+    from lina_sim.routing.generator import RoutingTraceGenerator
+
+    if args.source:
+        source = tr.load(args.source)
+        gen = RoutingTraceGenerator.fit(source).scaled(num_layers=args.layers, num_experts=args.experts)
+        tokens = args.tokens or source.num_tokens
+    else:
+        if args.layers is None or args.experts is None:
+            raise ConfigError("trace-gen", "give --from TRACE, or both --layers and --experts")
+        gen = RoutingTraceGenerator.synthetic(
+            args.experts, args.layers, args.top_k, args.popularity, args.zipf_s, args.alpha,
+            args.affinity, args.locality, args.seq_len or 128, args.seed,
+        )
+        tokens = args.tokens or 50_000
+    if args.seq_len:
+        if args.seq_len < 1:
+            raise ConfigError("--seq-len", f"must be >= 1, got {args.seq_len}")
+        gen.params.seq_len = args.seq_len
+    trace = gen.generate(tokens, seed=args.seed, metadata={"made_by": _gen_command(args, tokens)})
+    path = trace.save(args.out)
+    print(f"wrote {path}: {trace}")
+    return 0
+
+
+def _gen_command(args: argparse.Namespace, tokens: int) -> str:
+    """The trace-gen command with every option that shaped the output spelled out."""
+    import shlex
+
+    parts = ["lina-sim", "trace-gen", args.out, "--tokens", str(tokens), "--seed", str(args.seed)]
+    if args.source:
+        parts += ["--from", args.source]
+        names = ("layers", "experts", "seq_len")
+    else:
+        names = ("layers", "experts", "top_k", "popularity", "zipf_s", "alpha", "affinity", "locality", "seq_len")
+    for n in names:
+        v = getattr(args, n)
+        if v is not None:
+            parts += ["--" + n.replace("_", "-"), str(v)]
+    return shlex.join(parts)

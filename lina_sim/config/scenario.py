@@ -1,0 +1,247 @@
+"""YAML scenarios: loading, field paths, validation with clear errors, sweep expansion.
+
+A scenario is a mapping:
+
+```yaml
+name: my-experiment
+kind: training                 # training | inference
+seed: 0
+cluster: {preset: paper-testbed, nodes: 4, nic: {bandwidth: 12.5e9}}
+model: {preset: transformer-xl-24, micro_batch: 8}
+policies: [deepspeed, {name: lina, micro_op_mb: 30}]
+steps: 2
+sweep:                         # optional
+  grid: {cluster.nodes: [1, 2, 4], model.preset: [gpt2-moe, transformer-xl-24]}
+  zip:  {policies[lina].micro_op_mb: [10, 30], cluster.nic.bandwidth: [12.5e9, 25e9]}
+```
+
+Field paths are dotted; ``policies[NAME]`` selects the policy entry with that name.
+Two shorthands are accepted in sweeps: ``cluster.nic_bandwidth`` (likewise ``nvlink_`` /
+``pcie_`` and ``_latency`` / ``_efficiency``) for ``cluster.nic.bandwidth``, and
+``policies[NAME].micro_op_bytes`` / ``bucket_bytes`` (bytes) for ``micro_op_mb`` /
+``bucket_mb`` (MB = 10^6 bytes); result columns keep the name the sweep used.
+A sweep's ``grid`` is a product over its lists, ``zip`` walks its lists in lockstep, and
+with both, every zip row is combined with every grid point. Every error names the YAML
+path of the offending field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from lina_sim.errors import ConfigError
+
+KINDS = ("training", "inference")
+TOP_LEVEL = {
+    "name": "a label for the results",
+    "description": "free text",
+    "kind": "training | inference",
+    "seed": "integer random seed",
+    "cluster": "preset, nodes and overrides of preset fields",
+    "model": "model preset and overrides",
+    "policies": "list of policy names or {name: ..., params...}",
+    "steps": "training steps to simulate",
+    "collectives": "algorithms: {allreduce: ring|hierarchical, all_to_all: direct|hierarchical}",
+    "compute": "compute model: {model: roofline} or {model: profile, profile: PATH}",
+    "serving": "inference: trace, arrivals, batching",
+    "sweep": "grid / zip over field paths",
+    "output": "where to write results",
+}
+_SEG = re.compile(r"([A-Za-z_][\w\-]*)(?:\[([^\]]+)\])?$")
+
+
+@dataclass
+class Scenario:
+    """One fully resolved scenario point: the raw mapping (after sweep substitution),
+    the values of the swept fields, and where it came from."""
+
+    data: dict[str, Any]
+    swept: dict[str, Any] = field(default_factory=dict)
+    source: str = "<memory>"
+
+    @property
+    def name(self) -> str:
+        return str(self.data.get("name", Path(self.source).stem))
+
+    @property
+    def kind(self) -> str:
+        return str(self.data.get("kind", "training"))
+
+    @property
+    def seed(self) -> int:
+        return int(self.data.get("seed", 0))
+
+
+# -- field paths ----------------------------------------------------------------------
+def _split(path: str) -> list[tuple[str, str | None]]:
+    out = []
+    for seg in path.split("."):
+        m = _SEG.match(seg)
+        if not m:
+            raise ConfigError(f"sweep.{path}", f"cannot parse field path segment {seg!r}",
+                              "dotted names, with policies[NAME] to pick a policy")
+        out.append((m.group(1), m.group(2)))
+    return out
+
+
+def _policy_entry(policies: Any, name: str, path: str) -> dict:
+    if not isinstance(policies, list):
+        raise ConfigError(path, "policies must be a list")
+    for i, p in enumerate(policies):
+        pname = p if isinstance(p, str) else (p or {}).get("name")
+        if pname == name:
+            if isinstance(p, str):
+                policies[i] = {"name": p}
+            return policies[i]
+    names = [p if isinstance(p, str) else (p or {}).get("name") for p in policies]
+    raise ConfigError(path, f"no policy named {name!r} in this scenario", names)
+
+
+# Shorthand sweep paths -> canonical ones (the issue's spelling of nested fields).
+_LINK_SHORTHAND = re.compile(r"^cluster\.(nic|nvlink|pcie)_(bandwidth|efficiency|latency)$")
+_BYTES_SHORTHAND = re.compile(r"^(policies\[[^\]]+\])\.(micro_op|bucket)_bytes$")
+
+
+def canonical_path(path: str, value: Any) -> tuple[str, Any]:
+    """Rewrite a shorthand field path (and its value's unit) to the canonical one."""
+    if m := _LINK_SHORTHAND.match(path):
+        return f"cluster.{m.group(1)}.{m.group(2)}", value
+    if m := _BYTES_SHORTHAND.match(path):
+        mb = value / 1e6 if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        return f"{m.group(1)}.{m.group(2)}_mb", mb
+    return path, value
+
+
+def get_path(data: Mapping, path: str) -> Any:
+    node: Any = data
+    for key, sel in _split(path):
+        if not isinstance(node, Mapping) or key not in node:
+            raise KeyError(path)
+        node = node[key]
+        if sel is not None:
+            node = _policy_entry(node, sel, path)
+    return node
+
+
+def set_path(data: dict, path: str, value: Any, known_top: Mapping[str, Any] = TOP_LEVEL) -> None:
+    """Set a dotted field; intermediate mappings are created, but the top-level field
+    must be a known one so that a typo is caught before anything runs."""
+    segs = _split(path)
+    if segs[0][0] not in known_top:
+        raise ConfigError(f"sweep.{path}", f"unknown top-level field {segs[0][0]!r}", sorted(known_top))
+    node: Any = data
+    for i, (key, sel) in enumerate(segs):
+        last = i == len(segs) - 1
+        if sel is not None:
+            node = _policy_entry(node.setdefault(key, []), sel, f"sweep.{path}")
+            if last:
+                raise ConfigError(f"sweep.{path}", "cannot replace a whole policy entry; sweep one of its parameters")
+            continue
+        if last:
+            node[key] = value
+        else:
+            nxt = node.get(key)
+            if nxt is None:
+                nxt = node[key] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"sweep.{path}", f"{key!r} is not a mapping here, so it has no sub-fields")
+            node = nxt
+
+
+# -- loading and expansion -------------------------------------------------------------
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError("scenario", f"file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "a scenario must be a YAML mapping", sorted(TOP_LEVEL))
+    return data
+
+
+def check_top_level(data: Mapping, where: str = "") -> None:
+    for key in data:
+        if key not in TOP_LEVEL:
+            raise ConfigError(f"{where}{key}", "unknown field", sorted(TOP_LEVEL))
+    kind = data.get("kind", "training")
+    if kind not in KINDS:
+        raise ConfigError(f"{where}kind", f"unknown kind {kind!r}", KINDS)
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"{where}seed", f"must be an integer, got {seed!r}")
+
+
+def _sweep_lists(block: Any, where: str) -> dict[str, list]:
+    if block is None:
+        return {}
+    if not isinstance(block, Mapping):
+        raise ConfigError(where, "must be a mapping of field path -> list of values")
+    out = {}
+    for path, values in block.items():
+        if not isinstance(values, list):
+            raise ConfigError(f"{where}.{path}", f"must be a list of values, got {values!r}")
+        if not values:
+            raise ConfigError(f"{where}.{path}", "empty list: the sweep would have no points")
+        out[str(path)] = values
+    return out
+
+
+def expand(data: Mapping, source: str = "<memory>") -> list[Scenario]:
+    """Expand a scenario's ``sweep`` block into its points (one point without a sweep)."""
+    data = copy.deepcopy(dict(data))
+    check_top_level(data)
+    sweep = data.pop("sweep", None)
+    if sweep is None:
+        return [Scenario(data, {}, source)]
+    if not isinstance(sweep, Mapping):
+        raise ConfigError("sweep", "must be a mapping with grid and/or zip", ["grid", "zip"])
+    for key in sweep:
+        if key not in ("grid", "zip"):
+            raise ConfigError(f"sweep.{key}", "unknown field", ["grid", "zip"])
+    grid = _sweep_lists(sweep.get("grid"), "sweep.grid")
+    zipped = _sweep_lists(sweep.get("zip"), "sweep.zip")
+    if not grid and not zipped:
+        raise ConfigError("sweep", "empty sweep: give grid and/or zip lists")
+    lengths = {len(v) for v in zipped.values()}
+    if len(lengths) > 1:
+        raise ConfigError("sweep.zip", f"lists must have equal lengths, got {sorted(lengths)}")
+    zip_rows = [dict(zip(zipped, row)) for row in zip(*zipped.values())] if zipped else [{}]
+    grid_rows = [dict(zip(grid, row)) for row in itertools.product(*grid.values())] if grid else [{}]
+    points = []
+    for g in grid_rows:
+        for z in zip_rows:
+            values = {**g, **z}
+            d = copy.deepcopy(data)
+            for path, v in values.items():
+                set_path(d, *canonical_path(path, v))
+            points.append(Scenario(d, values, source))
+    return points
+
+
+def resolve_cluster_and_model(data: Mapping) -> tuple[Any, Any]:
+    """The ``cluster`` and ``model`` blocks every scenario kind has, validated:
+    (ClusterSpec, ModelSpec with its experts resolved against the GPUs)."""
+    from lina_sim.hardware.spec import resolve_cluster
+    from lina_sim.workload.graph import model_from_dict
+
+    if "cluster" not in data:
+        raise ConfigError("cluster", "missing", ["preset: NAME, nodes: N"])
+    cluster = resolve_cluster(data["cluster"], "cluster")
+    if "model" not in data:
+        raise ConfigError("model", "missing", ["preset: NAME"])
+    return cluster, model_from_dict(data["model"], "model", world_size=cluster.world_size)
+
+
+def load_scenarios(path: str | Path) -> list[Scenario]:
+    """Load a scenario file and expand its sweep."""
+    return expand(load_yaml(path), str(path))

@@ -1,0 +1,44 @@
+"""Byte sizes as users write them: ``64M``, ``1K:1G`` (binary units, as nccl-tests)."""
+
+from __future__ import annotations
+
+import re
+
+from lina_sim.errors import ConfigError
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
+          "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40}
+
+
+def parse_size(text: str, field: str = "size") -> int:
+    """'64M' → 67108864 bytes (binary units, as nccl-tests)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ConfigError(field, f"cannot parse size {text!r}", "a non-negative number with an optional unit B, K, M, G, T (e.g. 64M)")
+    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    return int(value)
+
+
+def parse_size_range(text: str, field: str = "--sizes") -> list[int]:
+    """'1K:1G' → 1K, 2K, 4K, … 1G; 'MIN:MAX:F' multiplies by F; '64M' is one size."""
+    parts = str(text).split(":")
+    if len(parts) == 1:
+        return [parse_size(parts[0], field)]
+    if len(parts) not in (2, 3):
+        raise ConfigError(field, f"cannot parse {text!r}", "SIZE, MIN:MAX or MIN:MAX:FACTOR")
+    lo, hi = parse_size(parts[0], field), parse_size(parts[1], field)
+    factor = 2.0
+    if len(parts) == 3:
+        try:
+            factor = float(parts[2])
+        except ValueError:
+            factor = 0.0
+        if factor <= 1:
+            raise ConfigError(field, f"factor must be a number > 1, got {parts[2]!r}")
+    if lo <= 0 or hi < lo:
+        raise ConfigError(field, f"need 0 < MIN <= MAX, got {text!r}")
+    sizes, s = [], float(lo)
+    while s <= hi * (1 + 1e-12):
+        sizes.append(int(s))
+        s *= factor
+    return sizes

@@ -1,0 +1,308 @@
+"""``lina-sim reproduce``: the paper's experiments in simulation, as figures and a report.
+
+Every experiment is a shipped scenario (``scenarios/paper-*.yaml``). All their points are
+validated first, then run as one sweep (so the pool stays busy and points shared by two
+experiments run once) with the sweep cache, so a second run only redraws. Each figure
+function returns the table it plotted, and REPORT.md shows those tables.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from lina_sim.errors import ConfigError
+from lina_sim.config.scenario import expand, load_yaml
+from lina_sim.experiments.sweep import (
+    Cache, LocalBackend, Progress, SweepError, SweepPoint, package_version, plan_points, run_sweep,
+)
+from lina_sim.results.files import atomic_write_text
+from lina_sim.results.tables import markdown_table, text_table
+
+SCENARIO_DIR = Path(__file__).resolve().parents[2] / "scenarios"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A shipped scenario whose sweep some figures read; ``quick`` shrinks it for --quick."""
+
+    name: str
+    file: str
+    kind: str = "training"
+    quick: Callable[[dict], dict] | None = None
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure of the gallery: ``draw(table, path) -> plotted table``."""
+
+    name: str
+    title: str
+    source: str
+    file: str
+    draw: Callable[[pd.DataFrame, Path], pd.DataFrame]
+    caption: str
+
+
+def _keep(field: str, values: list) -> Callable[[dict], dict]:
+    """--quick: keep only ``values`` of a grid list (e.g. one of the three models)."""
+    def shrink(data: dict) -> dict:
+        data = copy.deepcopy(data)
+        grid = data["sweep"]["grid"]
+        grid[field] = [v for v in grid[field] if v in values]
+        return data
+    return shrink
+
+
+def _quick_microop(data: dict) -> dict:
+    # GPT-2: its 77 MB embedding gradient is the tensor that micro-op sizes actually cut
+    # (Transformer-XL's tensors are all under 10 MB, so its curve is flat).
+    data = _keep("model.preset", ["gpt2-moe"])(data)
+    keep = [10, 30, 50, 100, 200]
+    for path, values in data["sweep"]["zip"].items():
+        data["sweep"]["zip"][path] = [v for v in values if v in keep]
+    return data
+
+
+def _draw(name: str) -> Callable:
+    """A figure function of plots.reproduce, imported when drawn (matplotlib is slow)."""
+    def draw(df: pd.DataFrame, path: Path, **kw: Any) -> pd.DataFrame:
+        import plots.reproduce as figs
+
+        return getattr(figs, name)(df, path, **kw)
+    return draw
+
+
+SOURCES = [
+    Source("training", "paper-training.yaml"),
+    Source("ablation", "paper-ablation.yaml", quick=_keep("model.preset", ["transformer-xl-24"])),
+    Source("microop", "paper-microop.yaml", quick=_quick_microop),
+]
+
+FIGURES = [
+    Figure("speedup", "Training: step-time speedup against the number of experts", "training",
+           "training_speedup_vs_experts.png", _draw("training_speedup"),
+           "Speedup of each policy's simulated step time over DeepSpeed's, on the paper testbed "
+           "(4 A100-40GB per node, one 100 Gb/s NIC per node), one expert per GPU."),
+    Figure("ablation", "Training: ablation (priority, then partitioning, then pipelining, then packing)",
+           "ablation", "training_ablation.png", _draw("training_ablation"),
+           "Lina's parts added one at a time on 16 GPUs; k = experts per device chosen by packing."),
+    Figure("microop", "Training: step time against micro-op size", "microop", "training_microop_size.png",
+           _draw("microop_size"),
+           "Gradients cut into micro-ops of 10 to 200 MB (16 GPUs); DeepSpeed's 25 MB buckets as reference."),
+    Figure("contention", "Training: backward all-to-all slowdown under contention", "training",
+           "training_a2a_slowdown.png", _draw("a2a_slowdown"),
+           "Each backward all-to-all's time in the step divided by its time alone on an idle network "
+           "(rank 0's communicator), at 16 experts; 1.0 = no contention."),
+]
+
+
+# ---- inference ------------------------------------------------------------------------------
+PATH_LENGTHS = (1, 3, 6)
+
+
+def _quick_serving(data: dict) -> dict:
+    """--quick: a quarter of the requests (the tail percentiles get noisier)."""
+    data = copy.deepcopy(data)
+    data["serving"]["requests"] = max(250, int(data["serving"].get("requests", 1000)) // 4)
+    return data
+
+
+def estimation_accuracy(setup: Any, lengths: tuple[int, ...] = PATH_LENGTHS) -> pd.DataFrame:
+    """Per layer and path length: the share of served batches whose estimated top-2k
+    expert set equals the actual one, and the mean share of the actual set the estimate
+    got. The estimator is fit on the scenario's training slice of the trace and scored on
+    batches of ``token_budget`` tokens of the served slice, at the layers Lina schedules
+    (``layer >= path length``)."""
+    from lina_sim.policies.path_estimator import PathEstimator, top_experts
+    from lina_sim.serving.server import serving_inputs
+    from lina_sim.routing.stats import expert_counts
+
+    sh = serving_inputs(setup)
+    E = setup.model.experts
+    # ``serve_experts`` is the whole trace; score on the served pool's rows only.
+    serve = sh.serve_experts[sh.pool.token_index(list(range(len(sh.pool))))]
+    set_size = min(2 * setup.top_k, E)
+    batch = min(setup.serving.batching.token_budget, serve.shape[0])
+    chunks = [serve[i:i + batch] for i in range(0, serve.shape[0] - batch + 1, batch)]
+    counts = [expert_counts(chunk, E) for chunk in chunks]  # [layers, E] per chunk
+    rows = []
+    for m in lengths:
+        est = PathEstimator(m, E).fit(sh.train_experts)
+        for layer in range(m, sh.layers):
+            exact = overlap = 0.0
+            for chunk, cnt in zip(chunks, counts):
+                want = top_experts(cnt[layer], set_size)
+                got = top_experts(est.estimate(layer, PathEstimator.paths_for(chunk[:, :, 0], layer, m)), set_size)
+                exact += got == want
+                overlap += len(got & want) / set_size
+            rows.append({"path_length": m, "layer": layer, "exact": exact / len(chunks),
+                         "overlap": overlap / len(chunks), "batches": len(chunks)})
+    return pd.DataFrame(rows)
+
+
+def _draw_accuracy(table: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Estimation accuracy per layer, on the path-length scenario's trace split."""
+    import plots.reproduce as figs
+    from lina_sim.serving.server import resolve_inference
+
+    point = expand(load_yaml(SCENARIO_DIR / "paper-pathlength.yaml"), str(SCENARIO_DIR / "paper-pathlength.yaml"))[0]
+    return figs.estimation_accuracy(estimation_accuracy(resolve_inference(point)), path)
+
+
+INFERENCE_SOURCES = [
+    Source("inference", "paper-inference.yaml", "inference", quick=_quick_serving),
+    Source("pathlength", "paper-pathlength.yaml", "inference", quick=_quick_serving),
+]
+
+INFERENCE_FIGURES = [
+    Figure("inference", "Inference: p50 and p95 latency per placement policy, normalised to ideal", "inference",
+           "inference_latency.png", _draw("inference_latency"),
+           "Request latency percentiles of each placement policy divided by those of `ideal` (tokens spread "
+           "perfectly evenly) at the same point: cluster sizes across, any other swept setting (e.g. "
+           "`expert_slots`: None = the default few slots per GPU with swaps over PCIe) down. The gate replays "
+           "recorded expert choices (`scenarios/paper-inference.yaml`)."),
+    Figure("pathlength", "Inference: p95 latency against path length", "pathlength", "inference_path_length.png",
+           lambda df, path: _draw("path_length")(df, path, length_col="policies[lina].path_length"),
+           "Lina's p95 request latency (16 GPUs, 16 experts) with its estimator conditioned on the last 1, 3 "
+           "or 6 layers of each token's path; `ideal`'s p95 is the dashed reference."),
+    Figure("accuracy", "Inference: estimation accuracy per layer", "pathlength",
+           "inference_estimation_accuracy.png", _draw_accuracy,
+           "Share of served batches whose estimated top-2k expert set (before the gate) equals the actual one "
+           "(after it), per layer, for each path length; what decides whether Lina's phase 2 re-plans."),
+]
+
+
+def inference_parts() -> tuple[list[Source], list[Figure], str | None]:
+    """The inference sources and figures, or why they are skipped in this build."""
+    try:
+        import lina_sim.serving.server  # noqa: F401
+    except ImportError as e:
+        return [], [], f"lina_sim.serving.server is not available ({e})"
+    return INFERENCE_SOURCES, INFERENCE_FIGURES, None
+
+
+# ---- running ------------------------------------------------------------------------------
+def _plan(sources: list[Source], quick: bool, points: list[SweepPoint], owner: dict[str, list[int]]) -> None:
+    """Validate every point of ``sources`` and append them to ``points`` with global
+    indices, recording source -> indices in ``owner``; nothing is appended on error."""
+    added: list[SweepPoint] = []
+    for src in sources:
+        path = SCENARIO_DIR / src.file
+        data = load_yaml(path)
+        if quick and src.quick:
+            data = src.quick(data)
+        try:
+            planned = plan_points(expand(data, str(path)))
+        except (ConfigError, SweepError) as e:
+            raise SweepError(f"{path.name}: {e}") from None
+        start = len(points) + len(added)
+        owner[src.name] = list(range(start, start + len(planned)))
+        added += [dataclasses.replace(p, index=start + i) for i, p in enumerate(planned)]
+    points += added
+
+
+def _split(table: pd.DataFrame, indices: list[int]) -> pd.DataFrame:
+    part = table[table["point"].isin(indices)]
+    return part.dropna(axis=1, how="all").reset_index(drop=True)
+
+
+def reproduce(out: Path = Path("plots/gallery"), quick: bool = False, workers: int | None = None,
+              cache: Cache | None = None, only: str | None = None, stream=None) -> int:
+    """Run the experiments, draw the figures into ``out`` and write ``out/REPORT.md``."""
+    stream = stream or sys.stdout
+    t0 = time.perf_counter()
+    inf_sources, inf_figures, skipped = inference_parts()
+    sources, figures = SOURCES + inf_sources, FIGURES + inf_figures
+    if only:
+        wanted = {s.strip() for s in only.split(",") if s.strip()}
+        unknown = wanted - {f.name for f in figures}
+        if unknown:
+            raise ConfigError("--only", f"unknown experiment(s) {sorted(unknown)}", [f.name for f in figures])
+        figures = [f for f in figures if f.name in wanted]
+        sources = [s for s in sources if s.name in {f.source for f in figures}]
+    points: list[SweepPoint] = []
+    owner: dict[str, list[int]] = {}
+    _plan([s for s in sources if s.kind == "training"], quick, points, owner)  # all valid before any runs
+    try:
+        _plan([s for s in sources if s.kind == "inference"], quick, points, owner)
+    except SweepError as e:  # e.g. traces not recorded yet: the training half still stands
+        skipped = str(e)
+    sources = [s for s in sources if s.name in owner]
+    figures = [f for f in figures if f.source in owner]
+    if skipped:
+        print(f"# inference experiments skipped: {skipped}", file=stream)
+    backend = LocalBackend(workers)
+    cached = sum(cache.path(p.key).exists() for p in points) if cache else 0
+    print(f"# reproduce{' --quick' if quick else ''}: {len(points)} points from "
+          f"{', '.join(s.file for s in sources)} ({cached} cached), {backend.workers} workers", file=stream)
+    # Inference points are the longest (about a minute each): start them first so that
+    # the short training points fill the other workers instead of trailing at the end.
+    order = sorted(points, key=lambda p: p.scenario.kind != "inference")
+    res = run_sweep(order, backend, cache, progress=Progress(len(points), cached, label="reproduce"))
+    sections = []
+    for fig in figures:
+        table = _split(res.table, owner[fig.source])
+        failed = table[table["status"] != "ok"]
+        if len(failed) == len(table):
+            sections.append((fig, None, failed, "every point of its scenario failed (see below)"))
+        else:
+            try:
+                plotted = fig.draw(table, out / fig.file)
+                sections.append((fig, plotted, failed, None))
+            except Exception as e:  # noqa: BLE001 - one broken figure must not lose the others
+                sections.append((fig, None, failed, f"{type(e).__name__}: {e}"))
+        print(f"# {out / fig.file}" + (f"  (FAILED: {sections[-1][3]})" if sections[-1][3] else ""), file=stream)
+    for fig, plotted, _, error in sections:
+        if plotted is not None and not error:
+            print(f"\n## {fig.title}\n{text_table(plotted)}", file=stream)
+    print(file=stream)
+    wall = time.perf_counter() - t0
+    sim_s = float(res.table["sim_wall_s"].sum()) if "sim_wall_s" in res.table.columns else float("nan")
+    report = render_report(sections, quick=quick, points=len(points), ran=res.ran, wall_s=wall, sim_s=sim_s,
+                           skipped=skipped)
+    path = atomic_write_text(out / "REPORT.md", report)
+    print(f"# report: {path}; {res.ran} points ran, {res.cached} from cache, {len(res.failed)} failed, "
+          f"{wall:.0f} s", file=stream)
+    return 1 if res.failed or any(s[3] for s in sections) else 0
+
+
+# ---- the report ---------------------------------------------------------------------------
+def render_report(sections: list, quick: bool, points: int, ran: int, wall_s: float, sim_s: float,
+                  skipped: str | None) -> str:
+    mode = "lina-sim reproduce --quick" if quick else "lina-sim reproduce"
+    out = [
+        "# Lina in simulation: reproduced experiments",
+        "",
+        f"Written by `{mode}` (lina-sim {package_version()}): {points} scenario points "
+        f"({ran} simulated in this run, the rest from the cache), {wall_s:.0f} s; simulating every point "
+        f"takes {sim_s:.0f} s of one core in all. Each figure below is "
+        "followed by the table it plots. The scenarios are `scenarios/paper-*.yaml`; hardware numbers "
+        "come from datasheets, never from fitting the paper's results, so where the simulator disagrees "
+        "with the paper the disagreement is a finding, not a tuning target.",
+        "",
+    ]
+    if quick:
+        out += ["*Quick run:* the ablation covers Transformer-XL only, the micro-op sweep GPT-2 only at five "
+                "sizes, and inference serves a quarter of the requests; run `lina-sim reproduce` for all three "
+                "models, eight sizes and full-length inference.", ""]
+    if skipped:
+        out += [f"*Inference experiments skipped:* {skipped}.", ""]
+    for fig, table, failed, error in sections:
+        out += [f"## {fig.title}", "", f"![{fig.name}]({fig.file})", "", fig.caption, ""]
+        if error:
+            out += [f"**Figure failed:** `{error}`", ""]
+        if table is not None and len(table):
+            out += [markdown_table(table), ""]
+        if len(failed):
+            errs = failed.drop_duplicates("point")[["point", "error"]]
+            out += [f"**{len(errs)} point(s) failed:**", ""] + [f"- point {r.point}: `{r.error}`"
+                                                                 for r in errs.itertuples()] + [""]
+    return "\n".join(out)

@@ -1,0 +1,52 @@
+"""A collective's time with nothing else on the network, and the one-off simulated
+cluster that measures it.
+
+The training engine needs these to size pipelining chunks and to report the backward
+all-to-all's slowdown against the same all-to-all alone; the micro-benchmarks use the
+same cluster to time collectives nccl-tests style. Units: seconds, bytes.
+"""
+
+from __future__ import annotations
+
+import simpy
+
+from lina_sim.hardware.spec import ClusterSpec
+from lina_sim.hardware.topology import Topology
+from lina_sim.network.collectives import CollectiveAlgos, Collectives
+from lina_sim.network.fluid import FluidNetwork
+
+
+class SimCluster:
+    """A fresh simulated cluster: simpy clock, topology, network and collectives."""
+
+    def __init__(self, cluster: ClusterSpec, topology: Topology | None = None):
+        self.env = simpy.Environment()
+        self.topology = topology or Topology(cluster)
+        self.net = FluidNetwork(self.env, self.topology)
+        self.coll = Collectives(self.net)
+
+    def start(self, op: str, algo: str, ranks, size: float, tag: str | None = None):
+        if op == "allreduce":
+            return self.coll.allreduce(ranks, size, algo, tag=tag or op)
+        return self.coll.all_to_all(ranks, size, algo, tag=tag or op)
+
+
+class AloneTimes:
+    """Collective times with nothing else on the network (s), cached by size and group."""
+
+    def __init__(self, cluster: ClusterSpec, algos: CollectiveAlgos = CollectiveAlgos(),
+                 topology: Topology | None = None):
+        self.cluster = cluster
+        self.algos = algos
+        self.topology = topology or Topology(cluster)
+        self._cache: dict[tuple, float] = {}
+
+    def __call__(self, op: str, nbytes: float, group: tuple[int, ...]) -> float:
+        key = (op, round(nbytes, 3), group)
+        if key not in self._cache:
+            sim = SimCluster(self.cluster, self.topology)
+            algo = self.algos.all_to_all if op == "all_to_all" else self.algos.allreduce
+            p = sim.start(op, algo, group, nbytes)
+            sim.env.run()
+            self._cache[key] = p.value.duration
+        return self._cache[key]

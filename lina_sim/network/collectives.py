@@ -1,0 +1,321 @@
+"""Collectives decomposed into steps of flows on the fluid network.
+
+Each collective is a simpy process: a sequence of steps, each waiting a per-step
+latency (the largest path latency among the step's flows: the alpha of alpha-beta)
+and then moving its flows (the beta part, at whatever rate fair sharing gives them).
+A step ends when its last flow ends. All work on any subset of ranks (a communicator).
+
+- ``allreduce``:
+  - ``ring``: 2(n-1) steps of S/(C·n) bytes per flow over C channels. As NCCL does,
+    channel c enters and leaves each node through a different GPU, so a multi-node ring
+    uses every NIC the communicator owns.
+  - ``hierarchical``: intra-node reduce-scatter, inter-node ring allreduce among the
+    GPUs of equal local index, intra-node all-gather.
+- ``all_to_all`` with a send matrix (bytes from rank i to rank j, in communicator order):
+  - ``direct``: every pair at once, as NCCL's grouped send/recv;
+  - ``hierarchical`` (2D, Tutel/DeepSpeed): intra-node all-to-all that gathers, on the
+    GPU of local index l, everything its node sends to local index l anywhere; then an
+    inter-node all-to-all among GPUs of equal local index.
+
+Units: bytes, seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generator, Sequence
+
+import numpy as np
+import simpy
+
+from lina_sim.errors import ConfigError
+from lina_sim.network.fluid import FluidNetwork, links_of_paths
+
+ALGORITHMS = {
+    "allreduce": ("ring", "hierarchical"),
+    "all_to_all": ("direct", "hierarchical"),
+}
+# Uneven all-to-alls up to this many flows get one group per flow (exact max-min).
+EXACT_FLOW_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class CollectiveAlgos:
+    """Which collective algorithms the cluster's communication library uses."""
+
+    allreduce: str = "ring"
+    all_to_all: str = "direct"
+
+
+@dataclass(frozen=True)
+class StepPattern:
+    """The flows of one step, pre-grouped: per group (links, mult, n_flows, fraction of
+    the step's per-flow size, fair-share weight per flow), and the step latency alpha (s).
+
+    A flow's weight is 1 / (flows its source rank has in the step): each rank drives its
+    part of a collective step with the same total weight (see ``lina_sim.network.fluid``)."""
+
+    groups: tuple[tuple[np.ndarray, np.ndarray, int, float, float], ...]
+    latency: float
+
+
+@dataclass
+class CollectiveResult:
+    """What one collective did: its ranks, bytes per rank, and [start, end) in s."""
+
+    op: str
+    algo: str
+    ranks: np.ndarray
+    bytes_per_rank: float
+    start: float
+    end: float = float("nan")
+    steps: int = 0
+    tag: str = ""
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+def check_algo(op: str, algo: str) -> None:
+    if op not in ALGORITHMS:
+        raise ConfigError("op", f"unknown collective {op!r}", ALGORITHMS)
+    if algo not in ALGORITHMS[op]:
+        raise ConfigError("algo", f"unknown {op} algorithm {algo!r}", ALGORITHMS[op])
+
+
+class Collectives:
+    """Runs collectives as simpy processes on a :class:`FluidNetwork`.
+
+    ``pipelined=True`` (the default) runs the identical consecutive steps of a phase
+    (the 2(n-1) steps of a ring, the g-1 steps of an intra-node reduce-scatter) as one
+    step carrying all their bytes after all their latencies, as NCCL's pipelined ring
+    keeps every ring link busy at once. Alone it gives the same time as the step-by-step
+    form (``pipelined=False``, one barrier per step) and it costs two network events per
+    phase instead of two per step.
+    """
+
+    def __init__(self, net: FluidNetwork, pipelined: bool = True):
+        self.net = net
+        self.pipelined = pipelined
+        self.env: simpy.Environment = net.env
+        self.topo = net.topology
+        self._pattern_cache: dict[tuple, StepPattern] = {}
+        self._rings: dict[bytes, tuple[StepPattern, int]] = {}  # ranks -> (step pattern, channels)
+        self._checked: dict[tuple, np.ndarray] = {}
+
+    # -- public API ----------------------------------------------------------------------
+    def allreduce(self, ranks: Sequence[int], nbytes: float, algo: str = "ring", tag: str = "allreduce"):
+        """Allreduce ``nbytes`` per rank over ``ranks``; returns the simpy process, whose
+        value is a :class:`CollectiveResult`."""
+        check_algo("allreduce", algo)
+        r = self._ranks(ranks)
+        if not nbytes >= 0:
+            raise ConfigError("size", f"must be >= 0 bytes, got {nbytes}")
+        if algo == "hierarchical":
+            _equal_per_node(_group_by_node(self.topo, r), "hierarchical allreduce")
+        res = CollectiveResult("allreduce", algo, r, float(nbytes), self.env.now, tag=tag)
+        body = self._ring_allreduce(r, nbytes, res) if algo == "ring" else self._hier_allreduce(r, nbytes, res)
+        return self.env.process(self._run(body, res))
+
+    def all_to_all(self, ranks: Sequence[int], send, algo: str = "direct", tag: str = "all_to_all"):
+        """All-to-all over ``ranks``. ``send`` is either a number (bytes each rank sends
+        in total, split evenly over all ranks of the communicator including itself, as
+        in ``all_to_all_single``) or an [n, n] matrix of bytes from rank i to rank j."""
+        check_algo("all_to_all", algo)
+        r = self._ranks(ranks)
+        matrix = send_matrix(send, r.size)
+        if algo == "hierarchical":
+            _equal_per_node(_group_by_node(self.topo, r), "hierarchical all_to_all")
+        res = CollectiveResult("all_to_all", algo, r, float(matrix.sum(axis=1).max()), self.env.now, tag=tag)
+        body = self._direct_a2a(r, matrix, res) if algo == "direct" else self._hier_a2a(r, matrix, res)
+        return self.env.process(self._run(body, res))
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _ranks(self, ranks) -> np.ndarray:
+        key = tuple(ranks) if isinstance(ranks, (tuple, list, range)) else None
+        if key is not None and key in self._checked:
+            return self._checked[key]
+        r = self.topo.check_ranks(ranks)
+        if key is not None:
+            self._checked[key] = r
+        return r
+
+    def _run(self, body: Generator, res: CollectiveResult):
+        yield from body
+        res.end = self.env.now
+        return res
+
+    def _pattern(self, key: tuple, src: np.ndarray, dst: np.ndarray, weight: np.ndarray | None = None) -> StepPattern:
+        """Group a step's flows by path class (which kinds of link they cross) and by
+        relative size; with ``weight`` None every flow carries the same bytes."""
+        if key in self._pattern_cache:
+            return self._pattern_cache[key]
+        keep = src != dst
+        src, dst = src[keep], dst[keep]
+        w = np.ones(src.size) if weight is None else np.asarray(weight, np.float64)[keep]
+        pos = w > 0
+        src, dst, w = src[pos], dst[pos], w[pos]
+        if src.size == 0:
+            pat = StepPattern((), 0.0)
+        else:
+            paths = self.topo.paths(src, dst)
+            lat = float(self.topo.latency_of_paths(paths).max())
+            fair = 1.0 / np.bincount(src)[src]
+            if weight is not None and src.size <= EXACT_FLOW_LIMIT:
+                keys = np.arange(src.size)  # uneven: one group per flow, exact max-min
+            else:
+                # Flows of a class cross the same kinds of link; with equal sizes and weights
+                # they are interchangeable under the topology's symmetry.
+                hops = (paths >= 0).sum(axis=1)
+                if weight is None and np.all(fair == fair[0]):
+                    keys = hops
+                else:
+                    _, keys = np.unique(np.stack([hops, np.round(w * 1e9), np.round(fair * 1e9)]),
+                                        axis=1, return_inverse=True)
+                    keys = keys.ravel()
+            groups = []
+            order = np.argsort(keys, kind="stable")
+            bounds = np.flatnonzero(np.diff(keys[order])) + 1
+            for idx in np.split(order, bounds):
+                links, mult = links_of_paths(paths[idx], len(self.net.capacity))
+                groups.append((links, mult, int(idx.size), float(w[idx[0]]), float(fair[idx[0]])))
+            pat = StepPattern(tuple(groups), lat)
+        self._pattern_cache[key] = pat
+        return pat
+
+    def _steps(self, pattern: StepPattern, bytes_per_unit: float, count: int, res: CollectiveResult):
+        """``count`` identical steps: one merged step when pipelined, else one by one."""
+        if self.pipelined:
+            yield from self._step(pattern, bytes_per_unit * count, res, count)
+        else:
+            for _ in range(count):
+                yield from self._step(pattern, bytes_per_unit, res)
+
+    def _step(self, pattern: StepPattern, bytes_per_unit: float, res: CollectiveResult, steps: int = 1):
+        res.steps += steps
+        if pattern.latency > 0:
+            yield self.env.timeout(pattern.latency * steps)
+        events = [self.net.transfer(links, mult, n, frac * bytes_per_unit, res.tag, weight)
+                  for links, mult, n, frac, weight in pattern.groups if frac * bytes_per_unit > 0]
+        if len(events) == 1:
+            yield events[0]
+        elif events:
+            yield self.env.all_of(events)
+
+    # -- allreduce -----------------------------------------------------------------------
+    def _ring_orders(self, ranks: np.ndarray) -> list[np.ndarray]:
+        """One rank order per channel. Channel c rotates each node's local order by c, so
+        that each channel leaves a node through a different GPU (and NIC)."""
+        by_node = _group_by_node(self.topo, ranks)
+        if len(by_node) == 1:
+            local = by_node[0]
+            if self.topo.cluster.intra_node == "full-mesh" and local.size > 2:
+                return [local, local[::-1]]  # both directions use disjoint pair links
+            return [local]
+        nics = min(len(np.unique(self.topo.nic_index(n))) for n in by_node)
+        per_node = min(n.size for n in by_node)
+        channels = max(1, min(nics, per_node))
+        return [np.concatenate([np.roll(n, -c) for n in by_node]) for c in range(channels)]
+
+    def _ring_allreduce(self, ranks: np.ndarray, nbytes: float, res: CollectiveResult):
+        n = ranks.size
+        if n == 1 or nbytes == 0:
+            return
+        key = ranks.tobytes()
+        if key not in self._rings:
+            orders = self._ring_orders(ranks)
+            src = np.concatenate(orders)
+            dst = np.concatenate([np.roll(o, -1) for o in orders])
+            self._rings[key] = (self._pattern(("ring", key), src, dst), len(orders))
+        pat, channels = self._rings[key]
+        chunk = nbytes / (channels * n)
+        yield from self._steps(pat, chunk, 2 * (n - 1), res)
+
+    def _hier_allreduce(self, ranks: np.ndarray, nbytes: float, res: CollectiveResult):
+        by_node = _group_by_node(self.topo, ranks)
+        if len(by_node) == 1:
+            yield from self._ring_allreduce(ranks, nbytes, res)
+            return
+        g = _equal_per_node(by_node, "hierarchical allreduce")
+        grid = np.stack(by_node)  # [nodes, g]
+        nodes = grid.shape[0]
+        if g > 1:
+            intra = self._pattern(("h-intra", ranks.tobytes()), grid.ravel(), np.roll(grid, -1, axis=1).ravel())
+            yield from self._steps(intra, nbytes / g, g - 1, res)  # reduce-scatter
+        inter = self._pattern(("h-inter", ranks.tobytes()), grid.ravel(), np.roll(grid, -1, axis=0).ravel())
+        yield from self._steps(inter, nbytes / (g * nodes), 2 * (nodes - 1), res)
+        if g > 1:
+            yield from self._steps(intra, nbytes / g, g - 1, res)  # all-gather
+
+    # -- all-to-all ----------------------------------------------------------------------
+    def _direct_a2a(self, ranks: np.ndarray, matrix: np.ndarray, res: CollectiveResult):
+        yield from self._matrix_step(("a2a",), ranks, matrix, res)
+
+    def _matrix_step(self, key: tuple, ranks: np.ndarray, matrix: np.ndarray, res: CollectiveResult):
+        n = ranks.size
+        off = ~np.eye(n, dtype=bool)
+        vals = matrix[off]
+        if vals.size == 0 or vals.max() <= 0:
+            return
+        src_i, dst_i = np.nonzero(off)
+        unit = float(vals.max())
+        uniform = bool(np.all(vals == unit))
+        weight = None if uniform else vals / unit
+        wkey = b"" if uniform else np.round(vals / unit, 9).tobytes()
+        pat = self._pattern(key + (ranks.tobytes(), wkey), ranks[src_i], ranks[dst_i], weight)
+        yield from self._step(pat, unit, res)
+
+    def _hier_a2a(self, ranks: np.ndarray, matrix: np.ndarray, res: CollectiveResult):
+        by_node = _group_by_node(self.topo, ranks)
+        if len(by_node) == 1:
+            yield from self._direct_a2a(ranks, matrix, res)
+            return
+        g = _equal_per_node(by_node, "hierarchical all_to_all")
+        nodes = len(by_node)
+        order = np.concatenate(by_node)
+        pos = {int(r): i for i, r in enumerate(ranks)}
+        perm = np.array([pos[int(r)] for r in order])
+        m = matrix[np.ix_(perm, perm)].reshape(nodes, g, nodes, g)  # [src node, src local, dst node, dst local]
+        # Phase 1 (inside node a): (a, l) -> (a, l') carries everything (a, l) sends to local index l'.
+        phase1 = np.zeros((nodes * g, nodes * g))
+        p1 = m.sum(axis=2)  # [a, l, l']
+        for a in range(nodes):
+            phase1[a * g:(a + 1) * g, a * g:(a + 1) * g] = p1[a]
+        yield from self._matrix_step(("a2a-h1",), order, phase1, res)
+        # Phase 2 (across nodes): (a, l') -> (b, l') carries what node a sends to (b, l').
+        phase2 = np.zeros((nodes * g, nodes * g))
+        p2 = m.sum(axis=1)  # [a, b, l']
+        for l in range(g):
+            phase2[l::g, l::g] = p2[:, :, l]
+        yield from self._matrix_step(("a2a-h2",), order, phase2, res)
+
+
+def send_matrix(send, n: int) -> np.ndarray:
+    """Normalise an all-to-all size argument to an [n, n] float matrix of bytes."""
+    if np.isscalar(send):
+        total = float(send)
+        if not total >= 0:
+            raise ConfigError("size", f"must be >= 0 bytes, got {send}")
+        return np.full((n, n), total / n)
+    m = np.asarray(send, dtype=np.float64)
+    if m.shape != (n, n):
+        raise ConfigError("send_matrix", f"shape {m.shape} does not match the communicator", f"({n}, {n})")
+    if not np.all(np.isfinite(m)) or (m < 0).any():
+        raise ConfigError("send_matrix", "entries must be finite and >= 0 bytes")
+    return m
+
+
+def _group_by_node(topo, ranks: np.ndarray) -> list[np.ndarray]:
+    nodes = topo.node_of(ranks)
+    order = np.lexsort((topo.local_of(ranks), nodes))
+    r, nd = ranks[order], nodes[order]
+    cuts = np.flatnonzero(np.diff(nd)) + 1
+    return np.split(r, cuts)
+
+
+def _equal_per_node(by_node: list[np.ndarray], what: str) -> int:
+    sizes = {int(n.size) for n in by_node}
+    if len(sizes) != 1:
+        raise ConfigError("ranks", f"{what} needs the same number of ranks on every node, got {sorted(sizes)}")
+    return sizes.pop()

@@ -1,0 +1,184 @@
+"""Lina's training scheduler (ATC'23, section 4) and its ablations.
+
+- Gradients are cut into equal micro-ops (``micro_op_mb``, default 30 MB), never mixing
+  tensors, so a launched allreduce (which cannot be preempted) runs for a bounded time.
+- When micro-ops launch (``launch``):
+
+  - ``"planned"`` (default): an all-to-all never shares the network with an allreduce
+    micro-op on the same rank. An all-to-all that arrives while a micro-op runs waits
+    for it (preemption at micro-op boundaries), and a micro-op never starts while an
+    all-to-all runs. Waiting is only safe if every rank launches the same micro-ops
+    between the same two all-to-alls (else rank A holds all-to-all X behind micro-op m
+    that rank B, already inside X, never launches: a deadlock). So once per step, from
+    the step's estimated program (compute-model op times, all-to-alls and micro-ops
+    alone on the network), every rank plans the same thing: in submission order, each
+    micro-op goes into the first gap between all-to-alls, at or after the one where
+    its gradient is ready, that it fits into behind the micro-ops already there; what
+    fits nowhere runs after the last all-to-all.
+  - ``"local"``: the paper's per-device rule, decided on this rank's state alone: an
+    allreduce micro-op launches only while no all-to-all is pending or running on this
+    rank, at most one at a time (the scheduler is one thread with a priority queue, and
+    a second launched micro-op could not be held back any more). An all-to-all that
+    arrives meanwhile launches at once, sharing the network with that one micro-op.
+    With ``hold = "moe-block"`` (default) not once a layer's backward combine
+    all-to-all has started until that layer's backward dispatch all-to-all has
+    finished: the expert FFN between them is too short to hide a micro-op, which would
+    then overlap the dispatch. ``hold = "a2a"`` drops that clause and lets allreduce
+    fill the expert-FFN gap. (``hold`` has no effect on a plan, which sizes gaps from
+    estimates.)
+- The all-to-all and expert FFN are pipelined in ``pipeline_degree`` chunks.
+- Experts are packed onto devices (1, 2, 4, ...) while one FFN micro-op is still shorter
+  than one all-to-all micro-op.
+
+Pure: no simpy, no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, ClassVar, Mapping, Sequence
+
+from lina_sim.policies.training.base import (
+    Param, ProgramEstimate, RankView, TrainingPolicy, bucket_requests, cut_requests, submission_order,
+)
+from lina_sim.workload.comm import MB, GradRequest, MicroOp
+
+HOLDS = ("moe-block", "a2a")
+LAUNCHES = ("planned", "local")
+
+
+class LinaPolicy(TrainingPolicy):
+    """Lina: all-to-all first, gradients in bounded micro-ops, a2a/FFN pipelining and
+    expert packing. Sizes in MB (10^6 bytes)."""
+
+    PARAMS: ClassVar[dict[str, Param]] = {
+        "micro_op_mb": Param(float, 30.0, lambda v: v > 0, "a number of MB > 0"),
+        "pipeline_degree": Param(int, 2, lambda v: v >= 1, "an integer >= 1"),
+        "packing": Param(bool, True),
+        "max_experts_per_device": Param(int, 16, lambda v: v >= 1, "an integer >= 1"),
+        "hold": Param(str, "moe-block", lambda v: v in HOLDS, ", ".join(HOLDS)),
+        "launch": Param(str, "planned", lambda v: v in LAUNCHES, ", ".join(LAUNCHES)),
+        # Opt-in deviation (default off, as specified): fuse consecutive tensors smaller
+        # than this many MB into one micro-op, so tiny LayerNorm/bias tensors do not each
+        # pay a collective's latency.
+        "fuse_below_mb": Param(float, 0.0, lambda v: v >= 0, "a number of MB >= 0"),
+    }
+    micro_op_mb: float
+    fuse_below_mb: float
+    packing: bool
+    max_experts_per_device: int
+    hold: str
+    launch: str
+
+    @property
+    def plans_launches(self) -> bool:
+        return self.launch == "planned"
+
+    # How gradients are cut; the ablations override only this.
+    def partition_gradients(self, requests: Sequence[GradRequest]) -> tuple[MicroOp, ...]:
+        return cut_requests(requests, self.micro_op_mb * MB, self.fuse_below_mb * MB)
+
+    def allreduce_blocked(self, view: RankView) -> bool:
+        """True while no allreduce micro-op may launch on this rank."""
+        if view.pending_a2a:
+            return True
+        if view.in_flight:  # an all-to-all running, or the one allowed allreduce micro-op
+            return True
+        return self.hold == "moe-block" and bool(view.open_moe_blocks)
+
+    def select(self, view: RankView) -> tuple[MicroOp, ...]:
+        if self.plans_launches:
+            return self._select_planned(view)
+        # All-to-alls always launch at once, in order: they are on the critical path.
+        a2a = view.pending_a2a
+        if a2a or self.allreduce_blocked(view):
+            return a2a
+        # Pending is in submission order, so the first allreduce is the head of its
+        # communicator's queue: launching it alone never reorders a communicator.
+        return view.pending_allreduce[:1]
+
+    @staticmethod
+    def _select_planned(view: RankView) -> tuple[MicroOp, ...]:
+        # An all-to-all waits for every micro-op planned before it; a micro-op waits for
+        # the all-to-alls before its gap. So while a micro-op of gap j is owed, all-to-all
+        # j cannot start, and the ones before it are done: the two never overlap.
+        out = []
+        for m in view.pending_a2a:  # seq order
+            if m.seq >= view.first_owed_gap:
+                break
+            out.append(m)
+        for m in view.pending_allreduce:  # submission order, gaps non-decreasing
+            if m.gap > view.a2a_done:
+                break
+            out.append(m)
+        return tuple(out)
+
+    def plan(self, micro_ops: Sequence[MicroOp], program: ProgramEstimate,
+             allreduce_s: Callable[[MicroOp], float]) -> tuple[MicroOp, ...]:
+        """With ``launch = "planned"``: every allreduce micro-op's gap (see the module
+        docstring), first fit in submission order on one allreduce stream."""
+        if not self.plans_launches:
+            return tuple(micro_ops)
+        grads = submission_order(micro_ops)
+        last = program.gaps - 1
+        gap, free = 0, 0.0  # the current gap and when the allreduce stream frees up (s)
+        gaps: dict[str, int] = {}
+        for m in grads:
+            gap = max(gap, program.min_gap[m.ready_after])
+            ready, dur = program.op_end_s[m.ready_after], allreduce_s(m)
+            while True:
+                lo, hi = program.gap_window(gap)
+                start = max(free, ready, lo)
+                if gap == last or start + dur <= hi:
+                    break
+                gap += 1
+            free = start + dur
+            gaps[m.id] = gap
+        return tuple(dataclasses.replace(m, gap=gaps[m.id]) if m.id in gaps else m for m in micro_ops)
+
+    def experts_per_device(self, candidates: Sequence[int],
+                           estimates: Mapping[int, tuple[float, float]] | None = None) -> int:
+        """Double the packing while one FFN micro-op is shorter than one all-to-all
+        micro-op (both from the caller's ``estimates``), staying within ``candidates``
+        and ``max_experts_per_device``."""
+        k = super().experts_per_device(candidates)
+        if not self.packing:
+            return k
+        if estimates is None:
+            raise ValueError("lina needs estimates {k: (ffn_micro_op_s, a2a_micro_op_s)} to choose a packing")
+        valid = set(candidates)
+        while 2 * k in valid and 2 * k <= self.max_experts_per_device:
+            ffn_s, a2a_s = estimates[k]
+            if not ffn_s < a2a_s:
+                break
+            k *= 2
+        return k
+
+
+class LinaPriorityPolicy(LinaPolicy):
+    """Ablation: Lina's launch rule on DeepSpeed's unpartitioned 25 MB buckets
+    (``bucket_mb``); no pipelining, no packing. A launched bucket runs to its end, so an
+    all-to-all that arrives meanwhile still shares bandwidth with it."""
+
+    PARAMS: ClassVar[dict[str, Param]] = {
+        "bucket_mb": Param(float, 25.0, lambda v: v > 0, "a number of MB > 0"),
+        "pipeline_degree": Param(int, 1, lambda v: v >= 1, "an integer >= 1"),
+        "packing": Param(bool, False),
+        "max_experts_per_device": LinaPolicy.PARAMS["max_experts_per_device"],
+        "hold": LinaPolicy.PARAMS["hold"],
+        "launch": LinaPolicy.PARAMS["launch"],
+    }
+    bucket_mb: float
+
+    def partition_gradients(self, requests: Sequence[GradRequest]) -> tuple[MicroOp, ...]:
+        return bucket_requests(requests, self.bucket_mb * MB)
+
+
+class LinaPartitionPolicy(LinaPolicy):
+    """Ablation: Lina's launch rule and gradient partitioning; no pipelining, no packing."""
+
+    PARAMS: ClassVar[dict[str, Param]] = {
+        **LinaPolicy.PARAMS,
+        "pipeline_degree": Param(int, 1, lambda v: v >= 1, "an integer >= 1"),
+        "packing": Param(bool, False),
+    }

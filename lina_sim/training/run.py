@@ -1,0 +1,200 @@
+"""A training scenario end to end: resolve it, simulate one step per policy, summarise.
+
+For each policy: choose the packing (experts per device) and pipelining degree the
+policy asks for, build the step's op graph, run it on the engine, and report the step
+time, the breakdown (compute, exposed all-to-all, exposed allreduce, idle) and how much
+each backward all-to-all was slowed down against the same all-to-all run alone.
+
+The simulator is deterministic and the optimizer step waits for every gradient, so
+consecutive steps are identical: one step is simulated per policy. ``steps`` is kept
+for the real runtime, which reports medians over steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from lina_sim.training.breakdown import mean_breakdown
+from lina_sim.network.collectives import ALGORITHMS, CollectiveAlgos
+from lina_sim.hardware.compute import ProfileComputeModel, RooflineComputeModel
+from lina_sim.training.engine import StepResult, TrainingEngine
+from lina_sim.errors import ConfigError
+from lina_sim.hardware.spec import ClusterSpec
+from lina_sim.network.alone import AloneTimes
+from lina_sim.policies.registry import TRAINING_POLICIES, make_training_policy
+from lina_sim.config.scenario import Scenario, resolve_cluster_and_model
+from lina_sim.workload.graph import ModelSpec, build_training_graph, micro_op_estimates, packing_candidates
+
+
+@dataclass
+class PolicyEntry:
+    """One policy of a scenario: its registry name, display label and parameters."""
+
+    name: str
+    label: str
+    params: dict[str, Any]
+
+
+@dataclass
+class TrainingSetup:
+    """A training scenario with every part resolved and validated."""
+
+    scenario: Scenario
+    cluster: ClusterSpec
+    model: ModelSpec
+    policies: list[PolicyEntry]
+    algos: CollectiveAlgos
+    compute: Any
+    steps: int
+
+    def describe(self) -> dict[str, Any]:
+        """The fully resolved scenario as plain data (for caching and result tables)."""
+        return {
+            "kind": "training", "seed": self.scenario.seed, "steps": self.steps,
+            "cluster": dataclasses.asdict(self.cluster), "model": dataclasses.asdict(self.model),
+            "policies": [{"name": p.name, "label": p.label, **p.params} for p in self.policies],
+            "collectives": dataclasses.asdict(self.algos), "compute": getattr(self.compute, "source", "roofline"),
+        }
+
+
+def parse_policies(entries: Any, where: str = "policies") -> list[PolicyEntry]:
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(where, "must be a non-empty list of policy names or {name: ..., params}",
+                          sorted(TRAINING_POLICIES))
+    out, labels = [], set()
+    for i, e in enumerate(entries):
+        if isinstance(e, str):
+            e = {"name": e}
+        if not isinstance(e, Mapping) or "name" not in e:
+            raise ConfigError(f"{where}[{i}]", "must be a policy name or a mapping with a name", sorted(TRAINING_POLICIES))
+        name = str(e["name"])
+        if name not in TRAINING_POLICIES:
+            raise ConfigError(f"{where}[{i}].name", f"unknown training policy {name!r}", sorted(TRAINING_POLICIES))
+        params = {k: v for k, v in e.items() if k not in ("name", "label")}
+        label = str(e.get("label", name))
+        if label in labels:
+            raise ConfigError(f"{where}[{i}].label", f"duplicate label {label!r}: give each entry its own label")
+        labels.add(label)
+        make_training_policy(name, _where=f"{where}[{name}]", **params)  # validates the parameters
+        out.append(PolicyEntry(name, label, params))
+    return out
+
+
+def _compute_model(block: Any, cluster: ClusterSpec, dtype: str):
+    roofline = RooflineComputeModel.from_cluster(cluster, dtype)
+    if block is None:
+        return roofline
+    if not isinstance(block, Mapping):
+        raise ConfigError("compute", "must be a mapping", ["model: roofline", "model: profile, profile: PATH"])
+    kind = block.get("model", "roofline")
+    if kind == "roofline":
+        return roofline
+    if kind == "profile":
+        if "profile" not in block:
+            raise ConfigError("compute.profile", "missing: the path of a measured profile table")
+        return ProfileComputeModel.load(block["profile"], fallback=roofline)
+    raise ConfigError("compute.model", f"unknown compute model {kind!r}", ["roofline", "profile"])
+
+
+def _algos(block: Any) -> CollectiveAlgos:
+    if block is None:
+        return CollectiveAlgos()
+    if not isinstance(block, Mapping):
+        raise ConfigError("collectives", "must be a mapping", ["allreduce", "all_to_all"])
+    for k in block:
+        if k not in ALGORITHMS:
+            raise ConfigError(f"collectives.{k}", "unknown field", sorted(ALGORITHMS))
+    out = {}
+    for op, allowed in ALGORITHMS.items():
+        v = block.get(op, allowed[0])
+        if v not in allowed:
+            raise ConfigError(f"collectives.{op}", f"unknown algorithm {v!r}", allowed)
+        out[op] = v
+    return CollectiveAlgos(**out)
+
+
+def resolve_training(sc: Scenario) -> TrainingSetup:
+    """Validate every field of a training scenario, naming the YAML path of any error."""
+    d = sc.data
+    cluster, model = resolve_cluster_and_model(d)
+    policies = parse_policies(d.get("policies"))
+    steps = d.get("steps", 1)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError("steps", f"must be a positive integer, got {steps!r}")
+    for key in ("serving",):
+        if key in d:
+            raise ConfigError(key, "only allowed in an inference scenario (kind: inference)")
+    return TrainingSetup(sc, cluster, model, policies, _algos(d.get("collectives")),
+                         _compute_model(d.get("compute"), cluster, model.dtype), steps)
+
+
+@dataclass
+class PolicyRun:
+    """One policy's simulated step."""
+
+    entry: PolicyEntry
+    experts_per_device: int
+    pipeline_degree: int
+    result: StepResult
+    breakdown: dict[str, float]
+    a2a_slowdown: np.ndarray
+    wall_s: float
+
+
+def choose_shape(setup: TrainingSetup, entry: PolicyEntry, alone: AloneTimes) -> tuple[Any, int, int]:
+    """The policy object, its experts per device k (from its packing rule, fed the compute
+    model's FFN time and the network's all-to-all time alone) and its pipelining degree r.
+    The simulator and the real executor both call this, so they run the same shape."""
+    cluster, model = setup.cluster, setup.model
+    policy = make_training_policy(entry.name, **entry.params)
+    r = policy.pipeline_degree
+    cands = packing_candidates(model, cluster.world_size)
+    estimates = micro_op_estimates(
+        model, cluster, r, ffn_time=setup.compute.op_time,
+        a2a_time=lambda op, comm: alone("all_to_all", op.bytes, comm.groups[0]))
+    return policy, policy.experts_per_device(cands, estimates), r
+
+
+def run_policy(setup: TrainingSetup, entry: PolicyEntry, alone: AloneTimes | None = None) -> PolicyRun:
+    t0 = time.perf_counter()
+    cluster, model = setup.cluster, setup.model
+    alone = alone or AloneTimes(cluster, setup.algos)
+    policy, k, r = choose_shape(setup, entry, alone)
+    graph = build_training_graph(model, cluster, experts_per_device=k, pipeline_degree=r)
+    res = TrainingEngine(graph, policy, cluster, setup.compute.op_time, setup.algos, alone.topology,
+                         alone=alone).run()
+    # Rank 0's backward all-to-alls; a one-rank group moves nothing, so it has no slowdown.
+    bwd = [c for c in res.collectives if c.mop.is_a2a and c.mop.phase == "bwd" and c.group[0] == 0]
+    base = [(c.duration, alone("all_to_all", c.mop.nbytes, c.group)) for c in bwd if len(c.group) > 1]
+    slow = np.array([d / a for d, a in base if a > 0])
+    return PolicyRun(entry, k, r, res, mean_breakdown(res.timeline, res.step_time), slow, time.perf_counter() - t0)
+
+
+def run_training(setup: TrainingSetup) -> tuple[pd.DataFrame, list[PolicyRun]]:
+    """Every policy of the scenario; one result row per policy."""
+    alone = AloneTimes(setup.cluster, setup.algos)
+    runs = [run_policy(setup, e, alone) for e in setup.policies]
+    base = runs[0].result.step_time
+    rows = []
+    for run in runs:
+        s = run.a2a_slowdown
+        rows.append({
+            "scenario": setup.scenario.name, "policy": run.entry.label, "policy_name": run.entry.name,
+            "cluster": setup.cluster.name, "nodes": setup.cluster.nodes, "gpus": setup.cluster.world_size,
+            "model": setup.model.name, "experts": setup.model.experts,
+            "experts_per_device": run.experts_per_device, "pipeline_degree": run.pipeline_degree,
+            "step_time_s": run.result.step_time, "speedup": base / run.result.step_time,
+            **{f"{k}_s": v for k, v in run.breakdown.items()},
+            "bwd_a2a_slowdown_median": float(np.median(s)) if s.size else float("nan"),
+            "bwd_a2a_slowdown_p95": float(np.percentile(s, 95)) if s.size else float("nan"),
+            "bwd_a2a_slowdown_max": float(s.max()) if s.size else float("nan"),
+            "collectives": len(run.result.collectives), "sim_wall_s": run.wall_s,
+            **{k: v for k, v in setup.scenario.swept.items()},
+        })
+    return pd.DataFrame(rows), runs

@@ -1,0 +1,81 @@
+"""The communication a training step asks for, as plain data: gradient allreduce requests
+and the collectives (micro-ops) that carry them and the all-to-alls.
+
+The workload layer produces these (:mod:`lina_sim.workload.graph`); training policies
+partition and order them (:mod:`lina_sim.policies.training.base`); the simulator's engine
+and the torch.distributed runtime execute them. Frozen dataclasses only, so policies stay
+free of simpy and torch (docs/ARCHITECTURE.md, "pure policies").
+
+Units: bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ALL_TO_ALL = "all_to_all"
+ALLREDUCE = "allreduce"
+MB = 1e6  # policy sizes are given in MB = 10^6 bytes (PyTorch DDP's bucket_cap_mb is MiB; the 5% does not matter here)
+
+
+@dataclass(frozen=True, slots=True)
+class GradRequest:
+    """One parameter tensor's gradient that must be allreduced (bytes).
+
+    ``ready_after`` is the id of the compute op whose completion produces the gradient.
+    All such ops run on one rank's compute stream in program order, so "ready after op
+    X" is a total order. ``communicator`` is ``dp`` (non-expert parameters, all ranks)
+    or ``expert_dp`` (an expert's replicas only). ``order`` is the tensor's position in
+    the order the backward pass produces gradients.
+    """
+
+    name: str
+    communicator: str
+    nbytes: float
+    ready_after: int
+    layer: int
+    order: int
+
+
+@dataclass(frozen=True, slots=True)
+class MicroOp:
+    """One collective as issued to NCCL: an all-to-all chunk or an allreduce micro-op.
+
+    - ``seq``: its position in its communicator's program order. Every rank must launch
+      the micro-ops of a communicator in increasing ``seq``.
+    - ``nbytes``: the buffer size on each rank (all-to-all: the whole send buffer,
+      including the share that stays local; allreduce: the tensor bytes).
+    - ``op_id``: for an all-to-all, the graph op it executes; -1 for gradients.
+    - ``ready_after``: for an allreduce, the compute op after whose completion every
+      tensor it carries is ready, so it may be submitted; -1 for all-to-alls, which are
+      submitted when their graph op's dependencies are done.
+    - ``pieces``: (tensor name, bytes) carried by an allreduce micro-op.
+    - ``role``: ``dispatch`` / ``combine`` for all-to-alls, ``grad`` for allreduces.
+    - ``gap``: for a planned allreduce micro-op, the gap between all-to-alls it runs in:
+      it launches only after the all-to-alls with ``seq < gap`` have completed, and the
+      all-to-all with ``seq == gap`` waits until it has completed. -1: not planned.
+    """
+
+    id: str
+    kind: str
+    communicator: str
+    seq: int
+    nbytes: float
+    layer: int = -1
+    phase: str = "bwd"
+    role: str = "grad"
+    chunk: int = 0
+    chunks: int = 1
+    op_id: int = -1
+    ready_after: int = -1
+    pieces: tuple[tuple[str, float], ...] = ()
+    gap: int = -1
+
+    @property
+    def stream(self) -> str:
+        """The stream it runs on: ``a2a`` or ``allreduce``."""
+        return "a2a" if self.kind == ALL_TO_ALL else "allreduce"
+
+    @property
+    def is_a2a(self) -> bool:
+        return self.kind == ALL_TO_ALL

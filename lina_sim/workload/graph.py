@@ -1,0 +1,746 @@
+"""MoE model specs and the op graph of one training step.
+
+A :class:`ModelSpec` describes an MoE transformer; :func:`build_training_graph` turns it
+into the SPMD program every rank runs for one training step: a tuple of :class:`Op`
+(compute and all-to-all, in program order), the gradient allreduce requests
+(:class:`~lina_sim.workload.comm.GradRequest`, one per parameter tensor) that a policy
+partitions into micro-ops, and the communicators (rank groups) the collectives run on.
+
+Units: FLOP, bytes, tokens. Nothing here imports simpy or torch.
+
+Modelling choices (each one a comment where it is made):
+
+- Pre-LN transformer layers; a weight and its bias are one gradient tensor.
+- Expert FFNs compute over the whole capacity buffer (padding included), as
+  DeepSpeed-MoE's einsum-free dispatch does: ``T * top_k * capacity_factor`` token rows
+  per rank, whatever the routing.
+- Expert parallelism as DeepSpeed-MoE lays it out: with ``k`` experts per device the
+  expert-parallel group (``ep``) is ``experts / k`` consecutive ranks, and the ranks
+  holding the same experts form an ``expert_dp`` group (stride ``experts / k``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from lina_sim.errors import ConfigError
+from lina_sim.workload.comm import ALL_TO_ALL, GradRequest, MicroOp
+
+DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
+COMPUTE, ALLREDUCE = "compute", "allreduce"
+FWD, BWD, OPT = "fwd", "bwd", "opt"
+# Adam in mixed precision touches, per parameter: fp16 weight read+write (4 B), fp16 grad
+# read (2 B), fp32 master weight, momentum and variance read+write (24 B).
+ADAM_BYTES_PER_PARAM = 30.0
+
+
+# ---------------------------------------------------------------------------------------
+# Model spec
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """An MoE transformer.
+
+    - ``layers``: layers of the main (decoder) stack; ``encoder_layers`` > 0 adds an
+      encoder stack in front and cross-attention to every decoder layer (bert2gpt2).
+      Layers are numbered encoder first: 0 .. encoder_layers + layers - 1.
+    - ``experts``: experts per MoE layer; 0 means one per GPU (set by :meth:`resolve`).
+    - ``capacity_factor``: each expert's buffer holds ``capacity_factor * tokens * top_k /
+      experts`` token rows (DeepSpeed's top-2 capacity).
+    - ``seq_len`` tokens per sequence, ``micro_batch`` sequences per GPU per step (the
+      encoder gets sequences of the same length).
+    - ``dtype``: activations, weights and gradients on the wire; ``dtype_bytes`` derives.
+    - ``moe_layers``: which layers have an MoE FFN (None: all); the rest have a dense FFN.
+    - ``vocab`` (decoder) and ``encoder_vocab`` (0: same) token-embedding rows;
+      ``tie_embeddings`` ties the LM head to the decoder embedding.
+    - ``learned_positions``: a learned position table of ``seq_len`` rows per stack.
+    - ``relative_position``: Transformer-XL attention (relative-position projection of
+      d_model x d_model and two d_model biases per layer; no q/k/v/o biases).
+    """
+
+    name: str
+    layers: int
+    d_model: int
+    d_ff: int
+    heads: int
+    seq_len: int
+    micro_batch: int
+    vocab: int
+    experts: int = 0
+    top_k: int = 2
+    capacity_factor: float = 1.0
+    dtype: str = "fp16"
+    moe_layers: tuple[int, ...] | None = None
+    encoder_layers: int = 0
+    encoder_vocab: int = 0
+    tie_embeddings: bool = True
+    learned_positions: bool = True
+    relative_position: bool = False
+
+    # -- derived -----------------------------------------------------------------------
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def total_layers(self) -> int:
+        return self.encoder_layers + self.layers
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per GPU per step in one stack: micro_batch x seq_len."""
+        return self.micro_batch * self.seq_len
+
+    def is_moe(self, layer: int) -> bool:
+        return self.moe_layers is None or layer in self.moe_layers
+
+    def is_decoder(self, layer: int) -> bool:
+        return layer >= self.encoder_layers
+
+    def has_cross_attention(self, layer: int) -> bool:
+        return self.encoder_layers > 0 and self.is_decoder(layer)
+
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        return tuple(l for l in range(self.total_layers) if self.is_moe(l))
+
+    def resolve(self, world_size: int, where: str = "model") -> "ModelSpec":
+        """Set ``experts`` to one per GPU if unset, and check it divides over the GPUs."""
+        spec = self if self.experts else dataclasses.replace(self, experts=world_size)
+        spec.validate(where)
+        e = spec.experts
+        if world_size % e and e % world_size:
+            raise ConfigError(f"{where}.experts", f"{e} experts do not divide over {world_size} GPUs",
+                              f"a divisor or a multiple of {world_size}, e.g. {', '.join(map(str, _divisors(world_size)))}")
+        return spec
+
+    def validate(self, where: str = "model") -> "ModelSpec":
+        for f in ("layers", "d_model", "d_ff", "heads", "seq_len", "micro_batch", "vocab", "top_k"):
+            _positive_int(f"{where}.{f}", getattr(self, f))
+        for f in ("experts", "encoder_layers", "encoder_vocab"):
+            _nonneg_int(f"{where}.{f}", getattr(self, f))
+        if self.d_model % self.heads:
+            raise ConfigError(f"{where}.heads", f"{self.heads} heads do not divide d_model {self.d_model}",
+                              f"a divisor of {self.d_model}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ConfigError(f"{where}.dtype", f"unknown dtype {self.dtype!r}", sorted(DTYPE_BYTES))
+        if isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float)) \
+                or not self.capacity_factor > 0:
+            raise ConfigError(f"{where}.capacity_factor", f"must be a number > 0, got {self.capacity_factor!r}", "> 0")
+        if self.experts and self.top_k > self.experts:
+            raise ConfigError(f"{where}.top_k", f"top_k {self.top_k} exceeds the {self.experts} experts",
+                              f"1..{self.experts}")
+        if self.moe_layers is not None:
+            bad = [l for l in self.moe_layers if isinstance(l, bool) or not isinstance(l, int)
+                   or not 0 <= l < self.total_layers]
+            if bad:
+                raise ConfigError(f"{where}.moe_layers", f"layer {bad[0]!r} out of range",
+                                  f"layer indices 0..{self.total_layers - 1}")
+        return self
+
+    # -- parameters --------------------------------------------------------------------
+    def tensors(self, experts_per_device: int | None = None) -> list[tuple[str, int, bool, int]]:
+        """Every parameter tensor as (name, elements, is_expert, layer), in forward order.
+
+        Expert tensors are listed for all experts, or, with ``experts_per_device``, for
+        the experts one device holds.
+        """
+        d, f, e = self.d_model, self.d_ff, self.experts
+        bias = 0 if self.relative_position else 1
+        local = e if experts_per_device is None else experts_per_device
+        out: list[tuple[str, int, bool, int]] = []
+        if self.encoder_layers:
+            out.append(("embed.encoder_tokens", (self.encoder_vocab or self.vocab) * d, False, -1))
+            if self.learned_positions:
+                out.append(("embed.encoder_positions", self.seq_len * d, False, -1))
+        out.append(("embed.tokens", self.vocab * d, False, -1))
+        if self.learned_positions:
+            out.append(("embed.positions", self.seq_len * d, False, -1))
+        for l in range(self.total_layers):
+            p = f"L{l}."
+            out += [(p + "ln_attn", 2 * d, False, l), (p + "attn_qkv", 3 * d * d + 3 * d * bias, False, l),
+                    (p + "attn_out", d * d + d * bias, False, l)]
+            if self.relative_position:
+                out.append((p + "attn_rel", d * d + 2 * d, False, l))
+            if self.has_cross_attention(l):
+                out += [(p + "ln_cross", 2 * d, False, l), (p + "cross_q", d * d + d, False, l),
+                        (p + "cross_kv", 2 * d * d + 2 * d, False, l), (p + "cross_out", d * d + d, False, l)]
+            out.append((p + "ln_ffn", 2 * d, False, l))
+            if self.is_moe(l):
+                out.append((p + "gate", d * e, False, l))  # DeepSpeed's TopKGate: Linear(d, E, bias=False)
+                for j in range(local):
+                    out += [(p + f"expert{j}.w1", d * f + f, True, l), (p + f"expert{j}.w2", f * d + d, True, l)]
+            else:
+                out += [(p + "ffn.w1", d * f + f, False, l), (p + "ffn.w2", f * d + d, False, l)]
+        out.append(("final_ln", 2 * d, False, self.total_layers))
+        if not self.tie_embeddings:
+            out.append(("lm_head", self.vocab * d, False, self.total_layers))
+        return out
+
+    def param_counts(self, experts_per_device: int | None = None) -> "ParamCounts":
+        """Parameter counts of the whole model (or of one device's share of experts)."""
+        ts = self.tensors(experts_per_device)
+        expert = sum(n for _, n, is_e, _ in ts if is_e)
+        non_expert = sum(n for _, n, is_e, _ in ts if not is_e)
+        return ParamCounts(total=expert + non_expert, expert=expert, non_expert=non_expert)
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts (elements): total = expert + non_expert."""
+
+    total: int
+    expert: int
+    non_expert: int
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def _positive_int(path: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(path, f"must be a positive integer, got {v!r}", "an integer >= 1")
+
+
+def _nonneg_int(path: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigError(path, f"must be a non-negative integer, got {v!r}", "an integer >= 0")
+
+
+# Presets. Architecture numbers are the paper's (DESIGN.md); the batch shapes are ours,
+# chosen to be typical of each model's public training setup, and are NOT from the paper:
+# - Transformer-XL: the enwik8 character-level setup of the Transformer-XL code (vocab of
+#   204 symbols, segment length 512; relative-position attention, sinusoidal positions).
+#   With 4 experts the 12/24/36-layer sizes land near the 117M/233M/349M that DESIGN.md
+#   quotes, which is how we know the vocabulary is small (a word-level vocabulary would
+#   add 137M embedding parameters).
+# - GPT-2: 1024-token context, 50257-token BPE vocabulary, tied LM head (GPT-2 small).
+# - BERT2GPT2: a BERT-base encoder (30522-token WordPiece vocabulary, 512 positions)
+#   with a GPT-2 decoder; encoder and decoder sequences of 512 tokens.
+# - micro_batch: 8 sequences of 512 tokens (4 of 1024 for GPT-2) per GPU: 4096 tokens,
+#   which fits an A100-40GB with 16 experts' worth of buffers and activations in fp16.
+# - capacity_factor 1.0: DeepSpeed-MoE's default for training.
+PRESETS: dict[str, dict[str, Any]] = {
+    **{f"transformer-xl-{n}": dict(layers=n, d_model=512, d_ff=2048, heads=8, seq_len=512, micro_batch=8,
+                                   vocab=204, learned_positions=False, relative_position=True)
+       for n in (12, 24, 36)},
+    "gpt2-moe": dict(layers=12, d_model=768, d_ff=3072, heads=12, seq_len=1024, micro_batch=4, vocab=50257),
+    "bert2gpt2-moe": dict(layers=12, encoder_layers=12, d_model=768, d_ff=3072, heads=12, seq_len=512,
+                          micro_batch=8, vocab=50257, encoder_vocab=30522),
+}
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec))
+
+
+def available_models() -> list[str]:
+    return sorted(PRESETS)
+
+
+def model_preset(name: str, where: str = "model.preset") -> ModelSpec:
+    if name not in PRESETS:
+        raise ConfigError(where, f"unknown model preset {name!r}", available_models())
+    return ModelSpec(name=name, **PRESETS[name])
+
+
+def model_from_dict(d: Mapping[str, Any] | str, where: str = "model", world_size: int | None = None) -> ModelSpec:
+    """Build a ModelSpec from a scenario's ``model:`` entry.
+
+    ``d`` is a preset name, or a mapping with an optional ``preset`` and any
+    :class:`ModelSpec` field as an override (without a preset every required field must
+    be given). With ``world_size`` the experts are resolved against the GPUs. Errors name
+    the YAML path (``model.micro_batch``) and what is allowed.
+    """
+    if isinstance(d, str):
+        d = {"preset": d}
+    if not isinstance(d, Mapping):
+        raise ConfigError(where, "must be a preset name or a mapping", ["preset: NAME", *MODEL_FIELDS])
+    known = ("preset",) + MODEL_FIELDS
+    for k in d:
+        if k not in known or k == "name":
+            raise ConfigError(f"{where}.{k}", "unknown field", [k for k in known if k != "name"])
+    base: dict[str, Any] = {}
+    if "preset" in d:
+        base = {"name": d["preset"], **dataclasses.asdict(model_preset(str(d["preset"]), f"{where}.preset"))}
+    values = {**base, **{k: v for k, v in d.items() if k != "preset"}}
+    values.setdefault("name", "custom")
+    missing = [f.name for f in dataclasses.fields(ModelSpec)
+               if f.default is dataclasses.MISSING and f.name not in values]
+    if missing:
+        raise ConfigError(f"{where}.{missing[0]}", "missing (give it, or a preset to start from)",
+                          ["preset: " + "|".join(available_models())])
+    if values.get("moe_layers") is not None:
+        ml = values["moe_layers"]
+        if not isinstance(ml, (list, tuple)):
+            raise ConfigError(f"{where}.moe_layers", f"must be a list of layer indices, got {ml!r}")
+        values["moe_layers"] = tuple(ml)
+    if isinstance(values.get("capacity_factor"), int) and not isinstance(values["capacity_factor"], bool):
+        values["capacity_factor"] = float(values["capacity_factor"])
+    spec = ModelSpec(**values)
+    return spec.resolve(world_size, where) if world_size is not None else spec.validate(where)
+
+
+# ---------------------------------------------------------------------------------------
+# Ops
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    """One GPU kernel of an op: tensor-core FLOP and HBM bytes read + written."""
+
+    name: str
+    flops: float
+    hbm_bytes: float
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One op of the SPMD program, identical on every rank.
+
+    - ``id``: index in ``TrainingGraph.ops`` = program order. Each rank runs the ops of
+      one stream in this order; ``deps`` lists only the data dependencies on *other*
+      ops (the previous op of the same stream is implied).
+    - ``kind``: ``compute`` or ``all_to_all``; ``stream``: ``compute`` or ``a2a``.
+    - ``role``: ``embed``, ``attn``, ``gate``, ``dispatch``, ``ffn``, ``combine``,
+      ``head`` or ``optimizer``; ``phase``: ``fwd``, ``bwd`` or ``opt``.
+    - ``layer``: -1 for the embedding, ``total_layers`` for the head.
+    - ``chunk`` of ``chunks``: the pipelining split of dispatch / ffn / combine.
+    - ``flops`` (FLOP), ``hbm_bytes`` (bytes), ``kernels``: compute cost on one rank.
+    - ``bytes``: for an all-to-all, the send buffer per rank (including the share that
+      stays local); ``communicator``: the group it runs on (``ep``).
+    - ``tokens``: token rows this op processes on one rank (for profile look-ups);
+      ``shape``: the dimensions that, with ``tokens``, fix its cost.
+    - ``waits_for_gradients``: the optimizer step also waits for every gradient
+      allreduce micro-op to complete.
+    """
+
+    id: int
+    name: str
+    kind: str
+    stream: str
+    role: str
+    phase: str
+    layer: int
+    deps: tuple[int, ...] = ()
+    chunk: int = 0
+    chunks: int = 1
+    flops: float = 0.0
+    hbm_bytes: float = 0.0
+    kernels: tuple[Kernel, ...] = ()
+    bytes: float = 0.0
+    communicator: str | None = None
+    tokens: float = 0.0
+    shape: str = ""
+    waits_for_gradients: bool = False
+
+    @property
+    def profile_key(self) -> str:
+        """``role.phase``, the key of a measured profile table."""
+        return f"{self.role}.{self.phase}"
+
+
+@dataclass(frozen=True)
+class Communicator:
+    """A named communicator: the disjoint rank groups a collective on it runs within."""
+
+    name: str
+    groups: tuple[tuple[int, ...], ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.groups[0])
+
+    def group_of(self, rank: int) -> tuple[int, ...]:
+        for g in self.groups:
+            if rank in g:
+                return g
+        raise KeyError(rank)
+
+
+# -- kernel cost helpers: a forward kernel and the kernels of its backward ---------------
+@dataclass(frozen=True)
+class _Gemm:
+    """C[m, n] = A[m, k] @ B[k, n], ``batch`` times."""
+
+    name: str
+    m: float
+    n: float
+    k: float
+    batch: float = 1.0
+
+    def fwd(self, db: int) -> list[Kernel]:
+        return [_gemm_kernel(self.name, self.m, self.n, self.k, self.batch, db)]
+
+    def bwd(self, db: int) -> list[Kernel]:
+        # dA = dC @ B^T and dB = A^T @ dC: two GEMMs of the forward's FLOPs each.
+        return [_gemm_kernel(self.name + ".dgrad", self.m, self.k, self.n, self.batch, db),
+                _gemm_kernel(self.name + ".wgrad", self.k, self.n, self.m, self.batch, db)]
+
+
+@dataclass(frozen=True)
+class _Elementwise:
+    """A memory-bound kernel reading ``reads`` and writing ``writes`` elements."""
+
+    name: str
+    reads: float
+    writes: float
+
+    def fwd(self, db: int) -> list[Kernel]:
+        return [Kernel(self.name, 0.0, (self.reads + self.writes) * db)]
+
+    def bwd(self, db: int) -> list[Kernel]:
+        # The gradient reads the output gradient and the saved inputs, writes input grads.
+        return [Kernel(self.name + ".bwd", 0.0, (self.writes + 2 * self.reads) * db)]
+
+
+@dataclass(frozen=True)
+class _Streaming:
+    """A memory-bound kernel of a fixed byte count (the optimizer step); no backward."""
+
+    name: str
+    nbytes: float
+
+    def fwd(self, db: int) -> list[Kernel]:
+        return [Kernel(self.name, 0.0, self.nbytes)]
+
+
+def _gemm_kernel(name: str, m: float, n: float, k: float, batch: float, db: int) -> Kernel:
+    return Kernel(name, 2.0 * m * n * k * batch, (m * k + k * n + m * n) * batch * db)
+
+
+class _GraphBuilder:
+    """Builds the op list of one training step for a resolved model."""
+
+    def __init__(self, model: ModelSpec, world_size: int, experts_per_device: int, r: int) -> None:
+        self.m, self.n, self.k, self.r = model, world_size, experts_per_device, r
+        self.db = model.dtype_bytes
+        self.ops: list[Op] = []
+        self.grads: list[GradRequest] = []
+        self.ep_size = model.experts // experts_per_device
+        self.expert_dp_size = world_size // self.ep_size
+
+    # -- op creation --------------------------------------------------------------------
+    def compute(self, name: str, role: str, phase: str, layer: int, kernels: Sequence[Any], deps: Iterable[int],
+                tokens: float, shape: str, chunk: int = 0, chunks: int = 1, **extra: Any) -> int:
+        ks: list[Kernel] = []
+        for spec in kernels:
+            ks += spec.bwd(self.db) if phase == BWD else spec.fwd(self.db)
+        return self._add(name=name, kind=COMPUTE, stream=COMPUTE, role=role, phase=phase, layer=layer,
+                         deps=tuple(deps), chunk=chunk, chunks=chunks, kernels=tuple(ks),
+                         flops=sum(x.flops for x in ks), hbm_bytes=sum(x.hbm_bytes for x in ks),
+                         tokens=tokens, shape=shape, **extra)
+
+    def a2a(self, name: str, role: str, phase: str, layer: int, deps: Iterable[int], chunk: int) -> int:
+        m = self.m
+        rows = m.tokens * m.top_k * m.capacity_factor / self.r
+        return self._add(name=name, kind=ALL_TO_ALL, stream="a2a", role=role, phase=phase, layer=layer,
+                         deps=tuple(deps), chunk=chunk, chunks=self.r, bytes=rows * m.d_model * self.db,
+                         communicator="ep", tokens=rows, shape=f"d_model={m.d_model}")
+
+    def _add(self, **kw: Any) -> int:
+        i = len(self.ops)
+        self.ops.append(Op(id=i, **kw))
+        return i
+
+    def grad(self, names: Sequence[tuple[str, int, bool, int]], ready_after: int) -> None:
+        # Backward produces a module's gradients in reverse forward order.
+        for name, elems, is_expert, layer in reversed(names):
+            comm = "expert_dp" if is_expert else "dp"
+            if (self.expert_dp_size if is_expert else self.n) < 2:
+                continue  # a group of one rank has nothing to reduce
+            self.grads.append(GradRequest(name=name, communicator=comm, nbytes=float(elems * self.db),
+                                          ready_after=ready_after, layer=layer, order=len(self.grads)))
+
+    # -- per-op kernel lists (forward shapes; backward derives) --------------------------
+    def attn_kernels(self, layer: int) -> list[Any]:
+        m = self.m
+        T, s, d, b, h = m.tokens, m.seq_len, m.d_model, m.micro_batch, m.heads
+        ks: list[Any] = []
+        prev = layer - 1
+        if layer > 0 and m.is_moe(prev):
+            ks += self.combine_out_kernels(prev)
+        ks += [_Elementwise("ln_attn", T * d, T * d), _Gemm("qkv", T, 3 * d, d)]
+        if m.relative_position:
+            # Transformer-XL: project the relative position embeddings, then the
+            # position term of the scores (one more score-sized batched GEMM).
+            ks += [_Gemm("rel_proj", s, d, d), _Gemm("rel_scores", s, s, d / h, b * h)]
+        ks += self._core("attn", s, s)
+        if m.has_cross_attention(layer):
+            ks += [_Elementwise("ln_cross", T * d, T * d), _Gemm("cross_q", T, d, d),
+                   _Gemm("cross_kv", T, 2 * d, d)] + self._core("cross", s, s)
+        return ks
+
+    def _core(self, p: str, sq: float, sk: float) -> list[Any]:
+        m = self.m
+        T, d, b, h = m.tokens, m.d_model, m.micro_batch, m.heads
+        # Scores over the full square (no flash attention, as in the paper's DeepSpeed).
+        return [_Gemm(f"{p}_scores", sq, sk, d / h, b * h), _Elementwise(f"{p}_softmax", b * h * sq * sk, b * h * sq * sk),
+                _Gemm(f"{p}_values", sq, d / h, sk, b * h), _Gemm(f"{p}_out", T, d, d),
+                _Elementwise(f"{p}_residual", 2 * T * d, T * d)]
+
+    def gate_kernels(self) -> list[Any]:
+        m = self.m
+        T, d, e = m.tokens, m.d_model, m.experts
+        rows = T * m.top_k * m.capacity_factor
+        return [_Elementwise("ln_ffn", T * d, T * d), _Gemm("gate", T, e, d),
+                _Elementwise("topk_softmax", T * e, T * e),
+                # scatter each token's copies into the experts' capacity buffer
+                _Elementwise("dispatch_scatter", T * d * m.top_k, rows * d)]
+
+    def ffn_kernels(self, rows: float, experts: int) -> list[Any]:
+        m = self.m
+        d, f = m.d_model, m.d_ff
+        per = rows / experts
+        ks: list[Any] = []
+        for j in range(experts):  # one GEMM pair per local expert
+            ks += [_Gemm(f"e{j}.w1", per, f, d), _Elementwise(f"e{j}.gelu", per * f, per * f), _Gemm(f"e{j}.w2", per, d, f)]
+        return ks
+
+    def combine_out_kernels(self, layer: int) -> list[Any]:
+        # After the combine all-to-all: gather each token's top-k expert outputs from the
+        # capacity buffer, weight them by the gate, add the residual. Runs at the start of
+        # the next op, so its backward lands right before this layer's backward combine.
+        m = self.m
+        T, d = m.tokens, m.d_model
+        return [_Elementwise(f"L{layer}.combine_gather", T * m.top_k * m.capacity_factor * d + T * d, T * d)]
+
+    def dense_ffn_kernels(self) -> list[Any]:
+        m = self.m
+        T, d = m.tokens, m.d_model
+        return [_Elementwise("ln_ffn", T * d, T * d)] + self.ffn_kernels(T, 1) + [_Elementwise("ffn_residual", 2 * T * d, T * d)]
+
+    def embed_kernels(self) -> list[Any]:
+        m = self.m
+        T, d = m.tokens, m.d_model
+        stacks = 2 if m.encoder_layers else 1
+        return [_Elementwise("embed_lookup", stacks * 2 * T * d, stacks * T * d)]
+
+    def head_kernels(self) -> list[Any]:
+        m = self.m
+        T, d, V = m.tokens, m.d_model, m.vocab
+        ks: list[Any] = []
+        last = m.total_layers - 1
+        if m.is_moe(last):
+            ks += self.combine_out_kernels(last)
+        return ks + [_Elementwise("final_ln", T * d, T * d), _Gemm("lm_head", T, V, d),
+                     _Elementwise("softmax_xent", T * V, T * V)]
+
+    # -- the step -----------------------------------------------------------------------
+    def build(self) -> None:
+        m, r = self.m, self.r
+        T, d = m.tokens, m.d_model
+        tensors = m.tensors(self.k)
+        by_module: dict[tuple[int, str], list[tuple[str, int, bool, int]]] = {}
+        for t in tensors:
+            by_module.setdefault((t[3], _module_of(t[0])), []).append(t)
+        attn_shape = f"d_model={d},heads={m.heads},seq_len={m.seq_len},cross={int(m.encoder_layers > 0)}"
+        ffn_shape = f"d_model={d},d_ff={m.d_ff},experts_per_device={self.k}"
+        L = m.total_layers
+
+        # Forward.
+        prev_out = [self.compute("embed.fwd", "embed", FWD, -1, self.embed_kernels(), (), T, f"d_model={d}")]
+        fwd: dict[int, list[int]] = {}  # layer -> the ops producing its output
+        for l in range(L):
+            deps = list(prev_out)  # every combine chunk of the previous layer
+            if m.has_cross_attention(l):
+                deps += [x for x in fwd[m.encoder_layers - 1] if x not in deps]
+            a = self.compute(f"L{l}.fwd.attn", "attn", FWD, l, self.attn_kernels(l), deps, T, attn_shape)
+            if m.is_moe(l):
+                g = self.compute(f"L{l}.fwd.gate", "gate", FWD, l, self.gate_kernels(), [a], T, f"d_model={d},experts={m.experts}")
+                rows = T * m.top_k * m.capacity_factor / r
+                # Program order is all dispatch chunks, then the FFN chunks, then the
+                # combine chunks: the a2a stream runs in program order, so chunk c+1's
+                # dispatch must precede chunk c's combine for FFN c to overlap it.
+                xs = [self.a2a(f"L{l}.fwd.dispatch.c{c}", "dispatch", FWD, l, [g], c) for c in range(r)]
+                fs = [self.compute(f"L{l}.fwd.ffn.c{c}", "ffn", FWD, l, self.ffn_kernels(rows, self.k), [xs[c]], rows,
+                                   ffn_shape, chunk=c, chunks=r) for c in range(r)]
+                outs = [self.a2a(f"L{l}.fwd.combine.c{c}", "combine", FWD, l, [fs[c]], c) for c in range(r)]
+                prev_out = outs
+            else:
+                prev_out = [self.compute(f"L{l}.fwd.ffn", "ffn", FWD, l, self.dense_ffn_kernels(), [a], T,
+                                         f"d_model={d},d_ff={m.d_ff},dense=1")]
+            fwd[l] = list(prev_out)
+        head = self.compute("head.fwd", "head", FWD, L, self.head_kernels(), prev_out, T, f"d_model={d},vocab={m.vocab}")
+
+        # Backward, layers in reverse; gradients become ready where their module's
+        # backward ends.
+        last = self.compute("head.bwd", "head", BWD, L, self.head_kernels(), [head], T, f"d_model={d},vocab={m.vocab}")
+        self.grad(by_module.get((L, "head"), []), last)
+        for l in reversed(range(L)):
+            if m.is_moe(l):
+                rows = T * m.top_k * m.capacity_factor / r
+                xs = [self.a2a(f"L{l}.bwd.combine.c{c}", "combine", BWD, l, [last], c) for c in range(r)]
+                fs = [self.compute(f"L{l}.bwd.ffn.c{c}", "ffn", BWD, l, self.ffn_kernels(rows, self.k), [xs[c]], rows,
+                                   ffn_shape, chunk=c, chunks=r) for c in range(r)]
+                dispatch = [self.a2a(f"L{l}.bwd.dispatch.c{c}", "dispatch", BWD, l, [fs[c]], c) for c in range(r)]
+                # Expert weight gradients accumulate over chunks: ready after the last one.
+                self.grad(by_module.get((l, "expert"), []), fs[-1])
+                g = self.compute(f"L{l}.bwd.gate", "gate", BWD, l, self.gate_kernels(), dispatch, T,
+                                 f"d_model={d},experts={m.experts}")
+                self.grad(by_module.get((l, "gate"), []), g)
+                last = g
+            else:
+                last = self.compute(f"L{l}.bwd.ffn", "ffn", BWD, l, self.dense_ffn_kernels(), [last], T,
+                                    f"d_model={d},d_ff={m.d_ff},dense=1")
+                self.grad(by_module.get((l, "gate"), []), last)
+            last = self.compute(f"L{l}.bwd.attn", "attn", BWD, l, self.attn_kernels(l), [last], T, attn_shape)
+            self.grad(by_module.get((l, "attn"), []), last)
+        last = self.compute("embed.bwd", "embed", BWD, -1, self.embed_kernels(), [last], T, f"d_model={d}")
+        self.grad(by_module.get((-1, "embed"), []), last)
+
+        # Optimizer step (Adam, memory-bound) over this rank's parameters, after every
+        # gradient is reduced: DDP and DeepSpeed synchronise before the step.
+        params = m.param_counts(self.k)
+        local = params.non_expert + params.expert
+        self.compute("optimizer", "optimizer", OPT, -1, [_Streaming("adam", ADAM_BYTES_PER_PARAM * local)], [last],
+                     0.0, f"params={local}", waits_for_gradients=True)
+
+
+def _module_of(tensor: str) -> str:
+    """Which op's backward produces a tensor's gradient."""
+    if tensor.startswith("embed."):
+        return "embed"
+    if tensor in ("final_ln", "lm_head"):
+        return "head"
+    leaf = tensor.split(".", 1)[1]
+    if leaf.startswith("expert"):
+        return "expert"
+    if leaf.startswith(("ln_ffn", "gate", "ffn.")):
+        return "gate"  # pre-FFN LayerNorm and gate (or dense FFN) finish with the gate/FFN op
+    return "attn"
+
+
+# ---------------------------------------------------------------------------------------
+# The graph
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainingGraph:
+    """One training step of ``model`` on ``world_size`` ranks, as plain data.
+
+    - ``ops``: compute and all-to-all ops in program order (same on every rank).
+    - ``grad_requests``: one per parameter tensor whose gradient must be reduced, in the
+      order the backward produces them; a policy partitions them into allreduce
+      micro-ops (:meth:`micro_ops`).
+    - ``communicators``: ``dp`` (all ranks), ``ep`` (ranks exchanging tokens), and
+      ``expert_dp`` (ranks holding the same experts).
+    """
+
+    model: ModelSpec
+    world_size: int
+    experts_per_device: int
+    pipeline_degree: int
+    ops: tuple[Op, ...]
+    grad_requests: tuple[GradRequest, ...]
+    communicators: Mapping[str, Communicator]
+
+    def a2a_micro_ops(self) -> tuple[MicroOp, ...]:
+        """One micro-op per all-to-all op, numbered in program order per communicator."""
+        out, seq = [], {}
+        for op in self.ops:
+            if op.kind != ALL_TO_ALL:
+                continue
+            s = seq.get(op.communicator, 0)
+            seq[op.communicator] = s + 1
+            out.append(MicroOp(id=op.name, kind=ALL_TO_ALL, communicator=op.communicator, seq=s, nbytes=op.bytes,
+                               layer=op.layer, phase=op.phase, role=op.role, chunk=op.chunk, chunks=op.chunks,
+                               op_id=op.id))
+        return tuple(out)
+
+    def micro_ops(self, policy: Any) -> tuple[MicroOp, ...]:
+        """Every collective of the step under ``policy``: the all-to-all micro-ops, then
+        the allreduce micro-ops from ``policy.partition_gradients``."""
+        return self.a2a_micro_ops() + tuple(policy.partition_gradients(self.grad_requests))
+
+    def totals(self, phase: str | None = None) -> dict[str, float]:
+        """Summed flops, hbm_bytes and all-to-all bytes per rank (optionally one phase)."""
+        ops = [o for o in self.ops if phase is None or o.phase == phase]
+        return {"flops": sum(o.flops for o in ops), "hbm_bytes": sum(o.hbm_bytes for o in ops),
+                "a2a_bytes": sum(o.bytes for o in ops if o.kind == ALL_TO_ALL),
+                "grad_bytes": sum(g.nbytes for g in self.grad_requests)}
+
+    def op(self, name: str) -> Op:
+        for o in self.ops:
+            if o.name == name:
+                return o
+        raise KeyError(name)
+
+
+def packing_candidates(model: ModelSpec, world_size: int) -> list[int]:
+    """Valid experts-per-device values k (ascending): k divides the experts and the
+    expert-parallel group of experts/k ranks divides the world."""
+    e = model.experts or world_size
+    return [k for k in range(1, e + 1) if e % k == 0 and world_size % (e // k) == 0]
+
+
+def _world(cluster: Any) -> int:
+    n = cluster if isinstance(cluster, int) else cluster.world_size
+    _positive_int("cluster.world_size", n)
+    return n
+
+
+def build_training_graph(model: ModelSpec, cluster: Any, experts_per_device: int | None = None,
+                         pipeline_degree: int = 1) -> TrainingGraph:
+    """The op graph of one training step.
+
+    ``cluster`` is a :class:`~lina_sim.hardware.spec.ClusterSpec` or a world size.
+    ``experts_per_device`` (None: the smallest valid, normally 1) packs experts; the
+    expert-parallel group then has ``experts / experts_per_device`` ranks.
+    ``pipeline_degree`` r splits every dispatch all-to-all, expert FFN and combine
+    all-to-all into r chunks along tokens (total bytes and FLOPs are preserved).
+    """
+    n = _world(cluster)
+    model = model.resolve(n)
+    cands = packing_candidates(model, n)
+    k = cands[0] if experts_per_device is None else experts_per_device
+    if k not in cands:
+        raise ConfigError("experts_per_device", f"{k} experts per device do not fit {model.experts} experts on {n} GPUs",
+                          cands)
+    if isinstance(pipeline_degree, bool) or not isinstance(pipeline_degree, int) or pipeline_degree < 1:
+        raise ConfigError("pipeline_degree", f"must be a positive integer, got {pipeline_degree!r}", "an integer >= 1")
+    b = _GraphBuilder(model, n, k, pipeline_degree)
+    b.build()
+    ep = b.ep_size
+    comms = {
+        "dp": Communicator("dp", (tuple(range(n)),)),
+        "ep": Communicator("ep", tuple(tuple(range(g * ep, (g + 1) * ep)) for g in range(n // ep))),
+        "expert_dp": Communicator("expert_dp", tuple(tuple(range(i, n, ep)) for i in range(ep))),
+    }
+    return TrainingGraph(model=model, world_size=n, experts_per_device=k, pipeline_degree=pipeline_degree,
+                         ops=tuple(b.ops), grad_requests=tuple(b.grads), communicators=comms)
+
+
+def micro_op_estimates(model: ModelSpec, cluster: Any, pipeline_degree: int,
+                       ffn_time: Callable[[Op], float],
+                       a2a_time: Callable[[Op, Communicator], float]) -> dict[int, tuple[float, float]]:
+    """For every valid packing k: (one forward expert-FFN micro-op's time, one dispatch
+    all-to-all micro-op's time run alone), from the caller's timing functions (a compute
+    model and the network). Feed it to ``policy.experts_per_device``."""
+    n = _world(cluster)
+    out = {}
+    model = model.resolve(n)
+    if not model.moe_layer_ids:
+        raise ConfigError("model.moe_layers", "no MoE layer: nothing to pack", "at least one layer index")
+    for k in packing_candidates(model, n):
+        g = build_training_graph(model, n, k, pipeline_degree)
+        ffn = next(o for o in g.ops if o.role == "ffn" and o.phase == FWD and model.is_moe(o.layer))
+        a2a = next(o for o in g.ops if o.kind == ALL_TO_ALL)
+        out[k] = (ffn_time(ffn), a2a_time(a2a, g.communicators["ep"]))
+    return out
+
+
+def graph_for_policy(model: ModelSpec, cluster: Any, policy: Any,
+                     ffn_time: Callable[[Op], float] | None = None,
+                     a2a_time: Callable[[Op, Communicator], float] | None = None) -> TrainingGraph:
+    """The step graph shaped by ``policy``: its pipelining degree and its packing.
+
+    A policy that packs experts (``lina``) needs ``ffn_time`` (e.g. a compute model's
+    ``op_time``) and ``a2a_time`` (an all-to-all op run alone on its communicator, from
+    the network) to estimate one FFN and one all-to-all micro-op per packing.
+    """
+    n = _world(cluster)
+    model = model.resolve(n)
+    estimates = None
+    if ffn_time is not None and a2a_time is not None:
+        estimates = micro_op_estimates(model, n, policy.pipeline_degree, ffn_time, a2a_time)
+    k = policy.experts_per_device(packing_candidates(model, n), estimates)
+    return build_training_graph(model, n, k, policy.pipeline_degree)
