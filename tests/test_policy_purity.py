@@ -1,4 +1,4 @@
-"""DESIGN.md contract 1: lina_sim.policies imports neither simpy nor torch, directly or not."""
+"""docs/ARCHITECTURE.md, contract 1: lina_sim.policies imports neither simpy nor torch, directly or not."""
 
 import subprocess
 import sys

@@ -41,7 +41,7 @@ def test_bert2gpt2_counts_encoder_decoder_and_cross_attention():
 
 @pytest.mark.parametrize("layers,experts,millions", [(12, 4, 117), (24, 4, 233), (36, 4, 349), (12, 16, 419)])
 def test_transformer_xl_sizes_fit_the_stated_model_sizes(layers, experts, millions):
-    # DESIGN.md: the Transformer-XL sizes 117M/233M/349M/419M fit d_model 512, d_ff 2048.
+    # docs/reference-numbers.md: the Transformer-XL sizes 117M/233M/349M/419M fit d_model 512, d_ff 2048.
     m = model_preset(f"transformer-xl-{layers}").resolve(experts)
     assert m.param_counts().total / 1e6 == pytest.approx(millions, rel=0.005)
 

@@ -15,7 +15,7 @@ their own copy of every link. On a cluster whose ranks share a host's CPU cores
 (``cluster.host``, an emulated testbed) compute ops of all ranks share those cores
 through a :class:`~lina_sim.hardware.processors.ProcessorPool`, and a collective that lived while
 compute oversubscribed them waits the host's calibrated per-step delay on top of its
-transfer; otherwise each rank computes on its own device. Output: the DESIGN.md timeline
+transfer; otherwise each rank computes on its own device. Output: the one timeline (docs/ARCHITECTURE.md, contract 6)
 (seconds).
 """
 

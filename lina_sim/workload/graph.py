@@ -210,11 +210,11 @@ def _nonneg_int(path: str, v: Any) -> None:
         raise ConfigError(path, f"must be a non-negative integer, got {v!r}", "an integer >= 0")
 
 
-# Presets. Architecture numbers are the paper's (DESIGN.md); the batch shapes are ours,
+# Presets. Architecture numbers are the paper's (docs/reference-numbers.md); the batch shapes are ours,
 # chosen to be typical of each model's public training setup, and are NOT from the paper:
 # - Transformer-XL: the enwik8 character-level setup of the Transformer-XL code (vocab of
 #   204 symbols, segment length 512; relative-position attention, sinusoidal positions).
-#   With 4 experts the 12/24/36-layer sizes land near the 117M/233M/349M that DESIGN.md
+#   With 4 experts the 12/24/36-layer sizes land near the 117M/233M/349M that docs/reference-numbers.md
 #   quotes, which is how we know the vocabulary is small (a word-level vocabulary would
 #   add 137M embedding parameters).
 # - GPT-2: 1024-token context, 50257-token BPE vocabulary, tied LM head (GPT-2 small).

@@ -1,4 +1,4 @@
-"""The training-policy contract (DESIGN.md #2) and the plain data it decides on.
+"""The training-policy contract (docs/ARCHITECTURE.md, contract 2) and the plain data it decides on.
 
 A training policy decides four things and nothing else:
 
