@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
+from lina_sim.config import fields
 from lina_sim.errors import ConfigError
 
 KINDS = ("training", "inference")
@@ -157,16 +156,8 @@ def set_path(data: dict, path: str, value: Any, known_top: Mapping[str, Any] = T
 
 # -- loading and expansion -------------------------------------------------------------
 def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError("scenario", f"file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(str(path), "a scenario must be a YAML mapping", sorted(TOP_LEVEL))
-    return data
+    """A scenario file's mapping (one error naming the file if it is not one)."""
+    return fields.load_yaml(path, "scenario", sorted(TOP_LEVEL))
 
 
 def check_top_level(data: Mapping, where: str = "") -> None:
@@ -226,20 +217,6 @@ def expand(data: Mapping, source: str = "<memory>") -> list[Scenario]:
                 set_path(d, *canonical_path(path, v))
             points.append(Scenario(d, values, source))
     return points
-
-
-def resolve_cluster_and_model(data: Mapping) -> tuple[Any, Any]:
-    """The ``cluster`` and ``model`` blocks every scenario kind has, validated:
-    (ClusterSpec, ModelSpec with its experts resolved against the GPUs)."""
-    from lina_sim.hardware.spec import resolve_cluster
-    from lina_sim.workload.graph import model_from_dict
-
-    if "cluster" not in data:
-        raise ConfigError("cluster", "missing", ["preset: NAME, nodes: N"])
-    cluster = resolve_cluster(data["cluster"], "cluster")
-    if "model" not in data:
-        raise ConfigError("model", "missing", ["preset: NAME"])
-    return cluster, model_from_dict(data["model"], "model", world_size=cluster.world_size)
 
 
 def load_scenarios(path: str | Path) -> list[Scenario]:

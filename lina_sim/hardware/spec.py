@@ -93,7 +93,7 @@ class HostSpec:
         is oversubscribed as at calibration."""
         return self.steps(kind, n) * self.step_delay_s.get(kind, 0.0)
 
-    def validate(self, where: str = "host") -> "HostSpec":
+    def check(self, where: str = "host") -> "HostSpec":
         _check_positive_int(f"{where}.cores", self.cores)
         for k, v in self.step_delay_s.items():
             if k not in COLLECTIVE_KINDS:
@@ -147,7 +147,7 @@ class ClusterSpec:
         _check_positive_int("nodes", nodes)
         return dataclasses.replace(self, nodes=int(nodes))
 
-    def validate(self, where: str = "cluster") -> "ClusterSpec":
+    def check(self, where: str = "cluster") -> "ClusterSpec":
         _check_positive_int(f"{where}.nodes", self.nodes)
         _check_positive_int(f"{where}.gpus_per_node", self.gpus_per_node)
         _check_positive_int(f"{where}.nics_per_node", self.nics_per_node)
@@ -169,7 +169,7 @@ class ClusterSpec:
         if not self.oversubscription >= 1:
             raise ConfigError(f"{where}.oversubscription", f"must be >= 1, got {self.oversubscription}")
         if self.host is not None:
-            self.host.validate(f"{where}.host")
+            self.host.check(f"{where}.host")
         return self
 
     @property
@@ -272,7 +272,7 @@ def cluster_from_dict(d: Mapping[str, Any], where: str = "cluster") -> ClusterSp
         compute=compute,
         host=_host(d.get("host"), f"{where}.host"),
     )
-    return spec.validate(where)
+    return spec.check(where)
 
 
 def read_preset(name: str, field: str = "preset") -> tuple[dict, Path]:

@@ -43,7 +43,7 @@ class Topology:
     """The links of a cluster and the routes between its ranks (GPUs)."""
 
     def __init__(self, cluster: ClusterSpec):
-        self.cluster = cluster.validate()
+        self.cluster = cluster.check()
         c = self.cluster
         self.world_size = c.world_size
         self.gpus_per_node = c.gpus_per_node

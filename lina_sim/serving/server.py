@@ -61,7 +61,8 @@ from lina_sim.hardware.processors import shared_finish_times
 from lina_sim.serving.requests import (
     ArrivalSpec, Batcher, BatchingSpec, Request, RequestPool, make_arrivals,
 )
-from lina_sim.config.scenario import Scenario, resolve_cluster_and_model
+from lina_sim.config.scenario import Scenario
+from lina_sim.workload.resolve import resolve_cluster_and_model
 from lina_sim.serving.cost import InferenceCostModel
 from lina_sim.network.serving_a2a import AllToAllTimer
 from lina_sim.results.timeline import Event, Timeline

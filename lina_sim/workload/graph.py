@@ -109,14 +109,14 @@ class ModelSpec:
     def resolve(self, world_size: int, where: str = "model") -> "ModelSpec":
         """Set ``experts`` to one per GPU if unset, and check it divides over the GPUs."""
         spec = self if self.experts else dataclasses.replace(self, experts=world_size)
-        spec.validate(where)
+        spec.check(where)
         e = spec.experts
         if world_size % e and e % world_size:
             raise ConfigError(f"{where}.experts", f"{e} experts do not divide over {world_size} GPUs",
                               f"a divisor or a multiple of {world_size}, e.g. {', '.join(map(str, _divisors(world_size)))}")
         return spec
 
-    def validate(self, where: str = "model") -> "ModelSpec":
+    def check(self, where: str = "model") -> "ModelSpec":
         for f in ("layers", "d_model", "d_ff", "heads", "seq_len", "micro_batch", "vocab", "top_k"):
             _positive_int(f"{where}.{f}", getattr(self, f))
         for f in ("experts", "encoder_layers", "encoder_vocab"):
@@ -278,7 +278,7 @@ def model_from_dict(d: Mapping[str, Any] | str, where: str = "model", world_size
     if isinstance(values.get("capacity_factor"), int) and not isinstance(values["capacity_factor"], bool):
         values["capacity_factor"] = float(values["capacity_factor"])
     spec = ModelSpec(**values)
-    return spec.resolve(world_size, where) if world_size is not None else spec.validate(where)
+    return spec.resolve(world_size, where) if world_size is not None else spec.check(where)
 
 
 # ---------------------------------------------------------------------------------------
