@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from lina_sim.config.scenario import Scenario, load_yaml
-from lina_sim.serving.server import resolve_inference, serve_policies
+from lina_sim.serving.setup import resolve_inference
+from lina_sim.serving.run import serve_policies
 from lina_sim.network.serving_a2a import AllToAllTimer
 
 SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "paper-inference.yaml"

@@ -1,7 +1,7 @@
 """Inference figures: request-latency CDFs, p95 latency per policy, tail all-to-all per layer.
 
 They read the result table (one row per policy and point) and the per-policy serving
-runs (request latencies, per-batch layer times) that :func:`lina_sim.serving.server.run_inference`
+runs (request latencies, per-batch layer times) that :func:`lina_sim.serving.run.run_inference`
 returns.
 """
 
@@ -79,7 +79,7 @@ def p95_bars(results: pd.DataFrame, path: str | Path) -> Path:
 
 def layer_tail(runs, path: str | Path, title: str = "") -> Path:
     """p95 over batches of each MoE layer's dispatch + combine all-to-all (ms)."""
-    from lina_sim.serving.server import layer_a2a_tail
+    from lina_sim.serving.run import layer_a2a_tail
 
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for run in runs:

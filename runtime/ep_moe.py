@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lina_sim.errors import ConfigError
-from lina_sim.workload.graph import ModelSpec
+from lina_sim.workload.model import ModelSpec
 from runtime.moe import CausalSelfAttention, ExpertFFN, MoEConfig, TopKGate
 
 DISPATCH_MODES = ("padded", "uneven")

@@ -126,7 +126,8 @@ def serve_policy(ctx: Any, setup: Any, entry: Any, shared: Any) -> dict:
 
 
 def rank_main(ctx: Any, points: list, a: Any) -> dict:
-    from lina_sim.serving.server import resolve_inference, serving_inputs
+    from lina_sim.serving.setup import resolve_inference
+    from lina_sim.serving.server import serving_inputs
     from runtime.executor import check_launch
 
     setups = [resolve_inference(p) for p in points]
@@ -175,7 +176,7 @@ def measured_frame(results: list, setups: list):
 
 
 def finish(results: list, points: list, out: Path) -> int:
-    from lina_sim.serving.server import resolve_inference
+    from lina_sim.serving.setup import resolve_inference
     from lina_sim.results.timeline import write_chrome_trace
     from lina_sim.results.files import atomic_write_text
 
@@ -198,7 +199,8 @@ def validate_inference(scenario: str, out: Path, testbed: str | None, nic: str |
                        timeout_s: float, echo: bool):
     """Predicted (``run_inference``) against measured mean batch time per policy."""
     from lina_sim.config.scenario import load_scenarios
-    from lina_sim.serving.server import resolve_inference, run_inference
+    from lina_sim.serving.setup import resolve_inference
+    from lina_sim.serving.run import run_inference
     from lina_sim.results.files import atomic_write_text
     from runtime.launch import run_entry
     from runtime.validate import _testbed, calibrated_profile, mark_rankings, ranking_summary, resolved_scenario

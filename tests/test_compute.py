@@ -5,7 +5,8 @@ import pytest
 from lina_sim.hardware.compute import ProfileComputeModel, ProfileRow, RooflineComputeModel
 from lina_sim.errors import ConfigError
 from lina_sim.hardware.spec import ComputeSpec, GPUSpec, load_preset
-from lina_sim.workload.graph import Kernel, Op, build_training_graph, model_preset
+from lina_sim.workload.graph import Kernel, Op, build_training_graph
+from lina_sim.workload.model import model_preset
 
 GPU = GPUSpec("g", {"fp16": 100e12}, hbm_bandwidth=1e12, memory_bytes=1e9)
 SPEC = ComputeSpec(matmul_efficiency=0.5, memory_efficiency=0.8, kernel_launch_s=5e-6)

@@ -8,7 +8,8 @@ from lina_sim.hardware.compute import RooflineComputeModel
 from lina_sim.training.engine import TrainingEngine
 from lina_sim.hardware.spec import load_preset
 from lina_sim.policies.registry import TRAINING_POLICIES, make_training_policy
-from lina_sim.workload.graph import build_training_graph, model_from_dict
+from lina_sim.workload.graph import build_training_graph
+from lina_sim.workload.model import model_from_dict
 
 CLUSTER = load_preset("paper-testbed", nodes=2)  # 8 GPUs over 2 NICs: contention on the NICs
 

@@ -108,7 +108,7 @@ def test_bad_mode_arguments_are_one_line(tmp_path):
 
 
 def test_model_matches_the_simulators_tensors():
-    from lina_sim.workload.graph import model_from_dict
+    from lina_sim.workload.model import model_from_dict
     from runtime.ep_moe import EPTransformer, Layout
 
     spec = model_from_dict(TINY_MODEL, world_size=4)
@@ -119,7 +119,7 @@ def test_model_matches_the_simulators_tensors():
 
 def test_runtime_rejects_models_it_cannot_build():
     from lina_sim.errors import ConfigError
-    from lina_sim.workload.graph import model_from_dict
+    from lina_sim.workload.model import model_from_dict
     from runtime.ep_moe import EPTransformer, Layout
 
     spec = model_from_dict({**TINY_MODEL, "relative_position": True}, world_size=4)

@@ -9,7 +9,8 @@ from lina_sim.network.alone import AloneTimes
 from lina_sim.policies.training.base import ProgramEstimate, RankScheduler, owed_per_gap
 from lina_sim.workload.comm import ALL_TO_ALL, ALLREDUCE, MicroOp
 from lina_sim.policies.registry import make_training_policy
-from lina_sim.workload.graph import build_training_graph, model_from_dict
+from lina_sim.workload.graph import build_training_graph
+from lina_sim.workload.model import model_from_dict
 
 CLUSTER = load_preset("paper-testbed", nodes=2)
 

@@ -87,7 +87,8 @@ def test_engine_shares_host_cores_among_ranks():
     from lina_sim.hardware.compute import RooflineComputeModel
     from lina_sim.training.engine import TrainingEngine
     from lina_sim.policies.registry import make_training_policy
-    from lina_sim.workload.graph import build_training_graph, model_from_dict
+    from lina_sim.workload.graph import build_training_graph
+    from lina_sim.workload.model import model_from_dict
 
     spec = model_from_dict(dict(layers=2, d_model=64, d_ff=128, heads=2, seq_len=16, micro_batch=2, vocab=64,
                                 experts=4, top_k=1, dtype="fp32"), world_size=4)

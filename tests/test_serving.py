@@ -17,7 +17,9 @@ from lina_sim.network.alone import SimCluster
 from lina_sim.policies.placement import Placement
 from lina_sim.serving.requests import Batcher, BatchingSpec, ClosedLoopArrivals, Request
 from lina_sim.config.scenario import expand
-from lina_sim.serving.server import ExpertCache, resolve_inference, run_inference
+from lina_sim.serving.setup import resolve_inference
+from lina_sim.serving.server import ExpertCache
+from lina_sim.serving.run import run_inference
 from lina_sim.network.serving_a2a import AllToAllTimer
 from lina_sim.hardware.topology import Topology
 from lina_sim.routing.generator import RoutingTraceGenerator

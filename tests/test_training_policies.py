@@ -12,7 +12,8 @@ from lina_sim.network.alone import AloneTimes
 from lina_sim.policies.training.base import RankScheduler, RankView, check_selection, owed_per_gap
 from lina_sim.workload.comm import ALL_TO_ALL, ALLREDUCE, MB, GradRequest, MicroOp
 from lina_sim.policies.registry import TRAINING_POLICIES, make_training_policy, training_policy_class
-from lina_sim.workload.graph import build_training_graph, model_preset
+from lina_sim.workload.graph import build_training_graph
+from lina_sim.workload.model import model_preset
 
 NAMES = sorted(TRAINING_POLICIES)
 LINA_FAMILY = ("lina", "lina-priority", "lina-partition")

@@ -107,7 +107,7 @@ def test_resolved_scenario_points_at_the_profile(tmp_path):
 
 def test_shipped_scenarios_resolve():
     from lina_sim.config.scenario import load_scenarios
-    from lina_sim.serving.server import resolve_inference
+    from lina_sim.serving.setup import resolve_inference
     from lina_sim.training.run import resolve_training
 
     setup = resolve_training(load_scenarios(ROOT / "scenarios/testbed-training.yaml")[0])

@@ -5,10 +5,8 @@ import pytest
 from lina_sim.errors import ConfigError
 from lina_sim.hardware.spec import load_preset
 from lina_sim.workload.comm import ALL_TO_ALL
-from lina_sim.workload.graph import (
-    available_models, build_training_graph, micro_op_estimates, model_from_dict, model_preset,
-    packing_candidates,
-)
+from lina_sim.workload.graph import build_training_graph, micro_op_estimates, packing_candidates
+from lina_sim.workload.model import available_models, model_from_dict, model_preset
 
 
 # -- parameter counts ----------------------------------------------------------------------

@@ -15,7 +15,8 @@ from lina_sim.results.tables import format_inference_table, point_title
 def run_inference_points(points, args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from lina_sim.serving.server import resolve_inference, run_inference
+    from lina_sim.serving.setup import resolve_inference
+    from lina_sim.serving.run import run_inference
     from lina_sim.results.timeline import write_chrome_trace
     from lina_sim.results.files import atomic_write_text
 

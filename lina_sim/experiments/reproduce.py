@@ -151,7 +151,7 @@ def estimation_accuracy(setup: Any, lengths: tuple[int, ...] = PATH_LENGTHS) -> 
 def _draw_accuracy(table: pd.DataFrame, path: Path) -> pd.DataFrame:
     """Estimation accuracy per layer, on the path-length scenario's trace split."""
     import plots.reproduce as figs
-    from lina_sim.serving.server import resolve_inference
+    from lina_sim.serving.setup import resolve_inference
 
     point = expand(load_yaml(SCENARIO_DIR / "paper-pathlength.yaml"), str(SCENARIO_DIR / "paper-pathlength.yaml"))[0]
     return figs.estimation_accuracy(estimation_accuracy(resolve_inference(point)), path)
@@ -183,9 +183,9 @@ INFERENCE_FIGURES = [
 def inference_parts() -> tuple[list[Source], list[Figure], str | None]:
     """The inference sources and figures, or why they are skipped in this build."""
     try:
-        import lina_sim.serving.server  # noqa: F401
+        import lina_sim.serving.run  # noqa: F401
     except ImportError as e:
-        return [], [], f"lina_sim.serving.server is not available ({e})"
+        return [], [], f"lina_sim.serving.run is not available ({e})"
     return INFERENCE_SOURCES, INFERENCE_FIGURES, None
 
 

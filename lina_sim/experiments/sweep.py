@@ -64,7 +64,7 @@ def resolve(scenario: Scenario) -> Any:
     """The resolved setup of a training or inference point (raises ConfigError)."""
     if scenario.kind == "inference":
         try:
-            from lina_sim.serving.server import resolve_inference
+            from lina_sim.serving.setup import resolve_inference
         except ImportError as e:
             raise ConfigError("kind", f"inference scenarios are not available in this build ({e})",
                               ["training"]) from None
@@ -189,7 +189,7 @@ def execute_point(scenario: Scenario) -> pd.DataFrame:
     (no scenario name, no swept columns), one row per policy."""
     setup = resolve(scenario)
     if scenario.kind == "inference":
-        from lina_sim.serving.server import run_inference
+        from lina_sim.serving.run import run_inference
 
         df, _ = run_inference(setup)
     else:
@@ -305,7 +305,7 @@ class LocalBackend:
         # A preload module that fails to import is skipped by multiprocessing.
         ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
         if ctx.get_start_method() == "forkserver":
-            ctx.set_forkserver_preload(["lina_sim.experiments.sweep", "lina_sim.training.run", "lina_sim.serving.server"])
+            ctx.set_forkserver_preload(["lina_sim.experiments.sweep", "lina_sim.training.run", "lina_sim.serving.run"])
         with ProcessPoolExecutor(min(self.workers, len(points)), mp_context=ctx) as pool:
             futures = {pool.submit(execute_safely, p.scenario): p.index for p in points}
             pending = set(futures)

@@ -35,7 +35,7 @@ import numpy as np
 
 from lina_sim.hardware.compute import RooflineComputeModel
 from lina_sim.hardware.spec import ClusterSpec
-from lina_sim.workload.graph import ModelSpec
+from lina_sim.workload.model import ModelSpec
 
 
 @dataclass(frozen=True)

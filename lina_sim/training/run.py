@@ -30,7 +30,8 @@ from lina_sim.network.alone import AloneTimes
 from lina_sim.policies.registry import TRAINING_POLICIES, make_training_policy
 from lina_sim.config.scenario import Scenario
 from lina_sim.workload.resolve import resolve_cluster_and_model
-from lina_sim.workload.graph import ModelSpec, build_training_graph, micro_op_estimates, packing_candidates
+from lina_sim.workload.graph import build_training_graph, micro_op_estimates, packing_candidates
+from lina_sim.workload.model import ModelSpec
 
 
 @dataclass

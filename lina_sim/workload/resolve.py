@@ -7,7 +7,7 @@ from typing import Mapping
 
 from lina_sim.errors import ConfigError
 from lina_sim.hardware.spec import ClusterSpec, resolve_cluster
-from lina_sim.workload.graph import ModelSpec, model_from_dict
+from lina_sim.workload.model import ModelSpec, model_from_dict
 
 
 def resolve_cluster_and_model(data: Mapping) -> tuple[ClusterSpec, ModelSpec]:
