@@ -30,6 +30,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from lina_sim.hardware.spec import load_preset
+from lina_sim.network.alone import SimCluster
+from lina_sim.network.collectives import CollectiveAlgos
+from runtime import dist as ldist
+
 SIZES = (131072, 262144, 524288, 1048576)
 A2A_BYTES, AR_BYTES, HEAD_START_S = 524288, 2e6, 0.01
 REPS = 15
@@ -93,10 +98,6 @@ def beside_table(reps: int) -> dict[tuple, float]:
 
 def simulated(profile: str, chunks: int, beside: bool) -> float:
     """The simulator's time for the same all-to-all (s)."""
-    from lina_sim.network.collectives import CollectiveAlgos
-    from lina_sim.hardware.spec import load_preset
-    from lina_sim.network.alone import SimCluster
-
     cluster = load_preset(profile)
     algos = CollectiveAlgos()
     sim = SimCluster(cluster)
@@ -118,8 +119,6 @@ def simulated(profile: str, chunks: int, beside: bool) -> float:
 
 
 def main() -> None:
-    from runtime import dist as ldist
-
     p = argparse.ArgumentParser(prog="benchmarks.testbed_contention")
     p.add_argument("--profile", help="a hardware profile: add the simulator's prediction of table 2")
     p.add_argument("--reps", type=int, default=REPS)

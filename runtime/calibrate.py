@@ -37,7 +37,7 @@ import torch.distributed as dist
 import yaml
 
 from lina_sim.errors import ConfigError
-from lina_sim.hardware.spec import COLLECTIVE_KINDS, HostSpec
+from lina_sim.hardware.spec import COLLECTIVE_KINDS, HostSpec, cluster_from_dict, load_preset
 from lina_sim.results.files import atomic_write_text
 from runtime.dist import host_cores, host_id, one_core_each
 from runtime.ep_moe import TORCH_DTYPES
@@ -416,8 +416,6 @@ def _plain(x):
 
 def write_profile(out: str | os.PathLike, profile: dict, raw: dict) -> Path:
     """Write the raw sibling, then the profile, each atomically; check the simulator loads it."""
-    from lina_sim.hardware.spec import cluster_from_dict
-
     cluster_from_dict(_plain(profile), where=str(out))  # never write a profile lina-sim rejects
     atomic_write_text(raw_path(out), yaml.safe_dump(_plain(raw), sort_keys=False))
     header = f"# Hardware profile written by `lina-run calibrate`; raw data in {raw_path(out).name}.\n"
@@ -426,8 +424,6 @@ def write_profile(out: str | os.PathLike, profile: dict, raw: dict) -> Path:
 
 def finish(results: list, args: list[str]) -> int:
     """Launcher side: load the written profile the way the simulator will, and summarise."""
-    from lina_sim.hardware.spec import load_preset
-
     out = rank_args(args).out
     spec = load_preset(out)
     peak = ", ".join(f"{d} {f / 1e9:.1f} GFLOP/s" for d, f in spec.gpu.peak_flops.items())

@@ -1,6 +1,6 @@
 """The ``lina-run`` command: launch real ranks, plainly or inside an emulated testbed.
 
-    lina-run [LAUNCH] SCENARIO.yaml [ARGS...]   run a scenario's policies (executor's mode)
+    lina-run [LAUNCH] SCENARIO.yaml [ARGS...]   run a scenario's policies (scenario mode)
     lina-run [LAUNCH] -- MODULE [ARGS...]       python -m MODULE in every rank
     lina-run calibrate [LAUNCH] --out P.yaml    measure the cluster, write a profile
     lina-run selftest [LAUNCH] [--bytes N]      collectives + the contention they suffer
@@ -21,11 +21,14 @@ import argparse
 import os
 import runpy
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Sequence
 
 from lina_sim.errors import ConfigError, LinaSimError
-from runtime.launch import DEFAULT_TIMEOUT_S, LaunchError
+from runtime import entry
+from runtime.launch import DEFAULT_TIMEOUT_S, LaunchError, launch, rank_pythonpath, run_entry
+from runtime.testbed import Testbed, TestbedSpec, cleanup_stale, require_netns
 
 SUBCOMMANDS = ("calibrate", "selftest", "cleanup")
 
@@ -48,10 +51,8 @@ def _launch_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="do not echo rank output")
 
 
-def _testbed_spec(args: argparse.Namespace):
+def _testbed_spec(args: argparse.Namespace) -> TestbedSpec | None:
     """Validate launch options before anything is built; None without --testbed."""
-    from runtime.testbed import TestbedSpec, require_netns
-
     if args.testbed is None:
         if args.nic or args.delay:
             raise ConfigError("--nic/--delay", "only apply with --testbed NODESxRANKS")
@@ -69,15 +70,10 @@ def _testbed_spec(args: argparse.Namespace):
 
 def run_mode(mode: str, mode_args: Sequence[str], args: argparse.Namespace) -> int:
     """Run ``runtime.entry`` MODE in every rank, then the mode's launcher-side finish."""
-    from runtime import entry
-
     entry.check_mode(mode)
     spec = _testbed_spec(args)
     if spec is None and "RANK" in os.environ:  # already a rank (torchrun): run here
         return entry.main([mode, *mode_args])
-    from runtime.launch import run_entry
-    from runtime.testbed import cleanup_stale
-
     if spec is not None and (stale := cleanup_stale()):
         print(f"lina-run: removed {len(stale)} namespaces left by crashed runs", file=sys.stderr)
     results = run_entry(mode, list(mode_args), testbed=spec, nprocs=args.nproc or 1,
@@ -95,18 +91,13 @@ def run_module(argv: Sequence[str], args: argparse.Namespace) -> int:
         sys.argv = list(argv)
         runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
         return 0
-    from contextlib import ExitStack
-
-    from runtime.launch import _pythonpath, launch
-    from runtime.testbed import Testbed, cleanup_stale
-
     with ExitStack() as stack:
         tb = None
         if spec is not None:
             cleanup_stale()
             tb = stack.enter_context(Testbed(spec))
         launch([sys.executable, "-m", *argv], args.nproc or 1, testbed=tb, ranks_per_node=args.ranks_per_node,
-               timeout_s=args.timeout, echo=not args.quiet, env={"PYTHONPATH": _pythonpath()})
+               timeout_s=args.timeout, echo=not args.quiet, env={"PYTHONPATH": rank_pythonpath()})
     return 0
 
 
@@ -115,8 +106,6 @@ def _main(argv: list[str]) -> int:
         p = _Parser(prog="lina-run cleanup", description="remove namespaces left by crashed lina-run runs")
         p.add_argument("--all", action="store_true", help="also those of runs still alive")
         a = p.parse_args(argv[1:])
-        from runtime.testbed import cleanup_stale, require_netns
-
         require_netns()
         removed = cleanup_stale(all_runs=a.all)
         print(f"lina-run cleanup: removed {len(removed)} namespaces" + (f": {' '.join(removed)}" if removed else ""))
@@ -130,6 +119,8 @@ def _main(argv: list[str]) -> int:
         p.add_argument("--max-bytes", default="32e6", help="largest ping-pong message, bytes")
         a = p.parse_args(argv[1:])
         if a.shapes:
+            # Here, not at the top: runtime.calibrate imports torch, which no other
+            # sub-command's launcher needs (lina-run --help, cleanup, errors stay fast).
             from runtime.calibrate import parse_shapes
 
             parse_shapes(a.shapes)  # fail here, not in every rank

@@ -1,25 +1,29 @@
-"""Process-group setup in one place: init from torchrun-style env, sub-groups, destroy.
+"""Process-group setup in one place: init from torchrun-style env, world-size checks,
+the expert- and data-parallel groups, destroy; and the host's cores.
 
 Every rank process calls :func:`init` once (it reads ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), then
 :func:`make_groups` (collective: every rank calls it, in the same order), and
-:func:`destroy` at the end. The backend is NCCL when CUDA is available, gloo otherwise.
-Timeouts are bounded, so a missing peer or an unreachable master turns into a one-line
-:class:`DistError` instead of a hang.
+:func:`destroy` at the end (the communicators of one step graph are
+:func:`runtime.comm.comm_groups`'). The backend is NCCL when CUDA is available, gloo
+otherwise. Timeouts are bounded, so a missing peer or an unreachable master turns into
+a one-line :class:`DistError` instead of a hang.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from lina_sim.errors import LinaSimError
+from runtime.comm import new_group
 
 # Override with LINA_CONNECT_TIMEOUT_S / LINA_OP_TIMEOUT_S in the ranks' environment.
 DEFAULT_CONNECT_TIMEOUT_S = 30.0  # reaching the master and waiting for all ranks to join
@@ -45,7 +49,7 @@ class DistInfo:
 
 @dataclass(frozen=True)
 class Groups:
-    """Communicators the executor uses. ``ep`` (expert-parallel all-to-all) and ``dp``
+    """Communicators a rank runs with. ``ep`` (expert-parallel all-to-all) and ``dp``
     (data-parallel gradient allreduce) are *different* communicators even when they span
     the same ranks, so their collectives run concurrently and contend for links, as
     DeepSpeed-MoE's do."""
@@ -139,11 +143,6 @@ def _barrier_or_fail(world: int, timeout_s: float) -> None:
                         f"{str(e).splitlines()[0][:200]}") from None
 
 
-def new_group(ranks: Sequence[int]) -> dist.ProcessGroup:
-    """A new communicator over ``ranks`` (collective: every rank must call it)."""
-    return dist.new_group(ranks=sorted(ranks), use_local_synchronization=False)
-
-
 def make_groups(info: DistInfo, ep_size: int | None = None) -> Groups:
     """Build the expert-parallel and data-parallel groups (collective).
 
@@ -183,8 +182,6 @@ def host_id() -> str:
         with open("/proc/sys/kernel/random/boot_id") as fh:
             return fh.read().strip()
     except OSError:
-        import socket
-
         return socket.gethostname()
 
 

@@ -19,7 +19,7 @@ One MoE layer on one rank, with ``T`` tokens, ``E`` experts and capacity ``cap``
 simulator models: ``T * top_k * capacity_factor`` rows); ``"uneven"`` sends only filled
 slots, with a small all-to-all of fill counts first. Either way the all-to-all is
 ``all_to_all_single`` with explicit split sizes. Steps 2's collectives go through an
-:class:`Exchange` (the executor's scheduler), inside :class:`ExpertExchange`, an autograd
+:class:`Exchange` (the rank's scheduler, :class:`runtime.comm.RankExchange`), inside :class:`ExpertExchange`, an autograd
 Function whose backward runs the reverse all-to-alls through the same scheduler, in the
 simulator's program order (all combine chunks, then per chunk FFN and dispatch).
 
@@ -52,7 +52,7 @@ class Handle(Protocol):
 
 
 class Exchange(Protocol):
-    """What the model needs from the executor: scheduled all-to-alls and op marks."""
+    """What the model needs from the runtime: scheduled all-to-alls and op marks."""
 
     def a2a(self, op: str, send: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int]) -> Handle:
         """Submit the all-to-all of graph op ``op``; rows ``send`` split by destination."""
@@ -77,6 +77,14 @@ class Layout:
     ep_rank: int
     r: int
     dispatch: str = "padded"
+
+
+def batch(spec: ModelSpec, seed: int, rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens and next-token targets of ``rank``'s micro-batch at ``step``
+    (``[micro_batch, seq_len]`` each): the same under any policy, packing or pipelining."""
+    g = torch.Generator().manual_seed(hash((seed, rank, step)) & 0x7FFF_FFFF)
+    t = torch.randint(0, spec.vocab, (spec.micro_batch, spec.seq_len + 1), generator=g)
+    return t[:, :-1], t[:, 1:]
 
 
 def check_spec(spec: ModelSpec, where: str = "model") -> None:

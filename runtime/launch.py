@@ -228,11 +228,11 @@ def run_entry(
         cmd = [sys.executable, "-m", "runtime.entry", mode, *args]
         launch(cmd, nprocs, testbed=tb, ranks_per_node=ranks_per_node, timeout_s=timeout_s, echo=echo,
                env={"LINA_RUN_DIR": str(run_dir), "LINA_CLOCK_T0": repr(time.monotonic()),
-                    "PYTHONPATH": _pythonpath()})
+                    "PYTHONPATH": rank_pythonpath()})
         return [read_result(run_dir, r) for r in range(world)]
 
 
-def _pythonpath() -> str:
+def rank_pythonpath() -> str:
     """Ranks import ``runtime`` and ``lina_sim`` from the same tree as the launcher."""
     root = str(Path(__file__).resolve().parent.parent)
     old = os.environ.get("PYTHONPATH")

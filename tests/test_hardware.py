@@ -67,3 +67,48 @@ def test_bad_preset_fields_are_named(tmp_path, mutate, field):
 def test_unknown_preset_lists_the_allowed_ones():
     with pytest.raises(ConfigError, match="dgx-a100, dgx-h100, paper-testbed"):
         load_preset("dgx-z9")
+
+
+@pytest.mark.parametrize("text,field", [
+    ("nic: {bandwidth: 25.0e+9, latency: .nan}", "nic.latency"),
+    ("nic: {bandwidth: .inf}", "nic.bandwidth"),
+    ("nvlink: {bandwidth: 300.0e+9, efficiency: .nan}", "nvlink.efficiency"),
+    ("switch_latency: -.inf", "switch_latency"),
+])
+def test_non_finite_preset_numbers_are_one_error_naming_the_field(tmp_path, text, field):
+    data = yaml.safe_load((PRESET_DIR / "dgx-a100.yaml").read_text())
+    data.update(yaml.safe_load(text))
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as e:
+        load_preset(str(p))
+    assert e.value.field == f"bad.{field}" and "finite" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override,field", [
+    ({"nic": {"latency": float("nan")}}, "cluster.nic.latency"),
+    ({"nic": {"bandwidth": float("inf")}}, "cluster.nic.bandwidth"),
+    ({"gpu": {"peak_flops": {"bf16": float("nan")}}}, "cluster.gpu.peak_flops.bf16"),
+    ({"oversubscription": float("nan")}, "cluster.oversubscription"),
+])
+def test_non_finite_overrides_are_one_error_naming_the_field(override, field):
+    from lina_sim.hardware.spec import resolve_cluster
+
+    with pytest.raises(ConfigError) as e:
+        resolve_cluster({"preset": "dgx-a100", **override})
+    assert e.value.field == field and "finite" in e.value.problem
+
+
+def test_misspelt_link_fields_are_named_with_a_suggestion():
+    from lina_sim.hardware.spec import resolve_cluster
+
+    with pytest.raises(ConfigError) as e:
+        resolve_cluster({"preset": "paper-testbed", "nic": {"bandwdth": 1e9}})
+    assert e.value.field == "cluster.nic.bandwdth" and "did you mean cluster.nic.bandwidth" in str(e.value)
+
+
+def test_numbers_written_as_yaml_text_are_read():
+    # PyYAML reads 12.5e9 (no exponent sign) as a string: presets have always allowed it.
+    from lina_sim.hardware.spec import resolve_cluster
+
+    assert resolve_cluster({"preset": "paper-testbed", "nic": {"bandwidth": "12.5e9"}}).nic.bandwidth == 12.5e9

@@ -378,6 +378,27 @@ def test_bad_params_name_the_field(name, params, field) -> None:
     assert err.value.allowed
 
 
+@pytest.mark.parametrize(
+    ("name", "param"),
+    [("fastermoe-shadow", "network_bandwidth"), ("fastermoe-shadow", "expert_bytes"), ("lina", "path_length"),
+     ("eplb", "window"), ("static", "top_k")],
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_params_are_one_error_naming_the_field(name, param, value) -> None:
+    with pytest.raises(ConfigError) as err:
+        make_placement_policy(name, num_experts=4, num_devices=4, **{param: value})
+    assert err.value.field == f"placement.{param}" and "finite" in err.value.problem
+
+
+def test_every_param_is_a_field_with_help() -> None:
+    from lina_sim.config.fields import Field
+    from lina_sim.policies.registry import placement_policy_class
+
+    for name in ALL:
+        for key, f in placement_policy_class(name).params().items():
+            assert isinstance(f, Field) and f.help, (name, key)
+
+
 def test_placement_modules_are_pure() -> None:
     mods = ["lina_sim.policies.placement"] + [PLACEMENT_POLICIES[n].split(":")[0] for n in ALL]
     code = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in mods)

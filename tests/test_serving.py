@@ -136,11 +136,10 @@ def test_uneven_splits_match_placement_and_tokens_served_once(trace16, monkeypat
     monkeypatch.setattr(serving, "decide_layer", spy)
     monkeypatch.setattr(AllToAllTimer, "times", spy_times)
     df, runs = run_inference(setup)
-    L, N, k = 12, 16, 1
+    L, k = 12, 1
     token_bytes = setup.model.d_model * setup.model.dtype_bytes
     stacked = np.concatenate(timed)  # per step: per active policy, L dispatch then L combine
     pos = 0
-    batches_left = {r.entry.name: list(r.batches) for r in runs}
     per_policy = {name: iter(ds) for name, ds in decisions.items()}
     for step in range(max(len(r.batches) for r in runs)):
         for run in runs:
@@ -238,6 +237,30 @@ def test_bad_input_errors_name_the_field(trace16, patch, error, needles):
         setup_of(data)
     for n in needles:
         assert n in str(e.value)
+
+
+@pytest.mark.parametrize("patch,field", [
+    ({"arrival": {"process": "poisson", "rate": float("nan")}}, "serving.arrival.rate"),
+    ({"arrival": {"process": "poisson", "rate": float("inf")}}, "serving.arrival.rate"),
+    ({"train_fraction": float("nan")}, "serving.train_fraction"),
+    ({"batching": {"timeout": float("inf")}}, "serving.batching.timeout"),
+    ({"requests": float("nan")}, "serving.requests"),
+])
+def test_non_finite_serving_fields_are_one_error_naming_the_field(trace16, patch, field):
+    data = scenario(trace16)
+    data["serving"].update(patch)
+    with pytest.raises(ConfigError) as e:
+        setup_of(data)
+    assert e.value.field == field and "finite" in e.value.problem and "\n" not in str(e.value)
+
+
+def test_serving_defaults(trace16):
+    data = scenario(trace16)
+    for key in ("requests", "batching"):
+        del data["serving"][key]
+    s = setup_of(data).serving
+    assert (s.train_fraction, s.requests, s.batching, s.expert_slots, s.timeline_batches) == \
+        (0.3, 1000, BatchingSpec(8192, 0.01), None, 2)
 
 
 def run_cli(*args):

@@ -16,6 +16,8 @@ import pytest
 import yaml
 
 import lina_sim.experiments.sweep as sweep
+import lina_sim.experiments.sweep.cache as sweep_cache
+import lina_sim.experiments.sweep.worker as sweep_worker  # where the workers look execute_point up
 from lina_sim.config.scenario import expand
 from lina_sim.experiments.sweep import (
     Cache, LocalBackend, Progress, SweepError, comparable, describe_key, plan_points, resolve, run_sweep,
@@ -122,26 +124,26 @@ def test_table_has_a_row_per_point_and_policy_and_swept_columns(tmp_path):
     assert set(t["status"]) == {"ok"} and list(t["policy"][:2]) == ["deepspeed", "lina"]
     sweep.write_parquet(t, tmp_path / "out.parquet")
     back = pd.read_parquet(tmp_path / "out.parquet")
-    pd.testing.assert_frame_equal(comparable(back), comparable(sweep._parquet_safe(t)), check_dtype=False)
+    pd.testing.assert_frame_equal(comparable(back), comparable(sweep_cache._parquet_safe(t)), check_dtype=False)
 
 
 def test_failing_point_is_recorded_and_the_rest_go_on(tmp_path, monkeypatch):
     pts = plan_points(expand({**BASE, "sweep": {"grid": {"policies[lina].micro_op_mb": [10, 20, 30]}}}))
-    real = sweep.execute_point
+    real = sweep_worker.execute_point
 
     def flaky(sc):
         if sc.swept["policies[lina].micro_op_mb"] == 20:
             raise RuntimeError("boom")
         return real(sc)
 
-    monkeypatch.setattr(sweep, "execute_point", flaky)
+    monkeypatch.setattr(sweep_worker, "execute_point", flaky)
     cache = Cache(tmp_path)
     res = run_sweep(pts, LocalBackend(1), cache, progress=False)
     bad = res.table[res.table["point"] == 1]
     assert list(bad["status"]) == ["error", "error"] and bad["error"].str.contains("RuntimeError: boom").all()
     assert (res.table[res.table["point"] != 1]["status"] == "ok").all()
     assert [i for i, _ in res.failed] == [1]
-    monkeypatch.setattr(sweep, "execute_point", real)
+    monkeypatch.setattr(sweep_worker, "execute_point", real)
     again = run_sweep(pts, LocalBackend(1), cache, progress=False)  # failures are retried
     assert (again.ran, again.cached, again.failed) == (1, 2, [])
 

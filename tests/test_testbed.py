@@ -31,7 +31,7 @@ def test_parse_topology_rate_delay():
 
 
 @needs_netns
-def test_up_and_down_leaves_nothing(no_leftovers):
+def test_up_and_down_leaves_nothing(no_leftovers):  # noqa: F811 (the fixture)
     with Testbed(TestbedSpec(2, 1, 100e6)) as tb:
         names = set(list_namespaces())
         assert set(tb.namespaces) <= names
@@ -46,7 +46,7 @@ def test_up_and_down_leaves_nothing(no_leftovers):
 
 
 @needs_netns
-def test_teardown_on_exception_kills_processes_inside(no_leftovers):
+def test_teardown_on_exception_kills_processes_inside(no_leftovers):  # noqa: F811 (the fixture)
     with pytest.raises(RuntimeError, match="boom"):
         with Testbed(TestbedSpec(2, 1, 100e6)) as tb:
             sleeper = subprocess.Popen(tb.wrap(["sleep", "300"], rank=1))
@@ -71,7 +71,7 @@ def test_cleanup_stale_removes_namespaces_of_dead_runs():
 
 
 @needs_netns
-def test_gloo_collectives_and_shaped_rate(no_leftovers):
+def test_gloo_collectives_and_shaped_rate(no_leftovers):  # noqa: F811 (the fixture)
     """2 nodes x 2 ranks: allreduce and all_to_all are correct; a cross-node transfer runs
     near the shaped 200 Mbit/s (TCP/IP overhead and a busy CPU only slow it down)."""
     from runtime.launch import run_entry

@@ -43,6 +43,24 @@ def test_bad_params_name_the_field_and_allowed_values(name, params, field, allow
     assert e.value.field == field and allowed_has in e.value.allowed
 
 
+@pytest.mark.parametrize("name,param", [
+    ("deepspeed", "bucket_mb"), ("lina", "micro_op_mb"), ("lina", "fuse_below_mb"), ("tutel", "pipeline_degree"),
+])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_params_are_one_error_naming_the_field(name, param, value):
+    with pytest.raises(ConfigError) as e:
+        make_training_policy(name, **{param: value})
+    assert e.value.field == f"policies.{name}.{param}" and "finite" in e.value.problem
+
+
+def test_every_param_is_a_field_with_help():
+    from lina_sim.config.fields import Field
+
+    for n in NAMES:
+        for key, f in training_policy_class(n).PARAMS.items():
+            assert isinstance(f, Field) and f.help, (n, key)
+
+
 def test_unknown_policy_lists_the_known_ones():
     with pytest.raises(ConfigError) as e:
         training_policy_class("fastmoe")

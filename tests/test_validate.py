@@ -11,9 +11,10 @@ import pytest
 import yaml
 
 from lina_sim.hardware.spec import load_preset
+from lina_sim.results.tables import format_validation_table as format_table
 from runtime.calibrate import raw_path
-from runtime.validate import (compare, format_table, op_classes, ranking, refine_profile, resolved_pairs,
-                              resolved_scenario)
+from runtime.compare import compare, op_classes, ranking, resolved_pairs
+from runtime.testbed_profile import refine_profile, resolved_scenario
 from tests._netns import PY, ROOT, needs_netns
 
 PROFILE = ROOT / "scenarios/profiles/testbed-2x2-400mbit.yaml"
@@ -77,7 +78,7 @@ def test_refine_profile_fits_links_from_collectives(tmp_path):
 
 
 def test_link_efficiency_is_fitted_at_the_workloads_sizes(tmp_path):
-    from runtime.validate import _covering, training_collective_bytes
+    from runtime.testbed_profile import _covering, training_collective_bytes
 
     rows = [{"bytes": b} for b in (65536, 262144, 1048576, 4194304)]
     assert _covering(rows, 200_000)["bytes"] == 262144 and _covering(rows, 262144)["bytes"] == 262144

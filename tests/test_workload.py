@@ -196,6 +196,26 @@ def test_bad_model_fields_name_the_path_and_what_is_allowed(entry, field, allowe
     assert allowed_has in (e.value.allowed or "")
 
 
+@pytest.mark.parametrize("field,value", [
+    ("capacity_factor", float("nan")), ("capacity_factor", float("inf")), ("micro_batch", float("nan")),
+])
+def test_non_finite_model_fields_are_one_error_naming_the_field(field, value):
+    with pytest.raises(ConfigError) as e:
+        model_from_dict({"preset": "gpt2-moe", field: value}, world_size=16)
+    assert e.value.field == f"model.{field}" and "finite" in e.value.problem
+
+
+def test_model_fields_are_declared_once():
+    from lina_sim.workload.model import MODEL_FIELDS, ModelSpec
+
+    # Every field a scenario may set has a Field whose default is the dataclass default.
+    names = [f.name for f in dataclasses.fields(ModelSpec) if f.name != "name"]
+    assert list(MODEL_FIELDS) == names
+    for f in dataclasses.fields(ModelSpec):
+        if f.name in MODEL_FIELDS and not MODEL_FIELDS[f.name].required:
+            assert f.default == MODEL_FIELDS[f.name].default and MODEL_FIELDS[f.name].help
+
+
 def test_bad_graph_arguments():
     with pytest.raises(ConfigError) as e:
         gpt2(experts_per_device=3)

@@ -1,7 +1,10 @@
-"""The ``lina-sim`` command: a thin dispatcher over the ``lina_sim.cli.*`` command modules.
+"""The ``lina-sim`` command: a thin dispatcher over the ``lina_sim.cli.*`` command modules
+and the command modules other packages declare.
 
 Each command module exposes ``register(subparsers)`` and keeps heavy imports inside its
-handlers, so ``lina-sim --help`` stays fast and no module imports everything.
+handlers, so ``lina-sim --help`` stays fast and no module imports everything. A package
+adds a command without lina_sim importing it by naming its module in the
+``lina_sim.commands`` entry-point group (the runtime's ``validate``, see pyproject.toml).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib.metadata import entry_points
 
 from lina_sim.errors import LinaSimError
 
@@ -17,9 +21,16 @@ COMMAND_MODULES = [
     "lina_sim.cli.run",
     "lina_sim.cli.network",
     "lina_sim.cli.trace",
-    "lina_sim.cli.validate",
     "lina_sim.cli.sweep",
 ]
+# Entry-point group of command modules from other packages; listed after ours, by name.
+COMMAND_GROUP = "lina_sim.commands"
+
+
+def command_modules() -> list[str]:
+    """Our command modules, then the installed packages' (each once)."""
+    plugins = sorted(entry_points(group=COMMAND_GROUP), key=lambda ep: ep.name)
+    return list(dict.fromkeys(COMMAND_MODULES + [ep.module for ep in plugins]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
+    for name in command_modules():
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:

@@ -1,11 +1,15 @@
-"""``lina-sim run SCENARIO.yaml``: simulate every policy of a scenario (and its sweep points)."""
+"""``lina-sim run SCENARIO.yaml``: simulate every policy of a scenario (and its sweep points).
+
+One code path for every kind of scenario: what differs between kinds (resolving, running,
+the printed table, traces and figures) comes from :mod:`lina_sim.experiments.kinds`.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from lina_sim.results.tables import format_training_table, point_title
+from lina_sim.results.tables import point_title
 
 
 def register(sub) -> None:
@@ -18,45 +22,37 @@ def register(sub) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Print each point's table and write ``results.csv`` (with ``--trace`` a Chrome trace
+    per point and policy, with ``--plots`` the kind's figures) into the results directory."""
     import pandas as pd
 
     from lina_sim.config.scenario import load_scenarios
-    from lina_sim.results.timeline import write_chrome_trace
+    from lina_sim.experiments.kinds import kind_of
     from lina_sim.results.files import atomic_write_text
+    from lina_sim.results.timeline import write_chrome_trace
 
     points = load_scenarios(args.scenario)
-    kinds = {p.kind for p in points}
-    if kinds == {"inference"}:
-        from lina_sim.cli.serve import run_inference_points
-
-        return run_inference_points(points, args)
-    from lina_sim.training.run import resolve_training, run_training
-
-    setups = [resolve_training(p) for p in points]  # every point validated before any runs
+    kinds = [kind_of(p.kind) for p in points]
+    setups = [kind.resolve(p) for kind, p in zip(kinds, points)]  # every point validated before any runs
     out = Path(args.out or Path("results") / points[0].name)
     frames = []
-    for i, setup in enumerate(setups):
-        df, runs = run_training(setup)
+    for i, (kind, setup) in enumerate(zip(kinds, setups)):
+        df, runs = kind.run(setup)
         df.insert(0, "point", i)
         frames.append(df)
-        print(format_training_table(df, point_title(setup)))
+        title = point_title(setup)
+        print(kind.table(df, title))
         print()
         suffix = f"-p{i}" if len(setups) > 1 else ""
         if args.trace:
-            for run in runs:
-                write_chrome_trace(run.result.timeline, out / f"trace{suffix}-{run.entry.label}.json")
+            for label, events in kind.timelines(runs):
+                write_chrome_trace(events, out / f"trace{suffix}-{label}.json")
         if args.plots:
-            from plots.training import breakdown_bars, timeline_figure
-
-            breakdown_bars(df, out / f"breakdown{suffix}.png", point_title(setup))
-            last = runs[-1] if len(runs) == 1 else next((r for r in runs if r.entry.name == "lina"), runs[0])
-            timeline_figure(last.result.timeline, out / f"timeline{suffix}-{last.entry.label}.png",
-                            f"{last.entry.label}: {point_title(setup)}")
+            kind.plot_point(df, runs, out, suffix, title)
     results = pd.concat(frames, ignore_index=True)
     path = atomic_write_text(out / "results.csv", results.to_csv(index=False))
-    if args.plots and results["experts"].nunique() > 1:
-        from plots.training import speedup_vs_experts
-
-        speedup_vs_experts(results, out / "speedup_vs_experts.png")
+    if args.plots:
+        for kind in dict.fromkeys(kinds):  # figures across points, each kind over its own points
+            kind.plot_results(results[[kinds[i] is kind for i in results["point"]]], out)
     print(f"# results: {path}" + (f"; figures and traces in {out}/" if args.plots or args.trace else ""))
     return 0

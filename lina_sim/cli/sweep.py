@@ -56,13 +56,12 @@ def register(sub) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lina_sim.experiments.sweep import DEFAULT_CACHE, Cache, load_plan, make_backend, run_sweep, summarize_failures, write_parquet
+    from lina_sim.experiments.sweep import DEFAULT_CACHE, Cache, load_plan, make_backend, run_sweep, write_parquet
+    from lina_sim.results.tables import format_failures, format_sweep_plan
 
     name, points = load_plan(args.scenario)  # every point resolved before anything runs
     if args.dry_run:
-        for p in points:
-            print(f"point {p.index:>4}  {p.key[:12]}  " + ", ".join(f"{k}={v}" for k, v in p.swept.items()))
-        print(f"# {len(points)} points, all valid")
+        print(format_sweep_plan(points))
         return 0
     out = Path(args.out or Path("results") / name / "sweep.parquet")
     cache = None if args.no_cache else Cache(args.cache or DEFAULT_CACHE)
@@ -75,7 +74,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"# {res.points} points: {res.ran} ran, {res.cached} from cache, {len(res.failed)} failed "
           f"in {res.wall_s:.1f} s ({backend.workers} {args.backend} worker{'s' * (backend.workers > 1)})")
     if res.failed:
-        print(summarize_failures(res.failed))
+        print(format_failures(res.failed))
     print(f"# results: {out} ({len(res.table)} rows)")
     return 1 if res.failed else 0
 

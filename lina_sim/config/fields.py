@@ -7,11 +7,20 @@ range, a set of choices, or a predicate with its description. Numbers must be fi
 (NaN and infinities give plausible, wrong results, so they never pass). A bad value is a
 :class:`~lina_sim.errors.ConfigError` naming the field's YAML path and what is allowed::
 
-    model.layers: must be an integer >= 1, got 0 (allowed: an integer >= 1)
+    model.layers: got 0 (allowed: an integer >= 1)
+
+A block is a table of fields (``dict[str, Field]``) read by one :func:`check_fields`
+call; the cross-field rules of a block (a count that must divide another, an index that
+must be in range) are explicit checks after it. A spec dataclass declares each of its
+fields with :func:`declare`, so that its defaults and its checks are one table
+(:func:`declared`), used both to read YAML and to check a spec built in code
+(:func:`check_declared`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import numbers
 from dataclasses import dataclass
@@ -30,7 +39,8 @@ class _Required:
 
 REQUIRED: Any = _Required()  # the default of a field that must be given
 
-_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               tuple: "a list", dict: "a mapping"}
 
 
 @dataclass(frozen=True)
@@ -38,11 +48,15 @@ class Field:
     """One field or parameter: its type, default and what is allowed.
 
     - ``type``: ``int``, ``float``, ``bool`` or ``str`` (ints are accepted for floats; a
-      whole float is accepted for an int; ``True``/``False`` never count as numbers).
+      whole float is accepted for an int; ``True``/``False`` never count as numbers; text
+      that spells a number, as YAML 1.1 leaves ``1e9``, is read as that number);
+      ``tuple`` (a YAML list, stored as a tuple) or ``dict`` (a mapping, e.g. a nested
+      block read by its own table); any other type is an ``isinstance`` check.
     - ``default``: used when the field is absent; :data:`REQUIRED` makes it mandatory.
-    - ``minimum`` / ``maximum`` (inclusive; ``exclusive_minimum`` makes the minimum
-      strict), ``choices`` (the allowed values), or ``predicate`` with ``allowed`` (the
-      words that describe what the predicate accepts).
+    - ``minimum`` / ``maximum`` (inclusive; ``exclusive_minimum`` / ``exclusive_maximum``
+      make them strict), ``choices`` (the allowed values), and/or ``predicate`` with
+      ``allowed`` (the words that describe what the field accepts; they replace the
+      description built from the type and range).
     - ``allow_none``: ``null`` is a valid value (e.g. "no limit").
     - ``help``: what the field is, with its unit; shown by ``--help`` style listings.
     """
@@ -52,6 +66,7 @@ class Field:
     minimum: float | None = None
     maximum: float | None = None
     exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
     choices: tuple | None = None
     predicate: Callable[[Any], bool] | None = None
     allowed: str | None = None
@@ -73,7 +88,8 @@ class Field:
             if self.minimum is not None:
                 text += f" {'>' if self.exclusive_minimum else '>='} {self.minimum:g}"
             if self.maximum is not None:
-                text += f"{' and' if self.minimum is not None else ''} <= {self.maximum:g}"
+                text += f"{' and' if self.minimum is not None else ''} {'<' if self.exclusive_maximum else '<='} " \
+                        f"{self.maximum:g}"
         return text + (" or null" if self.allow_none else "")
 
     def check(self, value: Any, path: str) -> Any:
@@ -84,13 +100,15 @@ class Field:
             raise ConfigError(path, "must be set", self.describe())
         v = _coerce(value, self.type)
         if v is _BAD:
-            raise ConfigError(path, f"must be {_TYPE_WORDS.get(self.type, self.type.__name__)}, got {value!r}",
-                              self.describe())
+            kind = _TYPE_WORDS.get(self.type, f"a {self.type.__name__}")
+            if self.type in (int, float) and _non_finite(value):
+                kind = "a finite number"
+            raise ConfigError(path, f"must be {kind}, got {value!r}", self.describe())
         ok = True
         if self.minimum is not None:
             ok = v > self.minimum if self.exclusive_minimum else v >= self.minimum
         if ok and self.maximum is not None:
-            ok = v <= self.maximum
+            ok = v < self.maximum if self.exclusive_maximum else v <= self.maximum
         if ok and self.choices is not None:
             ok = v in self.choices
         if ok and self.predicate is not None:
@@ -116,7 +134,18 @@ _BAD = object()
 def _coerce(value: Any, kind: type) -> Any:
     if kind is bool:
         return value if isinstance(value, bool) else _BAD
+    if kind is tuple:
+        return tuple(value) if isinstance(value, (list, tuple)) else _BAD
+    if kind is dict:
+        return value if isinstance(value, Mapping) else _BAD
     if kind in (int, float):
+        if isinstance(value, str):
+            # PyYAML reads YAML 1.1, which leaves ``1e9`` (no dot, no exponent sign) as
+            # text: the number a user wrote must still read as one.
+            try:
+                value = float(value)
+            except ValueError:
+                return _BAD
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             return _BAD
         f = float(value)
@@ -126,6 +155,10 @@ def _coerce(value: Any, kind: type) -> Any:
             return int(f) if f == int(f) else _BAD
         return f
     return value if isinstance(value, kind) else _BAD
+
+
+def _non_finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value)
 
 
 def finite(value: Any, path: str, allowed: str = "a finite number") -> float:
@@ -144,26 +177,62 @@ def check_mapping(value: Any, path: str, allowed: str | Iterable[str] | None = N
     return value
 
 
-def check_known(block: Mapping[str, Any], known: Iterable[str], where: str) -> None:
+def check_known(block: Mapping[str, Any], known: Iterable[str], where: str, what: str = "field") -> None:
     """Every key of ``block`` is one of ``known``; else an error naming the first unknown
-    key's path and listing the known ones."""
-    known = list(known)
+    key's path, the closest known key (a misspelling is the usual cause) and the known
+    ones. ``what`` names a key in the message (``parameter of policy 'lina'``)."""
+    known = sorted(known)
     for key in block:
         if key not in known:
-            raise ConfigError(f"{where}.{key}" if where else str(key), "unknown field", sorted(known))
+            path = f"{where}.{key}" if where else str(key)
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else ""
+            raise ConfigError(path, f"unknown {what}{hint}", known or ["(none)"])
 
 
-def check_fields(block: Mapping[str, Any], fields: Mapping[str, Field], where: str) -> dict[str, Any]:
-    """Every field of ``fields`` read from ``block`` (defaults filled in); a key of
-    ``block`` that is not a field is an error."""
-    check_known(block, fields, where)
+def check_fields(block: Mapping[str, Any], fields: Mapping[str, Field], where: str, *, strict: bool = True,
+                 what: str = "field") -> dict[str, Any]:
+    """Every field of ``fields`` read from ``block`` (defaults filled in), in the table's
+    order. With ``strict`` a key of ``block`` that is not a field is an error (see
+    :func:`check_known`); without it such keys are left to the caller."""
+    if strict:
+        check_known(block, fields, where, what)
     return {name: f.get(block, name, where) for name, f in fields.items()}
 
 
-def load_yaml(path: str | Path, what: str = "file", allowed: str | Iterable[str] | None = None) -> dict[str, Any]:
-    """The YAML mapping in ``path``. A missing file, invalid YAML or a document that is
-    not a mapping is one ConfigError naming the file; ``what`` says what the file should
-    be (``scenario``, ``preset``, ``profile``)."""
+_DECLARED = "lina_sim.field"  # the dataclass-field metadata key that holds a Field
+
+
+def declare(f: Field, *, keyword: bool = True) -> Any:
+    """A dataclass field checked by ``f``, whose default is ``f.default``.
+
+    ``keyword=False`` keeps the constructor argument required even though ``f`` has a
+    default (Python wants every field after a defaulted one to have a default, and
+    specs are built positionally); the default then applies only to mappings read with
+    :func:`check_fields` against :func:`declared`.
+    """
+    if f.required or not keyword:
+        return dataclasses.field(metadata={_DECLARED: f})
+    return dataclasses.field(default=f.default, metadata={_DECLARED: f})
+
+
+def declared(cls: type) -> dict[str, Field]:
+    """The fields of dataclass ``cls`` declared with :func:`declare`, as a table in field order."""
+    return {d.name: d.metadata[_DECLARED] for d in dataclasses.fields(cls) if _DECLARED in d.metadata}
+
+
+def check_declared(obj: Any, where: str) -> None:
+    """Check every declared field of the dataclass instance ``obj`` (a spec built in code
+    gets the same checks as one read from YAML); errors name ``<where>.<field>``."""
+    for name, f in declared(type(obj)).items():
+        f.check(getattr(obj, name), f"{where}.{name}" if where else name)
+
+
+def load_yaml(path: str | Path, what: str = "file", allowed: str | Iterable[str] | None = None, *,
+              lists: bool = False) -> dict[str, Any] | list[Any]:
+    """The YAML mapping in ``path`` (or, with ``lists``, a mapping or a list). A missing
+    file, invalid YAML or a document of another kind is one ConfigError naming the file;
+    ``what`` says what the file should be (``scenario``, ``preset``, ``profile``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(what, f"file not found: {path}")
@@ -173,6 +242,6 @@ def load_yaml(path: str | Path, what: str = "file", allowed: str | Iterable[str]
         raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(str(path), f"cannot read: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(str(path), f"a {what} must be a YAML mapping", allowed)
+    if not (isinstance(data, dict) or lists and isinstance(data, list)):
+        raise ConfigError(str(path), f"a {what} must be a YAML mapping{' or list' if lists else ''}", allowed)
     return data

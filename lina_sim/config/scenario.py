@@ -37,7 +37,10 @@ from typing import Any, Mapping
 from lina_sim.config import fields
 from lina_sim.errors import ConfigError
 
-KINDS = ("training", "inference")
+# The known scenario kinds. What each kind does is registered in lina_sim.experiments.kinds
+# (a higher layer, which checks that its registry has exactly these names); the loader
+# only needs the names, to reject an unknown kind before anything is resolved.
+KIND_NAMES = ("training", "inference")
 TOP_LEVEL = {
     "name": "a label for the results",
     "description": "free text",
@@ -160,13 +163,15 @@ def load_yaml(path: str | Path) -> dict:
     return fields.load_yaml(path, "scenario", sorted(TOP_LEVEL))
 
 
+def check_kind(kind: Any, where: str = "") -> None:
+    """A ConfigError naming ``<where>kind`` unless ``kind`` is one of :data:`KIND_NAMES`."""
+    if kind not in KIND_NAMES:
+        raise ConfigError(f"{where}kind", f"unknown kind {kind!r}", KIND_NAMES)
+
+
 def check_top_level(data: Mapping, where: str = "") -> None:
-    for key in data:
-        if key not in TOP_LEVEL:
-            raise ConfigError(f"{where}{key}", "unknown field", sorted(TOP_LEVEL))
-    kind = data.get("kind", "training")
-    if kind not in KINDS:
-        raise ConfigError(f"{where}kind", f"unknown kind {kind!r}", KINDS)
+    fields.check_known(data, TOP_LEVEL, where.removesuffix("."))
+    check_kind(data.get("kind", "training"), where)
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"{where}seed", f"must be an integer, got {seed!r}")

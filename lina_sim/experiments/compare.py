@@ -15,6 +15,7 @@ from typing import Sequence
 import pandas as pd
 
 from lina_sim.errors import ConfigError
+from lina_sim.results.tables import format_side_by_side
 
 METRICS = ("step_time_s", "latency_p95_s", "latency_p50_s")
 KEY_CANDIDATES = ("model", "experts", "gpus", "nodes", "cluster", "policy")
@@ -158,9 +159,7 @@ def compare_files(specs: Sequence[str], metric: str | None = None, key: str | No
     metric = choose_metric(tables, metric)
     cols = choose_key(tables, key)
     table = side_by_side(tables, metric, cols)
-    with pd.option_context("display.width", 200, "display.max_rows", 500, "display.max_columns", 50):
-        print(f"# {metric}: " + ", ".join(f"{t.label} = {t.path}" for t in tables))
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(format_side_by_side(table, metric, [(t.label, t.path) for t in tables]))
     if out:
         stem = Path(out)
         csv = atomic_write_text(stem.with_suffix(".csv"), table.to_csv(index=False))

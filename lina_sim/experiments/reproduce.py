@@ -20,6 +20,7 @@ import pandas as pd
 
 from lina_sim.errors import ConfigError
 from lina_sim.config.scenario import expand, load_yaml
+from lina_sim.experiments.kinds import KINDS, kind_of
 from lina_sim.experiments.sweep import (
     Cache, LocalBackend, Progress, SweepError, SweepPoint, package_version, plan_points, run_sweep,
 )
@@ -31,7 +32,8 @@ SCENARIO_DIR = Path(__file__).resolve().parents[2] / "scenarios"
 
 @dataclass(frozen=True)
 class Source:
-    """A shipped scenario whose sweep some figures read; ``quick`` shrinks it for --quick."""
+    """A shipped scenario whose sweep some figures read; ``quick`` shrinks it for --quick.
+    ``kind`` is its scenario kind (a key of :data:`~lina_sim.experiments.kinds.KINDS`)."""
 
     name: str
     file: str
@@ -80,13 +82,13 @@ def _draw(name: str) -> Callable:
     return draw
 
 
-SOURCES = [
+TRAINING_SOURCES = [
     Source("training", "paper-training.yaml"),
     Source("ablation", "paper-ablation.yaml", quick=_keep("model.preset", ["transformer-xl-24"])),
     Source("microop", "paper-microop.yaml", quick=_quick_microop),
 ]
 
-FIGURES = [
+TRAINING_FIGURES = [
     Figure("speedup", "Training: step-time speedup against the number of experts", "training",
            "training_speedup_vs_experts.png", _draw("training_speedup"),
            "Speedup of each policy's simulated step time over DeepSpeed's, on the paper testbed "
@@ -180,13 +182,8 @@ INFERENCE_FIGURES = [
 ]
 
 
-def inference_parts() -> tuple[list[Source], list[Figure], str | None]:
-    """The inference sources and figures, or why they are skipped in this build."""
-    try:
-        import lina_sim.serving.run  # noqa: F401
-    except ImportError as e:
-        return [], [], f"lina_sim.serving.run is not available ({e})"
-    return INFERENCE_SOURCES, INFERENCE_FIGURES, None
+SOURCES = TRAINING_SOURCES + INFERENCE_SOURCES
+FIGURES = TRAINING_FIGURES + INFERENCE_FIGURES
 
 
 # ---- running ------------------------------------------------------------------------------
@@ -219,8 +216,7 @@ def reproduce(out: Path = Path("plots/gallery"), quick: bool = False, workers: i
     """Run the experiments, draw the figures into ``out`` and write ``out/REPORT.md``."""
     stream = stream or sys.stdout
     t0 = time.perf_counter()
-    inf_sources, inf_figures, skipped = inference_parts()
-    sources, figures = SOURCES + inf_sources, FIGURES + inf_figures
+    sources, figures = SOURCES, FIGURES
     if only:
         wanted = {s.strip() for s in only.split(",") if s.strip()}
         unknown = wanted - {f.name for f in figures}
@@ -230,22 +226,23 @@ def reproduce(out: Path = Path("plots/gallery"), quick: bool = False, workers: i
         sources = [s for s in sources if s.name in {f.source for f in figures}]
     points: list[SweepPoint] = []
     owner: dict[str, list[int]] = {}
-    _plan([s for s in sources if s.kind == "training"], quick, points, owner)  # all valid before any runs
-    try:
-        _plan([s for s in sources if s.kind == "inference"], quick, points, owner)
-    except SweepError as e:  # e.g. traces not recorded yet: the training half still stands
-        skipped = str(e)
+    skipped: dict[str, str] = {}  # kind -> why its experiments are skipped
+    for kind in KINDS.values():  # every point valid before any runs
+        try:
+            _plan([s for s in sources if s.kind == kind.name], quick, points, owner)
+        except SweepError as e:
+            if not kind.optional:
+                raise
+            skipped[kind.name] = str(e)  # e.g. traces not recorded yet: the other kinds still stand
     sources = [s for s in sources if s.name in owner]
     figures = [f for f in figures if f.source in owner]
-    if skipped:
-        print(f"# inference experiments skipped: {skipped}", file=stream)
+    for name, why in skipped.items():
+        print(f"# {name} experiments skipped: {why}", file=stream)
     backend = LocalBackend(workers)
     cached = sum(cache.path(p.key).exists() for p in points) if cache else 0
     print(f"# reproduce{' --quick' if quick else ''}: {len(points)} points from "
           f"{', '.join(s.file for s in sources)} ({cached} cached), {backend.workers} workers", file=stream)
-    # Inference points are the longest (about a minute each): start them first so that
-    # the short training points fill the other workers instead of trailing at the end.
-    order = sorted(points, key=lambda p: p.scenario.kind != "inference")
+    order = sorted(points, key=lambda p: not kind_of(p.scenario.kind).start_first)
     res = run_sweep(order, backend, cache, progress=Progress(len(points), cached, label="reproduce"))
     sections = []
     for fig in figures:
@@ -276,7 +273,9 @@ def reproduce(out: Path = Path("plots/gallery"), quick: bool = False, workers: i
 
 # ---- the report ---------------------------------------------------------------------------
 def render_report(sections: list, quick: bool, points: int, ran: int, wall_s: float, sim_s: float,
-                  skipped: str | None) -> str:
+                  skipped: dict[str, str]) -> str:
+    """REPORT.md: each figure with its caption and the table it plots; ``skipped`` maps a
+    scenario kind to why its experiments were left out."""
     mode = "lina-sim reproduce --quick" if quick else "lina-sim reproduce"
     out = [
         "# Lina in simulation: reproduced experiments",
@@ -293,8 +292,8 @@ def render_report(sections: list, quick: bool, points: int, ran: int, wall_s: fl
         out += ["*Quick run:* the ablation covers Transformer-XL only, the micro-op sweep GPT-2 only at five "
                 "sizes, and inference serves a quarter of the requests; run `lina-sim reproduce` for all three "
                 "models, eight sizes and full-length inference.", ""]
-    if skipped:
-        out += [f"*Inference experiments skipped:* {skipped}.", ""]
+    for name, why in skipped.items():
+        out += [f"*{name.capitalize()} experiments skipped:* {why}.", ""]
     for fig, table, failed, error in sections:
         out += [f"## {fig.title}", "", f"![{fig.name}]({fig.file})", "", fig.caption, ""]
         if error:

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
-import yaml
-
+from lina_sim.config.fields import Field, check_declared, check_fields, check_mapping, load_yaml
 from lina_sim.errors import ConfigError
 from lina_sim.hardware.spec import ClusterSpec, ComputeSpec, GPUSpec
 
@@ -47,12 +46,7 @@ class RooflineComputeModel:
     """
 
     def __init__(self, gpu: GPUSpec, compute: ComputeSpec, dtype: str = "fp16") -> None:
-        for name in ("matmul_efficiency", "memory_efficiency"):
-            v = getattr(compute, name)
-            if not 0 < v <= 1:
-                raise ConfigError(f"compute.{name}", f"must be in (0, 1], got {v}")
-        if compute.kernel_launch_s < 0:
-            raise ConfigError("compute.kernel_launch_s", f"must be >= 0 s, got {compute.kernel_launch_s}")
+        check_declared(compute, "compute")
         self.flops_per_s = gpu.flops(dtype) * compute.matmul_efficiency
         self.bytes_per_s = gpu.hbm_bandwidth * compute.memory_efficiency
         self.launch_s = compute.kernel_launch_s
@@ -117,10 +111,8 @@ class ProfileComputeModel:
             with path.open(newline="") as fh:
                 records = list(csv.DictReader(fh))
         elif path.suffix in (".yaml", ".yml"):
-            try:
-                data = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as e:
-                raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
+            data = load_yaml(path, "profile", "{rows: [{op, shape, tokens, seconds}, ...]} or a list of rows",
+                             lists=True)
             records = data.get("rows") if isinstance(data, Mapping) else data
             if not isinstance(records, list):
                 raise ConfigError(f"{path}.rows", "must be a list of {op, shape, tokens, seconds}")
@@ -143,23 +135,25 @@ class ProfileComputeModel:
         return _interp(float(op.tokens), *curve)
 
 
+# One measurement of a profile (a CSV's columns, or a YAML row's keys; other keys are
+# left alone, so that a table may carry notes).
+ROW_FIELDS: dict[str, Field] = {
+    "op": Field(str, allowed="an op key such as ffn.fwd", help="op key: role.phase"),
+    "shape": Field(str, "", allow_none=True, help="the op's shape key (empty: any shape)"),
+    "tokens": Field(float, minimum=0, help="tokens the op processed"),
+    "seconds": Field(float, minimum=0, help="measured time of the op, s"),
+}
+
+
 def rows_from_records(records: Sequence[Mapping[str, Any]], where: str = "profile") -> list[ProfileRow]:
     """Validate raw records (dicts) into ProfileRows, naming the bad field."""
     rows = []
     for i, rec in enumerate(records):
         at = f"{where}.rows[{i}]"
-        if not isinstance(rec, Mapping):
-            raise ConfigError(at, "must be a mapping with op, shape, tokens, seconds")
-        for k in ("op", "tokens", "seconds"):
-            if rec.get(k) in (None, ""):
-                raise ConfigError(f"{at}.{k}", "missing", ["op", "shape", "tokens", "seconds"])
-        try:
-            tokens, seconds = float(rec["tokens"]), float(rec["seconds"])
-        except (TypeError, ValueError):
-            raise ConfigError(at, "tokens and seconds must be numbers") from None
-        if tokens < 0 or seconds < 0:
-            raise ConfigError(at, "tokens and seconds must be >= 0")
-        rows.append(ProfileRow(str(rec["op"]), str(rec.get("shape") or ""), tokens, seconds))
+        # A CSV leaves empty cells as "": that is a missing value.
+        rec = {k: v for k, v in check_mapping(rec, at, list(ROW_FIELDS)).items() if v != ""}
+        v = check_fields(rec, ROW_FIELDS, at, strict=False)
+        rows.append(ProfileRow(v["op"], v["shape"] or "", v["tokens"], v["seconds"]))
     return rows
 
 

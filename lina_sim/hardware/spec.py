@@ -12,27 +12,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
+from lina_sim.config.fields import (
+    Field, check_declared, check_fields, check_known, check_mapping, declare, declared, load_yaml,
+)
 from lina_sim.errors import ConfigError
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "config" / "presets"
 INTRA_NODE_FABRICS = ("nvswitch", "full-mesh")
+_EFFICIENCY = dict(minimum=0, exclusive_minimum=True, maximum=1)  # a fraction in (0, 1]
+PEAK_FLOPS = Field(float, minimum=0, exclusive_minimum=True, help="dense peak of one dtype, FLOP/s")
+
+
+def _each(entries: Mapping[Any, Any], f: Field, where: str) -> dict[str, Any]:
+    """Every value of a mapping with free keys (dtypes, collective kinds) checked by ``f``."""
+    return {str(k): f.check(v, f"{where}.{k}") for k, v in entries.items()}
 
 
 @dataclass(frozen=True)
 class GPUSpec:
     """One accelerator: peak dense FLOP/s per dtype, HBM bandwidth (bytes/s), memory (bytes)."""
 
-    name: str
-    peak_flops: Mapping[str, float]
-    hbm_bandwidth: float
-    memory_bytes: float
+    name: str = declare(Field(str, "gpu", help="the accelerator's name"), keyword=False)
+    peak_flops: Mapping[str, float]  # dtype -> FLOP/s, each checked by PEAK_FLOPS
+    hbm_bandwidth: float = declare(Field(float, minimum=0, exclusive_minimum=True, help="HBM bandwidth, bytes/s"))
+    memory_bytes: float = declare(Field(float, minimum=0, exclusive_minimum=True, help="device memory, bytes"))
 
     def flops(self, dtype: str) -> float:
         if dtype not in self.peak_flops:
             raise ConfigError("dtype", f"GPU {self.name} has no peak for {dtype!r}", sorted(self.peak_flops))
         return float(self.peak_flops[dtype])
+
+    def check(self, where: str = "gpu") -> "GPUSpec":
+        check_declared(self, where)
+        if not isinstance(self.peak_flops, Mapping) or not self.peak_flops:
+            raise ConfigError(f"{where}.peak_flops", "missing: give FLOP/s per dtype, e.g. {bf16: 312e12}")
+        _each(self.peak_flops, PEAK_FLOPS, f"{where}.peak_flops")
+        return self
 
 
 @dataclass(frozen=True)
@@ -40,9 +55,11 @@ class LinkSpec:
     """A link class: datasheet bandwidth per direction (bytes/s), the fraction of it that
     collectives achieve (``efficiency``), and a one-way per-hop latency (s)."""
 
-    bandwidth: float
-    latency: float
-    efficiency: float = 1.0
+    bandwidth: float = declare(Field(float, minimum=0, exclusive_minimum=True,
+                                     help="datasheet bandwidth per direction, bytes/s"))
+    latency: float = declare(Field(float, 0.0, minimum=0, help="one-way latency per hop, s"))
+    efficiency: float = declare(Field(float, 1.0, **_EFFICIENCY,
+                                      help="fraction of the bandwidth collectives achieve (0, 1]"))
 
     @property
     def effective_bandwidth(self) -> float:
@@ -55,12 +72,15 @@ class ComputeSpec:
     """Compute-model factors: achieved fraction of peak FLOP/s for matmuls and of HBM
     bandwidth for memory-bound kernels, and the launch overhead per kernel (s)."""
 
-    matmul_efficiency: float = 1.0
-    memory_efficiency: float = 1.0
-    kernel_launch_s: float = 0.0
+    matmul_efficiency: float = declare(Field(float, 1.0, **_EFFICIENCY,
+                                             help="achieved fraction of peak FLOP/s in matmuls (0, 1]"))
+    memory_efficiency: float = declare(Field(float, 1.0, **_EFFICIENCY,
+                                             help="achieved fraction of HBM bandwidth in memory-bound kernels (0, 1]"))
+    kernel_launch_s: float = declare(Field(float, 0.0, minimum=0, help="launch overhead per kernel, s"))
 
 
 COLLECTIVE_KINDS = ("all_to_all", "allreduce")
+STEP_DELAY = Field(float, minimum=0, help="extra delay per step of a collective on an oversubscribed host, s")
 
 
 @dataclass(frozen=True)
@@ -78,9 +98,11 @@ class HostSpec:
       ``step_delay_s`` was measured; the delay accrues in proportion to it.
     """
 
-    cores: int
-    step_delay_s: Mapping[str, float] = field(default_factory=dict)
-    reference_excess: float = 1.0
+    cores: int = declare(Field(int, minimum=1, help="CPU cores the ranks share"))
+    step_delay_s: Mapping[str, float] = field(default_factory=dict)  # kind -> STEP_DELAY, s
+    reference_excess: float = declare(Field(float, 1.0, minimum=0, exclusive_minimum=True,
+                                            help="oversubscription (running - cores) / cores at which "
+                                                 "step_delay_s was measured (a ratio)"))
 
     @staticmethod
     def steps(kind: str, n: int) -> int:
@@ -94,15 +116,13 @@ class HostSpec:
         return self.steps(kind, n) * self.step_delay_s.get(kind, 0.0)
 
     def check(self, where: str = "host") -> "HostSpec":
-        _check_positive_int(f"{where}.cores", self.cores)
-        for k, v in self.step_delay_s.items():
-            if k not in COLLECTIVE_KINDS:
-                raise ConfigError(f"{where}.step_delay_s.{k}", "unknown collective", COLLECTIVE_KINDS)
-            if not v >= 0:
-                raise ConfigError(f"{where}.step_delay_s.{k}", f"must be >= 0 s, got {v}")
-        if not self.reference_excess > 0:
-            raise ConfigError(f"{where}.reference_excess", f"must be > 0, got {self.reference_excess}")
+        check_declared(self, where)
+        check_known(self.step_delay_s, COLLECTIVE_KINDS, f"{where}.step_delay_s", "collective")
+        _each(self.step_delay_s, STEP_DELAY, f"{where}.step_delay_s")
         return self
+
+
+LINKS = ("nvlink", "pcie", "nic")
 
 
 @dataclass(frozen=True)
@@ -120,20 +140,22 @@ class ClusterSpec:
       testbed).
     """
 
-    name: str
+    name: str = declare(Field(str, "custom", help="the preset's name"), keyword=False)
     gpu: GPUSpec
-    nodes: int
-    gpus_per_node: int
-    intra_node: str
+    nodes: int = declare(Field(int, 1, minimum=1, help="nodes in the cluster"), keyword=False)
+    gpus_per_node: int = declare(Field(int, minimum=1, help="GPUs (ranks) per node"))
+    intra_node: str = declare(Field(str, "nvswitch", choices=INTRA_NODE_FABRICS, help="the fabric inside a node"),
+                              keyword=False)
     nvlink: LinkSpec
     pcie: LinkSpec
     nic: LinkSpec
-    nics_per_node: int
+    nics_per_node: int = declare(Field(int, 1, minimum=1, help="NICs per node"), keyword=False)
     nic_of_gpu: tuple[int, ...]
-    oversubscription: float = 1.0
-    switch_latency: float = 0.0
+    oversubscription: float = declare(Field(float, 1.0, minimum=1,
+                                            help="node uplinks' fabric oversubscription (a ratio; 1: non-blocking)"))
+    switch_latency: float = declare(Field(float, 0.0, minimum=0, help="latency of one switch hop, s"))
     compute: ComputeSpec = field(default_factory=ComputeSpec)
-    description: str = ""
+    description: str = declare(Field(str, "", help="free text"))
     host: HostSpec | None = None
 
     @property
@@ -144,32 +166,21 @@ class ClusterSpec:
         return rank // self.gpus_per_node
 
     def with_nodes(self, nodes: int) -> "ClusterSpec":
-        _check_positive_int("nodes", nodes)
-        return dataclasses.replace(self, nodes=int(nodes))
+        return dataclasses.replace(self, nodes=declared(ClusterSpec)["nodes"].check(nodes, "nodes"))
 
     def check(self, where: str = "cluster") -> "ClusterSpec":
-        _check_positive_int(f"{where}.nodes", self.nodes)
-        _check_positive_int(f"{where}.gpus_per_node", self.gpus_per_node)
-        _check_positive_int(f"{where}.nics_per_node", self.nics_per_node)
-        if self.intra_node not in INTRA_NODE_FABRICS:
-            raise ConfigError(f"{where}.intra_node", f"unknown fabric {self.intra_node!r}", INTRA_NODE_FABRICS)
+        check_declared(self, where)
+        self.gpu.check(f"{where}.gpu")
+        for name in LINKS:
+            check_declared(getattr(self, name), f"{where}.{name}")
+        check_declared(self.compute, f"{where}.compute")
+        if self.host is not None:
+            self.host.check(f"{where}.host")
         if len(self.nic_of_gpu) != self.gpus_per_node:
             raise ConfigError(f"{where}.nic_of_gpu", f"has {len(self.nic_of_gpu)} entries, expected one per GPU ({self.gpus_per_node})")
         bad = [n for n in self.nic_of_gpu if not 0 <= n < self.nics_per_node]
         if bad:
             raise ConfigError(f"{where}.nic_of_gpu", f"NIC index {bad[0]} out of range", f"0..{self.nics_per_node - 1}")
-        for name in ("nvlink", "pcie", "nic"):
-            link: LinkSpec = getattr(self, name)
-            if not link.bandwidth > 0:
-                raise ConfigError(f"{where}.{name}.bandwidth", f"must be > 0 bytes/s, got {link.bandwidth}")
-            if not 0 < link.efficiency <= 1:
-                raise ConfigError(f"{where}.{name}.efficiency", f"must be in (0, 1], got {link.efficiency}")
-            if link.latency < 0:
-                raise ConfigError(f"{where}.{name}.latency", f"must be >= 0 s, got {link.latency}")
-        if not self.oversubscription >= 1:
-            raise ConfigError(f"{where}.oversubscription", f"must be >= 1, got {self.oversubscription}")
-        if self.host is not None:
-            self.host.check(f"{where}.host")
         return self
 
     @property
@@ -178,99 +189,63 @@ class ClusterSpec:
         return self.host is not None and self.host.cores < self.world_size
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(name, f"must be a positive integer, got {value!r}")
-
-
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def _num(d: Mapping[str, Any], key: str, where: str, default: Any = None) -> float:
-    if key not in d:
-        if default is not None:
-            return default
-        raise ConfigError(f"{where}.{key}", "missing")
-    v = d[key]
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}.{key}", f"not a number: {v!r}") from None
+def _mapping_of(cls: type, *more: str) -> str:
+    return "a mapping of " + ", ".join([*declared(cls), *more])
 
 
-def _link(d: Any, where: str) -> LinkSpec:
-    if not isinstance(d, Mapping):
-        raise ConfigError(where, "must be a mapping with bandwidth, latency, efficiency")
-    return LinkSpec(
-        bandwidth=_num(d, "bandwidth", where),
-        latency=_num(d, "latency", where, 0.0),
-        efficiency=_num(d, "efficiency", where, 1.0),
-    )
+# A preset: the declared ClusterSpec fields, and blocks read by their own tables.
+PRESET_FIELDS: dict[str, Field] = {
+    **declared(ClusterSpec),
+    "gpu": Field(dict, allowed=_mapping_of(GPUSpec, "peak_flops"), help="the accelerator"),
+    **{name: Field(dict, allowed=_mapping_of(LinkSpec), help=f"the {name} link class") for name in LINKS},
+    "compute": Field(dict, None, allow_none=True, allowed=_mapping_of(ComputeSpec),
+                     help="compute-model factors (absent: the ideal roofline)"),
+    "host": Field(dict, None, allow_none=True, allowed=_mapping_of(HostSpec, "step_delay_s"),
+                  help="one CPU host shared by every rank (absent: a device per rank)"),
+    "nic_of_gpu": Field(tuple, None, allow_none=True, allowed="a list of NIC indices, one per GPU",
+                        help="the local NIC of each local GPU (absent: GPUs spread evenly over the NICs)"),
+    "source": Field(str, "", help="free text: where the numbers come from"),
+}
+NIC_INDEX = Field(int, help="index of a local NIC")
+# The mappings of a preset whose entries are checked one by one (PEAK_FLOPS, STEP_DELAY).
+_PEAKS = Field(dict, allowed="FLOP/s per dtype, e.g. {bf16: 312e12}", help="dense peak FLOP/s per dtype")
+_DELAYS = Field(dict, None, allow_none=True, allowed="seconds per collective kind, e.g. {allreduce: 0.01}",
+                help="extra delay per step of each collective kind on an oversubscribed host, s")
 
 
-def _host(d: Any, where: str) -> HostSpec | None:
-    if d is None:
+def _gpu(g: Mapping[str, Any], where: str) -> GPUSpec:
+    values = check_fields(g, {**declared(GPUSpec), "peak_flops": _PEAKS}, where)
+    values["peak_flops"] = _each(values["peak_flops"], PEAK_FLOPS, f"{where}.peak_flops")
+    return GPUSpec(**values)
+
+
+def _host(h: Mapping[str, Any] | None, where: str) -> HostSpec | None:
+    if h is None:
         return None
-    if not isinstance(d, Mapping):
-        raise ConfigError(where, "must be a mapping with cores, step_delay_s, reference_excess")
-    for k in d:
-        if k not in ("cores", "step_delay_s", "reference_excess"):
-            raise ConfigError(f"{where}.{k}", "unknown field", ["cores", "reference_excess", "step_delay_s"])
-    delays = d.get("step_delay_s") or {}
-    if not isinstance(delays, Mapping):
-        raise ConfigError(f"{where}.step_delay_s", "must be a mapping", COLLECTIVE_KINDS)
-    return HostSpec(cores=d.get("cores"), step_delay_s={str(k): _num(delays, k, f"{where}.step_delay_s") for k in delays},
-                    reference_excess=_num(d, "reference_excess", where, 1.0))
+    values = check_fields(h, {**declared(HostSpec), "step_delay_s": _DELAYS}, where)
+    delays = values["step_delay_s"] or {}
+    check_known(delays, COLLECTIVE_KINDS, f"{where}.step_delay_s", "collective")
+    values["step_delay_s"] = _each(delays, STEP_DELAY, f"{where}.step_delay_s")
+    return HostSpec(**values)
 
 
 def cluster_from_dict(d: Mapping[str, Any], where: str = "cluster") -> ClusterSpec:
     """Build a ClusterSpec from a preset-shaped mapping, naming any bad field."""
-    known = {"name", "description", "nodes", "gpus_per_node", "gpu", "intra_node", "nvlink", "pcie", "nic",
-             "nics_per_node", "nic_of_gpu", "oversubscription", "switch_latency", "compute", "source", "host"}
-    for k in d:
-        if k not in known:
-            raise ConfigError(f"{where}.{k}", "unknown field", sorted(known))
-    g = d.get("gpu")
-    if not isinstance(g, Mapping):
-        raise ConfigError(f"{where}.gpu", "missing or not a mapping")
-    peak = g.get("peak_flops")
-    if not isinstance(peak, Mapping) or not peak:
-        raise ConfigError(f"{where}.gpu.peak_flops", "missing: give FLOP/s per dtype, e.g. {bf16: 312e12}")
-    gpu = GPUSpec(
-        name=str(g.get("name", "gpu")),
-        peak_flops={str(k): _num(peak, k, f"{where}.gpu.peak_flops") for k in peak},
-        hbm_bandwidth=_num(g, "hbm_bandwidth", f"{where}.gpu"),
-        memory_bytes=_num(g, "memory_bytes", f"{where}.gpu"),
-    )
-    c = d.get("compute", {}) or {}
-    compute = ComputeSpec(
-        matmul_efficiency=_num(c, "matmul_efficiency", f"{where}.compute", 1.0),
-        memory_efficiency=_num(c, "memory_efficiency", f"{where}.compute", 1.0),
-        kernel_launch_s=_num(c, "kernel_launch_s", f"{where}.compute", 0.0),
-    )
-    gpn = d.get("gpus_per_node")
-    nics = d.get("nics_per_node", 1)
-    nic_of_gpu = d.get("nic_of_gpu")
-    if nic_of_gpu is None and isinstance(gpn, int) and isinstance(nics, int) and nics > 0:
-        # GPUs are spread evenly over the NICs in local-rank order.
-        nic_of_gpu = [i * nics // gpn for i in range(gpn)]
+    v = check_fields(check_mapping(d, where, sorted(PRESET_FIELDS)), PRESET_FIELDS, where)
+    nics, gpn = v["nics_per_node"], v["gpus_per_node"]
+    # GPUs are spread evenly over the NICs in local-rank order unless the preset says.
+    nic_of_gpu = v["nic_of_gpu"] if v["nic_of_gpu"] is not None else [i * nics // gpn for i in range(gpn)]
     spec = ClusterSpec(
-        name=str(d.get("name", "custom")),
-        description=str(d.get("description", "")),
-        gpu=gpu,
-        nodes=d.get("nodes", 1),
-        gpus_per_node=gpn,
-        intra_node=str(d.get("intra_node", "nvswitch")),
-        nvlink=_link(d.get("nvlink"), f"{where}.nvlink"),
-        pcie=_link(d.get("pcie"), f"{where}.pcie"),
-        nic=_link(d.get("nic"), f"{where}.nic"),
-        nics_per_node=nics,
-        nic_of_gpu=tuple(int(x) for x in (nic_of_gpu or ())),
-        oversubscription=_num(d, "oversubscription", where, 1.0),
-        switch_latency=_num(d, "switch_latency", where, 0.0),
-        compute=compute,
-        host=_host(d.get("host"), f"{where}.host"),
+        **{k: v[k] for k in declared(ClusterSpec)},
+        gpu=_gpu(v["gpu"], f"{where}.gpu"),
+        **{name: LinkSpec(**check_fields(v[name], declared(LinkSpec), f"{where}.{name}")) for name in LINKS},
+        compute=ComputeSpec(**check_fields(v["compute"] or {}, declared(ComputeSpec), f"{where}.compute")),
+        host=_host(v["host"], f"{where}.host"),
+        nic_of_gpu=tuple(NIC_INDEX.check(n, f"{where}.nic_of_gpu[{i}]") for i, n in enumerate(nic_of_gpu)),
     )
     return spec.check(where)
 
@@ -283,13 +258,7 @@ def read_preset(name: str, field: str = "preset") -> tuple[dict, Path]:
         if name not in available_presets():
             raise ConfigError(field, f"unknown preset {name!r}", available_presets() + ["<path to a profile .yaml>"])
         path = PRESET_DIR / f"{name}.yaml"
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, Mapping):
-        raise ConfigError(str(path), "a preset must be a YAML mapping")
-    return data, path
+    return load_yaml(path, "preset"), path
 
 
 def load_preset(name: str, nodes: int | None = None) -> ClusterSpec:

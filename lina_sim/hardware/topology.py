@@ -109,7 +109,7 @@ class Topology:
         if r.size == 0:
             raise ConfigError(field, "empty communicator")
         if r.min() < 0 or r.max() >= self.world_size:
-            raise ConfigError(field, f"rank out of range", f"0..{self.world_size - 1}")
+            raise ConfigError(field, "rank out of range", f"0..{self.world_size - 1}")
         if len(np.unique(r)) != r.size:
             raise ConfigError(field, "duplicate ranks in communicator")
         return r

@@ -1,9 +1,11 @@
-"""Names → policy classes, imported lazily so that looking one up imports only it."""
+"""Names → policy classes, imported lazily so that looking one up imports only it, and
+a scenario's ``policies:`` list read into entries."""
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 from lina_sim.errors import ConfigError
 
@@ -51,3 +53,40 @@ def make_training_policy(name: str, **params: Any):
 
 def make_placement_policy(name: str, **params: Any):
     return placement_policy_class(name).from_params(name=name, **params)
+
+
+@dataclass
+class PolicyEntry:
+    """One policy of a scenario: its registry name, display label and parameters (as the
+    scenario wrote them; the policy's ``PARAMS`` check them)."""
+
+    name: str
+    label: str
+    params: dict[str, Any]
+
+
+def policy_entries(entries: Any, family: str, where: str = "policies") -> list[PolicyEntry]:
+    """A scenario's ``policies:`` list of ``family`` (``training`` or ``placement``)
+    policies: each a name or a mapping ``{name, label, PARAM: VALUE...}``, every label
+    unique. Errors name ``policies[i]`` and the known names; the caller checks the
+    parameters."""
+    table = {"training": TRAINING_POLICIES, "placement": PLACEMENT_POLICIES}[family]
+    known = sorted(table)
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(where, f"must be a non-empty list of {family} policy names or {{name: ..., params}}", known)
+    out: list[PolicyEntry] = []
+    labels: set[str] = set()
+    for i, e in enumerate(entries):
+        if isinstance(e, str):
+            e = {"name": e}
+        if not isinstance(e, Mapping) or "name" not in e:
+            raise ConfigError(f"{where}[{i}]", "must be a policy name or a mapping with a name", known)
+        name = str(e["name"])
+        if name not in table:
+            raise ConfigError(f"{where}[{i}].name", f"unknown {family} policy {name!r}", known)
+        label = str(e.get("label", name))
+        if label in labels:
+            raise ConfigError(f"{where}[{i}].label", f"duplicate label {label!r}: give each entry its own label")
+        labels.add(label)
+        out.append(PolicyEntry(name, label, {k: v for k, v in e.items() if k not in ("name", "label")}))
+    return out

@@ -19,8 +19,21 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
+
+from lina_sim.config.fields import Field, check_fields, declare
+
+
+_PROCESS = Field(str, "poisson", choices=("poisson", "closed"), help="open loop (poisson) or closed loop")
+# The fields of an ``arrival:`` block, per process.
+ARRIVAL_FIELDS: dict[str, dict[str, Field]] = {
+    "poisson": {"process": _PROCESS, "rate": Field(float, minimum=0, exclusive_minimum=True,
+                                                   allowed="a number > 0 (requests/s)",
+                                                   help="mean arrival rate, requests/s")},
+    "closed": {"process": _PROCESS, "concurrency": Field(int, minimum=1, help="requests in flight (clients)")},
+}
 
 
 @dataclass(frozen=True)
@@ -32,6 +45,13 @@ class ArrivalSpec:
     rate: float | None = None
     concurrency: int | None = None
 
+    @classmethod
+    def from_block(cls, block: Mapping[str, Any], where: str = "arrival") -> "ArrivalSpec":
+        """The spec of an ``arrival:`` block: its process, then that process's fields
+        (:data:`ARRIVAL_FIELDS`); errors name ``<where>.<field>``."""
+        process = _PROCESS.get(block, "process", where)
+        return cls(**check_fields(block, ARRIVAL_FIELDS[process], where))
+
 
 @dataclass(frozen=True)
 class BatchingSpec:
@@ -39,8 +59,8 @@ class BatchingSpec:
     more than ``timeout`` seconds for its batch to fill (it may wait longer for the
     server to become free)."""
 
-    token_budget: int
-    timeout: float
+    token_budget: int = declare(Field(int, 8192, minimum=1, help="most tokens in one batch"))
+    timeout: float = declare(Field(float, 0.01, minimum=0, help="longest a request waits for its batch to fill, s"))
 
 
 @dataclass

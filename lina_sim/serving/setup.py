@@ -14,44 +14,57 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from lina_sim.config.fields import Field, check_fields, check_mapping, declared
 from lina_sim.network.collectives import ALGORITHMS
 from lina_sim.errors import ConfigError, RoutingTraceError
 from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.policies.placement import PlacementPolicy
-from lina_sim.policies.registry import PLACEMENT_POLICIES, make_placement_policy
-from lina_sim.serving.requests import (
-    ArrivalSpec, BatchingSpec,
-)
+from lina_sim.policies.registry import PolicyEntry, make_placement_policy, policy_entries
+from lina_sim.serving.requests import ArrivalSpec, BatchingSpec
 from lina_sim.config.scenario import Scenario
 from lina_sim.workload.resolve import resolve_cluster_and_model
 from lina_sim.serving.cost import InferenceCostModel
 from lina_sim.routing.traces import RoutingTrace, load as load_trace
 from lina_sim.workload.model import ModelSpec
 
-SERVING_FIELDS = {
-    "trace": "path of a .npz trace, or a list of them (concatenated)",
-    "fold_experts": "true: map trace expert e to e mod model.experts",
-    "train_fraction": "fraction of the trace's sequences that fit the estimators (0..1)",
-    "requests": "number of requests to serve",
-    "arrival": "{process: poisson, rate: REQ_PER_S} or {process: closed, concurrency: N}",
-    "batching": "{token_budget: TOKENS, timeout: SECONDS}",
-    "expert_slots": "experts of one layer each GPU can hold (null: the placement default)",
-    "timeline_batches": "batches per policy recorded in the timeline",
+
+def _trace_list(v: Any) -> bool:
+    """Whether ``v`` is a trace path or a non-empty list of them."""
+    items = v if isinstance(v, list) else [v]
+    return bool(items) and all(isinstance(p, str) and p for p in items)
+
+
+SERVING_FIELDS: dict[str, Field] = {
+    "trace": Field(object, predicate=_trace_list, allowed="a .npz trace path, or a list of them",
+                   help="path of a .npz trace, or a list of them (concatenated)"),
+    "fold_experts": Field(bool, False, help="true: map trace expert e to e mod model.experts"),
+    "train_fraction": Field(float, 0.3, minimum=0, exclusive_minimum=True, maximum=1, exclusive_maximum=True,
+                            help="fraction of the trace's sequences that fit the estimators"),
+    "requests": Field(int, 1000, minimum=1, help="requests to serve"),
+    "arrival": Field(dict, allowed="{process: poisson, rate: R > 0 req/s} or {process: closed, concurrency: N >= 1}",
+                     help="how requests arrive (requests/s, or requests in flight)"),
+    "batching": Field(dict, None, allow_none=True, allowed="{token_budget: TOKENS, timeout: SECONDS}",
+                      help="dynamic batching (tokens, s)"),
+    "expert_slots": Field(int, None, minimum=1, allow_none=True,
+                          help="experts of one layer each GPU can hold (null: the placement default)"),
+    "timeline_batches": Field(int, 2, minimum=0, help="batches per policy recorded in the timeline"),
+}
+# The other blocks of an inference scenario that it reads.
+COMPUTE_FIELDS: dict[str, Field] = {
+    "model": Field(str, "roofline", choices=("roofline",), help="the compute model (inference: the roofline)"),
+}
+COLLECTIVES_FIELDS: dict[str, Field] = {
+    "all_to_all": Field(str, ALGORITHMS["all_to_all"][0], choices=ALGORITHMS["all_to_all"],
+                        help="the all-to-all algorithm"),
 }
 # Placement-policy parameters the serving layer sets itself.
-_RESERVED = ("num_experts", "num_devices", "top_k", "max_experts_per_device")
+_RESERVED = tuple(PlacementPolicy.BASE_PARAMS)
 
 
 # ---------------------------------------------------------------------------------------
 # Setup
 # ---------------------------------------------------------------------------------------
-@dataclass
-class PlacementEntry:
-    """One placement policy of a scenario: registry name, label, and parameters."""
-
-    name: str
-    label: str
-    params: dict[str, Any]
+PlacementEntry = PolicyEntry  # one placement policy of a scenario: registry name, label, parameters
 
 
 @dataclass(frozen=True)
@@ -113,69 +126,9 @@ class InferenceSetup:
         }
 
 
-def _mapping(v: Any, where: str, allowed: Any) -> Mapping:
-    if not isinstance(v, Mapping):
-        raise ConfigError(where, f"must be a mapping, got {v!r}", allowed)
-    return v
-
-
-def _number(v: Any, where: str, allowed: str, *, integer: bool = False, minimum: float | None = None,
-            exclusive: bool = False, maximum: float | None = None) -> float:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-    if ok and integer and float(v) != int(v):
-        ok = False
-    if ok and minimum is not None and (v <= minimum if exclusive else v < minimum):
-        ok = False
-    if ok and maximum is not None and v > maximum:
-        ok = False
-    if not ok:
-        raise ConfigError(where, f"got {v!r}", allowed)
-    return int(v) if integer else float(v)
-
-
-def _unknown(block: Mapping, where: str, known) -> None:
-    for k in block:
-        if k not in known:
-            raise ConfigError(f"{where}.{k}", "unknown field", sorted(known))
-
-
-def _arrival(v: Any) -> ArrivalSpec:
-    allowed = "{process: poisson, rate: R > 0 req/s} or {process: closed, concurrency: N >= 1}"
-    b = _mapping(v, "serving.arrival", allowed)
-    process = b.get("process", "poisson")
-    if process == "poisson":
-        _unknown(b, "serving.arrival", ("process", "rate"))
-        if "rate" not in b:
-            raise ConfigError("serving.arrival.rate", "missing", "a number > 0 (requests/s)")
-        return ArrivalSpec("poisson", rate=_number(b["rate"], "serving.arrival.rate", "a number > 0 (requests/s)",
-                                                   minimum=0, exclusive=True))
-    if process == "closed":
-        _unknown(b, "serving.arrival", ("process", "concurrency"))
-        if "concurrency" not in b:
-            raise ConfigError("serving.arrival.concurrency", "missing", "an integer >= 1")
-        return ArrivalSpec("closed", concurrency=_number(b["concurrency"], "serving.arrival.concurrency",
-                                                         "an integer >= 1", integer=True, minimum=1))
-    raise ConfigError("serving.arrival.process", f"unknown arrival process {process!r}", ["poisson", "closed"])
-
-
-def _batching(v: Any) -> BatchingSpec:
-    b = _mapping(v if v is not None else {}, "serving.batching", "{token_budget: N, timeout: S}")
-    _unknown(b, "serving.batching", ("token_budget", "timeout"))
-    budget = _number(b.get("token_budget", 8192), "serving.batching.token_budget", "an integer >= 1 (tokens)",
-                     integer=True, minimum=1)
-    timeout = _number(b.get("timeout", 0.01), "serving.batching.timeout", "a number >= 0 (seconds)", minimum=0)
-    return BatchingSpec(budget, timeout)
-
-
-def _trace_paths(v: Any, source: str) -> tuple[Path, ...]:
-    allowed = "a .npz trace path, or a list of them"
-    if v is None:
-        raise ConfigError("serving.trace", "missing", allowed)
-    items = v if isinstance(v, list) else [v]
-    if not items or not all(isinstance(p, str) and p for p in items):
-        raise ConfigError("serving.trace", f"got {v!r}", allowed)
+def _trace_paths(v: str | list[str], source: str) -> tuple[Path, ...]:
     out = []
-    for p in items:
+    for p in v if isinstance(v, list) else [v]:
         path = Path(p)
         if not path.is_absolute() and not path.exists() and source not in ("<memory>", ""):
             # Relative to the working directory first; else beside the scenario file or
@@ -194,28 +147,12 @@ def _load_traces(paths: tuple[Path, ...]) -> RoutingTrace:
 
 
 def parse_placement_policies(entries: Any, where: str = "policies") -> list[PlacementEntry]:
-    allowed = sorted(PLACEMENT_POLICIES)
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(where, "must be a non-empty list of placement policy names or {name: ..., params}", allowed)
-    out, labels = [], set()
-    for i, e in enumerate(entries):
-        if isinstance(e, str):
-            e = {"name": e}
-        if not isinstance(e, Mapping) or "name" not in e:
-            raise ConfigError(f"{where}[{i}]", "must be a policy name or a mapping with a name", allowed)
-        name = str(e["name"])
-        if name not in PLACEMENT_POLICIES:
-            raise ConfigError(f"{where}[{i}].name", f"unknown placement policy {name!r}", allowed)
-        params = {k: v for k, v in e.items() if k not in ("name", "label")}
-        for k in params:
+    out = policy_entries(entries, "placement", where)
+    for e in out:
+        for k in e.params:
             if k in _RESERVED:
-                raise ConfigError(f"{where}[{name}].{k}", "is set by the scenario (model, cluster, trace, "
+                raise ConfigError(f"{where}[{e.name}].{k}", "is set by the scenario (model, cluster, trace, "
                                   "serving.expert_slots), not per policy")
-        label = str(e.get("label", name))
-        if label in labels:
-            raise ConfigError(f"{where}[{i}].label", f"duplicate label {label!r}: give each entry its own label")
-        labels.add(label)
-        out.append(PlacementEntry(name, label, params))
     return out
 
 
@@ -232,40 +169,19 @@ def resolve_inference(sc: Scenario) -> InferenceSetup:
     cluster, model = resolve_cluster_and_model(d)
     policies = parse_placement_policies(d.get("policies"))
 
-    comp = d.get("compute")
-    if comp is not None:
-        c = _mapping(comp, "compute", "{model: roofline}")
-        _unknown(c, "compute", ("model",))
-        if c.get("model", "roofline") != "roofline":
-            raise ConfigError("compute.model", f"{c.get('model')!r} is not supported for inference", ["roofline"])
-    coll = d.get("collectives") or {}
-    coll = _mapping(coll, "collectives", "{all_to_all: direct|hierarchical}")
-    _unknown(coll, "collectives", ("all_to_all",))
-    algo = coll.get("all_to_all", "direct")
-    if algo not in ALGORITHMS["all_to_all"]:
-        raise ConfigError("collectives.all_to_all", f"unknown algorithm {algo!r}", ALGORITHMS["all_to_all"])
+    if d.get("compute") is not None:
+        check_fields(check_mapping(d["compute"], "compute", "{model: roofline}"), COMPUTE_FIELDS, "compute")
+    coll = check_mapping(d.get("collectives") or {}, "collectives", "{all_to_all: direct|hierarchical}")
+    algo = check_fields(coll, COLLECTIVES_FIELDS, "collectives")["all_to_all"]
 
-    sv = _mapping(d.get("serving"), "serving", sorted(SERVING_FIELDS)) if "serving" in d else None
-    if sv is None:
+    if "serving" not in d:
         raise ConfigError("serving", "missing", sorted(SERVING_FIELDS))
-    _unknown(sv, "serving", SERVING_FIELDS)
-    fold = sv.get("fold_experts", False)
-    if not isinstance(fold, bool):
-        raise ConfigError("serving.fold_experts", f"got {fold!r}", ["true", "false"])
-    train_fraction = _number(sv.get("train_fraction", 0.3), "serving.train_fraction",
-                             "a number in (0, 1)", minimum=0, exclusive=True)
-    if train_fraction >= 1:
-        raise ConfigError("serving.train_fraction", f"got {train_fraction!r}", "a number in (0, 1)")
-    requests = _number(sv.get("requests", 1000), "serving.requests", "an integer >= 1", integer=True, minimum=1)
-    if "arrival" not in sv:
-        raise ConfigError("serving.arrival", "missing", "{process: poisson, rate: R} or {process: closed, concurrency: N}")
-    arrival = _arrival(sv["arrival"])
-    batching = _batching(sv.get("batching"))
-    slots = sv.get("expert_slots")
-    if slots is not None:
-        slots = _number(slots, "serving.expert_slots", "an integer >= 1 or null", integer=True, minimum=1)
-    tl = _number(sv.get("timeline_batches", 2), "serving.timeline_batches", "an integer >= 0", integer=True, minimum=0)
-    paths = _trace_paths(sv.get("trace"), sc.source)
+    sv = check_fields(check_mapping(d["serving"], "serving", sorted(SERVING_FIELDS)), SERVING_FIELDS, "serving")
+    fold, train_fraction, requests = sv["fold_experts"], sv["train_fraction"], sv["requests"]
+    arrival = ArrivalSpec.from_block(sv["arrival"], "serving.arrival")
+    batching = BatchingSpec(**check_fields(sv["batching"] or {}, declared(BatchingSpec), "serving.batching"))
+    slots, tl = sv["expert_slots"], sv["timeline_batches"]
+    paths = _trace_paths(sv["trace"], sc.source)
 
     # The trace against the model: layers, experts (folding), top-k.
     trace = _load_traces(paths)

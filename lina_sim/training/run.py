@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from lina_sim.config.fields import Field, check_fields, check_mapping
 from lina_sim.training.breakdown import mean_breakdown
 from lina_sim.network.collectives import ALGORITHMS, CollectiveAlgos
 from lina_sim.hardware.compute import ProfileComputeModel, RooflineComputeModel
@@ -27,20 +28,24 @@ from lina_sim.training.engine import StepResult, TrainingEngine
 from lina_sim.errors import ConfigError
 from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.network.alone import AloneTimes
-from lina_sim.policies.registry import TRAINING_POLICIES, make_training_policy
+from lina_sim.policies.registry import PolicyEntry, make_training_policy, policy_entries
 from lina_sim.config.scenario import Scenario
 from lina_sim.workload.resolve import resolve_cluster_and_model
 from lina_sim.workload.graph import build_training_graph, micro_op_estimates, packing_candidates
 from lina_sim.workload.model import ModelSpec
 
 
-@dataclass
-class PolicyEntry:
-    """One policy of a scenario: its registry name, display label and parameters."""
-
-    name: str
-    label: str
-    params: dict[str, Any]
+# The blocks of a training scenario this module reads (the cluster and the model are
+# read by lina_sim.workload.resolve, the policies' parameters by their PARAMS).
+STEPS = Field(int, 1, minimum=1, help="training steps the real runtime measures (the simulator runs one)")
+COMPUTE_FIELDS: dict[str, Field] = {
+    "model": Field(str, "roofline", choices=("roofline", "profile"), help="how compute ops are timed"),
+    "profile": Field(str, None, allow_none=True,
+                     help="with model: profile, the path of a measured profile table (.yaml, .yml or .csv)"),
+}
+COLLECTIVES_FIELDS: dict[str, Field] = {
+    op: Field(str, algos[0], choices=algos, help=f"the {op} algorithm") for op, algos in ALGORITHMS.items()
+}
 
 
 @dataclass
@@ -66,25 +71,9 @@ class TrainingSetup:
 
 
 def parse_policies(entries: Any, where: str = "policies") -> list[PolicyEntry]:
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(where, "must be a non-empty list of policy names or {name: ..., params}",
-                          sorted(TRAINING_POLICIES))
-    out, labels = [], set()
-    for i, e in enumerate(entries):
-        if isinstance(e, str):
-            e = {"name": e}
-        if not isinstance(e, Mapping) or "name" not in e:
-            raise ConfigError(f"{where}[{i}]", "must be a policy name or a mapping with a name", sorted(TRAINING_POLICIES))
-        name = str(e["name"])
-        if name not in TRAINING_POLICIES:
-            raise ConfigError(f"{where}[{i}].name", f"unknown training policy {name!r}", sorted(TRAINING_POLICIES))
-        params = {k: v for k, v in e.items() if k not in ("name", "label")}
-        label = str(e.get("label", name))
-        if label in labels:
-            raise ConfigError(f"{where}[{i}].label", f"duplicate label {label!r}: give each entry its own label")
-        labels.add(label)
-        make_training_policy(name, _where=f"{where}[{name}]", **params)  # validates the parameters
-        out.append(PolicyEntry(name, label, params))
+    out = policy_entries(entries, "training", where)
+    for e in out:
+        make_training_policy(e.name, _where=f"{where}[{e.name}]", **e.params)  # checks the parameters
     return out
 
 
@@ -92,33 +81,22 @@ def _compute_model(block: Any, cluster: ClusterSpec, dtype: str):
     roofline = RooflineComputeModel.from_cluster(cluster, dtype)
     if block is None:
         return roofline
-    if not isinstance(block, Mapping):
-        raise ConfigError("compute", "must be a mapping", ["model: roofline", "model: profile, profile: PATH"])
-    kind = block.get("model", "roofline")
-    if kind == "roofline":
+    # Not strict: other keys have always been ignored here, and a sweep over one of them
+    # is reported as having no effect rather than as an error.
+    c = check_fields(check_mapping(block, "compute", ["model: roofline", "model: profile, profile: PATH"]),
+                     COMPUTE_FIELDS, "compute", strict=False)
+    if c["model"] == "roofline":
         return roofline
-    if kind == "profile":
-        if "profile" not in block:
-            raise ConfigError("compute.profile", "missing: the path of a measured profile table")
-        return ProfileComputeModel.load(block["profile"], fallback=roofline)
-    raise ConfigError("compute.model", f"unknown compute model {kind!r}", ["roofline", "profile"])
+    if c["profile"] is None:
+        raise ConfigError("compute.profile", "missing: the path of a measured profile table")
+    return ProfileComputeModel.load(c["profile"], fallback=roofline)
 
 
 def _algos(block: Any) -> CollectiveAlgos:
     if block is None:
         return CollectiveAlgos()
-    if not isinstance(block, Mapping):
-        raise ConfigError("collectives", "must be a mapping", ["allreduce", "all_to_all"])
-    for k in block:
-        if k not in ALGORITHMS:
-            raise ConfigError(f"collectives.{k}", "unknown field", sorted(ALGORITHMS))
-    out = {}
-    for op, allowed in ALGORITHMS.items():
-        v = block.get(op, allowed[0])
-        if v not in allowed:
-            raise ConfigError(f"collectives.{op}", f"unknown algorithm {v!r}", allowed)
-        out[op] = v
-    return CollectiveAlgos(**out)
+    return CollectiveAlgos(**check_fields(check_mapping(block, "collectives", sorted(ALGORITHMS)),
+                                          COLLECTIVES_FIELDS, "collectives"))
 
 
 def resolve_training(sc: Scenario) -> TrainingSetup:
@@ -126,9 +104,7 @@ def resolve_training(sc: Scenario) -> TrainingSetup:
     d = sc.data
     cluster, model = resolve_cluster_and_model(d)
     policies = parse_policies(d.get("policies"))
-    steps = d.get("steps", 1)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError("steps", f"must be a positive integer, got {steps!r}")
+    steps = STEPS.get(d, "steps", "")
     for key in ("serving",):
         if key in d:
             raise ConfigError(key, "only allowed in an inference scenario (kind: inference)")

@@ -24,9 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from lina_sim.config.fields import Field
 from lina_sim.errors import ConfigError
 from lina_sim.workload.comm import ALL_TO_ALL, GradRequest, MicroOp
-from lina_sim.workload.model import ModelSpec, _positive_int
+from lina_sim.workload.model import ModelSpec
 
 COMPUTE, ALLREDUCE = "compute", "allreduce"
 FWD, BWD, OPT = "fwd", "bwd", "opt"
@@ -426,10 +427,15 @@ def packing_candidates(model: ModelSpec, world_size: int) -> list[int]:
     return [k for k in range(1, e + 1) if e % k == 0 and world_size % (e // k) == 0]
 
 
+# The builder's arguments that are plain numbers (callers are code, so the error paths
+# are the argument names).
+WORLD_SIZE = Field(int, minimum=1, help="ranks (GPUs) in the cluster")
+PIPELINE_DEGREE = Field(int, minimum=1, help="chunks of each all-to-all and expert FFN, along tokens")
+
+
 def _world(cluster: Any) -> int:
     n = cluster if isinstance(cluster, int) else cluster.world_size
-    _positive_int("cluster.world_size", n)
-    return n
+    return WORLD_SIZE.check(n, "cluster.world_size")
 
 
 def build_training_graph(model: ModelSpec, cluster: Any, experts_per_device: int | None = None,
@@ -449,8 +455,7 @@ def build_training_graph(model: ModelSpec, cluster: Any, experts_per_device: int
     if k not in cands:
         raise ConfigError("experts_per_device", f"{k} experts per device do not fit {model.experts} experts on {n} GPUs",
                           cands)
-    if isinstance(pipeline_degree, bool) or not isinstance(pipeline_degree, int) or pipeline_degree < 1:
-        raise ConfigError("pipeline_degree", f"must be a positive integer, got {pipeline_degree!r}", "an integer >= 1")
+    pipeline_degree = PIPELINE_DEGREE.check(pipeline_degree, "pipeline_degree")
     b = _GraphBuilder(model, n, k, pipeline_degree)
     b.build()
     ep = b.ep_size

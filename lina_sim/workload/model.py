@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from lina_sim.config.fields import Field, REQUIRED, check_declared, check_fields, check_known, declare, declared
 from lina_sim.errors import ConfigError
 
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
@@ -20,6 +21,11 @@ DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 # ---------------------------------------------------------------------------------------
 # Model spec
 # ---------------------------------------------------------------------------------------
+def _count(what: str) -> Any:
+    """A required ModelSpec field: an integer >= 1 (``what`` is its help, with its unit)."""
+    return declare(Field(int, REQUIRED, minimum=1, help=what))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """An MoE transformer.
@@ -41,24 +47,28 @@ class ModelSpec:
       d_model x d_model and two d_model biases per layer; no q/k/v/o biases).
     """
 
-    name: str
-    layers: int
-    d_model: int
-    d_ff: int
-    heads: int
-    seq_len: int
-    micro_batch: int
-    vocab: int
-    experts: int = 0
-    top_k: int = 2
-    capacity_factor: float = 1.0
-    dtype: str = "fp16"
-    moe_layers: tuple[int, ...] | None = None
-    encoder_layers: int = 0
-    encoder_vocab: int = 0
-    tie_embeddings: bool = True
-    learned_positions: bool = True
-    relative_position: bool = False
+    name: str  # the preset's name, or "custom"; not a field a scenario sets
+    layers: int = _count("layers of the main (decoder) stack")
+    d_model: int = _count("model width, elements per token")
+    d_ff: int = _count("FFN (and expert) hidden width, elements per token")
+    heads: int = _count("attention heads")
+    seq_len: int = _count("tokens per sequence")
+    micro_batch: int = _count("sequences per GPU per step")
+    vocab: int = _count("decoder token-embedding rows (tokens)")
+    experts: int = declare(Field(int, 0, minimum=0, help="experts per MoE layer (0: one per GPU)"))
+    top_k: int = declare(Field(int, 2, minimum=1, help="experts each token is routed to"))
+    capacity_factor: float = declare(Field(float, 1.0, minimum=0, exclusive_minimum=True,
+                                           help="expert buffer size over an even share of the tokens (a ratio)"))
+    dtype: str = declare(Field(str, "fp16", choices=tuple(sorted(DTYPE_BYTES)),
+                               help="dtype of activations, weights and gradients on the wire"))
+    moe_layers: tuple[int, ...] | None = declare(Field(tuple, None, allow_none=True,
+                                                       allowed="a list of layer indices or null",
+                                                       help="layers with an MoE FFN (null: all)"))
+    encoder_layers: int = declare(Field(int, 0, minimum=0, help="layers of the encoder stack (0: none)"))
+    encoder_vocab: int = declare(Field(int, 0, minimum=0, help="encoder token-embedding rows (0: vocab)"))
+    tie_embeddings: bool = declare(Field(bool, True, help="the LM head shares the decoder embedding"))
+    learned_positions: bool = declare(Field(bool, True, help="a learned table of seq_len positions per stack"))
+    relative_position: bool = declare(Field(bool, False, help="Transformer-XL relative-position attention"))
 
     # -- derived -----------------------------------------------------------------------
     @property
@@ -98,18 +108,11 @@ class ModelSpec:
         return spec
 
     def check(self, where: str = "model") -> "ModelSpec":
-        for f in ("layers", "d_model", "d_ff", "heads", "seq_len", "micro_batch", "vocab", "top_k"):
-            _positive_int(f"{where}.{f}", getattr(self, f))
-        for f in ("experts", "encoder_layers", "encoder_vocab"):
-            _nonneg_int(f"{where}.{f}", getattr(self, f))
+        """Every field (:data:`MODEL_FIELDS`), then the rules that tie fields together."""
+        check_declared(self, where)
         if self.d_model % self.heads:
             raise ConfigError(f"{where}.heads", f"{self.heads} heads do not divide d_model {self.d_model}",
                               f"a divisor of {self.d_model}")
-        if self.dtype not in DTYPE_BYTES:
-            raise ConfigError(f"{where}.dtype", f"unknown dtype {self.dtype!r}", sorted(DTYPE_BYTES))
-        if isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float)) \
-                or not self.capacity_factor > 0:
-            raise ConfigError(f"{where}.capacity_factor", f"must be a number > 0, got {self.capacity_factor!r}", "> 0")
         if self.experts and self.top_k > self.experts:
             raise ConfigError(f"{where}.top_k", f"top_k {self.top_k} exceeds the {self.experts} experts",
                               f"1..{self.experts}")
@@ -181,16 +184,6 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def _positive_int(path: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ConfigError(path, f"must be a positive integer, got {v!r}", "an integer >= 1")
-
-
-def _nonneg_int(path: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ConfigError(path, f"must be a non-negative integer, got {v!r}", "an integer >= 0")
-
-
 # Presets. Architecture numbers are the paper's (docs/reference-numbers.md); the batch shapes are ours,
 # chosen to be typical of each model's public training setup, and are NOT from the paper:
 # - Transformer-XL: the enwik8 character-level setup of the Transformer-XL code (vocab of
@@ -212,7 +205,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bert2gpt2-moe": dict(layers=12, encoder_layers=12, d_model=768, d_ff=3072, heads=12, seq_len=512,
                           micro_batch=8, vocab=50257, encoder_vocab=30522),
 }
-MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec))
+MODEL_FIELDS: dict[str, Field] = declared(ModelSpec)  # what a scenario's model block may set
 
 
 def available_models() -> list[str]:
@@ -237,26 +230,16 @@ def model_from_dict(d: Mapping[str, Any] | str, where: str = "model", world_size
         d = {"preset": d}
     if not isinstance(d, Mapping):
         raise ConfigError(where, "must be a preset name or a mapping", ["preset: NAME", *MODEL_FIELDS])
-    known = ("preset",) + MODEL_FIELDS
-    for k in d:
-        if k not in known or k == "name":
-            raise ConfigError(f"{where}.{k}", "unknown field", [k for k in known if k != "name"])
-    base: dict[str, Any] = {}
+    check_known(d, ["preset", *MODEL_FIELDS], where)
+    name, values = "custom", {}
     if "preset" in d:
-        base = {"name": d["preset"], **dataclasses.asdict(model_preset(str(d["preset"]), f"{where}.preset"))}
-    values = {**base, **{k: v for k, v in d.items() if k != "preset"}}
-    values.setdefault("name", "custom")
-    missing = [f.name for f in dataclasses.fields(ModelSpec)
-               if f.default is dataclasses.MISSING and f.name not in values]
+        name = str(d["preset"])
+        model_preset(name, f"{where}.preset")
+        values = dict(PRESETS[name])
+    values.update((k, v) for k, v in d.items() if k != "preset")
+    missing = [k for k, f in MODEL_FIELDS.items() if f.required and k not in values]
     if missing:
         raise ConfigError(f"{where}.{missing[0]}", "missing (give it, or a preset to start from)",
                           ["preset: " + "|".join(available_models())])
-    if values.get("moe_layers") is not None:
-        ml = values["moe_layers"]
-        if not isinstance(ml, (list, tuple)):
-            raise ConfigError(f"{where}.moe_layers", f"must be a list of layer indices, got {ml!r}")
-        values["moe_layers"] = tuple(ml)
-    if isinstance(values.get("capacity_factor"), int) and not isinstance(values["capacity_factor"], bool):
-        values["capacity_factor"] = float(values["capacity_factor"])
-    spec = ModelSpec(**values)
+    spec = ModelSpec(name=name, **check_fields(values, MODEL_FIELDS, where))
     return spec.resolve(world_size, where) if world_size is not None else spec.check(where)

@@ -18,7 +18,7 @@ One batch through one MoE layer::
     previous[layer] = d.final
 """
 
-from lina_sim.policies.placement.base import LayerDecision, Param, PlacementPolicy, decide_layer
+from lina_sim.policies.placement.base import LayerDecision, PlacementPolicy, decide_layer
 from lina_sim.policies.placement.layout import (
     Placement,
     counts_by_source,
@@ -28,7 +28,6 @@ from lina_sim.policies.placement.layout import (
 
 __all__ = [
     "LayerDecision",
-    "Param",
     "Placement",
     "PlacementPolicy",
     "counts_by_source",

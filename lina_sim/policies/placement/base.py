@@ -19,51 +19,14 @@ simulated serving run (and per policy).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
+from lina_sim.config.fields import Field, check_fields
 from lina_sim.errors import ConfigError
 from lina_sim.policies.placement.layout import Placement, uniform_counts_by_source
-
-_REQUIRED = object()
-
-
-@dataclass(frozen=True)
-class Param:
-    """One constructor parameter of a policy: a number with a default and bounds."""
-
-    name: str
-    kind: type  # int or float
-    default: Any = _REQUIRED
-    minimum: float | None = None
-    exclusive_minimum: bool = False
-    allow_none: bool = False
-    help: str = ""
-
-    def allowed(self) -> str:
-        what = "an integer" if self.kind is int else "a number"
-        if self.minimum is not None:
-            what += f" {'>' if self.exclusive_minimum else '>='} {self.minimum:g}"
-        return what + (" or null" if self.allow_none else "")
-
-    def check(self, value: Any, prefix: str) -> Any:
-        field = f"{prefix}.{self.name}"
-        if value is None:
-            if self.allow_none:
-                return None
-            raise ConfigError(field, "must be set", self.allowed())
-        ok_type = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-        if self.kind is int and ok_type and float(value) != int(value):
-            ok_type = False
-        if not ok_type or not math.isfinite(float(value)):
-            raise ConfigError(field, f"got {value!r}", self.allowed())
-        v = int(value) if self.kind is int else float(value)
-        if self.minimum is not None and (v <= self.minimum if self.exclusive_minimum else v < self.minimum):
-            raise ConfigError(field, f"got {value!r}", self.allowed())
-        return v
 
 
 class PlacementPolicy:
@@ -86,13 +49,16 @@ class PlacementPolicy:
 
     uniform_gate: ClassVar[bool] = False
     plans_on_actual_counts: ClassVar[bool] = False
-    PARAMS: ClassVar[tuple[Param, ...]] = ()
-    BASE_PARAMS: ClassVar[tuple[Param, ...]] = (
-        Param("num_experts", int, minimum=1, help="experts per MoE layer"),
-        Param("num_devices", int, minimum=1, help="devices (GPUs) serving the layer"),
-        Param("top_k", int, 1, minimum=1, help="experts each token is routed to"),
-        Param("max_experts_per_device", int, None, minimum=1, allow_none=True, help="expert slots per device"),
-    )
+    PARAMS: ClassVar[dict[str, Field]] = {}  # a policy's own parameters
+    # Every policy's: the serving layer sets these from the model, cluster and trace.
+    BASE_PARAMS: ClassVar[dict[str, Field]] = {
+        "num_experts": Field(int, minimum=1, help="experts per MoE layer"),
+        "num_devices": Field(int, minimum=1, help="devices (GPUs) serving the layer"),
+        "top_k": Field(int, 1, minimum=1, help="experts each token is routed to"),
+        "max_experts_per_device": Field(int, None, minimum=1, allow_none=True,
+                                        help="expert slots per device, in experts of one layer "
+                                             "(null: 2 x ceil(num_experts / num_devices))"),
+    }
     FIELD_PREFIX: ClassVar[str] = "placement"
 
     def __init__(
@@ -105,16 +71,18 @@ class PlacementPolicy:
         name: str | None = None,
     ) -> None:
         p = self.FIELD_PREFIX
+        base = self.BASE_PARAMS
         self.name = name or type(self).__name__
-        self.num_experts = Param("num_experts", int, minimum=1).check(num_experts, p)
-        self.num_devices = Param("num_devices", int, minimum=1).check(num_devices, p)
-        self.top_k = Param("top_k", int, minimum=1).check(top_k, p)
+        # Checked here too, not only in from_params: a policy may be built directly.
+        self.num_experts = base["num_experts"].check(num_experts, f"{p}.num_experts")
+        self.num_devices = base["num_devices"].check(num_devices, f"{p}.num_devices")
+        self.top_k = base["top_k"].check(top_k, f"{p}.top_k")
         if self.top_k > self.num_experts:
             raise ConfigError(f"{p}.top_k", f"{top_k} exceeds num_experts={num_experts}", f"1..{num_experts}")
         need = -(-self.num_experts // self.num_devices)
-        if max_experts_per_device is None:
-            max_experts_per_device = 2 * need
-        m = Param("max_experts_per_device", int, minimum=1).check(max_experts_per_device, p)
+        m = base["max_experts_per_device"].check(max_experts_per_device, f"{p}.max_experts_per_device")
+        if m is None:
+            m = 2 * need
         if m < need:
             raise ConfigError(
                 f"{p}.max_experts_per_device",
@@ -131,26 +99,16 @@ class PlacementPolicy:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def params(cls) -> tuple[Param, ...]:
-        return cls.BASE_PARAMS + cls.PARAMS
+    def params(cls) -> dict[str, Field]:
+        """Every parameter of this policy: :attr:`BASE_PARAMS` and its own ``PARAMS``."""
+        return {**cls.BASE_PARAMS, **cls.PARAMS}
 
     @classmethod
     def from_params(cls, name: str | None = None, **params: Any) -> "PlacementPolicy":
         """Validate ``params`` (unknown or bad ones raise :class:`ConfigError` naming
         ``placement.<param>`` and what is allowed) and construct the policy."""
-        spec = {p.name: p for p in cls.params()}
-        for key in params:
-            if key not in spec:
-                raise ConfigError(f"{cls.FIELD_PREFIX}.{key}", f"unknown parameter for policy {name or cls.__name__!r}", sorted(spec))
-        kwargs: dict[str, Any] = {}
-        for p in spec.values():
-            if p.name in params:
-                kwargs[p.name] = p.check(params[p.name], cls.FIELD_PREFIX)
-            elif p.default is _REQUIRED:
-                raise ConfigError(f"{cls.FIELD_PREFIX}.{p.name}", "missing", p.allowed())
-            else:
-                kwargs[p.name] = p.default
-        return cls(name=name, **kwargs)
+        what = f"parameter of policy {name or cls.__name__!r}"
+        return cls(name=name, **check_fields(params, cls.params(), cls.FIELD_PREFIX, what=what))
 
     # ------------------------------------------------------------------ the protocol
     def fit(self, experts: np.ndarray) -> None:

@@ -7,8 +7,9 @@ from typing import ClassVar
 
 import numpy as np
 
+from lina_sim.config.fields import Field
 from lina_sim.errors import ConfigError
-from lina_sim.policies.placement.base import Param, PlacementPolicy
+from lina_sim.policies.placement.base import PlacementPolicy
 from lina_sim.policies.placement.layout import Placement
 from lina_sim.policies.placement.packing import eplb_pack, eplb_replicate, placement_from_groups
 
@@ -32,11 +33,12 @@ class EPLBPlacement(PlacementPolicy):
     ``N`` with ``(E + R) / N <= max_experts_per_device``.
     """
 
-    PARAMS: ClassVar[tuple[Param, ...]] = (
-        Param("redundant_experts", int, None, minimum=0, allow_none=True, help="extra physical expert slots in all"),
-        Param("window", int, 32, minimum=1, help="batches in the load moving average"),
-        Param("rebalance_interval", int, 8, minimum=1, help="batches between re-plans of a layer"),
-    )
+    PARAMS: ClassVar[dict[str, Field]] = {
+        "redundant_experts": Field(int, None, minimum=0, allow_none=True,
+                                   help="extra physical expert slots in all, experts (null: one more per device)"),
+        "window": Field(int, 32, minimum=1, help="batches in the load moving average"),
+        "rebalance_interval": Field(int, 8, minimum=1, help="batches between re-plans of a layer"),
+    }
 
     def __init__(self, *, redundant_experts: int | None = None, window: int = 32, rebalance_interval: int = 8, **kw) -> None:
         super().__init__(**kw)

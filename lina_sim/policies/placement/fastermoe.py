@@ -6,7 +6,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from lina_sim.policies.placement.base import Param, PlacementPolicy
+from lina_sim.config.fields import Field
+from lina_sim.policies.placement.base import PlacementPolicy
 from lina_sim.policies.placement.layout import Placement
 
 # Defaults: the paper's Transformer-XL expert (d_model 512, d_ff 2048) in fp16 on its
@@ -39,14 +40,19 @@ class FasterMoEShadow(PlacementPolicy):
     FLOP/s per device). Shadow shares are ``1/N`` per device.
     """
 
-    PARAMS: ClassVar[tuple[Param, ...]] = (
-        Param("token_bytes", float, _D_MODEL * _DTYPE_BYTES, minimum=0, exclusive_minimum=True),
-        Param("expert_bytes", float, 2 * _D_MODEL * _D_FF * _DTYPE_BYTES, minimum=0),
-        Param("flops_per_token", float, 2 * 2 * _D_MODEL * _D_FF, minimum=0),
-        Param("network_bandwidth", float, 100e9 / 8 / 4, minimum=0, exclusive_minimum=True),
-        Param("weight_bandwidth", float, None, minimum=0, exclusive_minimum=True, allow_none=True),
-        Param("device_flops", float, 312e12, minimum=0, exclusive_minimum=True),
-    )
+    PARAMS: ClassVar[dict[str, Field]] = {
+        "token_bytes": Field(float, _D_MODEL * _DTYPE_BYTES, minimum=0, exclusive_minimum=True,
+                             help="one token's activation, bytes"),
+        "expert_bytes": Field(float, 2 * _D_MODEL * _D_FF * _DTYPE_BYTES, minimum=0, help="one expert's weights, bytes"),
+        "flops_per_token": Field(float, 2 * 2 * _D_MODEL * _D_FF, minimum=0,
+                                 help="FLOPs of one token through one expert"),
+        "network_bandwidth": Field(float, 100e9 / 8 / 4, minimum=0, exclusive_minimum=True,
+                                   help="what each device sends or receives in the all-to-all, bytes/s"),
+        "weight_bandwidth": Field(float, None, minimum=0, exclusive_minimum=True, allow_none=True,
+                                  help="what a broadcast of weights delivers to each device, bytes/s "
+                                       "(null: network_bandwidth)"),
+        "device_flops": Field(float, 312e12, minimum=0, exclusive_minimum=True, help="achieved FLOP/s per device"),
+    }
 
     def __init__(
         self,

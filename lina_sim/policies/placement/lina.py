@@ -6,9 +6,10 @@ from typing import ClassVar
 
 import numpy as np
 
+from lina_sim.config.fields import Field
 from lina_sim.errors import ConfigError
 from lina_sim.policies.path_estimator import PathEstimator, top_experts
-from lina_sim.policies.placement.base import Param, PlacementPolicy
+from lina_sim.policies.placement.base import PlacementPolicy
 from lina_sim.policies.placement.layout import Placement
 from lina_sim.policies.placement.packing import lina_units, placement_from_groups
 
@@ -75,10 +76,10 @@ class LinaPlacement(_BalancedPlanner):
     devices are interchangeable in a data-parallel batch and swaps cost PCIe time.
     """
 
-    PARAMS: ClassVar[tuple[Param, ...]] = (
-        Param("path_length", int, 3, minimum=1, help="layers of expert path the estimator conditions on"),
-        Param("min_count", int, 2, minimum=1, help="training sightings before a path is trusted"),
-    )
+    PARAMS: ClassVar[dict[str, Field]] = {
+        "path_length": Field(int, 3, minimum=1, help="layers of expert path the estimator conditions on"),
+        "min_count": Field(int, 2, minimum=1, help="training sightings (tokens) before a path is trusted"),
+    }
     ESTIMATORS: ClassVar[tuple[str, ...]] = ("path", "previous")
 
     def __init__(self, *, path_length: int = 3, min_count: int = 2, finetune: bool = True, estimator: str = "path", **kw) -> None:
@@ -163,7 +164,7 @@ class LinaNoEstimate(LinaPlacement):
     """``lina-no-estimate``: phase 1 from the previous batch's counts at the same layer
     instead of the token-path estimate; phase 2 as in Lina (see :class:`LinaPlacement`)."""
 
-    PARAMS: ClassVar[tuple[Param, ...]] = ()
+    PARAMS: ClassVar[dict[str, Field]] = {}
 
     def __init__(self, **kw) -> None:
         super().__init__(estimator="previous", **kw)

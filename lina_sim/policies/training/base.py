@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
+from lina_sim.config.fields import Field, check_fields
 from lina_sim.errors import ConfigError
 from lina_sim.workload.comm import ALL_TO_ALL, ALLREDUCE, GradRequest, MicroOp
 
@@ -101,14 +102,9 @@ class RankView:
             object.__setattr__(self, "pending_allreduce", tuple(m for m in self.pending if m.kind != ALL_TO_ALL))
 
 
-@dataclass(frozen=True)
-class Param:
-    """A policy parameter: its type, default and an allowed-values check."""
-
-    type: type
-    default: Any
-    check: Callable[[Any], bool] = lambda v: True
-    allowed: str = ""
+def pipeline_param(default: int) -> Field:
+    """The ``pipeline_degree`` parameter, with a policy's own default."""
+    return Field(int, default, minimum=1, help="chunks of each all-to-all and expert FFN, along tokens (1: none)")
 
 
 class TrainingPolicy:
@@ -116,7 +112,7 @@ class TrainingPolicy:
 
     Subclasses override :meth:`partition_gradients`, :meth:`select` and
     :meth:`experts_per_device`, and declare their parameters in ``PARAMS``
-    (name -> :class:`Param`). Attributes the engine reads:
+    (name -> :class:`~lina_sim.config.fields.Field`). Attributes the engine reads:
 
     - ``pipeline_degree`` (int): chunks r of each dispatch all-to-all / expert FFN /
       combine all-to-all, along tokens;
@@ -126,7 +122,7 @@ class TrainingPolicy:
       skips estimating the program).
     """
 
-    PARAMS: ClassVar[dict[str, Param]] = {}
+    PARAMS: ClassVar[dict[str, Field]] = {}
     pipeline_degree: int = 1
     isolated_allreduce: bool = False
     plans_launches: bool = False  # True: :meth:`plan` sets MicroOp.gap, so callers estimate the program
@@ -146,16 +142,7 @@ class TrainingPolicy:
         errors name ``<_where>.<param>`` and what is allowed.
         """
         where = _where or f"policies.{name}"
-        values: dict[str, Any] = {}
-        for key, value in params.items():
-            if key not in cls.PARAMS:
-                raise ConfigError(f"{where}.{key}", f"unknown parameter of policy {name!r}",
-                                  sorted(cls.PARAMS) or ["(none)"])
-            spec = cls.PARAMS[key]
-            values[key] = _coerce(f"{where}.{key}", value, spec)
-        for key, spec in cls.PARAMS.items():
-            values.setdefault(key, spec.default)
-        return cls(name=name, **values)
+        return cls(name=name, **check_fields(params, cls.PARAMS, where, what=f"parameter of policy {name!r}"))
 
     def describe(self) -> dict[str, Any]:
         """Name and parameters, for result tables."""
@@ -193,23 +180,6 @@ class TrainingPolicy:
         if not candidates:
             raise ConfigError("experts_per_device", "no valid packing for this model and cluster")
         return min(candidates)
-
-
-def _coerce(field_path: str, value: Any, spec: Param) -> Any:
-    if spec.type is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(field_path, f"must be true or false, got {value!r}", "true, false")
-        return value
-    if spec.type in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (spec.type is int and value != int(value)):
-            raise ConfigError(field_path, f"must be {'an integer' if spec.type is int else 'a number'}, got {value!r}",
-                              spec.allowed or None)
-        value = spec.type(value)
-    elif not isinstance(value, spec.type):
-        raise ConfigError(field_path, f"must be a {spec.type.__name__}, got {value!r}", spec.allowed or None)
-    if not spec.check(value):
-        raise ConfigError(field_path, f"bad value {value!r}", spec.allowed or None)
-    return value
 
 
 def submission_order(micro_ops: Iterable[MicroOp]) -> tuple[MicroOp, ...]:

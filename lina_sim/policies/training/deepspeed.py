@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import ClassVar, Sequence
 
-from lina_sim.policies.training.base import Param, TrainingPolicy, bucket_requests
+from lina_sim.config.fields import Field
+from lina_sim.policies.training.base import TrainingPolicy, bucket_requests, pipeline_param
 from lina_sim.workload.comm import MB, GradRequest, MicroOp
 
 
@@ -20,8 +21,9 @@ class DeepSpeedPolicy(TrainingPolicy):
     bucket is full (its last tensor is ready), concurrently with any all-to-all. No
     pipelining (r = 1), one expert per device."""
 
-    PARAMS: ClassVar[dict[str, Param]] = {
-        "bucket_mb": Param(float, 25.0, lambda v: v > 0, "a number of MB > 0"),
+    PARAMS: ClassVar[dict[str, Field]] = {
+        "bucket_mb": Field(float, 25.0, minimum=0, exclusive_minimum=True, allowed="a number of MB > 0",
+                           help="gradient bucket size, MB (10^6 bytes)"),
     }
     bucket_mb: float
 
@@ -35,7 +37,7 @@ class TutelPolicy(DeepSpeedPolicy):
     all-to-all is split into r chunks along tokens so chunk i's FFN overlaps chunk i+1's
     all-to-all."""
 
-    PARAMS: ClassVar[dict[str, Param]] = {
+    PARAMS: ClassVar[dict[str, Field]] = {
         **DeepSpeedPolicy.PARAMS,
-        "pipeline_degree": Param(int, 2, lambda v: v >= 1, "an integer >= 1"),
+        "pipeline_degree": pipeline_param(2),
     }

@@ -38,9 +38,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, ClassVar, Mapping, Sequence
 
+from lina_sim.config.fields import Field
 from lina_sim.policies.training.base import (
-    Param, ProgramEstimate, RankView, TrainingPolicy, bucket_requests, cut_requests, submission_order,
+    ProgramEstimate, RankView, TrainingPolicy, bucket_requests, cut_requests, pipeline_param, submission_order,
 )
+from lina_sim.policies.training.deepspeed import DeepSpeedPolicy
 from lina_sim.workload.comm import MB, GradRequest, MicroOp
 
 HOLDS = ("moe-block", "a2a")
@@ -51,17 +53,20 @@ class LinaPolicy(TrainingPolicy):
     """Lina: all-to-all first, gradients in bounded micro-ops, a2a/FFN pipelining and
     expert packing. Sizes in MB (10^6 bytes)."""
 
-    PARAMS: ClassVar[dict[str, Param]] = {
-        "micro_op_mb": Param(float, 30.0, lambda v: v > 0, "a number of MB > 0"),
-        "pipeline_degree": Param(int, 2, lambda v: v >= 1, "an integer >= 1"),
-        "packing": Param(bool, True),
-        "max_experts_per_device": Param(int, 16, lambda v: v >= 1, "an integer >= 1"),
-        "hold": Param(str, "moe-block", lambda v: v in HOLDS, ", ".join(HOLDS)),
-        "launch": Param(str, "planned", lambda v: v in LAUNCHES, ", ".join(LAUNCHES)),
+    PARAMS: ClassVar[dict[str, Field]] = {
+        "micro_op_mb": Field(float, 30.0, minimum=0, exclusive_minimum=True, allowed="a number of MB > 0",
+                             help="largest allreduce micro-op, MB (10^6 bytes)"),
+        "pipeline_degree": pipeline_param(2),
+        "packing": Field(bool, True, help="pack experts onto devices while an FFN micro-op is shorter than an "
+                                          "all-to-all micro-op"),
+        "max_experts_per_device": Field(int, 16, minimum=1, help="most experts packing puts on one device"),
+        "hold": Field(str, "moe-block", choices=HOLDS, help="with launch: local, what holds allreduce back"),
+        "launch": Field(str, "planned", choices=LAUNCHES, help="when allreduce micro-ops launch"),
         # Opt-in deviation (default off, as specified): fuse consecutive tensors smaller
         # than this many MB into one micro-op, so tiny LayerNorm/bias tensors do not each
         # pay a collective's latency.
-        "fuse_below_mb": Param(float, 0.0, lambda v: v >= 0, "a number of MB >= 0"),
+        "fuse_below_mb": Field(float, 0.0, minimum=0, allowed="a number of MB >= 0",
+                               help="fuse consecutive tensors smaller than this into one micro-op, MB (0: never)"),
     }
     micro_op_mb: float
     fuse_below_mb: float
@@ -155,15 +160,19 @@ class LinaPolicy(TrainingPolicy):
         return k
 
 
+# The ablations turn packing off by default (it can still be turned on).
+_no_packing = dataclasses.replace(LinaPolicy.PARAMS["packing"], default=False)
+
+
 class LinaPriorityPolicy(LinaPolicy):
     """Ablation: Lina's launch rule on DeepSpeed's unpartitioned 25 MB buckets
     (``bucket_mb``); no pipelining, no packing. A launched bucket runs to its end, so an
     all-to-all that arrives meanwhile still shares bandwidth with it."""
 
-    PARAMS: ClassVar[dict[str, Param]] = {
-        "bucket_mb": Param(float, 25.0, lambda v: v > 0, "a number of MB > 0"),
-        "pipeline_degree": Param(int, 1, lambda v: v >= 1, "an integer >= 1"),
-        "packing": Param(bool, False),
+    PARAMS: ClassVar[dict[str, Field]] = {
+        "bucket_mb": DeepSpeedPolicy.PARAMS["bucket_mb"],
+        "pipeline_degree": pipeline_param(1),
+        "packing": _no_packing,
         "max_experts_per_device": LinaPolicy.PARAMS["max_experts_per_device"],
         "hold": LinaPolicy.PARAMS["hold"],
         "launch": LinaPolicy.PARAMS["launch"],
@@ -177,8 +186,8 @@ class LinaPriorityPolicy(LinaPolicy):
 class LinaPartitionPolicy(LinaPolicy):
     """Ablation: Lina's launch rule and gradient partitioning; no pipelining, no packing."""
 
-    PARAMS: ClassVar[dict[str, Param]] = {
+    PARAMS: ClassVar[dict[str, Field]] = {
         **LinaPolicy.PARAMS,
-        "pipeline_degree": Param(int, 1, lambda v: v >= 1, "an integer >= 1"),
-        "packing": Param(bool, False),
+        "pipeline_degree": pipeline_param(1),
+        "packing": _no_packing,
     }

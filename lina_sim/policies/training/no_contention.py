@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from lina_sim.policies.training.base import Param
+from lina_sim.config.fields import Field
+from lina_sim.policies.training.base import pipeline_param
 from lina_sim.policies.training.deepspeed import DeepSpeedPolicy
 
 
@@ -18,8 +19,8 @@ class NoContentionPolicy(DeepSpeedPolicy):
     for the same buckets and pipelining could achieve by avoiding contention; no real
     cluster can run it, because a real link is shared."""
 
-    PARAMS: ClassVar[dict[str, Param]] = {
+    PARAMS: ClassVar[dict[str, Field]] = {
         **DeepSpeedPolicy.PARAMS,
-        "pipeline_degree": Param(int, 1, lambda v: v >= 1, "an integer >= 1"),
+        "pipeline_degree": pipeline_param(1),
     }
     isolated_allreduce = True

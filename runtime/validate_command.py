@@ -1,12 +1,22 @@
-"""``lina-sim validate SCENARIO.yaml``: simulator prediction against a real testbed run."""
+"""``lina-sim validate SCENARIO.yaml``: simulator prediction against a real testbed run.
+
+A ``lina-sim`` command that lives with the runtime: the runtime declares this module in
+the ``lina_sim.commands`` entry-point group (pyproject.toml), and ``lina_sim.cli.main``
+registers it after its own commands, so the simulator never imports the runtime. Like
+the other command modules it exposes ``register(subparsers)``.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from lina_sim.config.scenario import load_scenarios
+from lina_sim.errors import ConfigError
+from runtime.launch import LaunchError
 
-def register(sub) -> None:
+
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="calibrate a testbed, predict, run for real, compare step times")
     p.add_argument("scenario", help="scenario YAML (e.g. scenarios/testbed-training.yaml)")
     p.add_argument("--testbed", metavar="NODESxRANKS", default=None,
@@ -21,19 +31,16 @@ def register(sub) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from lina_sim.errors import ConfigError
-    from lina_sim.config.scenario import load_scenarios
-
     if args.steps is not None and args.steps < 1:
         raise ConfigError("--steps", f"must be >= 1, got {args.steps}")
     try:
+        # Here, not at the top: torch is optional (the runtime extra) and heavy, and
+        # `lina-sim --help` imports this module to list the command.
         from runtime.validate import validate
     except ModuleNotFoundError as e:
         raise ConfigError("validate", f"needs the runtime (torch): {e}", "pip install -e '.[runtime]'") from None
     name = load_scenarios(args.scenario)[0].name
     out = Path(args.out or Path("results") / f"{name}-validate")
-    from runtime.launch import LaunchError
-
     try:
         validate(args.scenario, out, args.testbed, args.nic, args.profile, args.steps, args.timeout, args.verbose)
     except LaunchError as e:

@@ -1,0 +1,110 @@
+"""The ``scenario`` mode of :mod:`runtime.entry`: a scenario file's policies, run for real.
+
+``lina-run SCENARIO.yaml [ARGS]`` runs this mode with ARGS = [SCENARIO, ...]. It has one
+entry point per side, whatever the scenario's kind:
+
+- :func:`rank_main` (every rank): load and resolve the scenario's points, check the
+  launch has the scenario's shape, run the points;
+- :func:`finish` (the launcher, once): print the results table, write ``results.csv``,
+  timelines and traces;
+- :func:`measured_frame` (validation): the ranks' results as a results table.
+
+Each looks the scenario's kind up in :data:`MODES`, the one registry of scenario kinds
+(a :class:`runtime.mode.Mode` each), and hands over to that mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from lina_sim.config.scenario import Scenario, load_scenarios
+from lina_sim.errors import ConfigError, LinaSimError
+from lina_sim.hardware.spec import ClusterSpec
+from runtime.context import RankContext
+from runtime.dist import DistInfo, check_world_size
+from runtime.infer import InferenceMode
+from runtime.mode import Mode, Timelines
+from runtime.train import TrainingMode
+
+MODES: dict[str, Mode] = {mode.kind: mode for mode in (TrainingMode(), InferenceMode())}
+
+
+def scenario_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The scenario mode's arguments (the same on the rank side and in the launcher)."""
+    p = argparse.ArgumentParser(prog="lina-run SCENARIO.yaml", exit_on_error=False)
+    p.add_argument("scenario")
+    p.add_argument("--out", default=None, help="results directory (default results/<name>-measured)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per policy (default: the scenario's)")
+    p.add_argument("--warmup", type=int, default=1, help="steps run first and not measured")
+    p.add_argument("--dispatch", default="padded", choices=("padded", "uneven"))
+    p.add_argument("--policies", default=None, help="comma-separated labels to run (default: all)")
+    p.add_argument("--keep-grads", action="store_true", help="return step-0 reduced gradients (tests)")
+    p.add_argument("--profile-compute", default=None, metavar="OUT.yaml",
+                   help="instead of the policies: time every compute op without the network (calibration)")
+    try:
+        a = p.parse_args(list(argv))
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise ConfigError("lina-run", str(e) or "bad arguments") from None
+    if a.steps is not None and a.steps < 1:
+        raise ConfigError("--steps", f"must be >= 1, got {a.steps}")
+    if a.warmup < 0:
+        raise ConfigError("--warmup", f"must be >= 0, got {a.warmup}")
+    return a
+
+
+def mode_of(points: Sequence[Scenario]) -> Mode:
+    """The mode that runs a scenario's points (its kind, one for all points)."""
+    kind = points[0].kind
+    if kind not in MODES:
+        raise ConfigError("kind", f"the runtime cannot run {kind!r} scenarios", sorted(MODES))
+    return MODES[kind]
+
+
+def _mode_named(kind: str) -> Mode:
+    if kind not in MODES:
+        raise LinaSimError(f"results of kind {kind!r} are not a measured scenario run; allowed: "
+                           f"{', '.join(sorted(MODES))}")
+    return MODES[kind]
+
+
+def check_launch(info: DistInfo, cluster: ClusterSpec) -> None:
+    """The launch must have the scenario's shape: world size and ranks per node."""
+    check_world_size(info.world_size, cluster.world_size, f"the scenario's cluster ({cluster.nodes} nodes x "
+                                                          f"{cluster.gpus_per_node} GPUs, field cluster)")
+    if info.local_world_size != cluster.gpus_per_node:
+        raise ConfigError("cluster.gpus_per_node", f"the scenario has {cluster.gpus_per_node} per node, the launch "
+                                                   f"{info.local_world_size} ranks per node")
+
+
+def rank_main(ctx: RankContext) -> dict:
+    """``runtime.entry`` mode ``scenario``, rank side: every policy of every point."""
+    sys.setswitchinterval(5e-4)  # hand the GIL to the scheduler thread promptly
+    a = scenario_args(ctx.args)
+    points = load_scenarios(a.scenario)
+    mode = mode_of(points)
+    setups = [mode.resolve(p) for p in points]
+    for setup in setups:
+        check_launch(ctx.info, setup.cluster)
+    return mode.rank_main(ctx, setups, a)
+
+
+def measured_frame(results: list[dict], setups: list[Any]) -> tuple[pd.DataFrame, Timelines]:
+    """The ranks' results of a scenario run as a results table (one row per point and
+    policy) and the timeline of each policy's median step or batch."""
+    return _mode_named(results[0]["kind"]).measured_frame(results, setups)
+
+
+def finish(results: list[dict], args: list[str]) -> int:
+    """``runtime.entry`` mode ``scenario``, launcher side: print the results table and
+    write ``results.csv``, timelines and traces to ``--out`` (default
+    ``results/<name>-measured``)."""
+    a = scenario_args(args)
+    points = load_scenarios(a.scenario)
+    mode = mode_of(points)
+    out = Path(a.out or Path("results") / f"{points[0].name}-measured")
+    return mode.finish(results, [mode.resolve(p) for p in points], a, out)
