@@ -39,10 +39,15 @@ def one(gpus: int, pipelined: bool) -> dict:
     t1 = time.perf_counter()
     st = sim.net.stats
     return {
-        "gpus": gpus, "wall_s": t1 - t_import, "import_s": t_import - t0,
+        "gpus": gpus,
+        "wall_s": t1 - t_import,
+        "import_s": t_import - t0,
         "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "flows": st.flows_started, "groups": st.groups_started, "rate_updates": st.rate_updates,
-        "sim_a2a_ms": a2a.value.duration * 1e3, "sim_allreduce_ms": ar.value.duration * 1e3,
+        "flows": st.flows_started,
+        "groups": st.groups_started,
+        "rate_updates": st.rate_updates,
+        "sim_a2a_ms": a2a.value.duration * 1e3,
+        "sim_allreduce_ms": ar.value.duration * 1e3,
     }
 
 
@@ -50,8 +55,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", default="16,64,256,1024")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--mode", choices=["pipelined", "step-by-step"], default=None,
-                    help="collective step model (default: both)")
+    ap.add_argument(
+        "--mode", choices=["pipelined", "step-by-step"], default=None, help="collective step model (default: both)"
+    )
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args.one, args.mode != "step-by-step")))
@@ -62,14 +68,19 @@ def main() -> None:
 
 
 def run_sizes(gpus_list: str, mode: str) -> None:
-    print(f"{'GPUs':>6} {'flows':>10} {'groups':>7} {'rate upd':>9} {'wall (s)':>9} {'peak RSS (MB)':>14} "
-          f"{'sim a2a (ms)':>13} {'sim allreduce (ms)':>19}")
+    print(
+        f"{'GPUs':>6} {'flows':>10} {'groups':>7} {'rate upd':>9} {'wall (s)':>9} {'peak RSS (MB)':>14} "
+        f"{'sim a2a (ms)':>13} {'sim allreduce (ms)':>19}"
+    )
     for gpus in [int(x) for x in gpus_list.split(",")]:
-        out = subprocess.run([sys.executable, __file__, "--one", str(gpus), "--mode", mode],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", str(gpus), "--mode", mode], capture_output=True, text=True, check=True
+        )
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{r['gpus']:>6} {r['flows']:>10} {r['groups']:>7} {r['rate_updates']:>9} {r['wall_s']:>9.2f} "
-              f"{r['peak_rss_MB']:>14.0f} {r['sim_a2a_ms']:>13.3f} {r['sim_allreduce_ms']:>19.3f}")
+        print(
+            f"{r['gpus']:>6} {r['flows']:>10} {r['groups']:>7} {r['rate_updates']:>9} {r['wall_s']:>9.2f} "
+            f"{r['peak_rss_MB']:>14.0f} {r['sim_a2a_ms']:>13.3f} {r['sim_allreduce_ms']:>19.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from lina_sim.config.scenario import Scenario, load_yaml
-from lina_sim.serving.setup import resolve_inference
-from lina_sim.serving.run import serve_policies
 from lina_sim.network.serving_a2a import AllToAllTimer
+from lina_sim.serving.run import serve_policies
+from lina_sim.serving.setup import resolve_inference
 
 SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "paper-inference.yaml"
 
@@ -42,8 +42,9 @@ def setup_for(requests: int, synthetic: bool, tmp: Path):
         from lina_sim.routing.generator import RoutingTraceGenerator
 
         path = tmp / "synthetic16.npz"
-        RoutingTraceGenerator.synthetic(16, 12, top_k=1, zipf_s=1.0, affinity=0.6, seq_len=128, seed=0) \
-            .generate(100_000, seed=0).save(path)
+        RoutingTraceGenerator.synthetic(16, 12, top_k=1, zipf_s=1.0, affinity=0.6, seq_len=128, seed=0).generate(
+            100_000, seed=0
+        ).save(path)
         traces = [str(path)]
     data["serving"]["trace"] = traces
     return resolve_inference(Scenario(copy.deepcopy(data), {}, str(SCENARIO))), traces
@@ -74,15 +75,19 @@ def main() -> None:
         runs = serve_policies(setup)
         total = time.perf_counter() - t0
         AllToAllTimer.times = real
-    print(f"# serving {args.requests} requests on {setup.cluster.world_size} GPUs ({setup.cluster.name}), "
-          f"{setup.model.experts} experts, trace {', '.join(Path(t).name for t in traces)}")
+    print(
+        f"# serving {args.requests} requests on {setup.cluster.world_size} GPUs ({setup.cluster.name}), "
+        f"{setup.model.experts} experts, trace {', '.join(Path(t).name for t in traces)}"
+    )
     print(f"  {'policy':<17} {'wall (s)':>9} {'batches':>8} {'sim p95 (ms)':>13}")
     for run in runs:
         lat = sorted(r.latency for r in run.requests)
         p95 = lat[int(0.95 * (len(lat) - 1))]
         print(f"  {run.entry.label:<17} {run.wall_s:>9.2f} {len(run.batches):>8d} {p95 * 1e3:>13.2f}")
-    print(f"  {'total':<17} {total:>9.2f}   (all-to-all timing: {spent['a2a']:.2f} s for "
-          f"{spent['matrices']} all-to-alls, one core)")
+    print(
+        f"  {'total':<17} {total:>9.2f}   (all-to-all timing: {spent['a2a']:.2f} s for "
+        f"{spent['matrices']} all-to-alls, one core)"
+    )
 
 
 if __name__ == "__main__":

@@ -25,11 +25,14 @@ LAYERS = [2, 4, 6, 8, 12]
 def scenario() -> dict:
     """The benchmark sweep: 5 x 4 x 10 = 200 points."""
     grid = {"model.layers": LAYERS, "policies[lina].micro_op_mb": MICRO_OP_MB, "cluster.nic_bandwidth": NIC}
-    return {"name": "bench-sweep", "kind": "training",
-            "cluster": {"preset": "paper-testbed", "nodes": 4},
-            "model": {"preset": "transformer-xl-12"},
-            "policies": ["deepspeed", "tutel", "lina-partition", "lina"],
-            "sweep": {"grid": grid}}
+    return {
+        "name": "bench-sweep",
+        "kind": "training",
+        "cluster": {"preset": "paper-testbed", "nodes": 4},
+        "model": {"preset": "transformer-xl-12"},
+        "policies": ["deepspeed", "tutel", "lina-partition", "lina"],
+        "sweep": {"grid": grid},
+    }
 
 
 def main() -> None:
@@ -40,8 +43,10 @@ def main() -> None:
     t0 = time.perf_counter()
     points = plan_points(expand(scenario()))[: args.points]
     plan_s = time.perf_counter() - t0
-    print(f"# {len(points)} points x 4 policies, 16 GPUs each; planning (resolve + hash every point) "
-          f"{plan_s:.2f} s; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"# {len(points)} points x 4 policies, 16 GPUs each; planning (resolve + hash every point) "
+        f"{plan_s:.2f} s; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     rows = []
     for w in (int(x) for x in args.workers.split(",")):
         res = run_sweep(points, LocalBackend(w), cache=None, progress=False)
@@ -51,11 +56,15 @@ def main() -> None:
     base = rows[0][1]
     # CPU time spent in the points (all workers) over wall time shows how many cores the
     # workers actually got: on a machine shared with other jobs that caps the speedup.
-    print("\n| workers | wall (s) | CPU (s) | CPU/wall | points/s | rows | load avg (1 min) | speedup |\n"
-          "|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "\n| workers | wall (s) | CPU (s) | CPU/wall | points/s | rows | load avg (1 min) | speedup |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
     for w, wall, cpu, n, load in rows:
-        print(f"| {w} | {wall:.1f} | {cpu:.1f} | {cpu / wall:.2f} | {len(points) / wall:.2f} | {n} | {load:.1f} | "
-              f"{base / wall:.2f}x |")
+        print(
+            f"| {w} | {wall:.1f} | {cpu:.1f} | {cpu / wall:.2f} | {len(points) / wall:.2f} | {n} | {load:.1f} | "
+            f"{base / wall:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import os
 import time
 
 from lina_sim.config.scenario import expand
-from lina_sim.training.run import resolve_training, run_policy, AloneTimes
+from lina_sim.training.run import AloneTimes, resolve_training, run_policy
 
 POLICIES = ["deepspeed", "tutel", "lina-priority", "lina-partition", "lina", "no-contention"]
 
@@ -44,11 +44,15 @@ def main() -> None:
     args = ap.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    table("paper-training: paper-testbed 4x4 GPUs, transformer-xl-24, one step per policy",
-          bench({"preset": "paper-testbed"}, "transformer-xl-24", POLICIES))
+    table(
+        "paper-training: paper-testbed 4x4 GPUs, transformer-xl-24, one step per policy",
+        bench({"preset": "paper-testbed"}, "transformer-xl-24", POLICIES),
+    )
     if not args.skip_256:
-        table("dgx-a100 32x8 = 256 GPUs, gpt2-moe (256 experts), one step per policy",
-              bench({"preset": "dgx-a100", "nodes": 32}, "gpt2-moe", POLICIES))
+        table(
+            "dgx-a100 32x8 = 256 GPUs, gpt2-moe (256 experts), one step per policy",
+            bench({"preset": "dgx-a100", "nodes": 32}, "gpt2-moe", POLICIES),
+        )
 
 
 if __name__ == "__main__":

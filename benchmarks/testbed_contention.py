@@ -25,7 +25,7 @@ import argparse
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -58,9 +58,15 @@ def entry_table(reps: int) -> dict[tuple, float]:
     out = {}
     for n in SIZES:
         x, y = torch.zeros(n // 4), torch.empty(n // 4)
-        for kind, fn in (("all_to_all", lambda: dist.all_to_all_single(y, x)), ("allreduce", lambda: dist.all_reduce(x))):
-            for how, before in (("back to back", None), ("after idle", lambda: time.sleep(0.02)),
-                                ("after compute", lambda: compute(0.02))):
+        for kind, fn in (
+            ("all_to_all", lambda: dist.all_to_all_single(y, x)),
+            ("allreduce", lambda: dist.all_reduce(x)),
+        ):
+            for how, before in (
+                ("back to back", None),
+                ("after idle", lambda: time.sleep(0.02)),
+                ("after compute", lambda: compute(0.02)),
+            ):
                 fn()
                 times = []
                 for _ in range(reps):
@@ -128,6 +134,7 @@ def main() -> None:
     everyone: list = [None] * info.world_size
     dist.all_gather_object(everyone, mine)
     if info.rank == 0:
+
         def mean_ms(table: str, key: tuple) -> float:
             return 1e3 * statistics.mean(r[table][key] for r in everyone)
 
@@ -137,15 +144,21 @@ def main() -> None:
             for kind in ("all_to_all", "allreduce"):
                 row = [mean_ms("entry", (kind, n, how)) for how in ("back to back", "after idle", "after compute")]
                 print(f"  {kind:11s} {n:8d} " + " ".join(f"{v:{w}.2f}" for v, w in zip(row, (13, 11, 14))))
-        print(f"# a {A2A_BYTES // 1024} KB all-to-all in chunks, alone and {HEAD_START_S * 1e3:.0f} ms after a "
-              f"{AR_BYTES / 1e6:.0f} MB allreduce started: ms")
-        print(f"  {'chunks':>6s} {'alone':>8s} {'beside':>8s}" + (f" {'sim alone':>10s} {'sim beside':>11s}"
-                                                                  if args.profile else ""))
+        print(
+            f"# a {A2A_BYTES // 1024} KB all-to-all in chunks, alone and {HEAD_START_S * 1e3:.0f} ms after a "
+            f"{AR_BYTES / 1e6:.0f} MB allreduce started: ms"
+        )
+        print(
+            f"  {'chunks':>6s} {'alone':>8s} {'beside':>8s}"
+            + (f" {'sim alone':>10s} {'sim beside':>11s}" if args.profile else "")
+        )
         for chunks in (1, 2, 4):
             line = f"  {chunks:6d} {mean_ms('beside', (chunks, False)):8.2f} {mean_ms('beside', (chunks, True)):8.2f}"
             if args.profile:
-                line += (f" {simulated(args.profile, chunks, False) * 1e3:10.2f}"
-                         f" {simulated(args.profile, chunks, True) * 1e3:11.2f}")
+                line += (
+                    f" {simulated(args.profile, chunks, False) * 1e3:10.2f}"
+                    f" {simulated(args.profile, chunks, True) * 1e3:11.2f}"
+                )
             print(line)
         sys.stdout.flush()
     ldist.destroy()

@@ -21,8 +21,14 @@ from plots.training import save_figure  # noqa: E402  (atomic figure writes, sha
 
 # One colour per placement policy, stable across figures.
 POLICY_COLORS = {
-    "static": "#4c72b0", "fastermoe-shadow": "#8172b3", "eplb": "#937860", "lina": "#c44e52",
-    "lina-no-estimate": "#dd8452", "lina-no-finetune": "#da8bc3", "oracle": "#55a868", "ideal": "#8c8c8c",
+    "static": "#4c72b0",
+    "fastermoe-shadow": "#8172b3",
+    "eplb": "#937860",
+    "lina": "#c44e52",
+    "lina-no-estimate": "#dd8452",
+    "lina-no-finetune": "#da8bc3",
+    "oracle": "#55a868",
+    "ideal": "#8c8c8c",
 }
 
 
@@ -70,7 +76,7 @@ def p95_bars(results: pd.DataFrame, path: str | Path) -> Path:
         ax.set_title(f"{int(first['gpus'])} GPUs, {int(first['experts'])} experts{slots}", fontsize=9)
         ax.set_ylabel("p95 latency (ms)")
         ax.grid(axis="y", alpha=0.3)
-    for ax in axes.ravel()[len(points):]:
+    for ax in axes.ravel()[len(points) :]:
         ax.set_visible(False)
     fig.suptitle("p95 request latency (label: ratio to static)", fontsize=10)
     fig.tight_layout()
@@ -85,8 +91,16 @@ def layer_tail(runs, path: str | Path, title: str = "") -> Path:
     for run in runs:
         tail = layer_a2a_tail(run) * 1e3
         ls = "--" if run.entry.name == "ideal" else "-"
-        ax.plot(np.arange(tail.size), tail, ls, marker="o", ms=3, color=_color(run.entry.name),
-                label=run.entry.label, lw=1.2)
+        ax.plot(
+            np.arange(tail.size),
+            tail,
+            ls,
+            marker="o",
+            ms=3,
+            color=_color(run.entry.name),
+            label=run.entry.label,
+            lw=1.2,
+        )
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("p95 all-to-all per layer (ms)")
     ax.set_title(textwrap.fill(title or "tail all-to-all per layer", 70), fontsize=8)

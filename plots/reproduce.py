@@ -63,9 +63,21 @@ def training_ablation(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
     ax.set_title(f"ablation: Lina's parts added in turn ({int(d['gpus'].iloc[0])} GPUs)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     save_figure(fig, path)
-    t = d.assign(step_ms=d["step_time_s"] * 1e3)[["model", "policy", "step_ms", "speedup", "experts_per_device",
-                                                  "pipeline_degree", "exposed_a2a_s", "exposed_allreduce_s"]]
-    return t.assign(exposed_a2a_ms=t.pop("exposed_a2a_s") * 1e3, exposed_allreduce_ms=t.pop("exposed_allreduce_s") * 1e3)
+    t = d.assign(step_ms=d["step_time_s"] * 1e3)[
+        [
+            "model",
+            "policy",
+            "step_ms",
+            "speedup",
+            "experts_per_device",
+            "pipeline_degree",
+            "exposed_a2a_s",
+            "exposed_allreduce_s",
+        ]
+    ]
+    return t.assign(
+        exposed_a2a_ms=t.pop("exposed_a2a_s") * 1e3, exposed_allreduce_ms=t.pop("exposed_allreduce_s") * 1e3
+    )
 
 
 def microop_size(df: pd.DataFrame, path: str | Path, size_col: str = "policies[lina].micro_op_mb") -> pd.DataFrame:
@@ -107,11 +119,27 @@ def a2a_slowdown(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
             if not s.size:
                 continue
             # Policies often coincide (e.g. priority alone = DeepSpeed): dashes keep both visible.
-            ax.step(np.r_[1.0, s], np.r_[0.0, np.arange(1, s.size + 1) / s.size], where="post", label=r.policy,
-                    ls=LINESTYLES[i % len(LINESTYLES)], lw=1.4)
-            rows.append({"model": model, "experts": r.experts, "policy": r.policy, "all_to_alls": s.size,
-                         "median": np.median(s), "p90": np.percentile(s, 90), "p95": np.percentile(s, 95),
-                         "max": s.max(), "slowed (>1.05x)": float((s > 1.05).mean())})
+            ax.step(
+                np.r_[1.0, s],
+                np.r_[0.0, np.arange(1, s.size + 1) / s.size],
+                where="post",
+                label=r.policy,
+                ls=LINESTYLES[i % len(LINESTYLES)],
+                lw=1.4,
+            )
+            rows.append(
+                {
+                    "model": model,
+                    "experts": r.experts,
+                    "policy": r.policy,
+                    "all_to_alls": s.size,
+                    "median": np.median(s),
+                    "p90": np.percentile(s, 90),
+                    "p95": np.percentile(s, 95),
+                    "max": s.max(),
+                    "slowed (>1.05x)": float((s > 1.05).mean()),
+                }
+            )
         ax.set_xlabel("backward all-to-all slowdown (x)")
         ax.set_title(f"{model}, {int(d[d['model'] == model]['experts'].iloc[0])} experts")
     axes[0][0].set_ylabel("fraction of all-to-alls")
@@ -162,16 +190,25 @@ def inference_latency(df: pd.DataFrame, path: str | Path, reference: str = "idea
         if ref.empty:
             continue
         for r in g.itertuples():
-            rows.append({"gpus": r.gpus, "experts": r.experts, "setting": r.setting, "policy": r.policy,
-                         "p50_ms": getattr(r, p50) * 1e3, "p95_ms": getattr(r, p95) * 1e3,
-                         "p50_vs_ideal": getattr(r, p50) / ref[p50].iloc[0],
-                         "p95_vs_ideal": getattr(r, p95) / ref[p95].iloc[0]})
+            rows.append(
+                {
+                    "gpus": r.gpus,
+                    "experts": r.experts,
+                    "setting": r.setting,
+                    "policy": r.policy,
+                    "p50_ms": getattr(r, p50) * 1e3,
+                    "p95_ms": getattr(r, p95) * 1e3,
+                    "p50_vs_ideal": getattr(r, p50) / ref[p50].iloc[0],
+                    "p95_vs_ideal": getattr(r, p95) / ref[p95].iloc[0],
+                }
+            )
     t = pd.DataFrame(rows)
     cols = list(dict.fromkeys(zip(t["gpus"], t["experts"])))
     settings = list(dict.fromkeys(t["setting"]))
     width = max(4.5, 0.55 * t["policy"].nunique() + 1)
-    fig, axes = plt.subplots(len(settings), len(cols), figsize=(width * len(cols), 3.3 * len(settings)),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        len(settings), len(cols), figsize=(width * len(cols), 3.3 * len(settings)), squeeze=False, sharey=True
+    )
     for i, setting in enumerate(settings):
         for j, (gpus, experts) in enumerate(cols):
             ax = axes[i][j]

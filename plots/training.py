@@ -13,10 +13,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-COLORS = {"compute": "#4c72b0", "exposed_a2a": "#dd8452", "exposed_allreduce": "#c44e52", "idle": "#bbbbbb",
-          "all_to_all": "#dd8452", "allreduce": "#c44e52"}
-LABELS = {"compute": "compute", "exposed_a2a": "exposed all-to-all", "exposed_allreduce": "exposed allreduce",
-          "idle": "idle / waiting"}
+COLORS = {
+    "compute": "#4c72b0",
+    "exposed_a2a": "#dd8452",
+    "exposed_allreduce": "#c44e52",
+    "idle": "#bbbbbb",
+    "all_to_all": "#dd8452",
+    "allreduce": "#c44e52",
+}
+LABELS = {
+    "compute": "compute",
+    "exposed_a2a": "exposed all-to-all",
+    "exposed_allreduce": "exposed allreduce",
+    "idle": "idle / waiting",
+}
 
 
 def save_figure(fig, path: str | Path) -> Path:

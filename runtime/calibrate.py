@@ -28,8 +28,8 @@ import platform
 import socket
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -101,8 +101,9 @@ def fit_alpha_beta(sizes: Sequence[float], times: Sequence[float]) -> tuple[floa
 
 
 # -- compute ----------------------------------------------------------------------------------
-def measure_matmul(shapes: Sequence[tuple[int, int, int]], dtype: str = "fp32",
-                   device: torch.device | str = "cpu", reps: int = 3) -> list[dict]:
+def measure_matmul(
+    shapes: Sequence[tuple[int, int, int]], dtype: str = "fp32", device: torch.device | str = "cpu", reps: int = 3
+) -> list[dict]:
     """FLOP/s of ``A[M,K] @ B[K,N]`` for each (M, K, N); 2*M*K*N FLOPs per matmul."""
     device = torch.device(device)
     out = []
@@ -194,12 +195,20 @@ def time_collectives(sizes: Sequence[int], device: torch.device) -> list[dict]:
     for n in sizes:
         count = max(world, n // 4 // world * world)
         x, y = torch.ones(count, device=device), torch.empty(count, device=device)
-        for kind, fn in (("all_to_all", lambda: dist.all_to_all_single(y, x)),
-                         ("allreduce", lambda: dist.all_reduce(x))):
+        for kind, fn in (
+            ("all_to_all", lambda: dist.all_to_all_single(y, x)),
+            ("allreduce", lambda: dist.all_reduce(x)),
+        ):
             dist.barrier()
             times = time_reps(fn, device, _collective_reps(count * 4))
-            rows.append({"kind": kind, "bytes": count * 4, "seconds": statistics.fmean(times),
-                         "seconds_median": statistics.median(times)})
+            rows.append(
+                {
+                    "kind": kind,
+                    "bytes": count * 4,
+                    "seconds": statistics.fmean(times),
+                    "seconds_median": statistics.median(times),
+                }
+            )
     return rows
 
 
@@ -216,8 +225,10 @@ def time_collectives_busy(sizes: Sequence[int], device: torch.device, reps: int 
     for n in (s for s in sizes if s <= BUSY_MAX_BYTES):
         count = max(world, n // 4 // world * world)
         x, y = torch.ones(count, device=device), torch.empty(count, device=device)
-        for kind, fn in (("all_to_all", lambda: dist.all_to_all_single(y, x, async_op=True)),
-                         ("allreduce", lambda: dist.all_reduce(x, async_op=True))):
+        for kind, fn in (
+            ("all_to_all", lambda: dist.all_to_all_single(y, x, async_op=True)),
+            ("allreduce", lambda: dist.all_reduce(x, async_op=True)),
+        ):
             times = []
             for _ in range(reps + 1):
                 dist.barrier()
@@ -235,12 +246,15 @@ def time_collectives_busy(sizes: Sequence[int], device: torch.device, reps: int 
 
 def host_step_delays(alone: Sequence[dict], busy: Sequence[dict], world: int) -> dict[str, float]:
     """Per kind: mean over sizes of (busy - alone mean time) / steps, never below 0: one
-    step per peer for an all-to-all, ``2(world - 1)`` for a ring allreduce (``HostSpec.steps``, which the simulator charges)."""
+    step per peer for an all-to-all, ``2(world - 1)`` for a ring allreduce
+    (``HostSpec.steps``, which the simulator charges)."""
     base = {(r["kind"], r["bytes"]): r["seconds"] for r in alone}
     out = {}
     for kind in COLLECTIVE_KINDS:
         steps = HostSpec.steps(kind, world)
-        extra = [r["seconds"] - base[(kind, r["bytes"])] for r in busy if r["kind"] == kind and (kind, r["bytes"]) in base]
+        extra = [
+            r["seconds"] - base[(kind, r["bytes"])] for r in busy if r["kind"] == kind and (kind, r["bytes"]) in base
+        ]
         if extra and steps > 0:
             out[kind] = max(0.0, statistics.fmean(extra) / steps)
     return out
@@ -254,7 +268,9 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     except ValueError:
         shapes = []
     if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
-        raise ConfigError("--shapes", f"bad matmul shapes {text!r}", "comma-separated MxKxN, e.g. 1024x512x2048,1024x2048x512")
+        raise ConfigError(
+            "--shapes", f"bad matmul shapes {text!r}", "comma-separated MxKxN, e.g. 1024x512x2048,1024x2048x512"
+        )
     return shapes  # type: ignore[return-value]
 
 
@@ -275,7 +291,9 @@ def rank_main(ctx) -> dict:
     info, args = ctx.info, rank_args(ctx.args)
     device = info.device
     shapes = parse_shapes(args.shapes) if args.shapes else list(DEFAULT_SHAPES)
-    dtypes = (args.dtypes.split(",") if args.dtypes else (["bf16", "fp16", "fp32"] if device.type == "cuda" else ["fp32"]))
+    dtypes = (
+        args.dtypes.split(",") if args.dtypes else (["bf16", "fp16", "fp32"] if device.type == "cuda" else ["fp32"])
+    )
     for d in dtypes:
         if d not in TORCH_DTYPES:
             raise ConfigError("--dtypes", f"unknown dtype {d!r}", TORCH_DTYPES)
@@ -299,12 +317,15 @@ def rank_main(ctx) -> dict:
     # Compute at one-core (one-device) speed, then the median rank: CPU ranks that share a
     # host take turns, and the profile's host block lets the simulator share the cores.
     dist.barrier()
-    mine = one_core_each(info, lambda: {
-        "matmul": {d: measure_matmul(shapes, d, device) for d in dtypes},
-        "copy_bytes_per_s": measure_copy(256 << 20 if device.type == "cuda" else 32 << 20, device),
-        "launch_s": measure_launch(device),
-        "host_link_bytes_per_s": measure_host_link(64 << 20, device) if device.type == "cuda" else None,
-    })
+    mine = one_core_each(
+        info,
+        lambda: {
+            "matmul": {d: measure_matmul(shapes, d, device) for d in dtypes},
+            "copy_bytes_per_s": measure_copy(256 << 20 if device.type == "cuda" else 32 << 20, device),
+            "launch_s": measure_launch(device),
+            "host_link_bytes_per_s": measure_host_link(64 << 20, device) if device.type == "cuda" else None,
+        },
+    )
     gathered: list = [None] * world
     dist.all_gather_object(gathered, mine)
     raw["compute_per_rank"] = gathered
@@ -365,23 +386,33 @@ def build_profile(raw: dict, info, note: str = "") -> dict:
         cores = int(raw["host_cores"])
         delays = host_step_delays(raw["collectives"], raw["collectives_busy"], world)
         host_block = {"cores": cores, "step_delay_s": delays, "reference_excess": (world - cores) / cores}
-        caveats.append(f"{world} CPU ranks share {cores} cores of one host (host: per-step delays of collectives "
-                       f"timed with every rank computing)")
+        caveats.append(
+            f"{world} CPU ranks share {cores} cores of one host (host: per-step delays of collectives "
+            f"timed with every rank computing)"
+        )
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     host_name = socket.gethostname()
-    source = (f"measured by `lina-run calibrate` at {now} on {host_name}: {nodes} node(s) x {lw} rank(s), "
-              f"backend {info.backend}, torch {torch.__version__}; links = alpha-beta fit of ping-pong "
-              f"one-way times; peak_flops = total FLOPs / total time over the model's matmul shapes "
-              f"(one rank per core at a time, median rank); hbm_bandwidth = large copy"
-              + (f"; {'; '.join(caveats)}" if caveats else "") + (f"; {note}" if note else ""))
+    source = (
+        f"measured by `lina-run calibrate` at {now} on {host_name}: {nodes} node(s) x {lw} rank(s), "
+        f"backend {info.backend}, torch {torch.__version__}; links = alpha-beta fit of ping-pong "
+        f"one-way times; peak_flops = total FLOPs / total time over the model's matmul shapes "
+        f"(one rank per core at a time, median rank); hbm_bandwidth = large copy"
+        + (f"; {'; '.join(caveats)}" if caveats else "")
+        + (f"; {note}" if note else "")
+    )
     profile = {
         "name": f"calibrated-{host_name}-{nodes}x{lw}",
-        "description": f"measured: {nodes} x {lw} ranks on {_device_name(info.device)}" + (f" ({note})" if note else ""),
+        "description": f"measured: {nodes} x {lw} ranks on {_device_name(info.device)}"
+        + (f" ({note})" if note else ""),
         "source": source,
         "nodes": nodes,
         "gpus_per_node": lw,
-        "gpu": {"name": _device_name(info.device), "peak_flops": peak,
-                "hbm_bandwidth": copy_bw, "memory_bytes": _memory_bytes(info.device, lw)},
+        "gpu": {
+            "name": _device_name(info.device),
+            "peak_flops": peak,
+            "hbm_bandwidth": copy_bw,
+            "memory_bytes": _memory_bytes(info.device, lw),
+        },
         "compute": {"matmul_efficiency": 1.0, "memory_efficiency": 1.0, "kernel_launch_s": med("launch_s")},
         "intra_node": "full-mesh",
         "nvlink": intra,
@@ -428,12 +459,18 @@ def finish(results: list, args: list[str]) -> int:
     spec = load_preset(out)
     peak = ", ".join(f"{d} {f / 1e9:.1f} GFLOP/s" for d, f in spec.gpu.peak_flops.items())
     print(f"calibrate: wrote {out} (+ {raw_path(out).name}) in {results[0]['seconds']:.1f} s of measuring")
-    print(f"  intra-node {spec.nvlink.bandwidth / 1e6:.1f} MB/s, {spec.nvlink.latency * 1e6:.0f} us; "
-          f"inter-node {spec.nic.bandwidth / 1e6:.1f} MB/s, {spec.nic.latency * 1e6:.0f} us")
-    print(f"  matmul {peak}; copy {spec.gpu.hbm_bandwidth / 1e9:.2f} GB/s; "
-          f"per-op overhead {spec.compute.kernel_launch_s * 1e6:.1f} us")
+    print(
+        f"  intra-node {spec.nvlink.bandwidth / 1e6:.1f} MB/s, {spec.nvlink.latency * 1e6:.0f} us; "
+        f"inter-node {spec.nic.bandwidth / 1e6:.1f} MB/s, {spec.nic.latency * 1e6:.0f} us"
+    )
+    print(
+        f"  matmul {peak}; copy {spec.gpu.hbm_bandwidth / 1e9:.2f} GB/s; "
+        f"per-op overhead {spec.compute.kernel_launch_s * 1e6:.1f} us"
+    )
     if spec.host is not None:
         delays = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in spec.host.step_delay_s.items())
-        print(f"  host: {spec.world_size} ranks share {spec.host.cores} cores; per collective step while "
-              f"compute oversubscribes them: {delays}")
+        print(
+            f"  host: {spec.world_size} ranks share {spec.host.cores} cores; per collective step while "
+            f"compute oversubscribes them: {delays}"
+        )
     return 0

@@ -21,9 +21,9 @@ import argparse
 import os
 import runpy
 import sys
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Sequence
 
 from lina_sim.errors import ConfigError, LinaSimError
 from runtime import entry
@@ -76,8 +76,15 @@ def run_mode(mode: str, mode_args: Sequence[str], args: argparse.Namespace) -> i
         return entry.main([mode, *mode_args])
     if spec is not None and (stale := cleanup_stale()):
         print(f"lina-run: removed {len(stale)} namespaces left by crashed runs", file=sys.stderr)
-    results = run_entry(mode, list(mode_args), testbed=spec, nprocs=args.nproc or 1,
-                        ranks_per_node=args.ranks_per_node, timeout_s=args.timeout, echo=not args.quiet)
+    results = run_entry(
+        mode,
+        list(mode_args),
+        testbed=spec,
+        nprocs=args.nproc or 1,
+        ranks_per_node=args.ranks_per_node,
+        timeout_s=args.timeout,
+        echo=not args.quiet,
+    )
     finish = entry.finisher(mode)
     return int(finish(results, list(mode_args)) or 0) if finish else 0
 
@@ -96,8 +103,15 @@ def run_module(argv: Sequence[str], args: argparse.Namespace) -> int:
         if spec is not None:
             cleanup_stale()
             tb = stack.enter_context(Testbed(spec))
-        launch([sys.executable, "-m", *argv], args.nproc or 1, testbed=tb, ranks_per_node=args.ranks_per_node,
-               timeout_s=args.timeout, echo=not args.quiet, env={"PYTHONPATH": rank_pythonpath()})
+        launch(
+            [sys.executable, "-m", *argv],
+            args.nproc or 1,
+            testbed=tb,
+            ranks_per_node=args.ranks_per_node,
+            timeout_s=args.timeout,
+            echo=not args.quiet,
+            env={"PYTHONPATH": rank_pythonpath()},
+        )
     return 0
 
 
@@ -114,7 +128,9 @@ def _main(argv: list[str]) -> int:
         p = _Parser(prog="lina-run calibrate", description="measure this cluster and write a hardware profile")
         _launch_options(p)
         p.add_argument("--out", required=True, help="profile YAML to write (raw data goes to <stem>.raw.yaml)")
-        p.add_argument("--shapes", help="matmul shapes MxKxN,... (default: the paper's Transformer-XL FFN and attention)")
+        p.add_argument(
+            "--shapes", help="matmul shapes MxKxN,... (default: the paper's Transformer-XL FFN and attention)"
+        )
         p.add_argument("--dtypes", help="comma-separated: fp32, bf16, fp16 (default fp32 on CPU, all on GPU)")
         p.add_argument("--max-bytes", default="32e6", help="largest ping-pong message, bytes")
         a = p.parse_args(argv[1:])
@@ -140,7 +156,7 @@ def _main(argv: list[str]) -> int:
     module = None
     if "--" in argv:
         i = argv.index("--")
-        argv, module = argv[:i], argv[i + 1:]
+        argv, module = argv[:i], argv[i + 1 :]
     p = _Parser(prog="lina-run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _launch_options(p)
     p.add_argument("scenario", nargs="?", help="scenario YAML (or use a sub-command: " + ", ".join(SUBCOMMANDS) + ")")

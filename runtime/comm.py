@@ -22,8 +22,9 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -111,7 +112,10 @@ class CommScheduler:
     def new_step(self) -> None:
         """Fresh scheduler state: micro-op sequence numbers restart every step."""
         self.sched = RankScheduler(self.policy, owed=self.owed)
-        self.streams: dict[str, collections.deque[Item]] = {"a2a": collections.deque(), "allreduce": collections.deque()}
+        self.streams: dict[str, collections.deque[Item]] = {
+            "a2a": collections.deque(),
+            "allreduce": collections.deque(),
+        }
         self.items: dict[str, Item] = {}
         self.done_items: list[Item] = []
         self.busy_s = 0.0
@@ -130,8 +134,10 @@ class CommScheduler:
 
     def wait(self, it: Item, timeout: float = WAIT_TIMEOUT_S) -> None:
         if not it.done.wait(timeout):
-            raise LinaSimError(f"scheduler: {it.mop.id} did not complete within {timeout:.0f} s "
-                               f"({'never launched' if it.t_issue < 0 else 'launched, peers missing'})")
+            raise LinaSimError(
+                f"scheduler: {it.mop.id} did not complete within {timeout:.0f} s "
+                f"({'never launched' if it.t_issue < 0 else 'launched, peers missing'})"
+            )
         if it.error is not None:
             raise LinaSimError(f"collective {it.mop.id} failed: {str(it.error).splitlines()[0][:200]}")
 
@@ -232,8 +238,16 @@ class RankExchange:
     :mod:`runtime.ep_moe`): scheduled all-to-alls on ``ep``, fill counts on ``meta``, and
     compute marks on this rank's timeline."""
 
-    def __init__(self, rank: int, sched: CommScheduler | None, a2a_mops: dict[str, MicroOp],
-                 ep: dist.ProcessGroup | None, meta: dist.ProcessGroup | None, clock: Clock, ops: dict[str, Op]):
+    def __init__(
+        self,
+        rank: int,
+        sched: CommScheduler | None,
+        a2a_mops: dict[str, MicroOp],
+        ep: dist.ProcessGroup | None,
+        meta: dist.ProcessGroup | None,
+        clock: Clock,
+        ops: dict[str, Op],
+    ):
         self.rank, self.sched, self.mops, self.ep, self.meta, self.clock = rank, sched, a2a_mops, ep, meta, clock
         self.ops = ops  # graph op name -> Op, for the layer and chunk of each compute event
         self.marks: list[tuple[str, Any, Any]] = []  # (op, start stamp, end stamp)
@@ -268,8 +282,18 @@ class RankExchange:
         out = []
         for op, a, b in self.marks:
             g = self.ops.get(op)
-            out.append(Event(self.rank, "compute", op, "compute", self.clock.resolve(a), self.clock.resolve(b),
-                             g.layer if g else -1, g.chunk if g else -1))
+            out.append(
+                Event(
+                    self.rank,
+                    "compute",
+                    op,
+                    "compute",
+                    self.clock.resolve(a),
+                    self.clock.resolve(b),
+                    g.layer if g else -1,
+                    g.chunk if g else -1,
+                )
+            )
         return out
 
 
@@ -285,8 +309,14 @@ class GradSync:
     same order; a micro-op that is ready early waits for its predecessors.
     """
 
-    def __init__(self, sched: CommScheduler, tensors: dict[str, list[torch.nn.Parameter]], mops: Sequence[MicroOp],
-                 groups: dict[str, dist.ProcessGroup], expected: dict[torch.nn.Parameter, int]):
+    def __init__(
+        self,
+        sched: CommScheduler,
+        tensors: dict[str, list[torch.nn.Parameter]],
+        mops: Sequence[MicroOp],
+        groups: dict[str, dist.ProcessGroup],
+        expected: dict[torch.nn.Parameter, int],
+    ):
         self.sched, self.tensors, self.groups, self.expected = sched, tensors, groups, expected
         self.mops = submission_order(mops)
         self.hooks = []
@@ -349,7 +379,7 @@ class GradSync:
         def after():
             off = 0
             for s in segs:
-                s.copy_(buf[off:off + s.numel()])
+                s.copy_(buf[off : off + s.numel()])
                 off += s.numel()
 
         self.items.append(self.sched.submit(m, issue, after))
@@ -358,8 +388,10 @@ class GradSync:
         if self._next < len(self.mops):
             m = self.mops[self._next]
             missing = [n for n, _ in m.pieces if any(self._acc[p] < self.expected.get(p, 1) for p in self.tensors[n])]
-            raise LinaSimError(f"gradients never became ready for {m.id} ({', '.join(missing[:3])}): "
-                               f"a parameter got no gradient this step")
+            raise LinaSimError(
+                f"gradients never became ready for {m.id} ({', '.join(missing[:3])}): "
+                f"a parameter got no gradient this step"
+            )
         for it in self.items:
             self.sched.wait(it)
 
@@ -384,8 +416,9 @@ def _group(ranks: Sequence[int]) -> dist.ProcessGroup:
     return _GROUPS[key]
 
 
-def comm_groups(rank: int, graph: TrainingGraph, ep: dist.ProcessGroup,
-                dp: dist.ProcessGroup) -> dict[str, dist.ProcessGroup]:
+def comm_groups(
+    rank: int, graph: TrainingGraph, ep: dist.ProcessGroup, dp: dist.ProcessGroup
+) -> dict[str, dist.ProcessGroup]:
     """Process groups for the graph's communicators, as ``rank`` sees them: ``ep``
     (tokens) and ``dp`` (all ranks) as given (``runtime.dist.make_groups``' for the
     graph's ep size), ``meta`` (fill counts, a second ep communicator) and ``expert_dp``

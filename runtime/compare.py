@@ -8,17 +8,31 @@ and friends). Step 5 of a validation (:mod:`runtime.validate`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 
 KEYS = ["point", "policy"]
 # Columns of a training results table compared side by side (suffixes _pred, _meas).
-TRAINING_COLUMNS = ["step_time_s", "compute_s", "exposed_a2a_s", "exposed_allreduce_s", "idle_s",
-                    "experts_per_device", "pipeline_degree"]
+TRAINING_COLUMNS = [
+    "step_time_s",
+    "compute_s",
+    "exposed_a2a_s",
+    "exposed_allreduce_s",
+    "idle_s",
+    "experts_per_device",
+    "pipeline_degree",
+]
 # What only the measurement has: the spread of its steps and the scheduler's cost.
-MEASURED_EXTRAS = ["step_time_min_s", "step_time_max_s", "step_time_std_s", "steps", "sched_busy_frac",
-                   "handoff_median_s", "handoff_total_s"]
+MEASURED_EXTRAS = [
+    "step_time_min_s",
+    "step_time_max_s",
+    "step_time_std_s",
+    "steps",
+    "sched_busy_frac",
+    "handoff_median_s",
+    "handoff_total_s",
+]
 
 
 def ranking(values: Sequence[float]) -> list[int]:
@@ -26,7 +40,9 @@ def ranking(values: Sequence[float]) -> list[int]:
     return sorted(range(len(values)), key=lambda i: values[i])
 
 
-def resolved_pairs(pred: Sequence[float], meas: Sequence[float], std: Sequence[float], n: Sequence[int]) -> tuple[int, int]:
+def resolved_pairs(
+    pred: Sequence[float], meas: Sequence[float], std: Sequence[float], n: Sequence[int]
+) -> tuple[int, int]:
     """(pairs ordered alike, pairs the measurement resolves) over every pair of policies.
     A measured pair is resolved when its difference exceeds twice the standard error of
     the difference (``std / sqrt(n)`` per policy); closer pairs are ties the testbed's
@@ -66,8 +82,13 @@ def _join(pred: pd.DataFrame, meas: pd.DataFrame, time_col: str, std_col: str, n
 def compare(pred: pd.DataFrame, meas: pd.DataFrame) -> pd.DataFrame:
     """Training: predicted and measured results joined by (point, policy); error of the
     step time = (pred - meas) / meas."""
-    return _join(pred[KEYS + TRAINING_COLUMNS], meas[KEYS + TRAINING_COLUMNS + MEASURED_EXTRAS],
-                 "step_time_s", "step_time_std_s", "steps")
+    return _join(
+        pred[KEYS + TRAINING_COLUMNS],
+        meas[KEYS + TRAINING_COLUMNS + MEASURED_EXTRAS],
+        "step_time_s",
+        "step_time_std_s",
+        "steps",
+    )
 
 
 def compare_inference(pred: pd.DataFrame, meas: pd.DataFrame) -> pd.DataFrame:
@@ -81,12 +102,17 @@ def op_classes(tl: pd.DataFrame, ep_size: int) -> dict[str, float]:
     and backward compute, forward and backward all-to-all, allreduce (busy time, overlap
     included), and the step time; plus per all-to-all the mean arrival skew and
     transfer time (the keys of ``lina_sim.results.tables.COMPONENTS``)."""
-    d = tl.assign(dur=tl["end"] - tl["start"], phase=tl["op"].str.contains(".bwd.") | tl["op"].str.startswith("head.bwd"))
+    d = tl.assign(
+        dur=tl["end"] - tl["start"], phase=tl["op"].str.contains(".bwd.") | tl["op"].str.startswith("head.bwd")
+    )
     ranks = max(1, d["rank"].nunique())
-    pick = {"compute fwd": (d["kind"] == "compute") & ~d["phase"] & (d["op"] != "optimizer"),
-            "compute bwd+opt": (d["kind"] == "compute") & (d["phase"] | (d["op"] == "optimizer")),
-            "a2a fwd": (d["kind"] == "all_to_all") & ~d["phase"], "a2a bwd": (d["kind"] == "all_to_all") & d["phase"],
-            "allreduce": d["kind"] == "allreduce"}
+    pick = {
+        "compute fwd": (d["kind"] == "compute") & ~d["phase"] & (d["op"] != "optimizer"),
+        "compute bwd+opt": (d["kind"] == "compute") & (d["phase"] | (d["op"] == "optimizer")),
+        "a2a fwd": (d["kind"] == "all_to_all") & ~d["phase"],
+        "a2a bwd": (d["kind"] == "all_to_all") & d["phase"],
+        "allreduce": d["kind"] == "allreduce",
+    }
     out = {k: float(d.loc[m, "dur"].sum()) / ranks for k, m in pick.items()}
     out["step"] = float(d["end"].max())
     # Per all-to-all: how long its first rank waited for its last one (arrival skew) and

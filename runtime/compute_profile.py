@@ -12,8 +12,8 @@ Step 2 of a validation (:mod:`runtime.validate`).
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import yaml
@@ -89,8 +89,10 @@ def _profile_ops(ctx: RankContext, setup: TrainingSetup) -> list[dict]:
             for name, sec in per_op.items():
                 op = ops[name]
                 samples.setdefault((op.profile_key, float(op.tokens)), []).append(sec)
-    return [{"op": key, "shape": "", "tokens": tok, "seconds": statistics.median(v)}
-            for (key, tok), v in sorted(samples.items())]
+    return [
+        {"op": key, "shape": "", "tokens": tok, "seconds": statistics.median(v)}
+        for (key, tok), v in sorted(samples.items())
+    ]
 
 
 def write_compute_profile(results: list[dict], out: str | Path) -> Path:
@@ -101,6 +103,8 @@ def write_compute_profile(results: list[dict], out: str | Path) -> Path:
         for row in res["rows"]:
             by.setdefault((row["op"], row["tokens"]), []).append(row["seconds"])
     rows = [{"op": k, "shape": "", "tokens": t, "seconds": statistics.median(v)} for (k, t), v in sorted(by.items())]
-    header = ("# Compute profile measured by `lina-sim validate` (lina-run --profile-compute): every compute op of\n"
-              "# the model on all ranks at once, no network; seconds = median over steps and ranks.\n")
+    header = (
+        "# Compute profile measured by `lina-sim validate` (lina-run --profile-compute): every compute op of\n"
+        "# the model on all ranks at once, no network; seconds = median over steps and ranks.\n"
+    )
     return atomic_write_text(out, header + yaml.safe_dump({"rows": rows}, sort_keys=False))

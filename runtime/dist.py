@@ -15,9 +15,10 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -103,9 +104,14 @@ def init(
     else:
         device = torch.device("cpu")
     store = _connect_store(addr, port, rank, world, connect_timeout_s)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=op_timeout_s),
-                            device_id=device if backend == "nccl" else None)
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=op_timeout_s),
+        device_id=device if backend == "nccl" else None,
+    )
     _barrier_or_fail(world, connect_timeout_s)
     return DistInfo(rank, world, local_rank, local_world, backend, device)
 
@@ -114,8 +120,9 @@ def check_world_size(world: int, expected: int, what: str = "the run") -> None:
     """One-line error when the launch's world size (``WORLD_SIZE``) does not match what
     ``what`` needs."""
     if world != expected:
-        raise DistError(f"dist: world size mismatch: launched with WORLD_SIZE={world}, "
-                        f"but {what} needs {expected} ranks")
+        raise DistError(
+            f"dist: world size mismatch: launched with WORLD_SIZE={world}, but {what} needs {expected} ranks"
+        )
 
 
 def _connect_store(addr: str, port: int, rank: int, world: int, timeout_s: float) -> dist.TCPStore:
@@ -123,14 +130,23 @@ def _connect_store(addr: str, port: int, rank: int, world: int, timeout_s: float
     (``wait_for_workers`` on every rank: clients check in, the master waits for all.)"""
     t0 = time.monotonic()
     try:
-        return dist.TCPStore(addr, port, world_size=world, is_master=(rank == 0),
-                             timeout=timedelta(seconds=timeout_s), wait_for_workers=True)
+        return dist.TCPStore(
+            addr,
+            port,
+            world_size=world,
+            is_master=(rank == 0),
+            timeout=timedelta(seconds=timeout_s),
+            wait_for_workers=True,
+        )
     except Exception as e:  # DistNetworkError / DistStoreError / RuntimeError, by torch version
         waited = time.monotonic() - t0
         if rank == 0:
             what = f"not all {world} ranks joined the master at {addr}:{port} within {waited:.0f} s"
         else:
-            what = f"cannot reach the master at {addr}:{port} within {waited:.0f} s (is rank 0 running and MASTER_ADDR reachable?)"
+            what = (
+                f"cannot reach the master at {addr}:{port} within {waited:.0f} s "
+                "(is rank 0 running and MASTER_ADDR reachable?)"
+            )
         raise DistError(f"dist: rank {rank}: {what} [{type(e).__name__}: {str(e).splitlines()[0][:160]}]") from None
 
 
@@ -139,8 +155,9 @@ def _barrier_or_fail(world: int, timeout_s: float) -> None:
     try:
         dist.monitored_barrier(timeout=timedelta(seconds=timeout_s)) if dist.get_backend() == "gloo" else dist.barrier()
     except Exception as e:
-        raise DistError(f"dist: rank {dist.get_rank()}: the first barrier over {world} ranks failed: "
-                        f"{str(e).splitlines()[0][:200]}") from None
+        raise DistError(
+            f"dist: rank {dist.get_rank()}: the first barrier over {world} ranks failed: {str(e).splitlines()[0][:200]}"
+        ) from None
 
 
 def make_groups(info: DistInfo, ep_size: int | None = None) -> Groups:

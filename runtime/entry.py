@@ -24,7 +24,8 @@ import signal
 import sys
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from lina_sim.errors import LinaSimError
 from runtime.launch import write_result
@@ -42,8 +43,11 @@ ENTRIES: dict[str, tuple[str, str | None]] = {
 
 def check_mode(mode: str) -> None:
     if mode not in ENTRIES:
-        hint = (" (scenario runs need runtime/scenario.py registered as 'scenario' in runtime/entry.py ENTRIES)"
-                if mode == "scenario" else "")
+        hint = (
+            " (scenario runs need runtime/scenario.py registered as 'scenario' in runtime/entry.py ENTRIES)"
+            if mode == "scenario"
+            else ""
+        )
         raise LinaSimError(f"unknown run mode {mode!r}{hint}; allowed: {', '.join(sorted(ENTRIES))}")
 
 

@@ -19,7 +19,8 @@ One MoE layer on one rank, with ``T`` tokens, ``E`` experts and capacity ``cap``
 simulator models: ``T * top_k * capacity_factor`` rows); ``"uneven"`` sends only filled
 slots, with a small all-to-all of fill counts first. Either way the all-to-all is
 ``all_to_all_single`` with explicit split sizes. Steps 2's collectives go through an
-:class:`Exchange` (the rank's scheduler, :class:`runtime.comm.RankExchange`), inside :class:`ExpertExchange`, an autograd
+:class:`Exchange` (the rank's scheduler, :class:`runtime.comm.RankExchange`), inside
+:class:`ExpertExchange`, an autograd
 Function whose backward runs the reverse all-to-alls through the same scheduler, in the
 simulator's program order (all combine chunks, then per chunk FFN and dispatch).
 
@@ -31,8 +32,9 @@ loss and gradients, only the timing differs.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +143,7 @@ class ExpertExchange(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, plan: ChunkPlan, block: "EPBlock", ex: Exchange, *send: torch.Tensor):
+    def forward(ctx, plan: ChunkPlan, block: EPBlock, ex: Exchange, *send: torch.Tensor):
         l, r = plan.layer, len(send)
         disp = [ex.a2a(f"L{l}.fwd.dispatch.c{c}", send[c], plan.send[c], plan.recv[c]) for c in range(r)]
         ex.pause()  # the gate op ends here; waiting for the dispatch is not compute
@@ -210,8 +212,17 @@ class EPBlock(nn.Module):
         d, E = spec.d_model, spec.experts
         self.spec, self.layer, self.lay = spec, layer, lay
         self.moe = spec.is_moe(layer)
-        cfg = MoEConfig(layers=1, d_model=d, d_ff=spec.d_ff, heads=spec.heads, experts=E, top_k=spec.top_k,
-                        capacity_factor=spec.capacity_factor, vocab=spec.vocab, seq_len=spec.seq_len)
+        cfg = MoEConfig(
+            layers=1,
+            d_model=d,
+            d_ff=spec.d_ff,
+            heads=spec.heads,
+            experts=E,
+            top_k=spec.top_k,
+            capacity_factor=spec.capacity_factor,
+            vocab=spec.vocab,
+            seq_len=spec.seq_len,
+        )
         self.ln_attn, self.attn, self.ln_ffn = nn.LayerNorm(d), CausalSelfAttention(cfg), nn.LayerNorm(d)
         if self.moe:
             self.gate = TopKGate(d, E, spec.top_k)
@@ -298,11 +309,16 @@ class EPBlock(nn.Module):
         for lo, hi in zip(bounds, bounds[1:]):
             n_mine = torch.clamp(mine - lo, 0, hi - lo)  # rows of each expert in [lo, hi)
             n_theirs = torch.clamp(theirs - lo, 0, hi - lo)
-            rows.append(torch.cat([torch.arange(e * cap + lo, e * cap + lo + int(n_mine[e])) for e in range(E)]).to(dev))
+            rows.append(
+                torch.cat([torch.arange(e * cap + lo, e * cap + lo + int(n_mine[e])) for e in range(E)]).to(dev)
+            )
             send.append(n_mine.view(lay.ep_size, lay.k).sum(1).tolist())
             recv.append(n_theirs.sum(1).tolist())
-            local.append(None if lay.k == 1 else
-                         torch.repeat_interleave(torch.arange(lay.k).repeat(lay.ep_size), n_theirs.reshape(-1)).to(dev))
+            local.append(
+                None
+                if lay.k == 1
+                else torch.repeat_interleave(torch.arange(lay.k).repeat(lay.ep_size), n_theirs.reshape(-1)).to(dev)
+            )
         return ChunkPlan(self.layer, send, recv, local), rows
 
 
@@ -349,7 +365,11 @@ class EPTransformer(nn.Module):
         lin = lambda m: [m.weight, m.bias]  # noqa: E731
         for b in self.blocks:
             p = f"L{b.layer}."
-            out[p + "ln_attn"], out[p + "attn_qkv"], out[p + "attn_out"] = lin(b.ln_attn), lin(b.attn.qkv), lin(b.attn.out)
+            out[p + "ln_attn"], out[p + "attn_qkv"], out[p + "attn_out"] = (
+                lin(b.ln_attn),
+                lin(b.attn.qkv),
+                lin(b.attn.out),
+            )
             out[p + "ln_ffn"] = lin(b.ln_ffn)
             if b.moe:
                 out[p + "gate"] = [b.gate.proj.weight]

@@ -66,8 +66,15 @@ class _Dense(nn.Module):
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        cfg = MoEConfig(d_model=spec.d_model, d_ff=spec.d_ff, heads=spec.heads, experts=spec.experts, top_k=1,
-                        vocab=spec.vocab, seq_len=spec.seq_len)
+        cfg = MoEConfig(
+            d_model=spec.d_model,
+            d_ff=spec.d_ff,
+            heads=spec.heads,
+            experts=spec.experts,
+            top_k=1,
+            vocab=spec.vocab,
+            seq_len=spec.seq_len,
+        )
         self.ln1, self.attn, self.ln2 = nn.LayerNorm(spec.d_model), CausalSelfAttention(cfg), nn.LayerNorm(spec.d_model)
         self.gate = nn.Linear(spec.d_model, spec.experts, bias=False)
 
@@ -123,12 +130,21 @@ def serve_policy(ctx: RankContext, setup: InferenceSetup, entry: PlacementEntry,
                     for i in range(n_swap):
                         for dst, src in zip(slot.parameters(), host[l][i % spec.experts].parameters()):
                             dst.copy_(src, non_blocking=True)
-                    ev("pcie", f"L{l}.swap", "swap", t, l, n_swap * sum(p.numel() * p.element_size()
-                                                                         for p in slot.parameters()))
+                    ev(
+                        "pcie",
+                        f"L{l}.swap",
+                        "swap",
+                        t,
+                        l,
+                        n_swap * sum(p.numel() * p.element_size() for p in slot.parameters()),
+                    )
                 send_rows, recv_rows = plan.send[l][r].tolist(), plan.send[l][:, r].tolist()
                 rows = h.reshape(-1, d)
-                send = rows[torch.arange(sum(send_rows), device=dev) % max(rows.shape[0], 1)] if rows.shape[0] else \
-                    rows.new_zeros(sum(send_rows), d)
+                send = (
+                    rows[torch.arange(sum(send_rows), device=dev) % max(rows.shape[0], 1)]
+                    if rows.shape[0]
+                    else rows.new_zeros(sum(send_rows), d)
+                )
                 recv = send.new_empty(sum(recv_rows), d)
                 t = now()
                 dist.all_to_all_single(recv, send, recv_rows, send_rows)
@@ -146,8 +162,16 @@ def serve_policy(ctx: RankContext, setup: InferenceSetup, entry: PlacementEntry,
             t = now()
             ln_f(x) @ embed.weight.T
             ev("compute", "head", "compute", t, shared.layers)
-            batches.append(BatchRecord(start, now(), events, int(plan.tokens.sum()), int(plan.replanned.sum()),
-                                       int((plan.swap1 + plan.swap2).sum())))
+            batches.append(
+                BatchRecord(
+                    start,
+                    now(),
+                    events,
+                    int(plan.tokens.sum()),
+                    int(plan.replanned.sum()),
+                    int((plan.swap1 + plan.swap2).sum()),
+                )
+            )
     return {"label": entry.label, "name": entry.name, "batches": batches}
 
 
@@ -164,8 +188,11 @@ class InferenceMode(Mode):
         out = []
         for setup in setups:
             if setup.serving.arrival.process != "closed":
-                raise ConfigError("serving.arrival.process", "the runtime replays batches whose make-up must not "
-                                  "depend on timing", ["closed"])
+                raise ConfigError(
+                    "serving.arrival.process",
+                    "the runtime replays batches whose make-up must not depend on timing",
+                    ["closed"],
+                )
             shared = serving_inputs(setup)
             out.append([serve_policy(ctx, setup, e, shared) for e in setup.policies])
         return {"kind": self.kind, "points": out}
@@ -179,15 +206,28 @@ class InferenceMode(Mode):
                 per_rank = [res["points"][pi][j]["batches"] for res in results]
                 times, pick = median_span(per_rank)
                 df = tls[(pi, run["label"])] = span_timeline(per_rank, pick)
-                rows.append({"point": pi, "scenario": setup.scenario.name, "policy": run["label"],
-                             "policy_name": run["name"], "batches": len(times),
-                             "batch_time_mean_s": float(np.mean(times)), "batch_time_p50_s": statistics.median(times),
-                             "batch_time_min_s": min(times), "batch_time_max_s": max(times),
-                             "batch_time_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
-                             "a2a_s": float(df[df["kind"] == "all_to_all"].groupby("rank").apply(
-                                 lambda d: (d["end"] - d["start"]).sum()).mean()),
-                             "swaps": sum(b.swaps for b in per_rank[0]),
-                             "replanned_layers": sum(b.replanned for b in per_rank[0])})
+                rows.append(
+                    {
+                        "point": pi,
+                        "scenario": setup.scenario.name,
+                        "policy": run["label"],
+                        "policy_name": run["name"],
+                        "batches": len(times),
+                        "batch_time_mean_s": float(np.mean(times)),
+                        "batch_time_p50_s": statistics.median(times),
+                        "batch_time_min_s": min(times),
+                        "batch_time_max_s": max(times),
+                        "batch_time_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
+                        "a2a_s": float(
+                            df[df["kind"] == "all_to_all"]
+                            .groupby("rank")
+                            .apply(lambda d: (d["end"] - d["start"]).sum())
+                            .mean()
+                        ),
+                        "swaps": sum(b.swaps for b in per_rank[0]),
+                        "replanned_layers": sum(b.replanned for b in per_rank[0]),
+                    }
+                )
         return pd.DataFrame(rows), tls
 
     def finish(self, results: list[dict], setups: list[InferenceSetup], args: argparse.Namespace, out: Path) -> int:

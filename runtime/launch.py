@@ -28,10 +28,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from lina_sim.errors import ConfigError, LinaSimError
 from runtime.testbed import IFNAME, Testbed, TestbedSpec
@@ -108,20 +109,34 @@ def _kill_all(ranks: Sequence[RankProc], grace_s: float) -> None:
             pass
 
 
-def rank_env(rank: int, world: int, ranks_per_node: int, master_addr: str, master_port: int,
-             ifname: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+def rank_env(
+    rank: int,
+    world: int,
+    ranks_per_node: int,
+    master_addr: str,
+    master_port: int,
+    ifname: str,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
     """torchrun-style environment for one rank."""
     env = dict(os.environ)
-    env.update({
-        "RANK": str(rank), "WORLD_SIZE": str(world),
-        "LOCAL_RANK": str(rank % ranks_per_node), "LOCAL_WORLD_SIZE": str(ranks_per_node),
-        "GROUP_RANK": str(rank // ranks_per_node),
-        "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
-        # gloo picks its address from this device: the node's NIC inside a testbed, lo otherwise.
-        "GLOO_SOCKET_IFNAME": ifname, "NCCL_SOCKET_IFNAME": ifname,
-        "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-        "LINA_LAUNCHER_PID": str(os.getpid()),
-    })
+    env.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank % ranks_per_node),
+            "LOCAL_WORLD_SIZE": str(ranks_per_node),
+            "GROUP_RANK": str(rank // ranks_per_node),
+            "MASTER_ADDR": master_addr,
+            "MASTER_PORT": str(master_port),
+            # gloo picks its address from this device: the node's NIC inside a testbed, lo otherwise.
+            "GLOO_SOCKET_IFNAME": ifname,
+            "NCCL_SOCKET_IFNAME": ifname,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "LINA_LAUNCHER_PID": str(os.getpid()),
+        }
+    )
     # c10d warns on every connection that reverse DNS fails inside a namespace; keep errors.
     env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     env.update(extra or {})
@@ -153,8 +168,9 @@ def launch(
         world = int(nprocs or 1)
         rpn = int(ranks_per_node or world)
         if world < 1 or rpn < 1 or world % rpn:
-            raise ConfigError("--ranks-per-node", f"{world} ranks cannot be split into nodes of {rpn}",
-                              "a divisor of the rank count")
+            raise ConfigError(
+                "--ranks-per-node", f"{world} ranks cannot be split into nodes of {rpn}", "a divisor of the rank count"
+            )
         master_addr, port, ifname = "127.0.0.1", free_port(), "lo"
     guard = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
     ranks: list[RankProc] = []
@@ -164,9 +180,14 @@ def launch(
             if testbed is not None:
                 argv = testbed.wrap(argv, r)
             proc = subprocess.Popen(
-                argv, env=rank_env(r, world, rpn, master_addr, port, ifname, env),
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True, errors="replace", start_new_session=True,
+                argv,
+                env=rank_env(r, world, rpn, master_addr, port, ifname, env),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                start_new_session=True,
             )
             rp = RankProc(r, r // rpn, proc)
             rp.reader = threading.Thread(target=_pump, args=(rp, echo), daemon=True)
@@ -195,8 +216,10 @@ def _monitor(ranks: list[RankProc], timeout_s: float, grace_s: float) -> list[in
             last = first.last_line()
             raise LaunchError(
                 f"rank {first.rank} (node {first.node}) {_describe_exit(first.proc.returncode)}"
-                + (f": {last}" if last else "") + f"; stopped the other {len(ranks) - 1} ranks",
-                exit_code=first.proc.returncode)
+                + (f": {last}" if last else "")
+                + f"; stopped the other {len(ranks) - 1} ranks",
+                exit_code=first.proc.returncode,
+            )
         if all(c == 0 for c in codes):
             return [0] * len(ranks)
         if time.monotonic() > deadline:
@@ -226,9 +249,19 @@ def run_entry(
         tb = stack.enter_context(Testbed(testbed)) if testbed is not None else None
         world = testbed.world_size if testbed is not None else nprocs
         cmd = [sys.executable, "-m", "runtime.entry", mode, *args]
-        launch(cmd, nprocs, testbed=tb, ranks_per_node=ranks_per_node, timeout_s=timeout_s, echo=echo,
-               env={"LINA_RUN_DIR": str(run_dir), "LINA_CLOCK_T0": repr(time.monotonic()),
-                    "PYTHONPATH": rank_pythonpath()})
+        launch(
+            cmd,
+            nprocs,
+            testbed=tb,
+            ranks_per_node=ranks_per_node,
+            timeout_s=timeout_s,
+            echo=echo,
+            env={
+                "LINA_RUN_DIR": str(run_dir),
+                "LINA_CLOCK_T0": repr(time.monotonic()),
+                "PYTHONPATH": rank_pythonpath(),
+            },
+        )
         return [read_result(run_dir, r) for r in range(world)]
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import abc
 import argparse
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, Sequence
+from typing import Any, ClassVar, Protocol
 
 import pandas as pd
 

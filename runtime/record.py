@@ -94,8 +94,10 @@ def train_model(cfg: MoEConfig, corpus: Corpus, args: argparse.Namespace, log) -
         hist.append((float(ce.detach()), float(aux.detach())))
         if step % args.log_every == 0 or step == args.steps - 1:
             recent = np.mean(hist[-args.log_every :], axis=0)
-            log(f"top{cfg.top_k} step {step + 1}/{args.steps}  ce {recent[0]:.3f} nats  "
-                f"({recent[0] / math.log(2):.3f} bits/byte)  aux {recent[1]:.3f}  {time.monotonic() - t0:.0f}s")
+            log(
+                f"top{cfg.top_k} step {step + 1}/{args.steps}  ce {recent[0]:.3f} nats  "
+                f"({recent[0] / math.log(2):.3f} bits/byte)  aux {recent[1]:.3f}  {time.monotonic() - t0:.0f}s"
+            )
     info = {
         "train_seconds": round(time.monotonic() - t0, 1),
         "train_cpu_seconds": round(time.process_time() - cpu0, 1),  # all threads together
@@ -108,7 +110,9 @@ def train_model(cfg: MoEConfig, corpus: Corpus, args: argparse.Namespace, log) -
 
 
 @torch.no_grad()
-def record_domain(model: MoETransformer, text: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def record_domain(
+    model: MoETransformer, text: np.ndarray, batch: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Gate choices on ``text`` read in non-overlapping windows of seq_len.
 
     Returns experts [tokens, layers, k], probs [tokens, layers, k], seq ids [tokens] and
@@ -140,9 +144,23 @@ def canonical_command(args: argparse.Namespace) -> str:
         parts += ["--data", str(args.data_arg)]
     if args.domains:
         parts += ["--domains", *args.domains]
-    for name in ("top_k", "layers", "experts", "d_model", "d_ff", "heads", "seq_len",
-                 "capacity_factor", "aux_weight", "steps", "batch", "lr", "seed",
-                 "record_tokens", "threads"):
+    for name in (
+        "top_k",
+        "layers",
+        "experts",
+        "d_model",
+        "d_ff",
+        "heads",
+        "seq_len",
+        "capacity_factor",
+        "aux_weight",
+        "steps",
+        "batch",
+        "lr",
+        "seed",
+        "record_tokens",
+        "threads",
+    ):
         val = getattr(args, name)
         flag = "--" + name.replace("_", "-")
         parts += [flag, *map(str, val)] if isinstance(val, list) else [flag, str(val)]
@@ -175,8 +193,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-bytes", type=int, default=None, help="use only the first N bytes of each domain (tests)")
     p.add_argument("--no-probs", action="store_true", help="omit gate probabilities (smaller files)")
-    p.add_argument("--checkpoint-dir", default=None,
-                   help="save trained weights here; reuse them when config and options match")
+    p.add_argument(
+        "--checkpoint-dir", default=None, help="save trained weights here; reuse them when config and options match"
+    )
     p.add_argument("--log-every", type=int, default=25)
     args = p.parse_args(argv)
     args.out_arg, args.data_arg = args.out, args.data
@@ -193,9 +212,17 @@ def main(argv: list[str] | None = None) -> list[Path]:
     out = Path(args.out)
     written: list[Path] = []
     for k in args.top_k:
-        cfg = MoEConfig(layers=args.layers, d_model=args.d_model, d_ff=args.d_ff, heads=args.heads,
-                        experts=args.experts, top_k=k, capacity_factor=args.capacity_factor,
-                        seq_len=args.seq_len, aux_loss_weight=args.aux_weight)
+        cfg = MoEConfig(
+            layers=args.layers,
+            d_model=args.d_model,
+            d_ff=args.d_ff,
+            heads=args.heads,
+            experts=args.experts,
+            top_k=k,
+            capacity_factor=args.capacity_factor,
+            seq_len=args.seq_len,
+            aux_loss_weight=args.aux_weight,
+        )
         model, info = _trained(cfg, corpus, args, log)
         for domain, text in corpus.heldout.items():
             experts, probs, seq_ids, bits = record_domain(model, text, args.batch)
@@ -205,7 +232,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 "num_experts": cfg.experts,
                 "top_k": k,
                 "source": f"gating of a byte-level MoE on the held-out last {text.size} bytes of "
-                          f"{domain}.txt in olmoe-routing/text, trained on the rest of all domains",
+                f"{domain}.txt in olmoe-routing/text, trained on the rest of all domains",
                 "license": LICENSE_NOTE,
                 "made_by": command,
                 "model_config": cfg.to_dict(),
@@ -214,10 +241,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 **info,
             }
             trace = make_trace(experts, meta, seq_ids=seq_ids, probs=None if args.no_probs else probs)
-            path = trace.save(out / f"moe12-top{k}-{domain}.npz" if cfg.layers == 12 and cfg.experts == 16
-                              else out / f"moe{cfg.layers}L{cfg.experts}E-top{k}-{domain}.npz")
-            log(f"wrote {path}: {trace.num_tokens} tokens, held-out {bits:.3f} bits/byte, "
-                f"{path.stat().st_size / 1e6:.2f} MB")
+            path = trace.save(
+                out / f"moe12-top{k}-{domain}.npz"
+                if cfg.layers == 12 and cfg.experts == 16
+                else out / f"moe{cfg.layers}L{cfg.experts}E-top{k}-{domain}.npz"
+            )
+            log(
+                f"wrote {path}: {trace.num_tokens} tokens, held-out {bits:.3f} bits/byte, "
+                f"{path.stat().st_size / 1e6:.2f} MB"
+            )
             written.append(path)
     return written
 
@@ -226,8 +258,10 @@ def _trained(cfg: MoEConfig, corpus: Corpus, args: argparse.Namespace, log) -> t
     """Train, or reuse a checkpoint made by the same configuration and options."""
     ckpt = Path(args.checkpoint_dir) / f"top{cfg.top_k}.pt" if args.checkpoint_dir else None
     # Only what changes the trained weights; output options (--out, --no-probs) do not.
-    train_opts = {n: getattr(args, n) for n in ("data_arg", "domains", "steps", "batch", "lr", "seed",
-                                                "record_tokens", "max_bytes")}
+    train_opts = {
+        n: getattr(args, n)
+        for n in ("data_arg", "domains", "steps", "batch", "lr", "seed", "record_tokens", "max_bytes")
+    }
     key = json.dumps({"cfg": cfg.to_dict(), "train": train_opts}, sort_keys=True)
     if ckpt and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -44,8 +45,12 @@ def scenario_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--dispatch", default="padded", choices=("padded", "uneven"))
     p.add_argument("--policies", default=None, help="comma-separated labels to run (default: all)")
     p.add_argument("--keep-grads", action="store_true", help="return step-0 reduced gradients (tests)")
-    p.add_argument("--profile-compute", default=None, metavar="OUT.yaml",
-                   help="instead of the policies: time every compute op without the network (calibration)")
+    p.add_argument(
+        "--profile-compute",
+        default=None,
+        metavar="OUT.yaml",
+        help="instead of the policies: time every compute op without the network (calibration)",
+    )
     try:
         a = p.parse_args(list(argv))
     except (argparse.ArgumentError, SystemExit) as e:
@@ -67,18 +72,24 @@ def mode_of(points: Sequence[Scenario]) -> Mode:
 
 def _mode_named(kind: str) -> Mode:
     if kind not in MODES:
-        raise LinaSimError(f"results of kind {kind!r} are not a measured scenario run; allowed: "
-                           f"{', '.join(sorted(MODES))}")
+        raise LinaSimError(
+            f"results of kind {kind!r} are not a measured scenario run; allowed: {', '.join(sorted(MODES))}"
+        )
     return MODES[kind]
 
 
 def check_launch(info: DistInfo, cluster: ClusterSpec) -> None:
     """The launch must have the scenario's shape: world size and ranks per node."""
-    check_world_size(info.world_size, cluster.world_size, f"the scenario's cluster ({cluster.nodes} nodes x "
-                                                          f"{cluster.gpus_per_node} GPUs, field cluster)")
+    check_world_size(
+        info.world_size,
+        cluster.world_size,
+        f"the scenario's cluster ({cluster.nodes} nodes x {cluster.gpus_per_node} GPUs, field cluster)",
+    )
     if info.local_world_size != cluster.gpus_per_node:
-        raise ConfigError("cluster.gpus_per_node", f"the scenario has {cluster.gpus_per_node} per node, the launch "
-                                                   f"{info.local_world_size} ranks per node")
+        raise ConfigError(
+            "cluster.gpus_per_node",
+            f"the scenario has {cluster.gpus_per_node} per node, the launch {info.local_world_size} ranks per node",
+        )
 
 
 def rank_main(ctx: RankContext) -> dict:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,8 +62,11 @@ def selftest(ctx: RankContext) -> dict[str, float]:
     def a2a() -> None:
         dist.all_to_all_single(b, a, group=g.ep)
 
-    for name, fn in (("a2a_alone", a2a), ("allreduce_alone", lambda: dist.all_reduce(c, group=g.dp)),
-                     ("a2a_with_allreduce", None)):
+    for name, fn in (
+        ("a2a_alone", a2a),
+        ("allreduce_alone", lambda: dist.all_reduce(c, group=g.dp)),
+        ("a2a_with_allreduce", None),
+    ):
         times = []
         for _ in range(reps):
             dist.barrier()

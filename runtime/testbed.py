@@ -29,8 +29,8 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from lina_sim.errors import ConfigError, LinaSimError
 
@@ -41,8 +41,18 @@ IFNAME = "eth0"  # each node's NIC, inside its namespace
 _RUN_IDS = itertools.count()
 _SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
-_RATE_UNITS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12,
-               "b/s": 1.0, "kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9, "tb/s": 1e12}
+_RATE_UNITS = {
+    "bit": 1.0,
+    "kbit": 1e3,
+    "mbit": 1e6,
+    "gbit": 1e9,
+    "tbit": 1e12,
+    "b/s": 1.0,
+    "kb/s": 1e3,
+    "mb/s": 1e6,
+    "gb/s": 1e9,
+    "tb/s": 1e12,
+}
 _TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 
 
@@ -65,7 +75,11 @@ def parse_rate(text: str) -> float:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-zA-Z/]+)\s*", str(text))
     unit = m[2].lower() if m else ""
     if not m or unit not in _RATE_UNITS or float(m[1]) <= 0:
-        raise ConfigError("--nic", f"bad rate {text!r}", "a positive number with bit, kbit, mbit, gbit, tbit (or Mb/s, Gb/s), e.g. 400mbit")
+        raise ConfigError(
+            "--nic",
+            f"bad rate {text!r}",
+            "a positive number with bit, kbit, mbit, gbit, tbit (or Mb/s, Gb/s), e.g. 400mbit",
+        )
     return float(m[1]) * _RATE_UNITS[unit]
 
 
@@ -94,7 +108,7 @@ class TestbedSpec:
         return self.nodes * self.ranks_per_node
 
     @classmethod
-    def parse(cls, topology: str, nic: str, delay: str | None = None) -> "TestbedSpec":
+    def parse(cls, topology: str, nic: str, delay: str | None = None) -> TestbedSpec:
         nodes, rpn = parse_topology(topology)
         return cls(nodes, rpn, parse_rate(nic), parse_delay(delay) if delay else 0.0)
 
@@ -174,8 +188,8 @@ def cleanup_stale(all_runs: bool = False) -> list[str]:
 class Testbed:
     """The emulated cluster; use as a context manager::
 
-        with Testbed(TestbedSpec(2, 2, 400e6)) as tb:
-            tb.wrap(["python", "-m", "x"], rank=3)   # -> ip netns exec <node 1> python -m x
+    with Testbed(TestbedSpec(2, 2, 400e6)) as tb:
+        tb.wrap(["python", "-m", "x"], rank=3)   # -> ip netns exec <node 1> python -m x
     """
 
     __test__ = False
@@ -215,7 +229,7 @@ class Testbed:
         return ["ip", "netns", "exec", self.node_ns(self.node_of(rank)), *cmd]
 
     # -- lifecycle -----------------------------------------------------------------------
-    def __enter__(self) -> "Testbed":
+    def __enter__(self) -> Testbed:
         self._install_handlers()
         try:
             self.up()
@@ -247,8 +261,24 @@ class Testbed:
             # ACK every segment at once: with Linux's delayed ACKs, the small tail of a gloo
             # message waits up to ~40 ms behind Nagle, which stalled 5-15% of back-to-back
             # collectives by tens of ms; a NIC fabric has no such stalls to emulate.
-            _sh("ip", "-n", ns, "route", "replace", f"{SUBNET}.0/24", "dev", IFNAME, "proto", "kernel",
-                "scope", "link", "src", self.node_addr(i), "quickack", "1")
+            _sh(
+                "ip",
+                "-n",
+                ns,
+                "route",
+                "replace",
+                f"{SUBNET}.0/24",
+                "dev",
+                IFNAME,
+                "proto",
+                "kernel",
+                "scope",
+                "link",
+                "src",
+                self.node_addr(i),
+                "quickack",
+                "1",
+            )
             # Small GSO super-packets on the shaped link: 64 KB ones against HTB's 64 KB
             # bucket stalled 2-4% of back-to-back collectives by 40-80 ms; 4 segments
             # (~6 KB) removed every stall in 1000 all-to-alls for 4% of the median time.
@@ -274,13 +304,46 @@ class Testbed:
         burst = str(max(64 * 1024, int(self.spec.nic_bps / 8 * 1e-3)))  # >= 1 ms of traffic
         tc = ("ip", "netns", "exec", ns, "tc")
         _sh(*tc, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1", "r2q", "1000")
-        _sh(*tc, "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb",
-            "rate", rate, "ceil", rate, "burst", burst, "cburst", burst)
+        _sh(
+            *tc,
+            "class",
+            "add",
+            "dev",
+            dev,
+            "parent",
+            "1:",
+            "classid",
+            "1:1",
+            "htb",
+            "rate",
+            rate,
+            "ceil",
+            rate,
+            "burst",
+            burst,
+            "cburst",
+            burst,
+        )
         if self.spec.delay_s > 0:
-            p = _sh(*tc, "qdisc", "add", "dev", dev, "parent", "1:1", "netem",
-                    "delay", f"{self.spec.delay_s * 1e6:.0f}us", "limit", "10000", check=False)
+            p = _sh(
+                *tc,
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "parent",
+                "1:1",
+                "netem",
+                "delay",
+                f"{self.spec.delay_s * 1e6:.0f}us",
+                "limit",
+                "10000",
+                check=False,
+            )
             if p.returncode != 0:
-                raise TestbedError(f"testbed: --delay needs the netem qdisc, which this kernel lacks ({p.stderr.strip()})")
+                raise TestbedError(
+                    f"testbed: --delay needs the netem qdisc, which this kernel lacks ({p.stderr.strip()})"
+                )
         else:
             _sh(*tc, "qdisc", "add", "dev", dev, "parent", "1:1", "pfifo", "limit", "10000")
 

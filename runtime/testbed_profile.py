@@ -41,8 +41,14 @@ from runtime.testbed import TestbedSpec, require_netns
 
 CALIBRATION_COLLECTIVE_BYTES = "65536,262144,1048576,2097152,4194304"
 CALIBRATIONS = 3  # calibration runs merged by median: one run on a shared 2-core box is noisy
-_MEDIAN_FIELDS = (("nic", "bandwidth"), ("nic", "latency"), ("nvlink", "bandwidth"), ("nvlink", "latency"),
-                  ("gpu", "hbm_bandwidth"), ("compute", "kernel_launch_s"))
+_MEDIAN_FIELDS = (
+    ("nic", "bandwidth"),
+    ("nic", "latency"),
+    ("nvlink", "bandwidth"),
+    ("nvlink", "latency"),
+    ("gpu", "hbm_bandwidth"),
+    ("compute", "kernel_launch_s"),
+)
 
 
 def testbed_for(spec_text: str | None, nic: str | None, cluster: ClusterSpec) -> TestbedSpec:
@@ -86,9 +92,24 @@ def calibrate(spec: TestbedSpec, out: Path, shapes: str, timeout_s: float, runs:
     profiles, raws = [], []
     for i in range(runs):
         path = out.with_name(f"{out.stem}.{i}{out.suffix}")
-        res = run_entry("calibrate", ["--out", str(path), "--max-bytes", "8e6", "--shapes", shapes, "--note", note,
-                                      "--collective-bytes", CALIBRATION_COLLECTIVE_BYTES],
-                        testbed=spec, timeout_s=timeout_s, echo=False)
+        res = run_entry(
+            "calibrate",
+            [
+                "--out",
+                str(path),
+                "--max-bytes",
+                "8e6",
+                "--shapes",
+                shapes,
+                "--note",
+                note,
+                "--collective-bytes",
+                CALIBRATION_COLLECTIVE_BYTES,
+            ],
+            testbed=spec,
+            timeout_s=timeout_s,
+            echo=False,
+        )
         summarise_calibration(res, ["--out", str(path)])
         profiles.append(load_yaml(path, "profile"))
         raws.append(load_yaml(raw_path(path), "raw profile"))
@@ -162,7 +183,8 @@ def refine_profile(profile: str | Path, out: Path, workload_bytes: float | None 
     data["source"] = str(data.get("source", "")) + (
         f"; lina-sim validate fitted nic.efficiency {eff:.3f} (simulated/measured time of the largest calibrated "
         f"collectives: {', '.join(f'{x:.3f}' for x in ratios)}) and per-hop latency {lat * 1e6:.0f} us (least "
-        f"squares over the smallest calibrated collectives)")
+        f"squares over the smallest calibrated collectives)"
+    )
     return atomic_write_text(out, yaml.safe_dump(data, sort_keys=False)), eff, lat
 
 
@@ -171,13 +193,16 @@ def prepare_profile(profile: str | Path, out: Path, workload_bytes: float | None
     shutil.copyfile(raw_path(profile), raw_path(out / "profile-refined.yaml"))  # the raw data travels along
     path, eff, lat = refine_profile(profile, out / "profile-refined.yaml", workload_bytes)
     at = f" at the workload's sizes (<= {workload_bytes / 2**20:.2f} MiB per rank)" if workload_bytes else ""
-    print(f"validate: from the calibrated collectives{at}: nic.efficiency {eff:.3f}, per-hop latency "
-          f"{lat * 1e6:.0f} us -> {path}")
+    print(
+        f"validate: from the calibrated collectives{at}: nic.efficiency {eff:.3f}, per-hop latency "
+        f"{lat * 1e6:.0f} us -> {path}"
+    )
     return path
 
 
-def calibrated_profile(spec: TestbedSpec, out: Path, profile: str | None, model: ModelSpec, timeout_s: float,
-                       workload_bytes: float) -> Path:
+def calibrated_profile(
+    spec: TestbedSpec, out: Path, profile: str | None, model: ModelSpec, timeout_s: float, workload_bytes: float
+) -> Path:
     """Step 1 of a validation: calibrate the testbed ``spec`` for ``model`` (or reuse
     ``profile``) and fit its links at the workload's sizes; ``out/profile-refined.yaml``."""
     out.mkdir(parents=True, exist_ok=True)

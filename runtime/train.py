@@ -28,9 +28,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -83,8 +83,14 @@ class PolicyRunner:
     """One training policy on this rank: its model, scheduler thread and gradient hooks,
     run one step at a time (:meth:`step`) so that policies can take turns."""
 
-    def __init__(self, ctx: RankContext, setup: TrainingSetup, entry: PolicyEntry, dispatch: str = "padded",
-                 keep_grads: bool = False):
+    def __init__(
+        self,
+        ctx: RankContext,
+        setup: TrainingSetup,
+        entry: PolicyEntry,
+        dispatch: str = "padded",
+        keep_grads: bool = False,
+    ):
         self.ctx, self.setup, self.entry, self.keep_grads = ctx, setup, entry, keep_grads
         info = ctx.info
         # The very decisions the simulator makes, so measured and predicted runs share
@@ -96,10 +102,12 @@ class PolicyRunner:
         base = ctx.groups(ep_comm.size)
         self.groups = comm_groups(info.rank, graph, base.ep, base.dp)
         ep_group = ep_comm.group_of(info.rank)
-        self.lay = Layout(k=self.k, ep_size=ep_comm.size, ep_rank=ep_group.index(info.rank), r=self.r,
-                          dispatch=dispatch)
+        self.lay = Layout(
+            k=self.k, ep_size=ep_comm.size, ep_rank=ep_group.index(info.rank), r=self.r, dispatch=dispatch
+        )
         self.model = EPTransformer(setup.model, self.lay, setup.scenario.seed).to(
-            info.device, TORCH_DTYPES[setup.model.dtype])
+            info.device, TORCH_DTYPES[setup.model.dtype]
+        )
         self.tensors = self.model.grad_tensors()
         t0 = time.perf_counter()
         # partition_gradients (and a policy's launch plan): once per run, as in Lina.
@@ -119,7 +127,9 @@ class PolicyRunner:
     def step(self, step: int) -> None:
         """One training step (batch ``step``), recorded."""
         ctx, info, sched = self.ctx, self.ctx.info, self.sched
-        tokens, targets = (x.to(info.device) for x in batch(self.setup.model, self.setup.scenario.seed, info.rank, step))
+        tokens, targets = (
+            x.to(info.device) for x in batch(self.setup.model, self.setup.scenario.seed, info.rank, step)
+        )
         sched.new_step()
         self.grads.reset()
         ex = RankExchange(info.rank, sched, self.a2a_mops, self.groups["ep"], self.groups["meta"], self.clock, self.ops)
@@ -133,15 +143,29 @@ class PolicyRunner:
         ex.pause()
         self.grads.wait_all()
         if self.keep_grads and self.final_grads is None:
-            self.final_grads = {global_name(n, self.lay): torch.cat([p.grad.reshape(-1) for p in ps]).cpu()
-                                for n, ps in self.tensors.items()}
+            self.final_grads = {
+                global_name(n, self.lay): torch.cat([p.grad.reshape(-1) for p in ps]).cpu()
+                for n, ps in self.tensors.items()
+            }
         ex.mark("optimizer")
         self.opt.step()
         ex.pause()
         events = ex.compute_events()
         end = events[-1].end if events else ctx.now()
-        events += [Event(info.rank, it.mop.stream, it.mop.id, it.mop.kind, it.t_issue, it.t_end, it.mop.layer,
-                         it.mop.chunk, it.mop.nbytes) for it in sched.done_items]
+        events += [
+            Event(
+                info.rank,
+                it.mop.stream,
+                it.mop.id,
+                it.mop.kind,
+                it.t_issue,
+                it.t_end,
+                it.mop.layer,
+                it.mop.chunk,
+                it.mop.nbytes,
+            )
+            for it in sched.done_items
+        ]
         self.records.append(StepRecord(start, end, events, float(loss.detach()), sched.busy_s, list(sched.handoff_s)))
 
     def close(self) -> None:
@@ -149,12 +173,26 @@ class PolicyRunner:
         self.grads.remove()
 
     def result(self) -> dict:
-        return {"label": self.entry.label, "name": self.entry.name, "k": self.k, "r": self.r, "records": self.records,
-                "grads": self.final_grads, "micro_ops": len(self.micro), "partition_s": self.partition_s}
+        return {
+            "label": self.entry.label,
+            "name": self.entry.name,
+            "k": self.k,
+            "r": self.r,
+            "records": self.records,
+            "grads": self.final_grads,
+            "micro_ops": len(self.micro),
+            "partition_s": self.partition_s,
+        }
 
 
-def train_policies(ctx: RankContext, setup: TrainingSetup, entries: Sequence[PolicyEntry], steps: int,
-                   dispatch: str = "padded", keep_grads: bool = False) -> list[dict]:
+def train_policies(
+    ctx: RankContext,
+    setup: TrainingSetup,
+    entries: Sequence[PolicyEntry],
+    steps: int,
+    dispatch: str = "padded",
+    keep_grads: bool = False,
+) -> list[dict]:
     """Run ``steps`` training steps of every policy on this rank, interleaved (step i of
     every policy, then step i + 1), so that a slow drift of the host or the network
     during the run falls on every policy alike instead of on whichever ran then."""
@@ -202,8 +240,9 @@ class TrainingMode(Mode):
         out = []
         for setup in setups:
             steps = (args.steps or setup.steps) + args.warmup
-            runs = train_policies(ctx, setup, select_policies(setup, args.policies), steps, args.dispatch,
-                                  args.keep_grads)
+            runs = train_policies(
+                ctx, setup, select_policies(setup, args.policies), steps, args.dispatch, args.keep_grads
+            )
             out.append({"runs": runs, "warmup": args.warmup})
         return {"kind": self.kind, "points": out}
 
@@ -225,25 +264,40 @@ class TrainingMode(Mode):
                 rec = [r[pick] for r in per_rank]
                 sched_busy = statistics.mean(r.sched_busy_s for r in rec)
                 handoff = [h for r in rec for h in r.handoff_s]
-                rows.append({
-                    "point": pi, "scenario": setup.scenario.name, "policy": run["label"], "policy_name": run["name"],
-                    "cluster": setup.cluster.name, "nodes": setup.cluster.nodes, "gpus": setup.cluster.world_size,
-                    "model": setup.model.name, "experts": setup.model.experts,
-                    "experts_per_device": run["k"], "pipeline_degree": run["r"],
-                    "step_time_s": step, "speedup": base / step,
-                    **{f"{k}_s": v for k, v in mean_breakdown(tl, float(tl["end"].max())).items()},
-                    "bwd_a2a_slowdown_median": float("nan"), "bwd_a2a_slowdown_p95": float("nan"),
-                    "bwd_a2a_slowdown_max": float("nan"),
-                    "collectives": run["micro_ops"], "sim_wall_s": float(sum(times)),
-                    "step_time_min_s": min(times), "step_time_max_s": max(times), "steps": len(times),
-                    "step_time_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
-                    "loss_step0": statistics.mean(rr[j]["records"][0].loss for rr in runs_by_rank),
-                    "sched_busy_s": sched_busy, "sched_busy_frac": sched_busy / step,
-                    "partition_s": statistics.mean(rr[j]["partition_s"] for rr in runs_by_rank),
-                    "handoff_median_s": float(np.median(handoff)) if handoff else 0.0,
-                    "handoff_total_s": float(sum(handoff)) / len(rec),
-                    **{k: v for k, v in setup.scenario.swept.items()},
-                })
+                rows.append(
+                    {
+                        "point": pi,
+                        "scenario": setup.scenario.name,
+                        "policy": run["label"],
+                        "policy_name": run["name"],
+                        "cluster": setup.cluster.name,
+                        "nodes": setup.cluster.nodes,
+                        "gpus": setup.cluster.world_size,
+                        "model": setup.model.name,
+                        "experts": setup.model.experts,
+                        "experts_per_device": run["k"],
+                        "pipeline_degree": run["r"],
+                        "step_time_s": step,
+                        "speedup": base / step,
+                        **{f"{k}_s": v for k, v in mean_breakdown(tl, float(tl["end"].max())).items()},
+                        "bwd_a2a_slowdown_median": float("nan"),
+                        "bwd_a2a_slowdown_p95": float("nan"),
+                        "bwd_a2a_slowdown_max": float("nan"),
+                        "collectives": run["micro_ops"],
+                        "sim_wall_s": float(sum(times)),
+                        "step_time_min_s": min(times),
+                        "step_time_max_s": max(times),
+                        "steps": len(times),
+                        "step_time_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
+                        "loss_step0": statistics.mean(rr[j]["records"][0].loss for rr in runs_by_rank),
+                        "sched_busy_s": sched_busy,
+                        "sched_busy_frac": sched_busy / step,
+                        "partition_s": statistics.mean(rr[j]["partition_s"] for rr in runs_by_rank),
+                        "handoff_median_s": float(np.median(handoff)) if handoff else 0.0,
+                        "handoff_total_s": float(sum(handoff)) / len(rec),
+                        **{k: v for k, v in setup.scenario.swept.items()},
+                    }
+                )
         return pd.DataFrame(rows), timelines
 
     def finish(self, results: list[dict], setups: list[TrainingSetup], args: argparse.Namespace, out: Path) -> int:

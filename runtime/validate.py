@@ -30,28 +30,44 @@ import pandas as pd
 
 from lina_sim.config.scenario import Scenario, load_scenarios
 from lina_sim.results.files import atomic_write_text
-from lina_sim.results.tables import (format_components, format_inference_validation_table,
-                                     format_validation_scheduler, format_validation_table)
+from lina_sim.results.tables import (
+    format_components,
+    format_inference_validation_table,
+    format_validation_scheduler,
+    format_validation_table,
+)
 from lina_sim.serving.run import run_inference
 from lina_sim.serving.setup import resolve_inference
 from lina_sim.training.run import resolve_training, run_training
+from plots.validation import plot
 from runtime.compare import compare, compare_inference, op_classes
 from runtime.compute_profile import write_compute_profile
-from runtime.figures import plot
 from runtime.launch import run_entry
 from runtime.scenario import measured_frame, mode_of
 from runtime.testbed import TestbedSpec
-from runtime.testbed_profile import (calibrated_profile, inference_collective_bytes, resolved_scenario, testbed_for,
-                                     training_collective_bytes)
+from runtime.testbed_profile import (
+    calibrated_profile,
+    inference_collective_bytes,
+    resolved_scenario,
+    testbed_for,
+    training_collective_bytes,
+)
 
 
 def _title(name: str, spec: TestbedSpec) -> str:
     return f"{name}: testbed {spec.nodes}x{spec.ranks_per_node} at {spec.nic_bps / 1e6:.0f} Mbit/s"
 
 
-def validate(scenario: str, out: Path, testbed: str | None = None, nic: str | None = None,
-             profile: str | None = None, steps: int | None = None, timeout_s: float = 900.0,
-             echo: bool = False) -> pd.DataFrame:
+def validate(
+    scenario: str,
+    out: Path,
+    testbed: str | None = None,
+    nic: str | None = None,
+    profile: str | None = None,
+    steps: int | None = None,
+    timeout_s: float = 900.0,
+    echo: bool = False,
+) -> pd.DataFrame:
     """Calibrate (or reuse ``profile``), predict, measure, compare; returns the joined
     table (also written to ``out/validation.csv``)."""
     points = load_scenarios(scenario)
@@ -60,17 +76,32 @@ def validate(scenario: str, out: Path, testbed: str | None = None, nic: str | No
     return validate_training(points, scenario, out, testbed, nic, profile, steps, timeout_s, echo)
 
 
-def validate_training(points: list[Scenario], scenario: str, out: Path, testbed: str | None, nic: str | None,
-                      profile: str | None, steps: int | None, timeout_s: float, echo: bool) -> pd.DataFrame:
+def validate_training(
+    points: list[Scenario],
+    scenario: str,
+    out: Path,
+    testbed: str | None,
+    nic: str | None,
+    profile: str | None,
+    steps: int | None,
+    timeout_s: float,
+    echo: bool,
+) -> pd.DataFrame:
     """Predicted (``run_training``) against measured median step time per policy."""
     first = resolve_training(points[0])
     spec = testbed_for(testbed, nic, first.cluster)
-    profile = calibrated_profile(spec, out, profile, first.model, timeout_s,
-                                 max(training_collective_bytes(resolve_training(p)) for p in points))
+    profile = calibrated_profile(
+        spec, out, profile, first.model, timeout_s, max(training_collective_bytes(resolve_training(p)) for p in points)
+    )
     base = resolved_scenario(scenario, profile, None, out / "scenario-resolved.yaml")
     # Compute calibration: every op, on the testbed's cores, without the network.
-    prof = run_entry("scenario", [str(base), "--profile-compute", str(out / "compute-profile.yaml")],
-                     testbed=spec, timeout_s=timeout_s, echo=echo)
+    prof = run_entry(
+        "scenario",
+        [str(base), "--profile-compute", str(out / "compute-profile.yaml")],
+        testbed=spec,
+        timeout_s=timeout_s,
+        echo=echo,
+    )
     write_compute_profile(prof, out / "compute-profile.yaml")
     resolved = resolved_scenario(scenario, profile, out / "compute-profile.yaml", out / "scenario-resolved.yaml")
     setups = [resolve_training(p) for p in load_scenarios(resolved)]
@@ -96,20 +127,40 @@ def validate_training(points: list[Scenario], scenario: str, out: Path, testbed:
     print(format_validation_table(j, title))
     print(format_validation_scheduler(j))
     ep_sizes = {(r.point, r.policy): setups[r.point].model.experts // r.experts_per_device_meas for r in j.itertuples()}
-    print(format_components({key: (op_classes(pred_tls[key], ep_sizes[key]), op_classes(tl, ep_sizes[key]))
-                             for key, tl in meas_tls.items()}))
+    print(
+        format_components(
+            {
+                key: (op_classes(pred_tls[key], ep_sizes[key]), op_classes(tl, ep_sizes[key]))
+                for key, tl in meas_tls.items()
+            }
+        )
+    )
     paths = plot(j, pred_tls, meas_tls, out, title)
     print(f"# validation: {out / 'validation.csv'}; figures {', '.join(p.name for p in paths)}")
     return j
 
 
-def validate_inference(points: list[Scenario], scenario: str, out: Path, testbed: str | None, nic: str | None,
-                       profile: str | None, timeout_s: float, echo: bool) -> pd.DataFrame:
+def validate_inference(
+    points: list[Scenario],
+    scenario: str,
+    out: Path,
+    testbed: str | None,
+    nic: str | None,
+    profile: str | None,
+    timeout_s: float,
+    echo: bool,
+) -> pd.DataFrame:
     """Predicted (``run_inference``) against measured mean batch time per policy."""
     first = resolve_inference(points[0])
     spec = testbed_for(testbed, nic, first.cluster)
-    profile = calibrated_profile(spec, out, profile, first.model, timeout_s,
-                                 max(inference_collective_bytes(resolve_inference(p)) for p in points))
+    profile = calibrated_profile(
+        spec,
+        out,
+        profile,
+        first.model,
+        timeout_s,
+        max(inference_collective_bytes(resolve_inference(p)) for p in points),
+    )
     resolved = resolved_scenario(scenario, profile, None, out / "scenario-resolved.yaml")
     setups = [resolve_inference(p) for p in load_scenarios(resolved)]
     preds = []

@@ -19,8 +19,12 @@ from runtime.launch import LaunchError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="calibrate a testbed, predict, run for real, compare step times")
     p.add_argument("scenario", help="scenario YAML (e.g. scenarios/testbed-training.yaml)")
-    p.add_argument("--testbed", metavar="NODESxRANKS", default=None,
-                   help="emulated cluster (default: the scenario's cluster shape)")
+    p.add_argument(
+        "--testbed",
+        metavar="NODESxRANKS",
+        default=None,
+        help="emulated cluster (default: the scenario's cluster shape)",
+    )
     p.add_argument("--nic", metavar="RATE", default="400mbit", help="per-node link rate (default 400mbit)")
     p.add_argument("--profile", default=None, help="reuse this calibrated profile instead of calibrating")
     p.add_argument("--steps", type=int, default=None, help="measured steps per policy (default: the scenario's)")

@@ -51,8 +51,9 @@ def rank_pids(launcher_pid: int) -> list[int]:
 
 def lina_run(*args: str) -> subprocess.Popen:
     """Start ``lina-run ARGS`` as a child process (output captured)."""
-    return subprocess.Popen([PY, "-m", "runtime.cli", *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [PY, "-m", "runtime.cli", *args], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ import yaml
 
 from lina_sim.errors import ConfigError
 from lina_sim.hardware.spec import load_preset
-from runtime.calibrate import (effective_flops, fit_alpha_beta, measure_copy, measure_matmul, parse_shapes,
-                               raw_path)
+from runtime.calibrate import effective_flops, fit_alpha_beta, measure_copy, measure_matmul, parse_shapes, raw_path
 from tests._netns import PY, ROOT, needs_netns
 
 
@@ -37,9 +36,29 @@ def test_compute_probes_and_shapes():
 @needs_netns
 def test_calibrate_on_testbed_writes_a_loadable_profile(tmp_path):
     out = tmp_path / "profile.yaml"
-    p = subprocess.run([PY, "-m", "runtime.cli", "calibrate", "--testbed", "2x2", "--nic", "400mbit",
-                        "--quiet", "--out", str(out), "--max-bytes", "4e6", "--shapes", "256x512x2048,256x2048x512"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            PY,
+            "-m",
+            "runtime.cli",
+            "calibrate",
+            "--testbed",
+            "2x2",
+            "--nic",
+            "400mbit",
+            "--quiet",
+            "--out",
+            str(out),
+            "--max-bytes",
+            "4e6",
+            "--shapes",
+            "256x512x2048,256x2048x512",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     spec = load_preset(str(out))
     assert (spec.nodes, spec.gpus_per_node, spec.nics_per_node) == (2, 2, 1)

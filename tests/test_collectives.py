@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import simpy
 
-from lina_sim.network.collectives import Collectives
 from lina_sim.errors import ConfigError
 from lina_sim.hardware.spec import load_preset
-from lina_sim.network.fluid import FluidNetwork
 from lina_sim.hardware.topology import Topology
+from lina_sim.network.collectives import Collectives
+from lina_sim.network.fluid import FluidNetwork
 
 SIZES = [1 << 20, 64 << 20, 1 << 30]
 
@@ -71,7 +71,9 @@ def test_hierarchical_allreduce(size, preset, nodes):
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("preset,nodes", [("dgx-a100", 1), ("dgx-a100", 2), ("dgx-a100", 8), ("paper-testbed", 4), ("dgx-h100", 2)])
+@pytest.mark.parametrize(
+    "preset,nodes", [("dgx-a100", 1), ("dgx-a100", 2), ("dgx-a100", 8), ("paper-testbed", 4), ("dgx-h100", 2)]
+)
 def test_direct_all_to_all(size, preset, nodes):
     c = load_preset(preset, nodes=nodes)
     n, g = c.world_size, c.gpus_per_node
@@ -87,7 +89,7 @@ def test_direct_all_to_all(size, preset, nodes):
 @pytest.mark.parametrize("preset,nodes", [("dgx-a100", 2), ("dgx-a100", 4), ("paper-testbed", 4)])
 def test_hierarchical_all_to_all(size, preset, nodes):
     c = load_preset(preset, nodes=nodes)
-    n, g = c.world_size, c.gpus_per_node
+    g = c.gpus_per_node
     per_nic = g // c.nics_per_node
     # Phase 1: each GPU sends size/g to each local peer; phase 2: size/nodes to each remote peer.
     if c.intra_node == "nvswitch":
@@ -135,9 +137,12 @@ def test_concurrent_allreduce_slows_all_to_all_as_fair_sharing_predicts():
     # Zero latencies, so the ring keeps one flow on every NIC without gaps.
     c = load_preset("dgx-a100", nodes=2)
     c = dataclasses.replace(
-        c, switch_latency=0.0,
-        nvlink=dataclasses.replace(c.nvlink, latency=0.0), pcie=dataclasses.replace(c.pcie, latency=0.0),
-        nic=dataclasses.replace(c.nic, latency=0.0))
+        c,
+        switch_latency=0.0,
+        nvlink=dataclasses.replace(c.nvlink, latency=0.0),
+        pcie=dataclasses.replace(c.pcie, latency=0.0),
+        nic=dataclasses.replace(c.nic, latency=0.0),
+    )
     n = c.world_size
     a2a_alone = simulate(c, "all_to_all", "direct", 64 << 20)
     env = simpy.Environment()

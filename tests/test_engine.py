@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 
 from lina_sim.hardware.compute import RooflineComputeModel
-from lina_sim.training.engine import TrainingEngine
 from lina_sim.hardware.spec import load_preset
 from lina_sim.policies.registry import TRAINING_POLICIES, make_training_policy
+from lina_sim.training.engine import TrainingEngine
 from lina_sim.workload.graph import build_training_graph
 from lina_sim.workload.model import model_from_dict
 
@@ -55,13 +55,13 @@ def test_every_rank_runs_each_communicator_in_the_same_order(policy_run):
         grp = g.communicators[launch.mop.communicator].group_of(launch.rank)
         orders.setdefault((launch.mop.communicator, grp, launch.rank), []).append(launch.mop.id)
     by_group: dict[tuple, list] = {}
-    for (comm, grp, rank), seq in orders.items():
+    for (comm, grp, _rank), seq in orders.items():
         by_group.setdefault((comm, grp), []).append(seq)
-    for (comm, grp), seqs in by_group.items():
+    for (comm, _grp), seqs in by_group.items():
         assert all(s == seqs[0] for s in seqs), comm
     # ... and that order is the communicator's program order.
     mops = {m.id: m for m in g.micro_ops(make_training_policy(policy_run[0]))}
-    for (comm, grp), seqs in by_group.items():
+    for seqs in by_group.values():
         assert [mops[i].seq for i in seqs[0]] == sorted(mops[i].seq for i in seqs[0])
 
 
@@ -84,9 +84,16 @@ def overlaps_on_a_rank(timeline: pd.DataFrame) -> list[tuple]:
     return out
 
 
-@pytest.mark.parametrize("name,k,layers,micro_op_mb", [
-    ("lina", 2, 4, 30.0), ("lina", 1, 12, 30.0), ("lina", 2, 12, 2.0), ("lina-partition", 1, 12, 30.0),
-    ("lina-priority", 1, 24, 30.0)])
+@pytest.mark.parametrize(
+    "name,k,layers,micro_op_mb",
+    [
+        ("lina", 2, 4, 30.0),
+        ("lina", 1, 12, 30.0),
+        ("lina", 2, 12, 2.0),
+        ("lina-partition", 1, 12, 30.0),
+        ("lina-priority", 1, 24, 30.0),
+    ],
+)
 def test_planned_lina_never_overlaps_an_allreduce_with_an_all_to_all(name, k, layers, micro_op_mb):
     """The default (planned) launch: no micro-op ever runs beside an all-to-all on the
     same rank, and the step still completes (no rank waits on a collective another
@@ -116,10 +123,15 @@ def test_pipelining_preserves_bytes_and_compute():
     g2, r2 = run("tutel", pipeline_degree=4)
     for res in (r1, r2):
         assert res.step_time > 0
-    a2a = lambda r: r.timeline.loc[r.timeline["kind"] == "all_to_all", "bytes"].sum()
+
+    def a2a(r):
+        return r.timeline.loc[r.timeline["kind"] == "all_to_all", "bytes"].sum()
+
     assert a2a(r1) == pytest.approx(a2a(r2), rel=1e-9)
     assert g1.totals()["flops"] == pytest.approx(g2.totals()["flops"], rel=1e-9)
-    assert len(r2.timeline[r2.timeline["kind"] == "all_to_all"]) == 4 * len(r1.timeline[r1.timeline["kind"] == "all_to_all"])
+    assert len(r2.timeline[r2.timeline["kind"] == "all_to_all"]) == 4 * len(
+        r1.timeline[r1.timeline["kind"] == "all_to_all"]
+    )
 
 
 def test_no_contention_bounds_deepspeed():

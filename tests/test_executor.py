@@ -13,16 +13,44 @@ from runtime.launch import run_entry
 from tests._netns import PY, ROOT, needs_netns, no_leftovers  # noqa: F401 - fixture
 
 PROFILE = str(ROOT / "scenarios/profiles/testbed-2x2-400mbit.yaml")
-TINY_MODEL = dict(layers=2, d_model=32, d_ff=64, heads=2, seq_len=16, micro_batch=2, vocab=64, experts=4,
-                  top_k=2, capacity_factor=1.0, dtype="fp32")
-ALL_POLICIES = ["deepspeed", "tutel", "lina-priority", "lina-partition", {"name": "lina", "micro_op_mb": 0.002},
-                "no-contention"]
+TINY_MODEL = dict(
+    layers=2,
+    d_model=32,
+    d_ff=64,
+    heads=2,
+    seq_len=16,
+    micro_batch=2,
+    vocab=64,
+    experts=4,
+    top_k=2,
+    capacity_factor=1.0,
+    dtype="fp32",
+)
+ALL_POLICIES = [
+    "deepspeed",
+    "tutel",
+    "lina-priority",
+    "lina-partition",
+    {"name": "lina", "micro_op_mb": 0.002},
+    "no-contention",
+]
 
 
 def scenario(tmp_path, policies, steps=1, **model) -> str:
     path = tmp_path / "scenario.yaml"
-    path.write_text(yaml.safe_dump({"name": "tiny", "kind": "training", "seed": 0, "cluster": {"preset": PROFILE},
-                                    "model": {**TINY_MODEL, **model}, "policies": policies, "steps": steps}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "kind": "training",
+                "seed": 0,
+                "cluster": {"preset": PROFILE},
+                "model": {**TINY_MODEL, **model},
+                "policies": policies,
+                "steps": steps,
+            }
+        )
+    )
     return str(path)
 
 
@@ -37,8 +65,14 @@ def test_loss_and_gradients_are_the_same_under_every_policy(tmp_path):
     path = scenario(tmp_path, ALL_POLICIES)
     by_mode = {}
     for mode in ("padded", "uneven"):
-        res = run_entry("scenario", [path, "--warmup", "0", "--keep-grads", "--dispatch", mode], nprocs=4,
-                        ranks_per_node=2, timeout_s=180, echo=False)
+        res = run_entry(
+            "scenario",
+            [path, "--warmup", "0", "--keep-grads", "--dispatch", mode],
+            nprocs=4,
+            ranks_per_node=2,
+            timeout_s=180,
+            echo=False,
+        )
         by_mode[mode] = _runs(res)
     ref = by_mode["padded"]
     shapes = {(run["k"], run["r"]) for run in ref[0]}
@@ -51,8 +85,13 @@ def test_loss_and_gradients_are_the_same_under_every_policy(tmp_path):
                 common = set(run["grads"]) & set(base["grads"])
                 assert any(".E" in n for n in common) and "L0.attn_qkv" in common
                 for name in common:
-                    torch.testing.assert_close(run["grads"][name], base["grads"][name], rtol=1e-5, atol=1e-7,
-                                               msg=f"{mode} {run['label']} rank {rank} {name}")
+                    torch.testing.assert_close(
+                        run["grads"][name],
+                        base["grads"][name],
+                        rtol=1e-5,
+                        atol=1e-7,
+                        msg=f"{mode} {run['label']} rank {rank} {name}",
+                    )
 
 
 @needs_netns
@@ -62,12 +101,25 @@ def test_testbed_run_of_deepspeed_and_lina(tmp_path, no_leftovers):  # noqa: F81
     same rank (deepspeed's buckets do)."""
     # packing off keeps lina's all-to-alls across the nodes; the model is testbed-training's
     # with 2 layers, big enough that lina's plan puts some micro-ops between all-to-alls.
-    path = scenario(tmp_path, [{"name": "deepspeed", "bucket_mb": 0.1},
-                               {"name": "lina", "micro_op_mb": 0.1, "packing": False}], steps=2,
-                    d_model=256, d_ff=256, heads=4, seq_len=64, micro_batch=4, vocab=256)
+    path = scenario(
+        tmp_path,
+        [{"name": "deepspeed", "bucket_mb": 0.1}, {"name": "lina", "micro_op_mb": 0.1, "packing": False}],
+        steps=2,
+        d_model=256,
+        d_ff=256,
+        heads=4,
+        seq_len=64,
+        micro_batch=4,
+        vocab=256,
+    )
     out = tmp_path / "out"
-    p = subprocess.run([PY, "-m", "runtime.cli", "--testbed", "2x2", "--nic", "400mbit", "--quiet", path,
-                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    p = subprocess.run(
+        [PY, "-m", "runtime.cli", "--testbed", "2x2", "--nic", "400mbit", "--quiet", path, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     res = pd.read_csv(out / "results.csv")
     assert list(res["policy"]) == ["deepspeed", "lina"]
@@ -92,8 +144,13 @@ def test_testbed_run_of_deepspeed_and_lina(tmp_path, no_leftovers):  # noqa: F81
 
 def test_world_size_mismatch_is_one_line_and_clean(tmp_path):
     path = scenario(tmp_path, ["deepspeed"])  # a 2x2 cluster, launched with 2 ranks
-    p = subprocess.run([PY, "-m", "runtime.cli", "--nproc", "2", "--quiet", path], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    p = subprocess.run(
+        [PY, "-m", "runtime.cli", "--nproc", "2", "--quiet", path],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "world size mismatch" in lines[0] and "needs 4" in lines[0], p.stderr
@@ -101,8 +158,13 @@ def test_world_size_mismatch_is_one_line_and_clean(tmp_path):
 
 def test_bad_mode_arguments_are_one_line(tmp_path):
     path = scenario(tmp_path, ["deepspeed"])
-    p = subprocess.run([PY, "-m", "runtime.cli", "--nproc", "4", "--ranks-per-node", "2", "--quiet", path,
-                        "--policies", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [PY, "-m", "runtime.cli", "--nproc", "4", "--ranks-per-node", "2", "--quiet", path, "--policies", "nope"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2
     assert len(p.stderr.strip().splitlines()) == 1 and "--policies" in p.stderr, p.stderr
 

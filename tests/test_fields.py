@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 
 from lina_sim.config.fields import (
-    REQUIRED, Field, check_declared, check_fields, check_known, check_mapping, declare, declared, finite, load_yaml,
+    REQUIRED,
+    Field,
+    check_declared,
+    check_fields,
+    check_known,
+    check_mapping,
+    declare,
+    declared,
+    finite,
+    load_yaml,
 )
 from lina_sim.errors import ConfigError
 
@@ -99,8 +108,10 @@ def test_none_and_required():
 
 
 # -- blocks ----------------------------------------------------------------------------------------
-TABLE = {"bandwidth": Field(float, minimum=0, exclusive_minimum=True, help="bytes/s"),
-         "latency": Field(float, 0.0, minimum=0, help="s")}
+TABLE = {
+    "bandwidth": Field(float, minimum=0, exclusive_minimum=True, help="bytes/s"),
+    "latency": Field(float, 0.0, minimum=0, help="s"),
+}
 
 
 def test_check_fields_fills_defaults_in_table_order():

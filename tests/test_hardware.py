@@ -30,7 +30,12 @@ def test_every_number_in_a_preset_says_where_it_comes_from():
 def test_topology_paths():
     topo = Topology(load_preset("dgx-a100", nodes=2))
     assert [topo.link_name(l) for l in topo.path(0, 1)] == ["nvl_tx[0]", "nvl_rx[1]"]
-    assert [topo.link_name(l) for l in topo.path(3, 12)] == ["pcie_up[3]", "nic_tx[node0.3]", "nic_rx[node1.4]", "pcie_down[12]"]
+    assert [topo.link_name(l) for l in topo.path(3, 12)] == [
+        "pcie_up[3]",
+        "nic_tx[node0.3]",
+        "nic_rx[node1.4]",
+        "pcie_down[12]",
+    ]
     assert topo.path(5, 5) == []
     mesh = Topology(load_preset("paper-testbed"))
     assert [mesh.link_name(l) for l in mesh.path(6, 5)] == ["nvl[6->5]"]
@@ -47,14 +52,17 @@ def test_oversubscribed_fabric_adds_uplinks(tmp_path):
     assert "uplink[node0]" in names and "downlink[node1]" in names
 
 
-@pytest.mark.parametrize("mutate,field", [
-    (lambda d: d.update(nodes=0), "nodes"),
-    (lambda d: d.update(intra_node="torus"), "intra_node"),
-    (lambda d: d.update(nic_of_gpu=[0, 1]), "nic_of_gpu"),
-    (lambda d: d["nic"].update(efficiency=1.5), "nic.efficiency"),
-    (lambda d: d["gpu"].pop("hbm_bandwidth"), "gpu.hbm_bandwidth"),
-    (lambda d: d.update(colour="blue"), "colour"),
-])
+@pytest.mark.parametrize(
+    "mutate,field",
+    [
+        (lambda d: d.update(nodes=0), "nodes"),
+        (lambda d: d.update(intra_node="torus"), "intra_node"),
+        (lambda d: d.update(nic_of_gpu=[0, 1]), "nic_of_gpu"),
+        (lambda d: d["nic"].update(efficiency=1.5), "nic.efficiency"),
+        (lambda d: d["gpu"].pop("hbm_bandwidth"), "gpu.hbm_bandwidth"),
+        (lambda d: d.update(colour="blue"), "colour"),
+    ],
+)
 def test_bad_preset_fields_are_named(tmp_path, mutate, field):
     data = yaml.safe_load((PRESET_DIR / "dgx-a100.yaml").read_text())
     mutate(data)
@@ -69,12 +77,15 @@ def test_unknown_preset_lists_the_allowed_ones():
         load_preset("dgx-z9")
 
 
-@pytest.mark.parametrize("text,field", [
-    ("nic: {bandwidth: 25.0e+9, latency: .nan}", "nic.latency"),
-    ("nic: {bandwidth: .inf}", "nic.bandwidth"),
-    ("nvlink: {bandwidth: 300.0e+9, efficiency: .nan}", "nvlink.efficiency"),
-    ("switch_latency: -.inf", "switch_latency"),
-])
+@pytest.mark.parametrize(
+    "text,field",
+    [
+        ("nic: {bandwidth: 25.0e+9, latency: .nan}", "nic.latency"),
+        ("nic: {bandwidth: .inf}", "nic.bandwidth"),
+        ("nvlink: {bandwidth: 300.0e+9, efficiency: .nan}", "nvlink.efficiency"),
+        ("switch_latency: -.inf", "switch_latency"),
+    ],
+)
 def test_non_finite_preset_numbers_are_one_error_naming_the_field(tmp_path, text, field):
     data = yaml.safe_load((PRESET_DIR / "dgx-a100.yaml").read_text())
     data.update(yaml.safe_load(text))
@@ -85,12 +96,15 @@ def test_non_finite_preset_numbers_are_one_error_naming_the_field(tmp_path, text
     assert e.value.field == f"bad.{field}" and "finite" in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("override,field", [
-    ({"nic": {"latency": float("nan")}}, "cluster.nic.latency"),
-    ({"nic": {"bandwidth": float("inf")}}, "cluster.nic.bandwidth"),
-    ({"gpu": {"peak_flops": {"bf16": float("nan")}}}, "cluster.gpu.peak_flops.bf16"),
-    ({"oversubscription": float("nan")}, "cluster.oversubscription"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ({"nic": {"latency": float("nan")}}, "cluster.nic.latency"),
+        ({"nic": {"bandwidth": float("inf")}}, "cluster.nic.bandwidth"),
+        ({"gpu": {"peak_flops": {"bf16": float("nan")}}}, "cluster.gpu.peak_flops.bf16"),
+        ({"oversubscription": float("nan")}, "cluster.oversubscription"),
+    ],
+)
 def test_non_finite_overrides_are_one_error_naming_the_field(override, field):
     from lina_sim.hardware.spec import resolve_cluster
 

@@ -58,7 +58,12 @@ def test_plain_local_launch_returns_results():
 
 def test_failing_rank_names_itself_and_stops_the_others():
     t = time.monotonic()
-    cmd = [PY, "-c", "import os, sys, time\nif os.environ['RANK'] == '1':\n    print('rank one gives up'); sys.exit(3)\ntime.sleep(60)"]
+    cmd = [
+        PY,
+        "-c",
+        "import os, sys, time\nif os.environ['RANK'] == '1':\n"
+        "    print('rank one gives up'); sys.exit(3)\ntime.sleep(60)",
+    ]
     with pytest.raises(LaunchError, match=r"rank 1 \(node 0\) exited with code 3: rank one gives up"):
         launch(cmd, 3, timeout_s=60, echo=False)
     assert time.monotonic() - t < 15
@@ -129,8 +134,11 @@ def test_unknown_mode_and_missing_scenario_are_one_line_exit_2(tmp_path):
     scen.write_text("name: x\n")
     from runtime.entry import ENTRIES
 
-    cases = [(["nosuch.yaml"], "no such file"), (["--nic", "1gbit", "--", "x"], "only apply with --testbed"),
-             ([], "give a SCENARIO.yaml")]
+    cases = [
+        (["nosuch.yaml"], "no such file"),
+        (["--nic", "1gbit", "--", "x"], "only apply with --testbed"),
+        ([], "give a SCENARIO.yaml"),
+    ]
     if "scenario" not in ENTRIES:  # until the executor registers its mode
         cases.append(([str(scen)], "register 'scenario'"))
     for args, needle in cases:

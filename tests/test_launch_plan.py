@@ -4,11 +4,11 @@ import pytest
 
 from lina_sim.hardware.compute import RooflineComputeModel
 from lina_sim.hardware.spec import load_preset
-from lina_sim.training.launch_plan import estimate_program, planned_micro_ops
 from lina_sim.network.alone import AloneTimes
-from lina_sim.policies.training.base import ProgramEstimate, RankScheduler, owed_per_gap
-from lina_sim.workload.comm import ALL_TO_ALL, ALLREDUCE, MicroOp
 from lina_sim.policies.registry import make_training_policy
+from lina_sim.policies.training.base import ProgramEstimate, RankScheduler, owed_per_gap
+from lina_sim.training.launch_plan import estimate_program, planned_micro_ops
+from lina_sim.workload.comm import ALL_TO_ALL, ALLREDUCE, MicroOp
 from lina_sim.workload.graph import build_training_graph
 from lina_sim.workload.model import model_from_dict
 
@@ -20,8 +20,12 @@ def grad(i, ready_after, nbytes=1.0, comm="dp"):
 
 
 # Three all-to-alls: gap 0 is [0, 1), gap 1 [2, 5), gap 2 [6, 6) (empty), gap 3 [7, inf).
-PROGRAM = ProgramEstimate(a2a_start_s=(1.0, 5.0, 6.0), a2a_end_s=(2.0, 6.0, 7.0),
-                          op_end_s={10: 0.0, 11: 2.5, 12: 4.5}, min_gap={10: 0, 11: 1, 12: 1})
+PROGRAM = ProgramEstimate(
+    a2a_start_s=(1.0, 5.0, 6.0),
+    a2a_end_s=(2.0, 6.0, 7.0),
+    op_end_s={10: 0.0, 11: 2.5, 12: 4.5},
+    min_gap={10: 0, 11: 1, 12: 1},
+)
 
 
 def plan(grads, seconds):
@@ -55,11 +59,11 @@ def test_planned_scheduler_holds_an_all_to_all_behind_the_micro_ops_planned_befo
     g = MicroOp("g", ALLREDUCE, "dp", 0, 1.0, ready_after=5, gap=1)
     s = RankScheduler(make_training_policy("lina"), owed=owed_per_gap((a0, a1, g)))
     s.submit(g)
-    assert s.poll() == ()                 # its gap opens only once a0 has completed
+    assert s.poll() == ()  # its gap opens only once a0 has completed
     s.submit(a0)
     assert s.poll() == (a0,)
     s.submit(a1)
-    assert s.poll() == ()                 # a1 waits: g is owed before it
+    assert s.poll() == ()  # a1 waits: g is owed before it
     s.complete(a0)
     assert s.poll() == (g,)
     s.complete(g)

@@ -93,20 +93,32 @@ def test_every_module_has_a_layer():
 
 
 def test_imports_run_down_the_layers():
-    bad = [f"{a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})"
-           for a, deps in _graph().items() for b in sorted(deps) if _layer(b) > _layer(a)]
+    bad = [
+        f"{a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})"
+        for a, deps in _graph().items()
+        for b in sorted(deps)
+        if _layer(b) > _layer(a)
+    ]
     assert not bad, "imports that run up the layers:\n" + "\n".join(bad)
 
 
 def test_nothing_outside_the_cli_imports_it():
-    bad = [f"{a} imports {b}" for a, deps in _graph().items() for b in sorted(deps)
-           if b.startswith("lina_sim.cli") and not a.startswith("lina_sim.cli")]
+    bad = [
+        f"{a} imports {b}"
+        for a, deps in _graph().items()
+        for b in sorted(deps)
+        if b.startswith("lina_sim.cli") and not a.startswith("lina_sim.cli")
+    ]
     assert not bad, "\n".join(bad)
 
 
 def test_the_simulator_never_imports_the_runtime():
-    bad = [f"{a} imports {b}" for a, deps in _graph().items() for b in sorted(deps)
-           if a.startswith("lina_sim") and b.startswith("runtime")]
+    bad = [
+        f"{a} imports {b}"
+        for a, deps in _graph().items()
+        for b in sorted(deps)
+        if a.startswith("lina_sim") and b.startswith("runtime")
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -156,9 +168,57 @@ def test_no_import_cycles():
 def test_nothing_refers_outside_the_repository(ref):
     hits = []
     for p in ROOT.rglob("*"):
-        if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".toml") and ".venv" not in p.parts \
-                and ".git" not in p.parts and p.name != Path(__file__).name:
+        if (
+            p.is_file()
+            and p.suffix in (".py", ".md", ".yaml", ".toml")
+            and ".venv" not in p.parts
+            and ".git" not in p.parts
+            and p.name != Path(__file__).name
+        ):
             text = p.read_text(errors="replace")
             if ref in text or "../shared/DESIGN" in text:
                 hits.append(str(p.relative_to(ROOT)))
     assert not hits, f"{ref} is not in this repository; refer to docs/ARCHITECTURE.md instead: {hits}"
+
+
+# Inside runtime/, lowest first (docs/ARCHITECTURE.md, "Inside the runtime"): the comm
+# primitives import no other runtime module, the modes sit below the scenario registry,
+# and validation only orchestrates what is below it.
+RUNTIME_ORDER = (
+    "comm",
+    "dist",
+    "context",
+    "moe",
+    "ep_moe",
+    "mode",
+    "compute_profile",
+    "train",
+    "infer",
+    "scenario",
+    "selftest",
+    "calibrate",
+    "testbed",
+    "launch",
+    "testbed_profile",
+    "compare",
+    "validate",
+    "record",
+    "entry",
+    "cli",
+    "validate_command",
+)
+
+
+def test_runtime_modules_import_down_their_order():
+    graph = _graph()
+    mods = sorted(m for m in graph if m.startswith("runtime."))
+    missing = [m for m in mods if m.split(".")[1] not in RUNTIME_ORDER]
+    assert not missing, f"add these runtime modules to RUNTIME_ORDER: {missing}"
+    bad = [
+        f"{a} imports {b}"
+        for a in mods
+        for b in sorted(graph[a])
+        if b.startswith("runtime.") and RUNTIME_ORDER.index(b.split(".")[1]) >= RUNTIME_ORDER.index(a.split(".")[1])
+    ]
+    assert not bad, "runtime imports that run up its order:\n" + "\n".join(bad)
+    assert not any(b.startswith("runtime.") for b in graph["runtime.comm"]), "runtime.comm imports the runtime"

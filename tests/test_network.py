@@ -2,17 +2,23 @@
 
 import numpy as np
 import simpy
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lina_sim.hardware.spec import load_preset
-from lina_sim.network.fluid import FluidNetwork
 from lina_sim.hardware.topology import Topology
+from lina_sim.network.fluid import FluidNetwork
 
 TOPO = Topology(load_preset("paper-testbed", nodes=3))
 N = TOPO.world_size
 
-flow = st.tuples(st.integers(0, N - 1), st.integers(0, N - 1),
-                 st.floats(1e3, 1e9), st.sampled_from([1.0, 0.5, 0.25, 2.0]), st.floats(0, 5e-3))
+flow = st.tuples(
+    st.integers(0, N - 1),
+    st.integers(0, N - 1),
+    st.floats(1e3, 1e9),
+    st.sampled_from([1.0, 0.5, 0.25, 2.0]),
+    st.floats(0, 5e-3),
+)
 
 
 def start_flows(flows, delayed=True):

@@ -32,7 +32,9 @@ def top_set(values, m: int) -> frozenset[int]:
     return frozenset(order[:m])
 
 
-def make(name: str, E: int, N: int, k: int = 1, M: int | None = None, layers: int = 6, seed: int = 0) -> PlacementPolicy:
+def make(
+    name: str, E: int, N: int, k: int = 1, M: int | None = None, layers: int = 6, seed: int = 0
+) -> PlacementPolicy:
     pol = make_placement_policy(name, num_experts=E, num_devices=N, top_k=k, max_experts_per_device=M)
     rng = np.random.default_rng(seed)
     pol.fit(rng.integers(0, E, size=(400, layers, k)).astype(np.int16))
@@ -210,7 +212,14 @@ def test_every_policy_serves_each_token_once_within_memory(case, data) -> None:
     for seed in seeds:
         rng = np.random.default_rng(seed)
         skew = rng.dirichlet(np.full(E, 0.3))
-        batch = np.stack([np.stack([rng.choice(E, size=k, replace=False, p=skew) for _ in range(tokens)]) for _ in range(5)], axis=1) if tokens else np.zeros((0, 5, k), dtype=int)
+        batch = (
+            np.stack(
+                [np.stack([rng.choice(E, size=k, replace=False, p=skew) for _ in range(tokens)]) for _ in range(5)],
+                axis=1,
+            )
+            if tokens
+            else np.zeros((0, 5, k), dtype=int)
+        )
         for layer in range(5):
             cbs = counts_by_source(batch[:, layer], E, N)
             d = decide_layer(pol, layer, batch[:, :layer], cbs)
@@ -334,7 +343,9 @@ def test_fastermoe_shadows_only_when_it_pays() -> None:
     dear.observe(0, hot)
     assert dear.plan(0, dear.predict(0, None)) == dear.static_placement()
     # Memory: with one slot per device nothing can be shadowed.
-    full = make_placement_policy("fastermoe-shadow", num_experts=4, num_devices=4, weight_bandwidth=1e12, max_experts_per_device=1)
+    full = make_placement_policy(
+        "fastermoe-shadow", num_experts=4, num_devices=4, weight_bandwidth=1e12, max_experts_per_device=1
+    )
     full.observe(0, hot)
     assert full.plan(0, full.predict(0, None)) == full.static_placement()
 
@@ -360,14 +371,22 @@ def test_eplb_rebalances_from_moving_average() -> None:
         ("static", {"num_experts": 4, "num_devices": True}, "placement.num_devices"),
         ("static", {"num_experts": 4, "num_devices": 2.5}, "placement.num_devices"),
         ("static", {"num_experts": 4, "num_devices": 4, "top_k": 5}, "placement.top_k"),
-        ("static", {"num_experts": 8, "num_devices": 2, "max_experts_per_device": 3}, "placement.max_experts_per_device"),
+        (
+            "static",
+            {"num_experts": 8, "num_devices": 2, "max_experts_per_device": 3},
+            "placement.max_experts_per_device",
+        ),
         ("static", {"num_experts": 4, "num_devices": 4, "window": 3}, "placement.window"),
         ("lina", {"num_experts": 4, "num_devices": 4, "path_length": 0}, "placement.path_length"),
         ("lina-no-estimate", {"num_experts": 4, "num_devices": 4, "path_length": 3}, "placement.path_length"),
         ("eplb", {"num_experts": 4, "num_devices": 4, "redundant_experts": 3}, "placement.redundant_experts"),
         ("eplb", {"num_experts": 4, "num_devices": 4, "redundant_experts": 8}, "placement.redundant_experts"),
         ("eplb", {"num_experts": 4, "num_devices": 4, "window": "big"}, "placement.window"),
-        ("fastermoe-shadow", {"num_experts": 4, "num_devices": 4, "network_bandwidth": 0}, "placement.network_bandwidth"),
+        (
+            "fastermoe-shadow",
+            {"num_experts": 4, "num_devices": 4, "network_bandwidth": 0},
+            "placement.network_bandwidth",
+        ),
         ("nope", {"num_experts": 4, "num_devices": 4}, "placement policy"),
     ],
 )
@@ -380,8 +399,13 @@ def test_bad_params_name_the_field(name, params, field) -> None:
 
 @pytest.mark.parametrize(
     ("name", "param"),
-    [("fastermoe-shadow", "network_bandwidth"), ("fastermoe-shadow", "expert_bytes"), ("lina", "path_length"),
-     ("eplb", "window"), ("static", "top_k")],
+    [
+        ("fastermoe-shadow", "network_bandwidth"),
+        ("fastermoe-shadow", "expert_bytes"),
+        ("lina", "path_length"),
+        ("eplb", "window"),
+        ("static", "top_k"),
+    ],
 )
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_params_are_one_error_naming_the_field(name, param, value) -> None:

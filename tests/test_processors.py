@@ -8,8 +8,8 @@ import pytest
 import simpy
 
 from lina_sim.errors import ConfigError
-from lina_sim.hardware.spec import HostSpec, cluster_from_dict, load_preset, read_preset
 from lina_sim.hardware.processors import ProcessorPool
+from lina_sim.hardware.spec import HostSpec, cluster_from_dict, load_preset, read_preset
 
 
 def _finish_times(cores: int, jobs: list[tuple[float, float]]) -> list[float]:
@@ -85,13 +85,26 @@ def _testbed_cluster(cores: int | None):
 
 def test_engine_shares_host_cores_among_ranks():
     from lina_sim.hardware.compute import RooflineComputeModel
-    from lina_sim.training.engine import TrainingEngine
     from lina_sim.policies.registry import make_training_policy
+    from lina_sim.training.engine import TrainingEngine
     from lina_sim.workload.graph import build_training_graph
     from lina_sim.workload.model import model_from_dict
 
-    spec = model_from_dict(dict(layers=2, d_model=64, d_ff=128, heads=2, seq_len=16, micro_batch=2, vocab=64,
-                                experts=4, top_k=1, dtype="fp32"), world_size=4)
+    spec = model_from_dict(
+        dict(
+            layers=2,
+            d_model=64,
+            d_ff=128,
+            heads=2,
+            seq_len=16,
+            micro_batch=2,
+            vocab=64,
+            experts=4,
+            top_k=1,
+            dtype="fp32",
+        ),
+        world_size=4,
+    )
     times = {}
     for cores in (None, 4, 2, 1):
         cluster = _testbed_cluster(cores)

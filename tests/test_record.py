@@ -17,9 +17,30 @@ TEXT = {
     "alpha": "The quick brown fox jumps over the lazy dog. " * 60,
     "beta": "def f(x):\n    return x * 2 + 1  # code\n" * 60,
 }
-TINY = ["--layers", "2", "--experts", "4", "--d-model", "16", "--d-ff", "16", "--heads", "2",
-        "--seq-len", "32", "--batch", "4", "--steps", "3", "--record-tokens", "640", "--threads", "1",
-        "--log-every", "100"]
+TINY = [
+    "--layers",
+    "2",
+    "--experts",
+    "4",
+    "--d-model",
+    "16",
+    "--d-ff",
+    "16",
+    "--heads",
+    "2",
+    "--seq-len",
+    "32",
+    "--batch",
+    "4",
+    "--steps",
+    "3",
+    "--record-tokens",
+    "640",
+    "--threads",
+    "1",
+    "--log-every",
+    "100",
+]
 
 
 @pytest.fixture()

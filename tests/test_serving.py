@@ -11,18 +11,18 @@ import pytest
 import yaml
 
 import lina_sim.serving.server as serving
+from lina_sim.config.scenario import expand
 from lina_sim.errors import ConfigError, RoutingTraceError
 from lina_sim.hardware.spec import load_preset
-from lina_sim.network.alone import SimCluster
-from lina_sim.policies.placement import Placement
-from lina_sim.serving.requests import Batcher, BatchingSpec, ClosedLoopArrivals, Request
-from lina_sim.config.scenario import expand
-from lina_sim.serving.setup import resolve_inference
-from lina_sim.serving.server import ExpertCache
-from lina_sim.serving.run import run_inference
-from lina_sim.network.serving_a2a import AllToAllTimer
 from lina_sim.hardware.topology import Topology
+from lina_sim.network.alone import SimCluster
+from lina_sim.network.serving_a2a import AllToAllTimer
+from lina_sim.policies.placement import Placement
 from lina_sim.routing.generator import RoutingTraceGenerator
+from lina_sim.serving.requests import Batcher, BatchingSpec, ClosedLoopArrivals, Request
+from lina_sim.serving.run import run_inference
+from lina_sim.serving.server import ExpertCache
+from lina_sim.serving.setup import resolve_inference
 
 ALL = ["static", "fastermoe-shadow", "eplb", "lina", "lina-no-estimate", "lina-no-finetune", "oracle", "ideal"]
 
@@ -37,14 +37,23 @@ def trace16(tmp_path_factory):
 
 
 def scenario(trace, nodes=1, experts=4, policies=ALL, **serving_over):
-    sv = {"trace": str(trace), "requests": 60, "fold_experts": experts != 16,
-          "arrival": {"process": "poisson", "rate": 20000.0},
-          "batching": {"token_budget": 1024, "timeout": 0.0005}}
+    sv = {
+        "trace": str(trace),
+        "requests": 60,
+        "fold_experts": experts != 16,
+        "arrival": {"process": "poisson", "rate": 20000.0},
+        "batching": {"token_budget": 1024, "timeout": 0.0005},
+    }
     sv.update(serving_over)
-    return {"name": "t", "kind": "inference", "seed": 1,
-            "cluster": {"preset": "paper-testbed", "nodes": nodes},
-            "model": {"preset": "transformer-xl-12", "experts": experts, "top_k": 1},
-            "serving": sv, "policies": list(policies)}
+    return {
+        "name": "t",
+        "kind": "inference",
+        "seed": 1,
+        "cluster": {"preset": "paper-testbed", "nodes": nodes},
+        "model": {"preset": "transformer-xl-12", "experts": experts, "top_k": 1},
+        "serving": sv,
+        "policies": list(policies),
+    }
 
 
 def setup_of(data):
@@ -52,9 +61,14 @@ def setup_of(data):
 
 
 # -- the network ---------------------------------------------------------------------------
-@pytest.mark.parametrize("preset,nodes,algo", [
-    ("paper-testbed", 4, "direct"), ("paper-testbed", 4, "hierarchical"), ("dgx-a100", 2, "direct"),
-])
+@pytest.mark.parametrize(
+    "preset,nodes,algo",
+    [
+        ("paper-testbed", 4, "direct"),
+        ("paper-testbed", 4, "hierarchical"),
+        ("dgx-a100", 2, "direct"),
+    ],
+)
 def test_a2a_timer_matches_simulated_network(preset, nodes, algo):
     """The vectorised timer gives exactly what Collectives.all_to_all gives on a fresh
     FluidNetwork, for uneven matrices with zeros."""
@@ -146,7 +160,7 @@ def test_uneven_splits_match_placement_and_tokens_served_once(trace16, monkeypat
             name = run.entry.name
             if step >= len(run.batches):
                 continue
-            block = stacked[pos:pos + 2 * L]
+            block = stacked[pos : pos + 2 * L]
             pos += 2 * L
             for l in range(L):
                 d = next(per_policy[name])
@@ -172,7 +186,7 @@ def test_uneven_splits_match_placement_and_tokens_served_once(trace16, monkeypat
         it = iter(ds)
         run = next(r for r in runs if r.entry.name == name)
         for b in run.batches:
-            for l in range(L):
+            for _ in range(L):
                 assert next(it).counts.sum() == b.tokens * k
     row = df.set_index("policy").loc["ideal"]
     assert row["load_imbalance_mean"] < 1.01  # the uniform gate
@@ -191,8 +205,14 @@ def test_deterministic_for_a_seed(trace16):
 
 
 def test_closed_loop_and_phase2_counters(trace16):
-    data = scenario(trace16, nodes=1, experts=4, policies=["static", "lina", "lina-no-finetune"],
-                    arrival={"process": "closed", "concurrency": 16}, timeline_batches=1)
+    data = scenario(
+        trace16,
+        nodes=1,
+        experts=4,
+        policies=["static", "lina", "lina-no-finetune"],
+        arrival={"process": "closed", "concurrency": 16},
+        timeline_batches=1,
+    )
     df, runs = run_inference(setup_of(data))
     assert (df["requests"] == 60).all()
     lina = df.set_index("policy").loc["lina"]
@@ -212,20 +232,30 @@ def test_describe_is_plain_data(trace16):
 
 
 # -- bad input ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("patch,error,needles", [
-    ({"policies": ["static", "lina-plus"]}, ConfigError, ["policies[1].name", "lina-plus", "allowed:"]),
-    ({"serving.arrival": {"process": "poisson", "rate": -5}}, ConfigError, ["serving.arrival.rate", "-5"]),
-    ({"serving.arrival": {"process": "poisson", "rate": "fast"}}, ConfigError, ["serving.arrival.rate"]),
-    ({"serving.arrival": {"process": "bursty"}}, ConfigError, ["serving.arrival.process", "poisson, closed"]),
-    ({"serving.batching": {"token_budget": 0}}, ConfigError, ["serving.batching.token_budget"]),
-    ({"serving.fold_experts": False}, RoutingTraceError, ["syn16.npz", "16 experts", "model.experts is 4"]),
-    ({"model": {"preset": "transformer-xl-24", "experts": 4, "top_k": 1}}, RoutingTraceError, ["12 MoE layers", "24"]),
-    ({"serving.trace": "nope.npz"}, RoutingTraceError, ["nope.npz", "no such file"]),
-    ({"policies": [{"name": "lina", "path_length": 0}]}, ConfigError, ["policies[lina].path_length"]),
-    ({"model": {"preset": "transformer-xl-12", "experts": 4, "top_k": 1, "d_model": 8192, "d_ff": 65536}},
-     ConfigError, ["serving.expert_slots", "GB"]),
-    ({"serving.expert_slots": 0}, ConfigError, ["serving.expert_slots"]),
-])
+@pytest.mark.parametrize(
+    "patch,error,needles",
+    [
+        ({"policies": ["static", "lina-plus"]}, ConfigError, ["policies[1].name", "lina-plus", "allowed:"]),
+        ({"serving.arrival": {"process": "poisson", "rate": -5}}, ConfigError, ["serving.arrival.rate", "-5"]),
+        ({"serving.arrival": {"process": "poisson", "rate": "fast"}}, ConfigError, ["serving.arrival.rate"]),
+        ({"serving.arrival": {"process": "bursty"}}, ConfigError, ["serving.arrival.process", "poisson, closed"]),
+        ({"serving.batching": {"token_budget": 0}}, ConfigError, ["serving.batching.token_budget"]),
+        ({"serving.fold_experts": False}, RoutingTraceError, ["syn16.npz", "16 experts", "model.experts is 4"]),
+        (
+            {"model": {"preset": "transformer-xl-24", "experts": 4, "top_k": 1}},
+            RoutingTraceError,
+            ["12 MoE layers", "24"],
+        ),
+        ({"serving.trace": "nope.npz"}, RoutingTraceError, ["nope.npz", "no such file"]),
+        ({"policies": [{"name": "lina", "path_length": 0}]}, ConfigError, ["policies[lina].path_length"]),
+        (
+            {"model": {"preset": "transformer-xl-12", "experts": 4, "top_k": 1, "d_model": 8192, "d_ff": 65536}},
+            ConfigError,
+            ["serving.expert_slots", "GB"],
+        ),
+        ({"serving.expert_slots": 0}, ConfigError, ["serving.expert_slots"]),
+    ],
+)
 def test_bad_input_errors_name_the_field(trace16, patch, error, needles):
     data = scenario(trace16)
     for key, value in patch.items():
@@ -239,13 +269,16 @@ def test_bad_input_errors_name_the_field(trace16, patch, error, needles):
         assert n in str(e.value)
 
 
-@pytest.mark.parametrize("patch,field", [
-    ({"arrival": {"process": "poisson", "rate": float("nan")}}, "serving.arrival.rate"),
-    ({"arrival": {"process": "poisson", "rate": float("inf")}}, "serving.arrival.rate"),
-    ({"train_fraction": float("nan")}, "serving.train_fraction"),
-    ({"batching": {"timeout": float("inf")}}, "serving.batching.timeout"),
-    ({"requests": float("nan")}, "serving.requests"),
-])
+@pytest.mark.parametrize(
+    "patch,field",
+    [
+        ({"arrival": {"process": "poisson", "rate": float("nan")}}, "serving.arrival.rate"),
+        ({"arrival": {"process": "poisson", "rate": float("inf")}}, "serving.arrival.rate"),
+        ({"train_fraction": float("nan")}, "serving.train_fraction"),
+        ({"batching": {"timeout": float("inf")}}, "serving.batching.timeout"),
+        ({"requests": float("nan")}, "serving.requests"),
+    ],
+)
 def test_non_finite_serving_fields_are_one_error_naming_the_field(trace16, patch, field):
     data = scenario(trace16)
     data["serving"].update(patch)
@@ -259,12 +292,19 @@ def test_serving_defaults(trace16):
     for key in ("requests", "batching"):
         del data["serving"][key]
     s = setup_of(data).serving
-    assert (s.train_fraction, s.requests, s.batching, s.expert_slots, s.timeline_batches) == \
-        (0.3, 1000, BatchingSpec(8192, 0.01), None, 2)
+    assert (s.train_fraction, s.requests, s.batching, s.expert_slots, s.timeline_batches) == (
+        0.3,
+        1000,
+        BatchingSpec(8192, 0.01),
+        None,
+        2,
+    )
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lina_sim.cli.main", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "lina_sim.cli.main", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_errors_are_one_line(trace16, tmp_path):

@@ -20,17 +20,31 @@ import lina_sim.experiments.sweep.cache as sweep_cache
 import lina_sim.experiments.sweep.worker as sweep_worker  # where the workers look execute_point up
 from lina_sim.config.scenario import expand
 from lina_sim.experiments.sweep import (
-    Cache, LocalBackend, Progress, SweepError, comparable, describe_key, plan_points, resolve, run_sweep,
+    Cache,
+    LocalBackend,
+    Progress,
+    SweepError,
+    comparable,
+    describe_key,
+    plan_points,
+    resolve,
+    run_sweep,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = {"name": "t", "kind": "training", "cluster": {"preset": "paper-testbed", "nodes": 2},
-        "model": {"preset": "transformer-xl-12", "layers": 2}, "policies": ["deepspeed", {"name": "lina"}]}
+BASE = {
+    "name": "t",
+    "kind": "training",
+    "cluster": {"preset": "paper-testbed", "nodes": 2},
+    "model": {"preset": "transformer-xl-12", "layers": 2},
+    "policies": ["deepspeed", {"name": "lina"}],
+}
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lina_sim.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "lina_sim.cli.main", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 def write(tmp_path: Path, data: dict, name: str = "s.yaml") -> Path:
@@ -43,30 +57,48 @@ def write(tmp_path: Path, data: dict, name: str = "s.yaml") -> Path:
 def test_grid_only_zip_only_and_product_order():
     grid = expand({**BASE, "sweep": {"grid": {"cluster.nodes": [1, 2], "model.layers": [1, 2, 3]}}})
     assert [(p.swept["cluster.nodes"], p.swept["model.layers"]) for p in grid] == [
-        (n, l) for n in (1, 2) for l in (1, 2, 3)]  # the last grid field varies fastest
+        (n, l) for n in (1, 2) for l in (1, 2, 3)
+    ]  # the last grid field varies fastest
     zipped = expand({**BASE, "sweep": {"zip": {"cluster.nodes": [1, 2, 4], "model.layers": [3, 2, 1]}}})
     assert [(p.swept["cluster.nodes"], p.swept["model.layers"]) for p in zipped] == [(1, 3), (2, 2), (4, 1)]
     assert all(p.data["cluster"]["nodes"] == p.swept["cluster.nodes"] for p in zipped)
 
 
 def test_nested_paths_create_blocks_and_shorthands_resolve():
-    pts = expand({**BASE, "sweep": {"grid": {"cluster.nic_bandwidth": [25e9], "cluster.nvlink.latency": [1e-6],
-                                             "policies[lina].micro_op_bytes": [50e6],
-                                             "policies[deepspeed].bucket_mb": [10]}}})
+    pts = expand(
+        {
+            **BASE,
+            "sweep": {
+                "grid": {
+                    "cluster.nic_bandwidth": [25e9],
+                    "cluster.nvlink.latency": [1e-6],
+                    "policies[lina].micro_op_bytes": [50e6],
+                    "policies[deepspeed].bucket_mb": [10],
+                }
+            },
+        }
+    )
     setup = resolve(pts[0])
     assert setup.cluster.nic.bandwidth == 25e9 and setup.cluster.nvlink.latency == 1e-6
     assert setup.policies[1].params == {"micro_op_mb": 50.0} and setup.policies[0].params == {"bucket_mb": 10}
-    assert set(pts[0].swept) == {"cluster.nic_bandwidth", "cluster.nvlink.latency",
-                                 "policies[lina].micro_op_bytes", "policies[deepspeed].bucket_mb"}
+    assert set(pts[0].swept) == {
+        "cluster.nic_bandwidth",
+        "cluster.nvlink.latency",
+        "policies[lina].micro_op_bytes",
+        "policies[deepspeed].bucket_mb",
+    }
 
 
 # ---- validation before anything runs --------------------------------------------------------
-@pytest.mark.parametrize("block,needle", [
-    ({"grid": {"cluster.nic.bandwdth": [1e9, 2e9]}}, "did you mean cluster.nic.bandwidth"),
-    ({"grid": {"compute.foo": [1, 2]}}, "sweep.compute.foo: has no effect"),
-    ({"zip": {"cluster.nodes": [1, 2], "cluster.pcie.latncy": [1e-6, 2e-6]}}, "did you mean cluster.pcie.latency"),
-    ({"grid": {"model.layers": [1, 0, -1]}}, "2 of 3 points are invalid"),
-])
+@pytest.mark.parametrize(
+    "block,needle",
+    [
+        ({"grid": {"cluster.nic.bandwdth": [1e9, 2e9]}}, "did you mean cluster.nic.bandwidth"),
+        ({"grid": {"compute.foo": [1, 2]}}, "sweep.compute.foo: has no effect"),
+        ({"zip": {"cluster.nodes": [1, 2], "cluster.pcie.latncy": [1e-6, 2e-6]}}, "did you mean cluster.pcie.latency"),
+        ({"grid": {"model.layers": [1, 0, -1]}}, "2 of 3 points are invalid"),
+    ],
+)
 def test_plan_rejects_bad_points(block, needle):
     with pytest.raises(SweepError, match=needle):
         plan_points(expand({**BASE, "sweep": block}))
@@ -78,23 +110,30 @@ def _key(data: dict, version: str | None = None) -> str:
     return describe_key(setup.describe(), *([version] if version else []))
 
 
-@pytest.mark.parametrize("change", [
-    {"cluster": {"preset": "paper-testbed", "nodes": 2, "nic": {"bandwidth": 25e9}}},
-    {"cluster": {"preset": "paper-testbed", "nodes": 2, "gpu": {"hbm_bandwidth": 2e12}}},
-    {"model": {"preset": "transformer-xl-12", "layers": 2, "micro_batch": 4}},
-    {"policies": ["deepspeed", {"name": "lina", "micro_op_mb": 10}]},
-    {"policies": ["deepspeed", {"name": "lina", "label": "lina2"}]},
-    {"collectives": {"all_to_all": "hierarchical"}},
-    {"seed": 1},
-    {"steps": 2},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"cluster": {"preset": "paper-testbed", "nodes": 2, "nic": {"bandwidth": 25e9}}},
+        {"cluster": {"preset": "paper-testbed", "nodes": 2, "gpu": {"hbm_bandwidth": 2e12}}},
+        {"model": {"preset": "transformer-xl-12", "layers": 2, "micro_batch": 4}},
+        {"policies": ["deepspeed", {"name": "lina", "micro_op_mb": 10}]},
+        {"policies": ["deepspeed", {"name": "lina", "label": "lina2"}]},
+        {"collectives": {"all_to_all": "hierarchical"}},
+        {"seed": 1},
+        {"steps": 2},
+    ],
+)
 def test_key_changes_with_any_resolved_field(change):
     assert _key({**BASE, **change}) != _key(BASE)
 
 
 def test_key_ignores_spelling_and_follows_the_version():
-    same = {**BASE, "cluster": {"preset": "paper-testbed", "nodes": 2, "nic": {"bandwidth": 12.5e9}},
-            "name": "another name", "description": "labels do not change the simulation"}
+    same = {
+        **BASE,
+        "cluster": {"preset": "paper-testbed", "nodes": 2, "nic": {"bandwidth": 12.5e9}},
+        "name": "another name",
+        "description": "labels do not change the simulation",
+    }
     assert _key(same) == _key(BASE)
     assert _key(BASE, "0.0.0-other") != _key(BASE)
 
@@ -114,13 +153,25 @@ def test_changed_field_reruns_only_that_point(tmp_path):
 
 # ---- results, failures, progress -----------------------------------------------------------
 def test_table_has_a_row_per_point_and_policy_and_swept_columns(tmp_path):
-    pts = plan_points(expand({**BASE, "sweep": {"grid": {"cluster.nodes": [1, 2]},
-                                                "zip": {"policies[lina].micro_op_bytes": [10e6, 30e6]}}}))
+    pts = plan_points(
+        expand(
+            {
+                **BASE,
+                "sweep": {"grid": {"cluster.nodes": [1, 2]}, "zip": {"policies[lina].micro_op_bytes": [10e6, 30e6]}},
+            }
+        )
+    )
     res = run_sweep(pts, LocalBackend(1), Cache(tmp_path), progress=False)
     t = res.table
     assert len(t) == 4 * 2 and list(t["point"].unique()) == [0, 1, 2, 3]
-    assert {"cluster.nodes", "policies[lina].micro_op_bytes", "point_key", "status", "error",
-            "bwd_a2a_slowdowns"} <= set(t.columns)
+    assert {
+        "cluster.nodes",
+        "policies[lina].micro_op_bytes",
+        "point_key",
+        "status",
+        "error",
+        "bwd_a2a_slowdowns",
+    } <= set(t.columns)
     assert set(t["status"]) == {"ok"} and list(t["policy"][:2]) == ["deepspeed", "lina"]
     sweep.write_parquet(t, tmp_path / "out.parquet")
     back = pd.read_parquet(tmp_path / "out.parquet")
@@ -159,17 +210,39 @@ def test_progress_line_counts_and_eta():
 
 
 # ---- resume after a real kill -----------------------------------------------------------------
-KILL = {"name": "kill", "kind": "training", "cluster": {"preset": "paper-testbed", "nodes": 4},
-        "model": {"preset": "transformer-xl-12", "layers": 4}, "policies": ["deepspeed", "lina"],
-        "sweep": {"grid": {"policies[lina].micro_op_mb": [1, 2, 3, 4, 5, 6, 7, 8]}}}
+KILL = {
+    "name": "kill",
+    "kind": "training",
+    "cluster": {"preset": "paper-testbed", "nodes": 4},
+    "model": {"preset": "transformer-xl-12", "layers": 4},
+    "policies": ["deepspeed", "lina"],
+    "sweep": {"grid": {"policies[lina].micro_op_mb": [1, 2, 3, 4, 5, 6, 7, 8]}},
+}
 
 
 def test_killed_sweep_resumes_to_exactly_the_uninterrupted_rows(tmp_path):
     sc = write(tmp_path, KILL)
     cache = tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, "-m", "lina_sim.cli.main", "sweep", str(sc), "--workers", "1", "--quiet",
-                             "--cache", str(cache), "--out", str(tmp_path / "a.parquet")],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lina_sim.cli.main",
+            "sweep",
+            str(sc),
+            "--workers",
+            "1",
+            "--quiet",
+            "--cache",
+            str(cache),
+            "--out",
+            str(tmp_path / "a.parquet"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while len(list(cache.glob("*.parquet"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -198,14 +271,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("sweep_block,args,needle", [
-    ({"grid": {"cluster.nic.bandwdth": [1e9, 2e9]}}, [], "cluster.nic.bandwdth"),
-    ({"grid": {"cluster.nodes": []}}, [], "sweep.grid.cluster.nodes: empty list"),
-    ({"grid": {}}, [], "sweep: empty sweep"),
-    ({"grid": {"clustr.nodes": [1, 2]}}, [], "sweep.clustr.nodes: unknown top-level field"),
-    ({"grid": {"cluster.nodes": [1, 2]}}, ["--backend", "ray", "--address", "127.0.0.1:{port}"],
-     "cannot reach a Ray cluster at 127.0.0.1:"),
-])
+@pytest.mark.parametrize(
+    "sweep_block,args,needle",
+    [
+        ({"grid": {"cluster.nic.bandwdth": [1e9, 2e9]}}, [], "cluster.nic.bandwdth"),
+        ({"grid": {"cluster.nodes": []}}, [], "sweep.grid.cluster.nodes: empty list"),
+        ({"grid": {}}, [], "sweep: empty sweep"),
+        ({"grid": {"clustr.nodes": [1, 2]}}, [], "sweep.clustr.nodes: unknown top-level field"),
+        (
+            {"grid": {"cluster.nodes": [1, 2]}},
+            ["--backend", "ray", "--address", "127.0.0.1:{port}"],
+            "cannot reach a Ray cluster at 127.0.0.1:",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_before_any_point_runs(tmp_path, sweep_block, args, needle):
     sc = write(tmp_path, {**BASE, "sweep": sweep_block})
     args = [a.format(port=_free_port()) for a in args]
@@ -227,8 +306,9 @@ def ray_session():
 
 
 def test_ray_and_local_backends_give_identical_rows(ray_session):
-    pts = plan_points(expand({**BASE, "sweep": {"grid": {"cluster.nodes": [1, 2]},
-                                                "zip": {"policies[lina].micro_op_mb": [10, 30]}}}))
+    pts = plan_points(
+        expand({**BASE, "sweep": {"grid": {"cluster.nodes": [1, 2]}, "zip": {"policies[lina].micro_op_mb": [10, 30]}}})
+    )
     local = run_sweep(pts, LocalBackend(1), None, progress=False)
     backend = sweep.RayBackend()  # joins the test's session rather than starting another
     try:
@@ -244,13 +324,22 @@ def test_ray_and_local_backends_give_identical_rows(ray_session):
 def test_compare_puts_tables_side_by_side(tmp_path, capsys):
     from lina_sim.experiments.compare import compare_files
 
-    sim = pd.DataFrame({"model": ["m"] * 4, "experts": [8, 8, 16, 16], "policy": ["deepspeed", "lina"] * 2,
-                        "step_time_s": [0.2, 0.1, 0.4, 0.3], "status": "ok"})
+    sim = pd.DataFrame(
+        {
+            "model": ["m"] * 4,
+            "experts": [8, 8, 16, 16],
+            "policy": ["deepspeed", "lina"] * 2,
+            "step_time_s": [0.2, 0.1, 0.4, 0.3],
+            "status": "ok",
+        }
+    )
     real = sim.assign(step_time_s=sim["step_time_s"] * 1.1).drop(columns="status")
     sweep.write_parquet(sim, tmp_path / "sweep.parquet")
     real.to_csv(tmp_path / "measured.csv", index=False)
-    assert compare_files([str(tmp_path / "sweep.parquet"), f"real={tmp_path / 'measured.csv'}"],
-                         out=str(tmp_path / "cmp")) == 0
+    assert (
+        compare_files([str(tmp_path / "sweep.parquet"), f"real={tmp_path / 'measured.csv'}"], out=str(tmp_path / "cmp"))
+        == 0
+    )
     out = pd.read_csv(tmp_path / "cmp.csv")
     assert list(out.columns) == ["experts", "policy", "tmp", "real", "real/tmp"] or "real/" in out.columns[-1]
     assert out.iloc[:, -1].round(6).eq(1.1).all() and (tmp_path / "cmp.png").exists()

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import subprocess
+
 import pytest
 
 from lina_sim.errors import ConfigError
-from runtime.testbed import (Testbed, TestbedSpec, cleanup_stale, list_namespaces,
-                             parse_delay, parse_rate, parse_topology)
+from runtime.testbed import (
+    Testbed,
+    TestbedSpec,
+    cleanup_stale,
+    list_namespaces,
+    parse_delay,
+    parse_rate,
+    parse_topology,
+)
 from tests._netns import PY, ROOT, needs_netns, no_leftovers  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.netns
@@ -39,8 +47,9 @@ def test_up_and_down_leaves_nothing(no_leftovers):  # noqa: F811 (the fixture)
         probe = f"import socket; socket.create_connection(('{tb.node_addr(1)}', 9), timeout=5)"
         p = subprocess.run(tb.wrap([PY, "-c", probe], rank=0), capture_output=True, text=True)
         assert "ConnectionRefused" in p.stderr, p.stderr  # node 1's stack answered (nothing listens)
-        qdisc = subprocess.run(["ip", "netns", "exec", tb.node_ns(0), "tc", "qdisc", "show", "dev", "eth0"],
-                               capture_output=True, text=True).stdout
+        qdisc = subprocess.run(
+            ["ip", "netns", "exec", tb.node_ns(0), "tc", "qdisc", "show", "dev", "eth0"], capture_output=True, text=True
+        ).stdout
         assert "htb" in qdisc
     assert not set(tb.namespaces) & set(list_namespaces())
 
@@ -78,8 +87,7 @@ def test_gloo_collectives_and_shaped_rate(no_leftovers):  # noqa: F811 (the fixt
 
     rate = 200e6
     nbytes = 4e6  # 0.16 s at 200 Mbit/s
-    res = run_entry("selftest", ["1e6", str(nbytes), "1"], testbed=TestbedSpec(2, 2, rate),
-                    timeout_s=90, echo=False)
+    res = run_entry("selftest", ["1e6", str(nbytes), "1"], testbed=TestbedSpec(2, 2, rate), timeout_s=90, echo=False)
     assert all(r["allreduce_ok"] == 1.0 and r["a2a_ok"] == 1.0 for r in res)
     achieved = nbytes * 8 / res[0]["p2p"]
     assert 0.4 * rate < achieved < 1.1 * rate, f"cross-node p2p at {achieved / 1e6:.0f} Mbit/s, shaped to 200"
@@ -87,9 +95,28 @@ def test_gloo_collectives_and_shaped_rate(no_leftovers):  # noqa: F811 (the fixt
 
 @needs_netns
 def test_not_root_is_one_line_exit_2():
-    p = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
-                        PY, "-m", "runtime.cli", "selftest", "--testbed", "2x2", "--nic", "1gbit"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            PY,
+            "-m",
+            "runtime.cli",
+            "selftest",
+            "--testbed",
+            "2x2",
+            "--nic",
+            "1gbit",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if "Permission denied" in p.stderr and "python" in p.stderr.lower():
         pytest.skip("the unprivileged user cannot run this venv's python")
     assert p.returncode == 2, p.stderr
@@ -97,9 +124,12 @@ def test_not_root_is_one_line_exit_2():
 
 
 def test_bad_testbed_input_is_one_line_exit_2():
-    for args, needle in ((["--testbed", "2y2", "--nic", "1gbit"], "NODESxRANKS"),
-                         (["--testbed", "2x2", "--nic", "400mbps"], "bad rate"),
-                         (["--testbed", "2x2"], "--nic: required")):
-        p = subprocess.run([PY, "-m", "runtime.cli", "selftest", *args], cwd=ROOT,
-                           capture_output=True, text=True, timeout=60)
+    for args, needle in (
+        (["--testbed", "2y2", "--nic", "1gbit"], "NODESxRANKS"),
+        (["--testbed", "2x2", "--nic", "400mbps"], "bad rate"),
+        (["--testbed", "2x2"], "--nic: required"),
+    ):
+        p = subprocess.run(
+            [PY, "-m", "runtime.cli", "selftest", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
         assert p.returncode == 2 and needle in p.stderr and p.stderr.strip().count("\n") == 0, p.stderr

@@ -6,7 +6,7 @@ import pytest
 
 from lina_sim.experiments.microbench import contention
 from lina_sim.hardware.spec import load_preset
-from lina_sim.results.timeline import COLUMNS, Event, Timeline, to_chrome_trace, check_frame, write_chrome_trace
+from lina_sim.results.timeline import COLUMNS, Event, Timeline, check_frame, to_chrome_trace, write_chrome_trace
 
 
 def test_schema_and_chrome_trace(tmp_path):

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from lina_sim.routing import traces as tr
 from lina_sim.cli.main import main as cli_main
 from lina_sim.errors import LinaSimError, RoutingTraceError
+from lina_sim.routing import traces as tr
 
 META = {"model": "m", "dataset": "d", "source": "test", "license": "CC0", "made_by": "hand"}
 
@@ -64,8 +64,7 @@ def test_import_jsonl(tmp_path):
     for (seq, tok), layers in want.items():
         for layer, experts in enumerate(layers):
             key = "token_pos" if seq == "b" else "token_idx"
-            recs.append({"problem_id": seq, key: tok, "layer": layer, "experts": experts,
-                         "gating_probs": [0.6, 0.3]})
+            recs.append({"problem_id": seq, key: tok, "layer": layer, "experts": experts, "gating_probs": [0.6, 0.3]})
     recs.reverse()
     path = tmp_path / "routing.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
@@ -148,14 +147,21 @@ def test_malformed_jsonl_and_npy(tmp_path):
     cases = {
         "trunc.jsonl": json.dumps(good) + "\n" + json.dumps(dict(good, token_idx=1))[:20],
         "nolayer.jsonl": json.dumps({k: v for k, v in good.items() if k != "layer"}),
-        "missing.jsonl": json.dumps(good) + "\n" + json.dumps(dict(good, layer=1)) + "\n"
+        "missing.jsonl": json.dumps(good)
+        + "\n"
+        + json.dumps(dict(good, layer=1))
+        + "\n"
         + json.dumps(dict(good, token_idx=1)),
         "k.jsonl": json.dumps(good) + "\n" + json.dumps(dict(good, token_idx=1, experts=[1, 2])),
         "empty.jsonl": "",
     }
-    messages = {"trunc.jsonl": "line 2: invalid JSON", "nolayer.jsonl": "missing field layer",
-                "missing.jsonl": "no record for layer 1", "k.jsonl": "earlier records have 1",
-                "empty.jsonl": "no records"}
+    messages = {
+        "trunc.jsonl": "line 2: invalid JSON",
+        "nolayer.jsonl": "missing field layer",
+        "missing.jsonl": "no record for layer 1",
+        "k.jsonl": "earlier records have 1",
+        "empty.jsonl": "no records",
+    }
     for name, text in cases.items():
         path = tmp_path / name
         path.write_text(text)

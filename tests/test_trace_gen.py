@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lina_sim.routing import traces as tr
-from lina_sim.routing import stats as ts
 from lina_sim.cli.main import main as cli_main
 from lina_sim.errors import ConfigError
+from lina_sim.routing import stats as ts
+from lina_sim.routing import traces as tr
 from lina_sim.routing.generator import RoutingTraceGenerator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,8 +26,10 @@ def test_fitted_generator_reproduces_real_trace_within_10_percent(path):
     real = tr.load(path)
     synth = RoutingTraceGenerator.fit(real).generate(real.num_tokens, seed=7)
     assert (synth.num_layers, synth.num_experts, synth.top_k) == (real.num_layers, real.num_experts, real.top_k)
-    for fn in (lambda t: ts.skew_from_counts(ts.expert_counts(t.experts, t.num_experts)),
-               lambda t: ts.skew_from_counts(ts.expert_counts(t.experts[:, :, :1], t.num_experts))):
+    for fn in (
+        lambda t: ts.skew_from_counts(ts.expert_counts(t.experts, t.num_experts)),
+        lambda t: ts.skew_from_counts(ts.expert_counts(t.experts[:, :, :1], t.num_experts)),
+    ):
         want, got = fn(real), fn(synth)
         for key in ("max_over_uniform", "cv", "top_share"):
             assert rel_err(got.mean()[key], want.mean()[key]) < 0.10, key

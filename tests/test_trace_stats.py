@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from lina_sim.routing import stats as ts
 from lina_sim.errors import RoutingTraceError
 from lina_sim.policies.path_estimator import PathEstimator, top_experts
+from lina_sim.routing import stats as ts
 from lina_sim.routing.traces import make_trace
 
 META = {"model": "m", "dataset": "d", "source": "test", "license": "CC0", "made_by": "hand"}
@@ -99,8 +99,10 @@ def test_top_experts_breaks_ties_by_id():
 
 
 def test_path_estimator_is_pure():
-    code = ("import sys, lina_sim.policies.path_estimator, lina_sim.routing.stats; "
-            "bad = {'torch', 'simpy'} & set(sys.modules); assert not bad, bad")
+    code = (
+        "import sys, lina_sim.policies.path_estimator, lina_sim.routing.stats; "
+        "bad = {'torch', 'simpy'} & set(sys.modules); assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -117,10 +119,24 @@ def test_real_counts_comparison(tmp_path):
     assert all(r.affinity.pairs == [(0, 7), (7, 15)] for r in rows)
     assert ("olmoe", "tulu") not in by  # counts only, no cross-layer data
     # a tiny hand-made file with a known answer
-    small = {"layers": [0, 3], "layer_pairs": [[0, 3]], "models": {"toy": {"experts": 2, "top_k": 1, "domains": {
-        "x": {"expert_counts": [[3, 1], [2, 2]], "expert_counts_top1": [[3, 1], [2, 2]],
-              "expert_counts_crosslayer": [[[2, 1], [0, 1]]],
-              "expert_counts_crosslayer_top1": [[[2, 1], [0, 1]]]}}}}}
+    small = {
+        "layers": [0, 3],
+        "layer_pairs": [[0, 3]],
+        "models": {
+            "toy": {
+                "experts": 2,
+                "top_k": 1,
+                "domains": {
+                    "x": {
+                        "expert_counts": [[3, 1], [2, 2]],
+                        "expert_counts_top1": [[3, 1], [2, 2]],
+                        "expert_counts_crosslayer": [[[2, 1], [0, 1]]],
+                        "expert_counts_crosslayer_top1": [[[2, 1], [0, 1]]],
+                    }
+                },
+            }
+        },
+    }
     (tmp_path / "r.json").write_text(json.dumps(small))
     (row,) = ts.real_rows(ts.load_real(tmp_path / "r.json"))
     assert row.skew.max_over_uniform == [1.5, 1.0]

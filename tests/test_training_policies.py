@@ -4,14 +4,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lina_sim.hardware.compute import RooflineComputeModel
 from lina_sim.errors import ConfigError
+from lina_sim.hardware.compute import RooflineComputeModel
 from lina_sim.hardware.spec import load_preset
-from lina_sim.training.launch_plan import planned_micro_ops
 from lina_sim.network.alone import AloneTimes
-from lina_sim.policies.training.base import RankScheduler, RankView, check_selection, owed_per_gap
-from lina_sim.workload.comm import ALL_TO_ALL, ALLREDUCE, MB, GradRequest, MicroOp
 from lina_sim.policies.registry import TRAINING_POLICIES, make_training_policy, training_policy_class
+from lina_sim.policies.training.base import RankScheduler, RankView, check_selection, owed_per_gap
+from lina_sim.training.launch_plan import planned_micro_ops
+from lina_sim.workload.comm import ALL_TO_ALL, ALLREDUCE, MB, GradRequest, MicroOp
 from lina_sim.workload.graph import build_training_graph
 from lina_sim.workload.model import model_preset
 
@@ -22,30 +22,47 @@ LINA_FAMILY = ("lina", "lina-priority", "lina-partition")
 def test_registry_and_defaults():
     assert set(NAMES) == {"deepspeed", "tutel", "lina", "lina-priority", "lina-partition", "no-contention"}
     p = {n: make_training_policy(n) for n in NAMES}
-    assert [p[n].pipeline_degree for n in ("deepspeed", "tutel", "lina", "lina-priority", "lina-partition")] == [1, 2, 2, 1, 1]
-    assert p["no-contention"].isolated_allreduce and not any(p[n].isolated_allreduce for n in NAMES if n != "no-contention")
+    assert [p[n].pipeline_degree for n in ("deepspeed", "tutel", "lina", "lina-priority", "lina-partition")] == [
+        1,
+        2,
+        2,
+        1,
+        1,
+    ]
+    assert p["no-contention"].isolated_allreduce and not any(
+        p[n].isolated_allreduce for n in NAMES if n != "no-contention"
+    )
     assert make_training_policy("tutel", pipeline_degree=4).pipeline_degree == 4
     assert p["lina"].describe()["micro_op_mb"] == 30.0
 
 
-@pytest.mark.parametrize("name,params,field,allowed_has", [
-    ("deepspeed", {"bucket_size": 5}, "policies.deepspeed.bucket_size", "bucket_mb"),
-    ("deepspeed", {"bucket_mb": -1}, "policies.deepspeed.bucket_mb", "> 0"),
-    ("tutel", {"pipeline_degree": 1.5}, "policies.tutel.pipeline_degree", ">= 1"),
-    ("lina", {"hold": "never"}, "policies.lina.hold", "moe-block"),
-    ("lina", {"launch": "global"}, "policies.lina.launch", "planned, local"),
-    ("lina", {"packing": "yes"}, "policies.lina.packing", "true"),
-    ("lina-priority", {"micro_op_mb": 30}, "policies.lina-priority.micro_op_mb", "bucket_mb"),
-])
+@pytest.mark.parametrize(
+    "name,params,field,allowed_has",
+    [
+        ("deepspeed", {"bucket_size": 5}, "policies.deepspeed.bucket_size", "bucket_mb"),
+        ("deepspeed", {"bucket_mb": -1}, "policies.deepspeed.bucket_mb", "> 0"),
+        ("tutel", {"pipeline_degree": 1.5}, "policies.tutel.pipeline_degree", ">= 1"),
+        ("lina", {"hold": "never"}, "policies.lina.hold", "moe-block"),
+        ("lina", {"launch": "global"}, "policies.lina.launch", "planned, local"),
+        ("lina", {"packing": "yes"}, "policies.lina.packing", "true"),
+        ("lina-priority", {"micro_op_mb": 30}, "policies.lina-priority.micro_op_mb", "bucket_mb"),
+    ],
+)
 def test_bad_params_name_the_field_and_allowed_values(name, params, field, allowed_has):
     with pytest.raises(ConfigError) as e:
         make_training_policy(name, **params)
     assert e.value.field == field and allowed_has in e.value.allowed
 
 
-@pytest.mark.parametrize("name,param", [
-    ("deepspeed", "bucket_mb"), ("lina", "micro_op_mb"), ("lina", "fuse_below_mb"), ("tutel", "pipeline_degree"),
-])
+@pytest.mark.parametrize(
+    "name,param",
+    [
+        ("deepspeed", "bucket_mb"),
+        ("lina", "micro_op_mb"),
+        ("lina", "fuse_below_mb"),
+        ("tutel", "pipeline_degree"),
+    ],
+)
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_params_are_one_error_naming_the_field(name, param, value):
     with pytest.raises(ConfigError) as e:
@@ -75,7 +92,10 @@ def test_where_overrides_the_error_path():
 
 # -- partitioning ----------------------------------------------------------------------------
 def reqs(sizes_mb, comm="dp", prefix="t"):
-    return [GradRequest(f"{prefix}{i}", comm, s * MB, ready_after=10 + i // 2, layer=i, order=i) for i, s in enumerate(sizes_mb)]
+    return [
+        GradRequest(f"{prefix}{i}", comm, s * MB, ready_after=10 + i // 2, layer=i, order=i)
+        for i, s in enumerate(sizes_mb)
+    ]
 
 
 def per_tensor_bytes(mops):
@@ -108,8 +128,8 @@ def test_lina_cuts_equal_micro_ops_without_mixing_tensors():
     assert all(len(m.pieces) == 1 and m.nbytes <= 30 * MB + 1e-6 for m in mops)
     assert per_tensor_bytes(mops) == pytest.approx({r.name: r.nbytes for r in rs})
     t7 = [m for m in mops if m.pieces[0][0] == "t7"]
-    assert len(t7) == 4 and len({m.nbytes for m in t7}) == 1          # 100 MB -> 4 x 25 MB
-    assert len([m for m in mops if m.pieces[0][0] == "t2"]) == 1      # exactly 30 MB stays whole
+    assert len(t7) == 4 and len({m.nbytes for m in t7}) == 1  # 100 MB -> 4 x 25 MB
+    assert len([m for m in mops if m.pieces[0][0] == "t2"]) == 1  # exactly 30 MB stays whole
     assert [m.seq for m in mops] == list(range(len(mops)))
     small = reqs([0.001, 0.002, 5, 0.001, 0.001, 0.6, 0.6, 0.6])
     fused = make_training_policy("lina", fuse_below_mb=1).partition_gradients(small)
@@ -129,10 +149,18 @@ def rank_views(draw):
     ops = []
     for i, c in enumerate(comms):
         a2a = c == "ep"
-        ops.append(MicroOp(id=f"m{i}", kind=ALL_TO_ALL if a2a else ALLREDUCE, communicator=c, seq=seq[c],
-                           nbytes=draw(st.floats(1, 1e8)), layer=draw(st.integers(0, 3)),
-                           phase=draw(st.sampled_from(("fwd", "bwd"))),
-                           role=draw(st.sampled_from(("dispatch", "combine"))) if a2a else "grad"))
+        ops.append(
+            MicroOp(
+                id=f"m{i}",
+                kind=ALL_TO_ALL if a2a else ALLREDUCE,
+                communicator=c,
+                seq=seq[c],
+                nbytes=draw(st.floats(1, 1e8)),
+                layer=draw(st.integers(0, 3)),
+                phase=draw(st.sampled_from(("fwd", "bwd"))),
+                role=draw(st.sampled_from(("dispatch", "combine"))) if a2a else "grad",
+            )
+        )
         seq[c] += 1
     # Per communicator: a prefix completed, then some in flight, the rest pending.
     cut = {c: sorted(draw(st.lists(st.integers(0, seq[c]), min_size=2, max_size=2))) for c in COMMS}
@@ -181,10 +209,13 @@ def drive(policy_name, seed, **params):
     one never has an allreduce and an all-to-all in flight together."""
     policy = make_training_policy(policy_name, **params)
     cluster = load_preset("paper-testbed", nodes=2)
-    g = build_training_graph(model_preset("transformer-xl-12"), cluster, experts_per_device=2,
-                             pipeline_degree=policy.pipeline_degree)
+    g = build_training_graph(
+        model_preset("transformer-xl-12"), cluster, experts_per_device=2, pipeline_degree=policy.pipeline_degree
+    )
     rng = random.Random(seed)
-    mops = planned_micro_ops(g, policy, cluster, RooflineComputeModel.from_cluster(cluster).op_time, AloneTimes(cluster))
+    mops = planned_micro_ops(
+        g, policy, cluster, RooflineComputeModel.from_cluster(cluster).op_time, AloneTimes(cluster)
+    )
     planned = any(m.gap >= 0 for m in mops)
     a2a_of = {m.op_id: m for m in mops if m.kind == ALL_TO_ALL}
     grads_after: dict[int, list[MicroOp]] = {}
@@ -259,11 +290,11 @@ def test_lina_hold_covers_the_backward_moe_block(hold, launches_in_ffn_gap):
     s = RankScheduler(make_training_policy("lina", hold=hold, launch="local"))
     s.submit(combine)
     s.submit(grad)
-    assert s.poll() == (combine,)          # the all-to-all goes first, the gradient waits
-    s.complete(combine)                    # now the expert FFN runs: the gap
+    assert s.poll() == (combine,)  # the all-to-all goes first, the gradient waits
+    s.complete(combine)  # now the expert FFN runs: the gap
     assert s.poll() == ((grad,) if launches_in_ffn_gap else ())
     if not launches_in_ffn_gap:
         s.submit(dispatch)
         assert s.poll() == (dispatch,)
-        s.complete(dispatch)               # the layer's MoE block is over
+        s.complete(dispatch)  # the layer's MoE block is over
         assert s.poll() == (grad,)

@@ -22,15 +22,34 @@ PROFILE = ROOT / "scenarios/profiles/testbed-2x2-400mbit.yaml"
 
 def _frame(times, **extra):
     n = len(times)
-    return pd.DataFrame({"point": [0] * n, "policy": [f"p{i}" for i in range(n)], "step_time_s": times,
-                         "compute_s": 0.1, "exposed_a2a_s": 0.1, "exposed_allreduce_s": 0.1, "idle_s": 0.0,
-                         "experts_per_device": 1, "pipeline_degree": 1, **extra})
+    return pd.DataFrame(
+        {
+            "point": [0] * n,
+            "policy": [f"p{i}" for i in range(n)],
+            "step_time_s": times,
+            "compute_s": 0.1,
+            "exposed_a2a_s": 0.1,
+            "exposed_allreduce_s": 0.1,
+            "idle_s": 0.0,
+            "experts_per_device": 1,
+            "pipeline_degree": 1,
+            **extra,
+        }
+    )
 
 
 def test_compare_errors_and_ranking():
     pred = _frame([1.0, 2.0, 3.0])
-    meas = _frame([1.25, 1.9, 3.3], step_time_min_s=1.0, step_time_max_s=4.0, sched_busy_frac=0.01,
-                  handoff_median_s=1e-4, handoff_total_s=1e-3, step_time_std_s=0.1, steps=4)
+    meas = _frame(
+        [1.25, 1.9, 3.3],
+        step_time_min_s=1.0,
+        step_time_max_s=4.0,
+        sched_busy_frac=0.01,
+        handoff_median_s=1e-4,
+        handoff_total_s=1e-3,
+        step_time_std_s=0.1,
+        steps=4,
+    )
     j = compare(pred, meas)
     assert j["error_pct"].round(1).tolist() == [-20.0, 5.3, -9.1]
     assert j["ranking_match"].all() and (j["pairs_resolved"] == 3).all() and (j["pairs_agree"] == 3).all()
@@ -49,10 +68,16 @@ def test_pairs_closer_than_the_noise_are_not_resolved():
 
 
 def test_op_classes_skew_and_transfer():
-    tl = pd.DataFrame({"rank": [0, 1, 0, 1], "stream": ["a2a", "a2a", "compute", "compute"],
-                       "op": ["L0.fwd.dispatch.c0"] * 2 + ["L0.fwd.attn", "L0.bwd.attn"],
-                       "kind": ["all_to_all", "all_to_all", "compute", "compute"],
-                       "start": [0.0, 0.2, 0.0, 0.5], "end": [0.5, 0.5, 0.1, 0.6]})
+    tl = pd.DataFrame(
+        {
+            "rank": [0, 1, 0, 1],
+            "stream": ["a2a", "a2a", "compute", "compute"],
+            "op": ["L0.fwd.dispatch.c0"] * 2 + ["L0.fwd.attn", "L0.bwd.attn"],
+            "kind": ["all_to_all", "all_to_all", "compute", "compute"],
+            "start": [0.0, 0.2, 0.0, 0.5],
+            "end": [0.5, 0.5, 0.1, 0.6],
+        }
+    )
     c = op_classes(tl, ep_size=2)
     assert c["a2a skew"] == pytest.approx(0.2) and c["a2a xfer"] == pytest.approx(0.3)
     assert c["a2a fwd"] == pytest.approx(0.4) and c["compute fwd"] == pytest.approx(0.05)
@@ -99,7 +124,9 @@ def test_link_efficiency_is_fitted_at_the_workloads_sizes(tmp_path):
 
 
 def test_resolved_scenario_points_at_the_profile(tmp_path):
-    out = resolved_scenario(ROOT / "scenarios/testbed-inference.yaml", PROFILE, tmp_path / "c.yaml", tmp_path / "s.yaml")
+    out = resolved_scenario(
+        ROOT / "scenarios/testbed-inference.yaml", PROFILE, tmp_path / "c.yaml", tmp_path / "s.yaml"
+    )
     d = yaml.safe_load(out.read_text())
     assert d["cluster"]["preset"] == str(PROFILE.resolve())
     assert d["compute"] == {"model": "profile", "profile": str((tmp_path / "c.yaml").resolve())}
@@ -117,9 +144,23 @@ def test_shipped_scenarios_resolve():
 
 
 def test_validate_bad_profile_is_one_line(tmp_path):
-    p = subprocess.run([PY, "-m", "lina_sim.cli.main", "validate", "scenarios/testbed-training.yaml", "--profile",
-                        str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [
+            PY,
+            "-m",
+            "lina_sim.cli.main",
+            "validate",
+            "scenarios/testbed-training.yaml",
+            "--profile",
+            str(tmp_path / "missing.yaml"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2
     assert len(p.stderr.strip().splitlines()) == 1 and "--profile" in p.stderr, p.stderr
 
@@ -129,8 +170,23 @@ def test_validate_bad_profile_is_one_line(tmp_path):
 def test_validate_training_on_the_testbed(tmp_path):
     """The whole loop with a fresh calibration: a table for every policy and figures."""
     out = tmp_path / "v"
-    p = subprocess.run([PY, "-m", "lina_sim.cli.main", "validate", "scenarios/testbed-training.yaml", "--steps", "2",
-                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            PY,
+            "-m",
+            "lina_sim.cli.main",
+            "validate",
+            "scenarios/testbed-training.yaml",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     j = pd.read_csv(out / "validation.csv")
     assert len(j) == 4 and (j["step_time_s_meas"] > 0).all() and j["error_pct"].notna().all()
@@ -142,8 +198,23 @@ def test_validate_training_on_the_testbed(tmp_path):
 @needs_netns
 def test_validate_inference_on_the_testbed(tmp_path):
     out = tmp_path / "v"
-    p = subprocess.run([PY, "-m", "lina_sim.cli.main", "validate", "scenarios/testbed-inference.yaml", "--profile",
-                        str(PROFILE), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            PY,
+            "-m",
+            "lina_sim.cli.main",
+            "validate",
+            "scenarios/testbed-inference.yaml",
+            "--profile",
+            str(PROFILE),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     j = pd.read_csv(out / "validation.csv")
     assert list(j["policy"]) == ["static", "lina", "ideal"] and (j["batch_time_mean_s_meas"] > 0).all()

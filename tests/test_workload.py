@@ -62,7 +62,10 @@ def test_forward_flops_and_a2a_bytes_match_hand_formulas():
         assert op.kind == ALL_TO_ALL and op.communicator == "ep" and op.stream == "a2a"
         assert op.bytes == T * k * cf * d * b
     fwd = g.totals("fwd")
-    assert fwd["flops"] == 12 * (8 * T * d * d + 4 * T * s * d + 2 * T * d * E + 4 * T * k * cf * d * f) + 2 * T * d * m.vocab
+    assert (
+        fwd["flops"]
+        == 12 * (8 * T * d * d + 4 * T * s * d + 2 * T * d * E + 4 * T * k * cf * d * f) + 2 * T * d * m.vocab
+    )
     assert fwd["a2a_bytes"] == 12 * 2 * T * k * cf * d * b
 
 
@@ -163,32 +166,45 @@ def test_graph_is_deterministic():
 
 
 def test_micro_op_estimates_cover_every_packing():
-    est = micro_op_estimates(model_preset("transformer-xl-12"), 8, 2,
-                             ffn_time=lambda op: op.flops, a2a_time=lambda op, comm: op.bytes * comm.size)
+    est = micro_op_estimates(
+        model_preset("transformer-xl-12"),
+        8,
+        2,
+        ffn_time=lambda op: op.flops,
+        a2a_time=lambda op, comm: op.bytes * comm.size,
+    )
     assert sorted(est) == [1, 2, 4, 8]
     assert est[1][1] == 8 * est[8][1]
 
 
 # -- specs and errors -------------------------------------------------------------------------
 def test_presets_and_overrides():
-    assert set(available_models()) >= {"transformer-xl-12", "transformer-xl-24", "transformer-xl-36", "gpt2-moe",
-                                       "bert2gpt2-moe"}
+    assert set(available_models()) >= {
+        "transformer-xl-12",
+        "transformer-xl-24",
+        "transformer-xl-36",
+        "gpt2-moe",
+        "bert2gpt2-moe",
+    }
     m = model_from_dict({"preset": "gpt2-moe", "micro_batch": 2, "capacity_factor": 2}, world_size=8)
     assert (m.micro_batch, m.capacity_factor, m.experts, m.top_k, m.dtype_bytes) == (2, 2.0, 8, 2, 2)
     assert model_from_dict("transformer-xl-24").layers == 24
     assert model_preset("bert2gpt2-moe").total_layers == 24
 
 
-@pytest.mark.parametrize("entry,field,allowed_has", [
-    ({"preset": "gpt2-moe", "micro_batch": -1}, "model.micro_batch", ">= 1"),
-    ({"preset": "gpt2-moe", "batch": 4}, "model.batch", "micro_batch"),
-    ({"preset": "gpt-3"}, "model.preset", "gpt2-moe"),
-    ({"preset": "gpt2-moe", "experts": 3}, "model.experts", "8"),
-    ({"preset": "gpt2-moe", "dtype": "int4"}, "model.dtype", "bf16"),
-    ({"preset": "gpt2-moe", "heads": 5}, "model.heads", "divisor"),
-    ({"preset": "gpt2-moe", "moe_layers": [0, 12]}, "model.moe_layers", "0..11"),
-    ({"layers": 2}, "model.d_model", "preset"),
-])
+@pytest.mark.parametrize(
+    "entry,field,allowed_has",
+    [
+        ({"preset": "gpt2-moe", "micro_batch": -1}, "model.micro_batch", ">= 1"),
+        ({"preset": "gpt2-moe", "batch": 4}, "model.batch", "micro_batch"),
+        ({"preset": "gpt-3"}, "model.preset", "gpt2-moe"),
+        ({"preset": "gpt2-moe", "experts": 3}, "model.experts", "8"),
+        ({"preset": "gpt2-moe", "dtype": "int4"}, "model.dtype", "bf16"),
+        ({"preset": "gpt2-moe", "heads": 5}, "model.heads", "divisor"),
+        ({"preset": "gpt2-moe", "moe_layers": [0, 12]}, "model.moe_layers", "0..11"),
+        ({"layers": 2}, "model.d_model", "preset"),
+    ],
+)
 def test_bad_model_fields_name_the_path_and_what_is_allowed(entry, field, allowed_has):
     with pytest.raises(ConfigError) as e:
         model_from_dict(entry, world_size=16)
@@ -196,9 +212,14 @@ def test_bad_model_fields_name_the_path_and_what_is_allowed(entry, field, allowe
     assert allowed_has in (e.value.allowed or "")
 
 
-@pytest.mark.parametrize("field,value", [
-    ("capacity_factor", float("nan")), ("capacity_factor", float("inf")), ("micro_batch", float("nan")),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("capacity_factor", float("nan")),
+        ("capacity_factor", float("inf")),
+        ("micro_batch", float("nan")),
+    ],
+)
 def test_non_finite_model_fields_are_one_error_naming_the_field(field, value):
     with pytest.raises(ConfigError) as e:
         model_from_dict({"preset": "gpt2-moe", field: value}, world_size=16)
@@ -238,8 +259,9 @@ def test_graph_for_policy_applies_pipelining_and_packing():
     g = graph_for_policy(m, 8, make_training_policy("tutel"))
     assert (g.pipeline_degree, g.experts_per_device) == (2, 1)
     # A2A time that falls as the ep group shrinks; FFN time flat: lina packs until FFN >= a2a.
-    g = graph_for_policy(m, 8, make_training_policy("lina"), ffn_time=lambda op: 1.0,
-                         a2a_time=lambda op, comm: comm.size / 3)
+    g = graph_for_policy(
+        m, 8, make_training_policy("lina"), ffn_time=lambda op: 1.0, a2a_time=lambda op, comm: comm.size / 3
+    )
     assert (g.pipeline_degree, g.experts_per_device) == (2, 4)  # a2a: 8/3, 4/3, 2/3 -> stop at k=4
     with pytest.raises(ValueError):
         graph_for_policy(m, 8, make_training_policy("lina"))

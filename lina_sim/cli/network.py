@@ -11,8 +11,9 @@ DEFAULT_PRESET = "paper-testbed"
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=DEFAULT_PRESET,
-                   help="cluster preset name or path to a profile .yaml (default: %(default)s)")
+    p.add_argument(
+        "--preset", default=DEFAULT_PRESET, help="cluster preset name or path to a profile .yaml (default: %(default)s)"
+    )
     p.add_argument("--nodes", type=str, default=None, help="number of nodes (default: the preset's)")
 
 

@@ -19,14 +19,21 @@ accuracy."""
 
 
 def register(sub) -> None:
-    p = sub.add_parser("sweep", help="run every point of a scenario's sweep (parallel, cached, resumable)",
-                       description="Run every point of a scenario's sweep: all points are validated first, "
-                                   "finished points are cached by content hash, and a re-run resumes.")
+    p = sub.add_parser(
+        "sweep",
+        help="run every point of a scenario's sweep (parallel, cached, resumable)",
+        description="Run every point of a scenario's sweep: all points are validated first, "
+        "finished points are cached by content hash, and a re-run resumes.",
+    )
     p.add_argument("scenario", help="scenario YAML with a sweep: block (see scenarios/)")
     p.add_argument("--out", default=None, help="results Parquet file (default: results/<name>/sweep.parquet)")
     p.add_argument("--workers", type=int, default=None, help="local worker processes (default: CPU count)")
-    p.add_argument("--backend", choices=("local", "ray"), default="local",
-                   help="local processes, or Ray (an existing cluster with --address, else a local one)")
+    p.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="local processes, or Ray (an existing cluster with --address, else a local one)",
+    )
     p.add_argument("--address", default=None, help="Ray cluster address, HOST:PORT or ray://HOST:PORT")
     p.add_argument("--cache", default=None, help="cache directory (default: results/.cache/points)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
@@ -34,20 +41,26 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)
 
-    r = sub.add_parser("reproduce", help="run the paper's experiments and write figures and REPORT.md",
-                       description=REPRODUCE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = sub.add_parser(
+        "reproduce",
+        help="run the paper's experiments and write figures and REPORT.md",
+        description=REPRODUCE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     r.add_argument("--quick", action="store_true", help="fewer points and shorter inference runs (see above)")
     r.add_argument("--out", default="plots/gallery", help="figures and REPORT.md (default: plots/gallery)")
     r.add_argument("--workers", type=int, default=None, help="local worker processes (default: CPU count)")
     r.add_argument("--cache", default=None, help="cache directory (default: results/.cache/points)")
     r.add_argument("--no-cache", action="store_true", help="recompute every point")
-    r.add_argument("--only", default=None,
-                   help="comma-separated experiments to run (default: all; names above)")
+    r.add_argument("--only", default=None, help="comma-separated experiments to run (default: all; names above)")
     r.set_defaults(func=cmd_reproduce)
 
-    c = sub.add_parser("compare", help="put result tables side by side (sweeps, runs, lina-run measurements)",
-                       description="Align result tables (CSV or Parquet with lina-sim run's columns) on their "
-                                   "common key columns and compare one metric, with a figure.")
+    c = sub.add_parser(
+        "compare",
+        help="put result tables side by side (sweeps, runs, lina-run measurements)",
+        description="Align result tables (CSV or Parquet with lina-sim run's columns) on their "
+        "common key columns and compare one metric, with a figure.",
+    )
     c.add_argument("results", nargs="+", help="result tables; LABEL=PATH names a column (default: file name)")
     c.add_argument("--metric", default=None, help="column to compare (default: step_time_s, else p95/p50 latency)")
     c.add_argument("--key", default=None, help="comma-separated key columns (default: the common ones)")
@@ -71,8 +84,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     finally:
         backend.close()
     write_parquet(res.table, out)
-    print(f"# {res.points} points: {res.ran} ran, {res.cached} from cache, {len(res.failed)} failed "
-          f"in {res.wall_s:.1f} s ({backend.workers} {args.backend} worker{'s' * (backend.workers > 1)})")
+    print(
+        f"# {res.points} points: {res.ran} ran, {res.cached} from cache, {len(res.failed)} failed "
+        f"in {res.wall_s:.1f} s ({backend.workers} {args.backend} worker{'s' * (backend.workers > 1)})"
+    )
     if res.failed:
         print(format_failures(res.failed))
     print(f"# results: {out} ({len(res.table)} rows)")

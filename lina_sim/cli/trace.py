@@ -16,8 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("file", help="trace file (.npz, .jsonl, .npy)")
     p.add_argument("--plot", metavar="PNG", help="write skew bars and transition heatmaps here")
-    p.add_argument("--compare-real", action="store_true",
-                   help="put the trace beside the real OLMoE/Mixtral routing counts")
+    p.add_argument(
+        "--compare-real", action="store_true", help="put the trace beside the real OLMoE/Mixtral routing counts"
+    )
     p.add_argument("--real", metavar="JSON", help="routing_counts.json (default: ../shared/data/olmoe-routing)")
     p.add_argument("--batch-tokens", type=int, default=256, help="batch size for path-based estimation")
     p.add_argument("--path-lengths", type=int, nargs="+", default=[0, 1, 3, 6])
@@ -34,8 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--from", dest="source", metavar="TRACE", help="fit to this trace")
     g.add_argument("--tokens", type=int, default=None, help="tokens to generate (default: as the source, or 50000)")
     g.add_argument("--layers", type=int, default=None, help="MoE layers (with --from: scale to this many)")
-    g.add_argument("--experts", type=int, default=None,
-                   help="experts (with --from: a multiple of the source's, each expert split evenly)")
+    g.add_argument(
+        "--experts",
+        type=int,
+        default=None,
+        help="experts (with --from: a multiple of the source's, each expert split evenly)",
+    )
     g.add_argument("--top-k", type=int, default=1, help="experts per token (parameters only)")
     g.add_argument("--popularity", choices=["zipf", "dirichlet"], default="zipf")
     g.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent of expert popularity")
@@ -48,8 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from lina_sim.routing import traces as tr
     from lina_sim.routing import stats as ts
+    from lina_sim.routing import traces as tr
 
     trace = tr.load(args.file)
     if args.batch_tokens < 1:
@@ -85,8 +90,16 @@ def run_gen(args: argparse.Namespace) -> int:
         if args.layers is None or args.experts is None:
             raise ConfigError("trace-gen", "give --from TRACE, or both --layers and --experts")
         gen = RoutingTraceGenerator.synthetic(
-            args.experts, args.layers, args.top_k, args.popularity, args.zipf_s, args.alpha,
-            args.affinity, args.locality, args.seq_len or 128, args.seed,
+            args.experts,
+            args.layers,
+            args.top_k,
+            args.popularity,
+            args.zipf_s,
+            args.alpha,
+            args.affinity,
+            args.locality,
+            args.seq_len or 128,
+            args.seed,
         )
         tokens = args.tokens or 50_000
     if args.seq_len:

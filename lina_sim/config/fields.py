@@ -23,9 +23,10 @@ import dataclasses
 import difflib
 import math
 import numbers
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -39,8 +40,14 @@ class _Required:
 
 REQUIRED: Any = _Required()  # the default of a field that must be given
 
-_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-               tuple: "a list", dict: "a mapping"}
+_TYPE_WORDS = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    tuple: "a list",
+    dict: "a mapping",
+}
 
 
 @dataclass(frozen=True)
@@ -88,8 +95,10 @@ class Field:
             if self.minimum is not None:
                 text += f" {'>' if self.exclusive_minimum else '>='} {self.minimum:g}"
             if self.maximum is not None:
-                text += f"{' and' if self.minimum is not None else ''} {'<' if self.exclusive_maximum else '<='} " \
-                        f"{self.maximum:g}"
+                text += (
+                    f"{' and' if self.minimum is not None else ''} {'<' if self.exclusive_maximum else '<='} "
+                    f"{self.maximum:g}"
+                )
         return text + (" or null" if self.allow_none else "")
 
     def check(self, value: Any, path: str) -> Any:
@@ -190,8 +199,9 @@ def check_known(block: Mapping[str, Any], known: Iterable[str], where: str, what
             raise ConfigError(path, f"unknown {what}{hint}", known or ["(none)"])
 
 
-def check_fields(block: Mapping[str, Any], fields: Mapping[str, Field], where: str, *, strict: bool = True,
-                 what: str = "field") -> dict[str, Any]:
+def check_fields(
+    block: Mapping[str, Any], fields: Mapping[str, Field], where: str, *, strict: bool = True, what: str = "field"
+) -> dict[str, Any]:
     """Every field of ``fields`` read from ``block`` (defaults filled in), in the table's
     order. With ``strict`` a key of ``block`` that is not a field is an error (see
     :func:`check_known`); without it such keys are left to the caller."""
@@ -228,8 +238,9 @@ def check_declared(obj: Any, where: str) -> None:
         f.check(getattr(obj, name), f"{where}.{name}" if where else name)
 
 
-def load_yaml(path: str | Path, what: str = "file", allowed: str | Iterable[str] | None = None, *,
-              lists: bool = False) -> dict[str, Any] | list[Any]:
+def load_yaml(
+    path: str | Path, what: str = "file", allowed: str | Iterable[str] | None = None, *, lists: bool = False
+) -> dict[str, Any] | list[Any]:
     """The YAML mapping in ``path`` (or, with ``lists``, a mapping or a list). A missing
     file, invalid YAML or a document of another kind is one ConfigError naming the file;
     ``what`` says what the file should be (``scenario``, ``preset``, ``profile``)."""

@@ -30,9 +30,10 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from lina_sim.config import fields
 from lina_sim.errors import ConfigError
@@ -87,8 +88,11 @@ def _split(path: str) -> list[tuple[str, str | None]]:
     for seg in path.split("."):
         m = _SEG.match(seg)
         if not m:
-            raise ConfigError(f"sweep.{path}", f"cannot parse field path segment {seg!r}",
-                              "dotted names, with policies[NAME] to pick a policy")
+            raise ConfigError(
+                f"sweep.{path}",
+                f"cannot parse field path segment {seg!r}",
+                "dotted names, with policies[NAME] to pick a policy",
+            )
         out.append((m.group(1), m.group(2)))
     return out
 

@@ -6,15 +6,30 @@ import re
 
 from lina_sim.errors import ConfigError
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
-          "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1 << 10,
+    "KB": 1 << 10,
+    "KIB": 1 << 10,
+    "M": 1 << 20,
+    "MB": 1 << 20,
+    "MIB": 1 << 20,
+    "G": 1 << 30,
+    "GB": 1 << 30,
+    "GIB": 1 << 30,
+    "T": 1 << 40,
+    "TB": 1 << 40,
+}
 
 
 def parse_size(text: str, field: str = "size") -> int:
     """'64M' → 67108864 bytes (binary units, as nccl-tests)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).upper() not in _UNITS:
-        raise ConfigError(field, f"cannot parse size {text!r}", "a non-negative number with an optional unit B, K, M, G, T (e.g. 64M)")
+        raise ConfigError(
+            field, f"cannot parse size {text!r}", "a non-negative number with an optional unit B, K, M, G, T (e.g. 64M)"
+        )
     value = float(m.group(1)) * _UNITS[m.group(2).upper()]
     return int(value)
 

@@ -8,9 +8,9 @@ ratio of each to the first table.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
@@ -64,8 +64,11 @@ def choose_metric(tables: Sequence[Table], metric: str | None) -> str:
     if metric:
         missing = [t.label for t in tables if metric not in t.frame.columns]
         if missing:
-            raise ConfigError("--metric", f"column {metric!r} missing from {', '.join(missing)}",
-                              sorted(set.intersection(*(set(t.frame.columns) for t in tables))))
+            raise ConfigError(
+                "--metric",
+                f"column {metric!r} missing from {', '.join(missing)}",
+                sorted(set.intersection(*(set(t.frame.columns) for t in tables))),
+            )
         return metric
     for m in METRICS:
         if all(m in t.frame.columns for t in tables):
@@ -112,8 +115,7 @@ def side_by_side(tables: Sequence[Table], metric: str, key: list[str]) -> pd.Dat
     return merged
 
 
-def plot(table: pd.DataFrame, key: list[str], labels: list[str], metric: str, path: Path,
-         max_bars: int = 40) -> Path:
+def plot(table: pd.DataFrame, key: list[str], labels: list[str], metric: str, path: Path, max_bars: int = 40) -> Path:
     """Grouped bars (one group per key, one bar per table) when they fit; otherwise a
     parity plot of every table against the first, with the y = x line."""
     import matplotlib
@@ -150,8 +152,9 @@ def plot(table: pd.DataFrame, key: list[str], labels: list[str], metric: str, pa
     return save_figure(fig, path)
 
 
-def compare_files(specs: Sequence[str], metric: str | None = None, key: str | None = None,
-                  out: str | None = None) -> int:
+def compare_files(
+    specs: Sequence[str], metric: str | None = None, key: str | None = None, out: str | None = None
+) -> int:
     from lina_sim.results.files import atomic_write_text
 
     tables = [read_table(s) for s in specs]

@@ -11,9 +11,10 @@ refuses to import if the two lists differ.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import pandas as pd
 
@@ -71,8 +72,9 @@ def _training_plot_point(df: pd.DataFrame, runs: list[PolicyRun], out: Path, suf
     breakdown_bars(df, out / f"breakdown{suffix}.png", title)
     # One timeline figure: Lina's when it ran (the policy the figure is about), else the first.
     last = runs[-1] if len(runs) == 1 else next((r for r in runs if r.entry.name == "lina"), runs[0])
-    timeline_figure(last.result.timeline, out / f"timeline{suffix}-{last.entry.label}.png",
-                    f"{last.entry.label}: {title}")
+    timeline_figure(
+        last.result.timeline, out / f"timeline{suffix}-{last.entry.label}.png", f"{last.entry.label}: {title}"
+    )
 
 
 def _training_plot_results(results: pd.DataFrame, out: Path) -> None:
@@ -88,8 +90,13 @@ def _training_sweep_columns(runs: list[PolicyRun]) -> dict[str, list]:
 
 
 TRAINING = ScenarioKind(
-    name="training", resolve=resolve_training, run=run_training, table=format_training_table,
-    timelines=_training_timelines, plot_point=_training_plot_point, plot_results=_training_plot_results,
+    name="training",
+    resolve=resolve_training,
+    run=run_training,
+    table=format_training_table,
+    timelines=_training_timelines,
+    plot_point=_training_plot_point,
+    plot_results=_training_plot_results,
     sweep_columns=_training_sweep_columns,
 )
 
@@ -113,9 +120,15 @@ def _inference_plot_results(results: pd.DataFrame, out: Path) -> None:
 
 
 INFERENCE = ScenarioKind(
-    name="inference", resolve=resolve_inference, run=run_inference, table=format_inference_table,
-    timelines=_inference_timelines, plot_point=_inference_plot_point, plot_results=_inference_plot_results,
-    start_first=True, optional=True,
+    name="inference",
+    resolve=resolve_inference,
+    run=run_inference,
+    table=format_inference_table,
+    timelines=_inference_timelines,
+    plot_point=_inference_plot_point,
+    plot_results=_inference_plot_results,
+    start_first=True,
+    optional=True,
 )
 
 
@@ -124,8 +137,10 @@ KINDS: dict[str, ScenarioKind] = {k.name: k for k in (TRAINING, INFERENCE)}
 
 if tuple(KINDS) != tuple(KIND_NAMES):
     # Not an assert: it must hold under ``python -O`` too.
-    raise RuntimeError(f"scenario kinds registered here {tuple(KINDS)} differ from the loader's "
-                      f"lina_sim.config.scenario.KIND_NAMES {tuple(KIND_NAMES)}; add the kind to both")
+    raise RuntimeError(
+        f"scenario kinds registered here {tuple(KINDS)} differ from the loader's "
+        f"lina_sim.config.scenario.KIND_NAMES {tuple(KIND_NAMES)}; add the kind to both"
+    )
 
 
 def kind_of(name: str) -> ScenarioKind:

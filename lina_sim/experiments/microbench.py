@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from lina_sim.hardware.spec import ClusterSpec
+from lina_sim.hardware.topology import Topology
 from lina_sim.network.alone import AloneTimes, SimCluster
 from lina_sim.network.collectives import CollectiveAlgos, CollectiveResult, check_algo
-from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.results.timeline import Event, Timeline
-from lina_sim.hardware.topology import Topology
+
 
 def bus_factor(op: str, n: int) -> float:
     return 2 * (n - 1) / n if op == "allreduce" else (n - 1) / n
@@ -29,8 +30,9 @@ def record(timeline: Timeline, res: CollectiveResult, name: str) -> None:
     timeline.extend(Event(int(r), kind, name, kind, res.start, res.end, bytes=res.bytes_per_rank) for r in res.ranks)
 
 
-def collective_sweep(cluster: ClusterSpec, op: str, algo: str, sizes: list[int],
-                     ranks=None, timeline: Timeline | None = None) -> pd.DataFrame:
+def collective_sweep(
+    cluster: ClusterSpec, op: str, algo: str, sizes: list[int], ranks=None, timeline: Timeline | None = None
+) -> pd.DataFrame:
     """Time ``op`` at each size, back to back on one simulated cluster."""
     check_algo(op, algo)
     sim = SimCluster(cluster)
@@ -43,8 +45,16 @@ def collective_sweep(cluster: ClusterSpec, op: str, algo: str, sizes: list[int],
             res = yield sim.start(op, algo, ranks, size)
             t = res.duration
             algbw = size / t if t > 0 else float("inf")
-            rows.append({"size": size, "count": size // 4, "type": "float", "time_us": t * 1e6,
-                         "algbw_GBps": algbw / 1e9, "busbw_GBps": algbw * bus_factor(op, n) / 1e9})
+            rows.append(
+                {
+                    "size": size,
+                    "count": size // 4,
+                    "type": "float",
+                    "time_us": t * 1e6,
+                    "algbw_GBps": algbw / 1e9,
+                    "busbw_GBps": algbw * bus_factor(op, n) / 1e9,
+                }
+            )
             if timeline is not None:
                 record(timeline, res, f"{op}[{size}]")
 
@@ -70,8 +80,9 @@ class ContentionResult:
         return self.a2a_shared_s / self.a2a_alone_s if self.a2a_alone_s > 0 else float("nan")
 
 
-def contention(cluster: ClusterSpec, a2a_bytes: float, ar_bytes: float, a2a_algo: str = "direct",
-               ar_algo: str = "ring", ranks=None) -> ContentionResult:
+def contention(
+    cluster: ClusterSpec, a2a_bytes: float, ar_bytes: float, a2a_algo: str = "direct", ar_algo: str = "ring", ranks=None
+) -> ContentionResult:
     """The all-to-all alone, the allreduce alone, then both launched at t=0 on the same ranks."""
     check_algo("all_to_all", a2a_algo)
     check_algo("allreduce", ar_algo)

@@ -12,17 +12,25 @@ import copy
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
-from lina_sim.errors import ConfigError
 from lina_sim.config.scenario import expand, load_yaml
+from lina_sim.errors import ConfigError
 from lina_sim.experiments.kinds import KINDS, kind_of
 from lina_sim.experiments.sweep import (
-    Cache, LocalBackend, Progress, SweepError, SweepPoint, package_version, plan_points, run_sweep,
+    Cache,
+    LocalBackend,
+    Progress,
+    SweepError,
+    SweepPoint,
+    package_version,
+    plan_points,
+    run_sweep,
 )
 from lina_sim.results.files import atomic_write_text
 from lina_sim.results.tables import markdown_table, text_table
@@ -55,11 +63,13 @@ class Figure:
 
 def _keep(field: str, values: list) -> Callable[[dict], dict]:
     """--quick: keep only ``values`` of a grid list (e.g. one of the three models)."""
+
     def shrink(data: dict) -> dict:
         data = copy.deepcopy(data)
         grid = data["sweep"]["grid"]
         grid[field] = [v for v in grid[field] if v in values]
         return data
+
     return shrink
 
 
@@ -75,10 +85,12 @@ def _quick_microop(data: dict) -> dict:
 
 def _draw(name: str) -> Callable:
     """A figure function of plots.reproduce, imported when drawn (matplotlib is slow)."""
+
     def draw(df: pd.DataFrame, path: Path, **kw: Any) -> pd.DataFrame:
         import plots.reproduce as figs
 
         return getattr(figs, name)(df, path, **kw)
+
     return draw
 
 
@@ -89,20 +101,40 @@ TRAINING_SOURCES = [
 ]
 
 TRAINING_FIGURES = [
-    Figure("speedup", "Training: step-time speedup against the number of experts", "training",
-           "training_speedup_vs_experts.png", _draw("training_speedup"),
-           "Speedup of each policy's simulated step time over DeepSpeed's, on the paper testbed "
-           "(4 A100-40GB per node, one 100 Gb/s NIC per node), one expert per GPU."),
-    Figure("ablation", "Training: ablation (priority, then partitioning, then pipelining, then packing)",
-           "ablation", "training_ablation.png", _draw("training_ablation"),
-           "Lina's parts added one at a time on 16 GPUs; k = experts per device chosen by packing."),
-    Figure("microop", "Training: step time against micro-op size", "microop", "training_microop_size.png",
-           _draw("microop_size"),
-           "Gradients cut into micro-ops of 10 to 200 MB (16 GPUs); DeepSpeed's 25 MB buckets as reference."),
-    Figure("contention", "Training: backward all-to-all slowdown under contention", "training",
-           "training_a2a_slowdown.png", _draw("a2a_slowdown"),
-           "Each backward all-to-all's time in the step divided by its time alone on an idle network "
-           "(rank 0's communicator), at 16 experts; 1.0 = no contention."),
+    Figure(
+        "speedup",
+        "Training: step-time speedup against the number of experts",
+        "training",
+        "training_speedup_vs_experts.png",
+        _draw("training_speedup"),
+        "Speedup of each policy's simulated step time over DeepSpeed's, on the paper testbed "
+        "(4 A100-40GB per node, one 100 Gb/s NIC per node), one expert per GPU.",
+    ),
+    Figure(
+        "ablation",
+        "Training: ablation (priority, then partitioning, then pipelining, then packing)",
+        "ablation",
+        "training_ablation.png",
+        _draw("training_ablation"),
+        "Lina's parts added one at a time on 16 GPUs; k = experts per device chosen by packing.",
+    ),
+    Figure(
+        "microop",
+        "Training: step time against micro-op size",
+        "microop",
+        "training_microop_size.png",
+        _draw("microop_size"),
+        "Gradients cut into micro-ops of 10 to 200 MB (16 GPUs); DeepSpeed's 25 MB buckets as reference.",
+    ),
+    Figure(
+        "contention",
+        "Training: backward all-to-all slowdown under contention",
+        "training",
+        "training_a2a_slowdown.png",
+        _draw("a2a_slowdown"),
+        "Each backward all-to-all's time in the step divided by its time alone on an idle network "
+        "(rank 0's communicator), at 16 experts; 1.0 = no contention.",
+    ),
 ]
 
 
@@ -124,8 +156,8 @@ def estimation_accuracy(setup: Any, lengths: tuple[int, ...] = PATH_LENGTHS) -> 
     batches of ``token_budget`` tokens of the served slice, at the layers Lina schedules
     (``layer >= path length``)."""
     from lina_sim.policies.path_estimator import PathEstimator, top_experts
-    from lina_sim.serving.server import serving_inputs
     from lina_sim.routing.stats import expert_counts
+    from lina_sim.serving.server import serving_inputs
 
     sh = serving_inputs(setup)
     E = setup.model.experts
@@ -133,7 +165,7 @@ def estimation_accuracy(setup: Any, lengths: tuple[int, ...] = PATH_LENGTHS) -> 
     serve = sh.serve_experts[sh.pool.token_index(list(range(len(sh.pool))))]
     set_size = min(2 * setup.top_k, E)
     batch = min(setup.serving.batching.token_budget, serve.shape[0])
-    chunks = [serve[i:i + batch] for i in range(0, serve.shape[0] - batch + 1, batch)]
+    chunks = [serve[i : i + batch] for i in range(0, serve.shape[0] - batch + 1, batch)]
     counts = [expert_counts(chunk, E) for chunk in chunks]  # [layers, E] per chunk
     rows = []
     for m in lengths:
@@ -145,8 +177,15 @@ def estimation_accuracy(setup: Any, lengths: tuple[int, ...] = PATH_LENGTHS) -> 
                 got = top_experts(est.estimate(layer, PathEstimator.paths_for(chunk[:, :, 0], layer, m)), set_size)
                 exact += got == want
                 overlap += len(got & want) / set_size
-            rows.append({"path_length": m, "layer": layer, "exact": exact / len(chunks),
-                         "overlap": overlap / len(chunks), "batches": len(chunks)})
+            rows.append(
+                {
+                    "path_length": m,
+                    "layer": layer,
+                    "exact": exact / len(chunks),
+                    "overlap": overlap / len(chunks),
+                    "batches": len(chunks),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -165,20 +204,35 @@ INFERENCE_SOURCES = [
 ]
 
 INFERENCE_FIGURES = [
-    Figure("inference", "Inference: p50 and p95 latency per placement policy, normalised to ideal", "inference",
-           "inference_latency.png", _draw("inference_latency"),
-           "Request latency percentiles of each placement policy divided by those of `ideal` (tokens spread "
-           "perfectly evenly) at the same point: cluster sizes across, any other swept setting (e.g. "
-           "`expert_slots`: None = the default few slots per GPU with swaps over PCIe) down. The gate replays "
-           "recorded expert choices (`scenarios/paper-inference.yaml`)."),
-    Figure("pathlength", "Inference: p95 latency against path length", "pathlength", "inference_path_length.png",
-           lambda df, path: _draw("path_length")(df, path, length_col="policies[lina].path_length"),
-           "Lina's p95 request latency (16 GPUs, 16 experts) with its estimator conditioned on the last 1, 3 "
-           "or 6 layers of each token's path; `ideal`'s p95 is the dashed reference."),
-    Figure("accuracy", "Inference: estimation accuracy per layer", "pathlength",
-           "inference_estimation_accuracy.png", _draw_accuracy,
-           "Share of served batches whose estimated top-2k expert set (before the gate) equals the actual one "
-           "(after it), per layer, for each path length; what decides whether Lina's phase 2 re-plans."),
+    Figure(
+        "inference",
+        "Inference: p50 and p95 latency per placement policy, normalised to ideal",
+        "inference",
+        "inference_latency.png",
+        _draw("inference_latency"),
+        "Request latency percentiles of each placement policy divided by those of `ideal` (tokens spread "
+        "perfectly evenly) at the same point: cluster sizes across, any other swept setting (e.g. "
+        "`expert_slots`: None = the default few slots per GPU with swaps over PCIe) down. The gate replays "
+        "recorded expert choices (`scenarios/paper-inference.yaml`).",
+    ),
+    Figure(
+        "pathlength",
+        "Inference: p95 latency against path length",
+        "pathlength",
+        "inference_path_length.png",
+        lambda df, path: _draw("path_length")(df, path, length_col="policies[lina].path_length"),
+        "Lina's p95 request latency (16 GPUs, 16 experts) with its estimator conditioned on the last 1, 3 "
+        "or 6 layers of each token's path; `ideal`'s p95 is the dashed reference.",
+    ),
+    Figure(
+        "accuracy",
+        "Inference: estimation accuracy per layer",
+        "pathlength",
+        "inference_estimation_accuracy.png",
+        _draw_accuracy,
+        "Share of served batches whose estimated top-2k expert set (before the gate) equals the actual one "
+        "(after it), per layer, for each path length; what decides whether Lina's phase 2 re-plans.",
+    ),
 ]
 
 
@@ -211,8 +265,14 @@ def _split(table: pd.DataFrame, indices: list[int]) -> pd.DataFrame:
     return part.dropna(axis=1, how="all").reset_index(drop=True)
 
 
-def reproduce(out: Path = Path("plots/gallery"), quick: bool = False, workers: int | None = None,
-              cache: Cache | None = None, only: str | None = None, stream=None) -> int:
+def reproduce(
+    out: Path = Path("plots/gallery"),
+    quick: bool = False,
+    workers: int | None = None,
+    cache: Cache | None = None,
+    only: str | None = None,
+    stream=None,
+) -> int:
     """Run the experiments, draw the figures into ``out`` and write ``out/REPORT.md``."""
     stream = stream or sys.stdout
     t0 = time.perf_counter()
@@ -240,8 +300,11 @@ def reproduce(out: Path = Path("plots/gallery"), quick: bool = False, workers: i
         print(f"# {name} experiments skipped: {why}", file=stream)
     backend = LocalBackend(workers)
     cached = sum(cache.path(p.key).exists() for p in points) if cache else 0
-    print(f"# reproduce{' --quick' if quick else ''}: {len(points)} points from "
-          f"{', '.join(s.file for s in sources)} ({cached} cached), {backend.workers} workers", file=stream)
+    print(
+        f"# reproduce{' --quick' if quick else ''}: {len(points)} points from "
+        f"{', '.join(s.file for s in sources)} ({cached} cached), {backend.workers} workers",
+        file=stream,
+    )
     order = sorted(points, key=lambda p: not kind_of(p.scenario.kind).start_first)
     res = run_sweep(order, backend, cache, progress=Progress(len(points), cached, label="reproduce"))
     sections = []
@@ -263,17 +326,21 @@ def reproduce(out: Path = Path("plots/gallery"), quick: bool = False, workers: i
     print(file=stream)
     wall = time.perf_counter() - t0
     sim_s = float(res.table["sim_wall_s"].sum()) if "sim_wall_s" in res.table.columns else float("nan")
-    report = render_report(sections, quick=quick, points=len(points), ran=res.ran, wall_s=wall, sim_s=sim_s,
-                           skipped=skipped)
+    report = render_report(
+        sections, quick=quick, points=len(points), ran=res.ran, wall_s=wall, sim_s=sim_s, skipped=skipped
+    )
     path = atomic_write_text(out / "REPORT.md", report)
-    print(f"# report: {path}; {res.ran} points ran, {res.cached} from cache, {len(res.failed)} failed, "
-          f"{wall:.0f} s", file=stream)
+    print(
+        f"# report: {path}; {res.ran} points ran, {res.cached} from cache, {len(res.failed)} failed, {wall:.0f} s",
+        file=stream,
+    )
     return 1 if res.failed or any(s[3] for s in sections) else 0
 
 
 # ---- the report ---------------------------------------------------------------------------
-def render_report(sections: list, quick: bool, points: int, ran: int, wall_s: float, sim_s: float,
-                  skipped: dict[str, str]) -> str:
+def render_report(
+    sections: list, quick: bool, points: int, ran: int, wall_s: float, sim_s: float, skipped: dict[str, str]
+) -> str:
     """REPORT.md: each figure with its caption and the table it plots; ``skipped`` maps a
     scenario kind to why its experiments were left out."""
     mode = "lina-sim reproduce --quick" if quick else "lina-sim reproduce"
@@ -289,9 +356,12 @@ def render_report(sections: list, quick: bool, points: int, ran: int, wall_s: fl
         "",
     ]
     if quick:
-        out += ["*Quick run:* the ablation covers Transformer-XL only, the micro-op sweep GPT-2 only at five "
-                "sizes, and inference serves a quarter of the requests; run `lina-sim reproduce` for all three "
-                "models, eight sizes and full-length inference.", ""]
+        out += [
+            "*Quick run:* the ablation covers Transformer-XL only, the micro-op sweep GPT-2 only at five "
+            "sizes, and inference serves a quarter of the requests; run `lina-sim reproduce` for all three "
+            "models, eight sizes and full-length inference.",
+            "",
+        ]
     for name, why in skipped.items():
         out += [f"*{name.capitalize()} experiments skipped:* {why}.", ""]
     for fig, table, failed, error in sections:
@@ -302,6 +372,9 @@ def render_report(sections: list, quick: bool, points: int, ran: int, wall_s: fl
             out += [markdown_table(table), ""]
         if len(failed):
             errs = failed.drop_duplicates("point")[["point", "error"]]
-            out += [f"**{len(errs)} point(s) failed:**", ""] + [f"- point {r.point}: `{r.error}`"
-                                                                 for r in errs.itertuples()] + [""]
+            out += (
+                [f"**{len(errs)} point(s) failed:**", ""]
+                + [f"- point {r.point}: `{r.error}`" for r in errs.itertuples()]
+                + [""]
+            )
     return "\n".join(out)

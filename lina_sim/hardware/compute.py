@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import bisect
 import csv
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from lina_sim.config.fields import Field, check_declared, check_fields, check_mapping, load_yaml
 from lina_sim.errors import ConfigError
@@ -52,7 +53,7 @@ class RooflineComputeModel:
         self.launch_s = compute.kernel_launch_s
 
     @classmethod
-    def from_cluster(cls, cluster: ClusterSpec, dtype: str = "fp16") -> "RooflineComputeModel":
+    def from_cluster(cls, cluster: ClusterSpec, dtype: str = "fp16") -> RooflineComputeModel:
         return cls(cluster.gpu, cluster.compute, dtype)
 
     def kernel_time(self, flops: float, hbm_bytes: float) -> float:
@@ -88,7 +89,9 @@ class ProfileComputeModel:
     the key and the keys the profile has.
     """
 
-    def __init__(self, rows: Iterable[ProfileRow], fallback: ComputeModel | None = None, source: str = "profile") -> None:
+    def __init__(
+        self, rows: Iterable[ProfileRow], fallback: ComputeModel | None = None, source: str = "profile"
+    ) -> None:
         self.fallback = fallback
         self.source = source
         table: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -101,7 +104,7 @@ class ProfileComputeModel:
 
     # -- loading ------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, fallback: ComputeModel | None = None) -> "ProfileComputeModel":
+    def load(cls, path: str | Path, fallback: ComputeModel | None = None) -> ProfileComputeModel:
         """Load a ``.yaml``/``.yml`` (``{rows: [{op, shape, tokens, seconds}, ...]}`` or a
         bare list) or a ``.csv`` with columns op, shape, tokens, seconds."""
         path = Path(path)
@@ -111,8 +114,9 @@ class ProfileComputeModel:
             with path.open(newline="") as fh:
                 records = list(csv.DictReader(fh))
         elif path.suffix in (".yaml", ".yml"):
-            data = load_yaml(path, "profile", "{rows: [{op, shape, tokens, seconds}, ...]} or a list of rows",
-                             lists=True)
+            data = load_yaml(
+                path, "profile", "{rows: [{op, shape, tokens, seconds}, ...]} or a list of rows", lists=True
+            )
             records = data.get("rows") if isinstance(data, Mapping) else data
             if not isinstance(records, list):
                 raise ConfigError(f"{path}.rows", "must be a list of {op, shape, tokens, seconds}")
@@ -130,8 +134,11 @@ class ProfileComputeModel:
         if curve is None:
             if self.fallback is not None:
                 return self.fallback.op_time(op)
-            raise ConfigError(self.source, f"no measurement for op {op.profile_key!r} with shape {op.shape!r}",
-                              [f"{k}[{s}]" if s else k for k, s in self.keys()])
+            raise ConfigError(
+                self.source,
+                f"no measurement for op {op.profile_key!r} with shape {op.shape!r}",
+                [f"{k}[{s}]" if s else k for k, s in self.keys()],
+            )
         return _interp(float(op.tokens), *curve)
 
 

@@ -8,12 +8,20 @@ each number in a shipped preset carries a comment saying where it comes from.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from lina_sim.config.fields import (
-    Field, check_declared, check_fields, check_known, check_mapping, declare, declared, load_yaml,
+    Field,
+    check_declared,
+    check_fields,
+    check_known,
+    check_mapping,
+    declare,
+    declared,
+    load_yaml,
 )
 from lina_sim.errors import ConfigError
 
@@ -42,7 +50,7 @@ class GPUSpec:
             raise ConfigError("dtype", f"GPU {self.name} has no peak for {dtype!r}", sorted(self.peak_flops))
         return float(self.peak_flops[dtype])
 
-    def check(self, where: str = "gpu") -> "GPUSpec":
+    def check(self, where: str = "gpu") -> GPUSpec:
         check_declared(self, where)
         if not isinstance(self.peak_flops, Mapping) or not self.peak_flops:
             raise ConfigError(f"{where}.peak_flops", "missing: give FLOP/s per dtype, e.g. {bf16: 312e12}")
@@ -55,11 +63,13 @@ class LinkSpec:
     """A link class: datasheet bandwidth per direction (bytes/s), the fraction of it that
     collectives achieve (``efficiency``), and a one-way per-hop latency (s)."""
 
-    bandwidth: float = declare(Field(float, minimum=0, exclusive_minimum=True,
-                                     help="datasheet bandwidth per direction, bytes/s"))
+    bandwidth: float = declare(
+        Field(float, minimum=0, exclusive_minimum=True, help="datasheet bandwidth per direction, bytes/s")
+    )
     latency: float = declare(Field(float, 0.0, minimum=0, help="one-way latency per hop, s"))
-    efficiency: float = declare(Field(float, 1.0, **_EFFICIENCY,
-                                      help="fraction of the bandwidth collectives achieve (0, 1]"))
+    efficiency: float = declare(
+        Field(float, 1.0, **_EFFICIENCY, help="fraction of the bandwidth collectives achieve (0, 1]")
+    )
 
     @property
     def effective_bandwidth(self) -> float:
@@ -72,10 +82,12 @@ class ComputeSpec:
     """Compute-model factors: achieved fraction of peak FLOP/s for matmuls and of HBM
     bandwidth for memory-bound kernels, and the launch overhead per kernel (s)."""
 
-    matmul_efficiency: float = declare(Field(float, 1.0, **_EFFICIENCY,
-                                             help="achieved fraction of peak FLOP/s in matmuls (0, 1]"))
-    memory_efficiency: float = declare(Field(float, 1.0, **_EFFICIENCY,
-                                             help="achieved fraction of HBM bandwidth in memory-bound kernels (0, 1]"))
+    matmul_efficiency: float = declare(
+        Field(float, 1.0, **_EFFICIENCY, help="achieved fraction of peak FLOP/s in matmuls (0, 1]")
+    )
+    memory_efficiency: float = declare(
+        Field(float, 1.0, **_EFFICIENCY, help="achieved fraction of HBM bandwidth in memory-bound kernels (0, 1]")
+    )
     kernel_launch_s: float = declare(Field(float, 0.0, minimum=0, help="launch overhead per kernel, s"))
 
 
@@ -100,9 +112,15 @@ class HostSpec:
 
     cores: int = declare(Field(int, minimum=1, help="CPU cores the ranks share"))
     step_delay_s: Mapping[str, float] = field(default_factory=dict)  # kind -> STEP_DELAY, s
-    reference_excess: float = declare(Field(float, 1.0, minimum=0, exclusive_minimum=True,
-                                            help="oversubscription (running - cores) / cores at which "
-                                                 "step_delay_s was measured (a ratio)"))
+    reference_excess: float = declare(
+        Field(
+            float,
+            1.0,
+            minimum=0,
+            exclusive_minimum=True,
+            help="oversubscription (running - cores) / cores at which step_delay_s was measured (a ratio)",
+        )
+    )
 
     @staticmethod
     def steps(kind: str, n: int) -> int:
@@ -115,7 +133,7 @@ class HostSpec:
         is oversubscribed as at calibration."""
         return self.steps(kind, n) * self.step_delay_s.get(kind, 0.0)
 
-    def check(self, where: str = "host") -> "HostSpec":
+    def check(self, where: str = "host") -> HostSpec:
         check_declared(self, where)
         check_known(self.step_delay_s, COLLECTIVE_KINDS, f"{where}.step_delay_s", "collective")
         _each(self.step_delay_s, STEP_DELAY, f"{where}.step_delay_s")
@@ -144,15 +162,17 @@ class ClusterSpec:
     gpu: GPUSpec
     nodes: int = declare(Field(int, 1, minimum=1, help="nodes in the cluster"), keyword=False)
     gpus_per_node: int = declare(Field(int, minimum=1, help="GPUs (ranks) per node"))
-    intra_node: str = declare(Field(str, "nvswitch", choices=INTRA_NODE_FABRICS, help="the fabric inside a node"),
-                              keyword=False)
+    intra_node: str = declare(
+        Field(str, "nvswitch", choices=INTRA_NODE_FABRICS, help="the fabric inside a node"), keyword=False
+    )
     nvlink: LinkSpec
     pcie: LinkSpec
     nic: LinkSpec
     nics_per_node: int = declare(Field(int, 1, minimum=1, help="NICs per node"), keyword=False)
     nic_of_gpu: tuple[int, ...]
-    oversubscription: float = declare(Field(float, 1.0, minimum=1,
-                                            help="node uplinks' fabric oversubscription (a ratio; 1: non-blocking)"))
+    oversubscription: float = declare(
+        Field(float, 1.0, minimum=1, help="node uplinks' fabric oversubscription (a ratio; 1: non-blocking)")
+    )
     switch_latency: float = declare(Field(float, 0.0, minimum=0, help="latency of one switch hop, s"))
     compute: ComputeSpec = field(default_factory=ComputeSpec)
     description: str = declare(Field(str, "", help="free text"))
@@ -165,10 +185,10 @@ class ClusterSpec:
     def node_of(self, rank: int) -> int:
         return rank // self.gpus_per_node
 
-    def with_nodes(self, nodes: int) -> "ClusterSpec":
+    def with_nodes(self, nodes: int) -> ClusterSpec:
         return dataclasses.replace(self, nodes=declared(ClusterSpec)["nodes"].check(nodes, "nodes"))
 
-    def check(self, where: str = "cluster") -> "ClusterSpec":
+    def check(self, where: str = "cluster") -> ClusterSpec:
         check_declared(self, where)
         self.gpu.check(f"{where}.gpu")
         for name in LINKS:
@@ -177,7 +197,10 @@ class ClusterSpec:
         if self.host is not None:
             self.host.check(f"{where}.host")
         if len(self.nic_of_gpu) != self.gpus_per_node:
-            raise ConfigError(f"{where}.nic_of_gpu", f"has {len(self.nic_of_gpu)} entries, expected one per GPU ({self.gpus_per_node})")
+            raise ConfigError(
+                f"{where}.nic_of_gpu",
+                f"has {len(self.nic_of_gpu)} entries, expected one per GPU ({self.gpus_per_node})",
+            )
         bad = [n for n in self.nic_of_gpu if not 0 <= n < self.nics_per_node]
         if bad:
             raise ConfigError(f"{where}.nic_of_gpu", f"NIC index {bad[0]} out of range", f"0..{self.nics_per_node - 1}")
@@ -202,19 +225,39 @@ PRESET_FIELDS: dict[str, Field] = {
     **declared(ClusterSpec),
     "gpu": Field(dict, allowed=_mapping_of(GPUSpec, "peak_flops"), help="the accelerator"),
     **{name: Field(dict, allowed=_mapping_of(LinkSpec), help=f"the {name} link class") for name in LINKS},
-    "compute": Field(dict, None, allow_none=True, allowed=_mapping_of(ComputeSpec),
-                     help="compute-model factors (absent: the ideal roofline)"),
-    "host": Field(dict, None, allow_none=True, allowed=_mapping_of(HostSpec, "step_delay_s"),
-                  help="one CPU host shared by every rank (absent: a device per rank)"),
-    "nic_of_gpu": Field(tuple, None, allow_none=True, allowed="a list of NIC indices, one per GPU",
-                        help="the local NIC of each local GPU (absent: GPUs spread evenly over the NICs)"),
+    "compute": Field(
+        dict,
+        None,
+        allow_none=True,
+        allowed=_mapping_of(ComputeSpec),
+        help="compute-model factors (absent: the ideal roofline)",
+    ),
+    "host": Field(
+        dict,
+        None,
+        allow_none=True,
+        allowed=_mapping_of(HostSpec, "step_delay_s"),
+        help="one CPU host shared by every rank (absent: a device per rank)",
+    ),
+    "nic_of_gpu": Field(
+        tuple,
+        None,
+        allow_none=True,
+        allowed="a list of NIC indices, one per GPU",
+        help="the local NIC of each local GPU (absent: GPUs spread evenly over the NICs)",
+    ),
     "source": Field(str, "", help="free text: where the numbers come from"),
 }
 NIC_INDEX = Field(int, help="index of a local NIC")
 # The mappings of a preset whose entries are checked one by one (PEAK_FLOPS, STEP_DELAY).
 _PEAKS = Field(dict, allowed="FLOP/s per dtype, e.g. {bf16: 312e12}", help="dense peak FLOP/s per dtype")
-_DELAYS = Field(dict, None, allow_none=True, allowed="seconds per collective kind, e.g. {allreduce: 0.01}",
-                help="extra delay per step of each collective kind on an oversubscribed host, s")
+_DELAYS = Field(
+    dict,
+    None,
+    allow_none=True,
+    allowed="seconds per collective kind, e.g. {allreduce: 0.01}",
+    help="extra delay per step of each collective kind on an oversubscribed host, s",
+)
 
 
 def _gpu(g: Mapping[str, Any], where: str) -> GPUSpec:

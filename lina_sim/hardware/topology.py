@@ -69,7 +69,10 @@ class Topology:
         else:
             # One link per ordered pair (a, b) of local GPUs, a != b, indexed a*g + b.
             self._nvl_pair = block(
-                "nvlink", c.nodes * g * g, nvl.effective_bandwidth, nvl.latency,
+                "nvlink",
+                c.nodes * g * g,
+                nvl.effective_bandwidth,
+                nvl.latency,
                 lambda i: f"nvl[{(i // (g * g)) * g + (i % (g * g)) // g}->{(i // (g * g)) * g + i % g}]",
             )
         p = c.pcie
@@ -77,18 +80,26 @@ class Topology:
         self._pcie_down = block("pcie", n, p.effective_bandwidth, p.latency, lambda i: f"pcie_down[{i}]")
         k = c.nics_per_node
         nic = c.nic
-        self._nic_tx = block("nic", c.nodes * k, nic.effective_bandwidth, nic.latency,
-                             lambda i: f"nic_tx[node{i // k}.{i % k}]")
-        self._nic_rx = block("nic", c.nodes * k, nic.effective_bandwidth, nic.latency + c.switch_latency,
-                             lambda i: f"nic_rx[node{i // k}.{i % k}]")
+        self._nic_tx = block(
+            "nic", c.nodes * k, nic.effective_bandwidth, nic.latency, lambda i: f"nic_tx[node{i // k}.{i % k}]"
+        )
+        self._nic_rx = block(
+            "nic",
+            c.nodes * k,
+            nic.effective_bandwidth,
+            nic.latency + c.switch_latency,
+            lambda i: f"nic_rx[node{i // k}.{i % k}]",
+        )
         self.oversubscribed = c.oversubscription > 1.0
         if self.oversubscribed:
             up = k * nic.effective_bandwidth / c.oversubscription
             self._uplink = block("uplink", c.nodes, up, 0.0, lambda i: f"uplink[node{i}]")
             self._downlink = block("uplink", c.nodes, up, 0.0, lambda i: f"downlink[node{i}]")
         self.links = LinkTable(
-            kind=np.array(kinds), capacity=np.array(caps, dtype=np.float64),
-            latency=np.array(lats, dtype=np.float64), names=names,
+            kind=np.array(kinds),
+            capacity=np.array(caps, dtype=np.float64),
+            latency=np.array(lats, dtype=np.float64),
+            names=names,
         )
         self._nic_of_gpu = np.asarray(c.nic_of_gpu, dtype=np.int64)
 

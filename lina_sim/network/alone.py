@@ -34,8 +34,9 @@ class SimCluster:
 class AloneTimes:
     """Collective times with nothing else on the network (s), cached by size and group."""
 
-    def __init__(self, cluster: ClusterSpec, algos: CollectiveAlgos = CollectiveAlgos(),
-                 topology: Topology | None = None):
+    def __init__(
+        self, cluster: ClusterSpec, algos: CollectiveAlgos = CollectiveAlgos(), topology: Topology | None = None
+    ):
         self.cluster = cluster
         self.algos = algos
         self.topology = topology or Topology(cluster)

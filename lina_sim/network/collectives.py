@@ -22,8 +22,8 @@ Units: bytes, seconds.
 
 from __future__ import annotations
 
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Generator, Sequence
 
 import numpy as np
 import simpy
@@ -171,8 +171,9 @@ class Collectives:
                 if weight is None and np.all(fair == fair[0]):
                     keys = hops
                 else:
-                    _, keys = np.unique(np.stack([hops, np.round(w * 1e9), np.round(fair * 1e9)]),
-                                        axis=1, return_inverse=True)
+                    _, keys = np.unique(
+                        np.stack([hops, np.round(w * 1e9), np.round(fair * 1e9)]), axis=1, return_inverse=True
+                    )
                     keys = keys.ravel()
             groups = []
             order = np.argsort(keys, kind="stable")
@@ -196,8 +197,11 @@ class Collectives:
         res.steps += steps
         if pattern.latency > 0:
             yield self.env.timeout(pattern.latency * steps)
-        events = [self.net.transfer(links, mult, n, frac * bytes_per_unit, res.tag, weight)
-                  for links, mult, n, frac, weight in pattern.groups if frac * bytes_per_unit > 0]
+        events = [
+            self.net.transfer(links, mult, n, frac * bytes_per_unit, res.tag, weight)
+            for links, mult, n, frac, weight in pattern.groups
+            if frac * bytes_per_unit > 0
+        ]
         if len(events) == 1:
             yield events[0]
         elif events:
@@ -281,7 +285,7 @@ class Collectives:
         phase1 = np.zeros((nodes * g, nodes * g))
         p1 = m.sum(axis=2)  # [a, l, l']
         for a in range(nodes):
-            phase1[a * g:(a + 1) * g, a * g:(a + 1) * g] = p1[a]
+            phase1[a * g : (a + 1) * g, a * g : (a + 1) * g] = p1[a]
         yield from self._matrix_step(("a2a-h1",), order, phase1, res)
         # Phase 2 (across nodes): (a, l') -> (b, l') carries what node a sends to (b, l').
         phase2 = np.zeros((nodes * g, nodes * g))

@@ -27,8 +27,8 @@ Units: bytes, seconds, bytes/s.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -111,17 +111,34 @@ class FluidNetwork:
         self.stats = NetworkStats()
 
     # -- public API ----------------------------------------------------------------------
-    def transfer(self, links: np.ndarray, mult: np.ndarray, n_flows: int, bytes_per_flow: float,
-                 tag: str = "", weight: float = 1.0) -> simpy.Event:
+    def transfer(
+        self,
+        links: np.ndarray,
+        mult: np.ndarray,
+        n_flows: int,
+        bytes_per_flow: float,
+        tag: str = "",
+        weight: float = 1.0,
+    ) -> simpy.Event:
         """Start a group of ``n_flows`` flows of ``bytes_per_flow`` bytes and fair-share
         ``weight`` each over ``links`` (each crossed by ``mult`` of the flows). Returns an
         event that fires when the last byte arrives; its value is the :class:`FlowGroup`."""
         if not weight > 0:
             raise ValueError(f"flow weight must be > 0, got {weight}")
         done = self.env.event()
-        g = FlowGroup(next(self._ids), np.asarray(links, np.int64), np.asarray(mult, np.float64),
-                      int(n_flows), float(bytes_per_flow), float(weight), tag, self.env.now, done,
-                      remaining=float(bytes_per_flow), last=self.env.now)
+        g = FlowGroup(
+            next(self._ids),
+            np.asarray(links, np.int64),
+            np.asarray(mult, np.float64),
+            int(n_flows),
+            float(bytes_per_flow),
+            float(weight),
+            tag,
+            self.env.now,
+            done,
+            remaining=float(bytes_per_flow),
+            last=self.env.now,
+        )
         self.stats.groups_started += 1
         self.stats.flows_started += int(n_flows)
         if g.bytes_per_flow <= 0 or g.links.size == 0 or n_flows == 0:
@@ -135,8 +152,9 @@ class FluidNetwork:
             self.env.timeout(0).callbacks.append(self._flush)
         return done
 
-    def transfer_paths(self, paths: np.ndarray, bytes_per_flow: float, tag: str = "",
-                       weight: float = 1.0) -> simpy.Event:
+    def transfer_paths(
+        self, paths: np.ndarray, bytes_per_flow: float, tag: str = "", weight: float = 1.0
+    ) -> simpy.Event:
         """Start one group from a [flows, hops] path matrix (see ``Topology.paths``)."""
         links, mult = links_of_paths(paths, len(self.capacity))
         return self.transfer(links, mult, paths.shape[0], bytes_per_flow, tag, weight)
@@ -153,11 +171,15 @@ class FluidNetwork:
         self._settle(list(self._groups.values()))
         t = self.topology.links
         makespan = makespan or max(self.env.now, 1e-30)
-        df = pd.DataFrame({
-            "link": t.names, "kind": t.kind, "capacity_Bps": self.capacity,
-            "bytes": self.link_bytes, "busy_s": self.link_busy + np.where(
-                self._active_count > 0, self.env.now - self._busy_since, 0.0),
-        })
+        df = pd.DataFrame(
+            {
+                "link": t.names,
+                "kind": t.kind,
+                "capacity_Bps": self.capacity,
+                "bytes": self.link_bytes,
+                "busy_s": self.link_busy + np.where(self._active_count > 0, self.env.now - self._busy_since, 0.0),
+            }
+        )
         df["load_s"] = df["bytes"] / df["capacity_Bps"]
         df["utilisation"] = df["load_s"] / makespan
         df = df[df["bytes"] > 0]

@@ -36,11 +36,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lina_sim.network.collectives import check_algo
 from lina_sim.errors import ConfigError
 from lina_sim.hardware.spec import ClusterSpec
-from lina_sim.network.fluid import _REL_TOL
 from lina_sim.hardware.topology import Topology
+from lina_sim.network.collectives import check_algo
+from lina_sim.network.fluid import _REL_TOL
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,14 @@ class _StepModel:
             used = sets[aggs].any(axis=0)
             flows = np.flatnonzero(np.isin(agg, aggs))
             local = {int(a): i for i, a in enumerate(aggs)}
-            self.components.append(_Component(
-                flows, np.array([local[int(a)] for a in agg[flows]]),
-                sets[np.ix_(aggs, used)].astype(np.float64), cap[used]))
+            self.components.append(
+                _Component(
+                    flows,
+                    np.array([local[int(a)] for a in agg[flows]]),
+                    sets[np.ix_(aggs, used)].astype(np.float64),
+                    cap[used],
+                )
+            )
 
     @staticmethod
     def _undominated(inc: np.ndarray, cap: np.ndarray) -> np.ndarray:
@@ -243,8 +248,14 @@ class AllToAllTimer:
     then an inter-node step, as Tutel/DeepSpeed's 2D all-to-all). Exact repeats of a
     matrix are answered from a cache."""
 
-    def __init__(self, cluster: ClusterSpec, ranks: int | None = None, algo: str = "direct",
-                 topology: Topology | None = None, cache_size: int = 4096):
+    def __init__(
+        self,
+        cluster: ClusterSpec,
+        ranks: int | None = None,
+        algo: str = "direct",
+        topology: Topology | None = None,
+        cache_size: int = 4096,
+    ):
         check_algo("all_to_all", algo)
         self.topology = topology or Topology(cluster)
         n = cluster.world_size if ranks is None else int(ranks)
@@ -264,8 +275,10 @@ class AllToAllTimer:
                 same_local = (self.ranks[:, None] % g) == (self.ranks[None, :] % g)
                 off = ~np.eye(n, dtype=bool)
                 self._g = g
-                self._hier = (_StepModel(self.topology, self.ranks, np.nonzero(same_node & off)),
-                              _StepModel(self.topology, self.ranks, np.nonzero(same_local & ~same_node)))
+                self._hier = (
+                    _StepModel(self.topology, self.ranks, np.nonzero(same_node & off)),
+                    _StepModel(self.topology, self.ranks, np.nonzero(same_local & ~same_node)),
+                )
         self._cache: dict[bytes, float] = {}
         self._cache_size = cache_size
         self.hits = 0

@@ -55,7 +55,7 @@ class PathEstimator:
         self._tables: list[dict[int, _Table]] = []  # per layer: path length -> table
 
     # ---- training ------------------------------------------------------------------------
-    def fit(self, experts: np.ndarray) -> "PathEstimator":
+    def fit(self, experts: np.ndarray) -> PathEstimator:
         """Learn from expert choices [tokens, layers, k] (or [tokens, layers] for top-1)."""
         ex = np.asarray(experts)
         if ex.ndim == 2:
@@ -125,7 +125,7 @@ class PathEstimator:
         return np.asarray(top1)[:, max(0, layer - path_length) : layer]
 
     def _check_key_range(self, E: int) -> None:
-        if self.path_length and E ** self.path_length >= 2**62:
+        if self.path_length and E**self.path_length >= 2**62:
             raise ValueError(f"paths of {self.path_length} over {E} experts do not fit a 64-bit key")
 
 

@@ -4,8 +4,9 @@ a scenario's ``policies:`` list read into entries."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from lina_sim.errors import ConfigError
 

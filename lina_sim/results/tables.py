@@ -22,20 +22,26 @@ def point_title(setup: Any) -> str:
     if getattr(setup, "serving", None) is not None:
         traces = "+".join(Path(p).stem for p in setup.serving.trace_paths)
         detail = f" top-{setup.top_k}, trace {traces}"
-    return (f"{setup.scenario.name}: {c.name} {c.nodes}x{c.gpus_per_node} GPUs, {m.name}, {m.experts} experts"
-            + detail + (f"  [{swept}]" if swept else ""))
+    return (
+        f"{setup.scenario.name}: {c.name} {c.nodes}x{c.gpus_per_node} GPUs, {m.name}, {m.experts} experts"
+        + detail
+        + (f"  [{swept}]" if swept else "")
+    )
 
 
 def format_training_table(df, title: str) -> str:
-    lines = [f"# {title}",
-             f"  {'policy':<16} {'step(ms)':>9} {'speedup':>8} {'compute':>8} {'exp.a2a':>8} {'exp.AR':>8} "
-             f"{'idle':>7} {'k':>3} {'r':>3}  bwd a2a slowdown med/p95/max"]
+    lines = [
+        f"# {title}",
+        f"  {'policy':<16} {'step(ms)':>9} {'speedup':>8} {'compute':>8} {'exp.a2a':>8} {'exp.AR':>8} "
+        f"{'idle':>7} {'k':>3} {'r':>3}  bwd a2a slowdown med/p95/max",
+    ]
     for r in df.itertuples():
         lines.append(
             f"  {r.policy:<16} {r.step_time_s * 1e3:>9.2f} {r.speedup:>7.2f}x {r.compute_s * 1e3:>8.2f} "
             f"{r.exposed_a2a_s * 1e3:>8.2f} {r.exposed_allreduce_s * 1e3:>8.2f} {r.idle_s * 1e3:>7.2f} "
             f"{r.experts_per_device:>3d} {r.pipeline_degree:>3d}  "
-            f"{r.bwd_a2a_slowdown_median:.2f} / {r.bwd_a2a_slowdown_p95:.2f} / {r.bwd_a2a_slowdown_max:.2f}")
+            f"{r.bwd_a2a_slowdown_median:.2f} / {r.bwd_a2a_slowdown_p95:.2f} / {r.bwd_a2a_slowdown_max:.2f}"
+        )
     lines.append("  (times in ms per step; k = experts per device, r = all-to-all/FFN pipelining degree)")
     return "\n".join(lines)
 
@@ -50,31 +56,43 @@ def _ratio(x: float) -> str:
 
 def format_inference_table(df, title: str) -> str:
     """Per policy: p50/p95/p99 latency with ratios to static, and the serving details."""
-    lines = [f"# {title}",
-             f"  {'policy':<17} {'p50(ms)':>8} {'p95(ms)':>8} {'p99(ms)':>8}  {'p50/st':>6} {'p95/st':>6} "
-             f"{'p99/st':>6}  {'batch':>7} {'moeL95':>7} {'a2a95':>7} {'swapX':>7} {'imbal':>5} {'ph2':>5}"]
+    lines = [
+        f"# {title}",
+        f"  {'policy':<17} {'p50(ms)':>8} {'p95(ms)':>8} {'p99(ms)':>8}  {'p50/st':>6} {'p95/st':>6} "
+        f"{'p99/st':>6}  {'batch':>7} {'moeL95':>7} {'a2a95':>7} {'swapX':>7} {'imbal':>5} {'ph2':>5}",
+    ]
     for r in df.itertuples():
         lines.append(
             f"  {r.policy:<17} {_ms(r.latency_p50_s)} {_ms(r.latency_p95_s)} {_ms(r.latency_p99_s)}  "
             f"{_ratio(r.latency_p50_vs_static)} {_ratio(r.latency_p95_vs_static)} {_ratio(r.latency_p99_vs_static)}  "
             f"{r.batch_time_mean_s * 1e3:7.2f} {r.moe_layer_p95_s * 1e3:7.3f} {r.a2a_p95_s * 1e3:7.3f} "
-            f"{r.exposed_swap_per_batch_s * 1e3:7.3f} {r.load_imbalance_mean:5.2f} {r.phase2_rate:5.2f}")
+            f"{r.exposed_swap_per_batch_s * 1e3:7.3f} {r.load_imbalance_mean:5.2f} {r.phase2_rate:5.2f}"
+        )
     first = df.iloc[0]
-    arrival = (f"poisson {first.arrival_rate:g} req/s" if first.arrival == "poisson"
-               else f"closed loop, {int(first.concurrency)} in flight")
-    lines.append(f"  ({int(first.requests)} requests, {arrival}, token budget {int(first.token_budget)}, "
-                 f"timeout {first.timeout_s * 1e3:g} ms. batch = mean batch time (ms); moeL95 = p95 MoE-layer "
-                 f"time (ms); a2a95 = p95 dispatch+combine per layer (ms); swapX = exposed swap per batch (ms); "
-                 f"imbal = busiest GPU's expert tokens / mean; ph2 = phase-2 re-plan rate)")
+    arrival = (
+        f"poisson {first.arrival_rate:g} req/s"
+        if first.arrival == "poisson"
+        else f"closed loop, {int(first.concurrency)} in flight"
+    )
+    lines.append(
+        f"  ({int(first.requests)} requests, {arrival}, token budget {int(first.token_budget)}, "
+        f"timeout {first.timeout_s * 1e3:g} ms. batch = mean batch time (ms); moeL95 = p95 MoE-layer "
+        f"time (ms); a2a95 = p95 dispatch+combine per layer (ms); swapX = exposed swap per batch (ms); "
+        f"imbal = busiest GPU's expert tokens / mean; ph2 = phase-2 re-plan rate)"
+    )
     return "\n".join(lines)
 
 
 def format_collective_table(df, op: str, algo: str, cluster) -> str:
-    lines = [f"# {op} ({algo}) on {cluster.name}: {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs "
-             f"= {cluster.world_size} ranks",
-             f"#{'size':>13} {'count':>12} {'type':>6} {'time(us)':>11} {'algbw(GB/s)':>12} {'busbw(GB/s)':>12}"]
+    lines = [
+        f"# {op} ({algo}) on {cluster.name}: {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs "
+        f"= {cluster.world_size} ranks",
+        f"#{'size':>13} {'count':>12} {'type':>6} {'time(us)':>11} {'algbw(GB/s)':>12} {'busbw(GB/s)':>12}",
+    ]
     for r in df.itertuples():
-        lines.append(f"{r.size:>14d} {r.count:>12d} {r.type:>6} {r.time_us:>11.2f} {r.algbw_GBps:>12.2f} {r.busbw_GBps:>12.2f}")
+        lines.append(
+            f"{r.size:>14d} {r.count:>12d} {r.type:>6} {r.time_us:>11.2f} {r.algbw_GBps:>12.2f} {r.busbw_GBps:>12.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -90,16 +108,17 @@ def format_contention(res, cluster, a2a_bytes: int, ar_bytes: int, a2a_algo: str
         f"    {'link':<22} {'kind':<7} {'GB/s':>7} {'MB':>10} {'load(ms)':>9} {'util':>6}",
     ]
     for r in res.links.head(top).itertuples():
-        lines.append(f"    {r.link:<22} {r.kind:<7} {r.capacity_Bps / 1e9:>7.2f} {r.bytes / 1e6:>10.2f} "
-                     f"{r.load_s * 1e3:>9.3f} {r.utilisation:>6.2f}")
+        lines.append(
+            f"    {r.link:<22} {r.kind:<7} {r.capacity_Bps / 1e9:>7.2f} {r.bytes / 1e6:>10.2f} "
+            f"{r.load_s * 1e3:>9.3f} {r.utilisation:>6.2f}"
+        )
     return "\n".join(lines)
 
 
 def format_sweep_plan(points) -> str:
     """``lina-sim sweep --dry-run``: each planned point's index, cache key (first 12 hex
     digits) and swept values."""
-    lines = [f"point {p.index:>4}  {p.key[:12]}  " + ", ".join(f"{k}={v}" for k, v in p.swept.items())
-             for p in points]
+    lines = [f"point {p.index:>4}  {p.key[:12]}  " + ", ".join(f"{k}={v}" for k, v in p.swept.items()) for p in points]
     return "\n".join([*lines, f"# {len(points)} points, all valid"])
 
 
@@ -116,8 +135,12 @@ def format_side_by_side(table: pd.DataFrame, metric: str, sources) -> str:
     """``lina-sim compare``: one metric of several result tables side by side;
     ``sources`` are (label, path) of each table's column."""
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.max_columns", 50):
-        return (f"# {metric}: " + ", ".join(f"{label} = {path}" for label, path in sources) + "\n"
-                + table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        return (
+            f"# {metric}: "
+            + ", ".join(f"{label} = {path}" for label, path in sources)
+            + "\n"
+            + table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+        )
 
 
 def _fmt(v: Any) -> str:
@@ -138,8 +161,10 @@ def text_table(df: pd.DataFrame, max_rows: int = 40) -> str:
 def markdown_table(df: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table (3 significant digits for floats)."""
     cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if df[c].dtype.kind in "fiu" else "---"
-                                                          for c in df.columns) + "|"]
+    lines = [
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---:" if df[c].dtype.kind in "fiu" else "---" for c in df.columns) + "|",
+    ]
     for row in df.itertuples(index=False):
         lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
     return "\n".join(lines)
@@ -149,11 +174,16 @@ def markdown_table(df: pd.DataFrame) -> str:
 def format_scheduler_cost(df) -> str:
     """Per policy of a measured training table: the scheduler thread's share of the step,
     the all-to-all hand-off's, and the one-off partitioning and launch-plan time (ms)."""
-    return ("  scheduler per step: " + ", ".join(
-        f"{r.policy} {r.sched_busy_frac * 100:.2f}% thread + {r.handoff_total_s / r.step_time_s * 100:.2f}% "
-        f"hand-off (median {r.handoff_median_s * 1e3:.2f} ms)" for r in df.itertuples())
-        + "; partitioning and launch plan once per run: " + ", ".join(f"{r.policy} {r.partition_s * 1e3:.1f} ms"
-                                                              for r in df.itertuples()))
+    return (
+        "  scheduler per step: "
+        + ", ".join(
+            f"{r.policy} {r.sched_busy_frac * 100:.2f}% thread + {r.handoff_total_s / r.step_time_s * 100:.2f}% "
+            f"hand-off (median {r.handoff_median_s * 1e3:.2f} ms)"
+            for r in df.itertuples()
+        )
+        + "; partitioning and launch plan once per run: "
+        + ", ".join(f"{r.policy} {r.partition_s * 1e3:.1f} ms" for r in df.itertuples())
+    )
 
 
 def format_measured_inference_table(df, name: str) -> str:
@@ -161,9 +191,11 @@ def format_measured_inference_table(df, name: str) -> str:
     all-to-all time per batch (ms), expert swaps and re-planned layers."""
     lines = [f"# {name} [measured]: batch time per policy"]
     for r in df.itertuples():
-        lines.append(f"  {r.point:>2} {r.policy:<18} mean {r.batch_time_mean_s * 1e3:8.2f} ms  median "
-                     f"{r.batch_time_p50_s * 1e3:8.2f} ms  a2a/batch {r.a2a_s * 1e3:7.2f} ms  swaps {r.swaps}  "
-                     f"re-planned layers {r.replanned_layers}  ({r.batches} batches)")
+        lines.append(
+            f"  {r.point:>2} {r.policy:<18} mean {r.batch_time_mean_s * 1e3:8.2f} ms  median "
+            f"{r.batch_time_p50_s * 1e3:8.2f} ms  a2a/batch {r.a2a_s * 1e3:7.2f} ms  swaps {r.swaps}  "
+            f"re-planned layers {r.replanned_layers}  ({r.batches} batches)"
+        )
     return "\n".join(lines)
 
 
@@ -173,9 +205,11 @@ def ranking_summary(j) -> str:
     (``pairs_agree`` of ``pairs_resolved``)."""
     first = j.groupby("point").first()
     k = int(first["ranking_match"].sum())
-    return (f"ranking {'matches' if k == len(first) else 'differs'} at {k}/{len(first)} points; pairs of policies "
-            f"the measurement resolves (> 2 s.e. apart) ordered alike: {int(first['pairs_agree'].sum())}/"
-            f"{int(first['pairs_resolved'].sum())}")
+    return (
+        f"ranking {'matches' if k == len(first) else 'differs'} at {k}/{len(first)} points; pairs of policies "
+        f"the measurement resolves (> 2 s.e. apart) ordered alike: {int(first['pairs_agree'].sum())}/"
+        f"{int(first['pairs_resolved'].sum())}"
+    )
 
 
 def _median_abs_error(j) -> str:
@@ -186,14 +220,18 @@ def _median_abs_error(j) -> str:
 def format_validation_table(j, title: str) -> str:
     """Predicted against measured step time (ms; measured min..max) per point and
     policy, the error and whether the ranking holds."""
-    lines = [f"# {title}",
-             f"  {'pt':>2} {'policy':<12} {'k':>2} {'r':>2} {'predicted ms':>12} {'measured ms':>12} "
-             f"{'(min..max)':>15} {'error':>8}  ranking"]
+    lines = [
+        f"# {title}",
+        f"  {'pt':>2} {'policy':<12} {'k':>2} {'r':>2} {'predicted ms':>12} {'measured ms':>12} "
+        f"{'(min..max)':>15} {'error':>8}  ranking",
+    ]
     for r in j.itertuples():
-        lines.append(f"  {r.point:>2} {r.policy:<12} {r.experts_per_device_meas:>2} {r.pipeline_degree_meas:>2} "
-                     f"{r.step_time_s_pred * 1e3:>12.1f} {r.step_time_s_meas * 1e3:>12.1f} "
-                     f"{f'({r.step_time_min_s * 1e3:.0f}..{r.step_time_max_s * 1e3:.0f})':>15} "
-                     f"{r.error_pct:>+7.1f}%  {'same' if r.ranking_match else 'DIFFERS'}")
+        lines.append(
+            f"  {r.point:>2} {r.policy:<12} {r.experts_per_device_meas:>2} {r.pipeline_degree_meas:>2} "
+            f"{r.step_time_s_pred * 1e3:>12.1f} {r.step_time_s_meas * 1e3:>12.1f} "
+            f"{f'({r.step_time_min_s * 1e3:.0f}..{r.step_time_max_s * 1e3:.0f})':>15} "
+            f"{r.error_pct:>+7.1f}%  {'same' if r.ranking_match else 'DIFFERS'}"
+        )
     lines.append(_median_abs_error(j))
     return "\n".join(lines)
 
@@ -203,18 +241,21 @@ def format_validation_scheduler(j) -> str:
     all-to-all hand-off's share of the step."""
     return "  measured scheduler cost per step: " + ", ".join(
         f"{r.policy} {r.sched_busy_frac * 100:.2f}% (thread) + {r.handoff_total_s / r.step_time_s_meas * 100:.2f}% "
-        f"(a2a hand-off, median {r.handoff_median_s * 1e3:.2f} ms)" for r in j.itertuples())
+        f"(a2a hand-off, median {r.handoff_median_s * 1e3:.2f} ms)"
+        for r in j.itertuples()
+    )
 
 
 def format_inference_validation_table(j, title: str) -> str:
     """Predicted against measured mean batch time (ms) per point and policy, the error
     and whether the ranking holds."""
-    lines = [f"# {title}",
-             f"  {'pt':>2} {'policy':<18} {'predicted ms':>12} {'measured ms':>12} {'error':>8}  ranking"]
+    lines = [f"# {title}", f"  {'pt':>2} {'policy':<18} {'predicted ms':>12} {'measured ms':>12} {'error':>8}  ranking"]
     for r in j.itertuples():
-        lines.append(f"  {r.point:>2} {r.policy:<18} {r.batch_time_mean_s_pred * 1e3:>12.2f} "
-                     f"{r.batch_time_mean_s_meas * 1e3:>12.2f} {r.error_pct:>+7.1f}%  "
-                     f"{'same' if r.ranking_match else 'DIFFERS'}")
+        lines.append(
+            f"  {r.point:>2} {r.policy:<18} {r.batch_time_mean_s_pred * 1e3:>12.2f} "
+            f"{r.batch_time_mean_s_meas * 1e3:>12.2f} {r.error_pct:>+7.1f}%  "
+            f"{'same' if r.ranking_match else 'DIFFERS'}"
+        )
     lines.append(_median_abs_error(j))
     return "\n".join(lines)
 
@@ -226,10 +267,13 @@ def format_components(classes) -> str:
     """Side by side, per (point, policy): where the predicted and the measured step spend
     time. ``classes`` maps (point, policy) to (predicted, measured) seconds per
     :data:`COMPONENTS` key (``runtime.compare.op_classes``); printed in ms."""
-    lines = ["# per rank and step, ms: predicted / measured (busy time of each stream; overlaps counted in each;"
-             " a2a skew / xfer: mean per all-to-all, last arrival - first arrival / end - last arrival)",
-             f"  {'pt policy':<16}" + "".join(f"{k:>18}" for k in COMPONENTS)]
+    lines = [
+        "# per rank and step, ms: predicted / measured (busy time of each stream; overlaps counted in each;"
+        " a2a skew / xfer: mean per all-to-all, last arrival - first arrival / end - last arrival)",
+        f"  {'pt policy':<16}" + "".join(f"{k:>18}" for k in COMPONENTS),
+    ]
     for key, (p, m) in classes.items():
-        lines.append(f"  {key[0]:<2} {key[1]:<13}" + "".join(f"{p[k] * 1e3:>9.1f} /{m[k] * 1e3:>6.1f} "
-                                                             for k in COMPONENTS))
+        lines.append(
+            f"  {key[0]:<2} {key[1]:<13}" + "".join(f"{p[k] * 1e3:>9.1f} /{m[k] * 1e3:>6.1f} " for k in COMPONENTS)
+        )
     return "\n".join(lines)

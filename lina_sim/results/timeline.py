@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 
@@ -20,8 +20,15 @@ from lina_sim.results.files import atomic_write_text
 
 COLUMNS = ("rank", "stream", "op", "kind", "layer", "micro_op", "start", "end", "bytes")
 DTYPES = {
-    "rank": "int64", "stream": "string", "op": "string", "kind": "string", "layer": "int64",
-    "micro_op": "int64", "start": "float64", "end": "float64", "bytes": "float64",
+    "rank": "int64",
+    "stream": "string",
+    "op": "string",
+    "kind": "string",
+    "layer": "int64",
+    "micro_op": "int64",
+    "start": "float64",
+    "end": "float64",
+    "bytes": "float64",
 }
 # Kinds used across the project; free-form kinds are allowed but these get colours.
 KINDS = ("compute", "all_to_all", "allreduce", "swap", "idle")
@@ -94,11 +101,18 @@ def to_chrome_trace(df: pd.DataFrame, name: str = "lina-sim") -> dict:
         for s in streams:
             trace.append({"name": "thread_name", "ph": "M", "pid": int(rank), "tid": tid[s], "args": {"name": s}})
     for r in df.itertuples(index=False):
-        trace.append({
-            "name": r.op, "cat": r.kind, "ph": "X", "pid": int(r.rank), "tid": tid[r.stream],
-            "ts": r.start * 1e6, "dur": max(r.end - r.start, 0.0) * 1e6,
-            "args": {"layer": int(r.layer), "micro_op": int(r.micro_op), "bytes": float(r.bytes)},
-        })
+        trace.append(
+            {
+                "name": r.op,
+                "cat": r.kind,
+                "ph": "X",
+                "pid": int(r.rank),
+                "tid": tid[r.stream],
+                "ts": r.start * 1e6,
+                "dur": max(r.end - r.start, 0.0) * 1e6,
+                "args": {"layer": int(r.layer), "micro_op": int(r.micro_op), "bytes": float(r.bytes)},
+            }
+        )
     return {"traceEvents": trace, "displayTimeUnit": "ms", "otherData": {"generator": name}}
 
 

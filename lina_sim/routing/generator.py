@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from lina_sim.errors import ConfigError
-from lina_sim.routing.traces import RoutingTrace, make_trace
 from lina_sim.routing.stats import expert_counts, joint_top1
+from lina_sim.routing.traces import RoutingTrace, make_trace
 
 
 @dataclass
@@ -104,7 +104,7 @@ class RoutingTraceGenerator:
         locality: float = 0.1,
         seq_len: int = 128,
         seed: int = 0,
-    ) -> "RoutingTraceGenerator":
+    ) -> RoutingTraceGenerator:
         """A model from parameters.
 
         Each layer's popularity is Zipf(``zipf_s``) over a random permutation of the
@@ -142,21 +142,31 @@ class RoutingTraceGenerator:
         if top_k > 1:  # other choices follow the layer's popularity, never the top-1 again
             sec = np.repeat(pops[:, None, :], E, axis=1) * (1 - np.eye(E))[None]
             secondary = _normalise_rows(sec, np.full(E, 1.0 / E))
-        origin = {"kind": "synthetic", "popularity": popularity, "zipf_s": zipf_s,
-                  "dirichlet_alpha": dirichlet_alpha, "affinity": affinity, "locality": locality, "seed": seed}
+        origin = {
+            "kind": "synthetic",
+            "popularity": popularity,
+            "zipf_s": zipf_s,
+            "dirichlet_alpha": dirichlet_alpha,
+            "affinity": affinity,
+            "locality": locality,
+            "seed": seed,
+        }
         return cls(GeneratorParams(E, L, top_k, pops[0], trans, secondary, np.full(L, locality), seq_len, origin))
 
     @classmethod
-    def fit(cls, trace: RoutingTrace) -> "RoutingTraceGenerator":
+    def fit(cls, trace: RoutingTrace) -> RoutingTraceGenerator:
         """Measure popularity, transitions, other-choice shares and locality on ``trace``."""
         E, L, k = trace.num_experts, trace.num_layers, trace.top_k
         top1 = trace.top1.astype(np.int64)
         pop1 = expert_counts(trace.experts[:, :, :1], E).astype(np.float64)
         pop1 /= pop1.sum(axis=1, keepdims=True)
-        trans = np.stack([
-            _normalise_rows(joint_top1(top1, l, l + 1, E).astype(np.float64), pop1[l + 1])
-            for l in range(L - 1)
-        ]) if L > 1 else np.zeros((0, E, E))
+        trans = (
+            np.stack(
+                [_normalise_rows(joint_top1(top1, l, l + 1, E).astype(np.float64), pop1[l + 1]) for l in range(L - 1)]
+            )
+            if L > 1
+            else np.zeros((0, E, E))
+        )
         secondary = None
         if k > 1:
             sec = np.zeros((L, E, E))
@@ -170,15 +180,21 @@ class RoutingTraceGenerator:
         locality = _fit_locality(trace, pop1, trans)
         seq_lens = np.bincount(np.unique(trace.seq_ids, return_inverse=True)[1])
         seq_len = int(np.median(seq_lens)) if seq_lens.size else 1
-        origin = {"kind": "fitted", "trace": trace.origin, "model": trace.metadata.get("model"),
-                  "dataset": trace.metadata.get("dataset"), "license": trace.metadata.get("license")}
+        origin = {
+            "kind": "fitted",
+            "trace": trace.origin,
+            "model": trace.metadata.get("model"),
+            "dataset": trace.metadata.get("dataset"),
+            "license": trace.metadata.get("license"),
+        }
         return cls(GeneratorParams(E, L, k, pop1[0], trans, secondary, locality, seq_len, origin))
 
-    def scaled(self, num_layers: int | None = None, num_experts: int | None = None) -> "RoutingTraceGenerator":
+    def scaled(self, num_layers: int | None = None, num_experts: int | None = None) -> RoutingTraceGenerator:
         """The same model over more (or fewer) layers, or over ``m`` times the experts.
 
         Layers: fewer keeps the first ones; more walks the fitted layers back and forth
-        so every layer keeps a fitted layer's popularity and transitions. Experts: each expert splits into ``m = num_experts / E`` equal children,
+        so every layer keeps a fitted layer's popularity and transitions. Experts: each
+        expert splits into ``m = num_experts / E`` equal children,
         and child j of one expert goes to child j of the next layer's expert, so skew
         ratios and affinity accuracy carry over unchanged.
         """
@@ -311,8 +327,7 @@ def _scale_layers(p: GeneratorParams, L_new: int) -> GeneratorParams:
         trans = np.stack(mats) if mats else np.zeros((0, E, E))
     secondary = None if p.secondary is None else p.secondary[src]
     origin = dict(p.origin, layers_from=L)
-    return replace(p, num_layers=L_new, transitions=trans, secondary=secondary,
-                   locality=p.locality[src], origin=origin)
+    return replace(p, num_layers=L_new, transitions=trans, secondary=secondary, locality=p.locality[src], origin=origin)
 
 
 def _scale_experts(p: GeneratorParams, E_new: int) -> GeneratorParams:
@@ -323,8 +338,9 @@ def _scale_experts(p: GeneratorParams, E_new: int) -> GeneratorParams:
     # Child (e, j) is expert e * m + j; it takes 1/m of e's tokens.
     pop = np.repeat(p.popularity / m, m)
     same_child = np.eye(m)
-    trans = np.stack([np.kron(t, same_child) for t in p.transitions]) if p.num_layers > 1 \
-        else np.zeros((0, E_new, E_new))
+    trans = (
+        np.stack([np.kron(t, same_child) for t in p.transitions]) if p.num_layers > 1 else np.zeros((0, E_new, E_new))
+    )
     secondary = None
     if p.secondary is not None:  # other choices: any child of the parent's other choice
         secondary = np.stack([np.kron(s, np.full((m, m), 1.0 / m)) for s in p.secondary])

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -172,7 +173,9 @@ def path_accuracy(
         raise RoutingTraceError(trace.origin, "path accuracy needs at least 2 layers")
     split = _sequence_split(trace.seq_ids, train_fraction)
     if split == 0 or trace.num_tokens - split < batch_tokens:
-        raise RoutingTraceError(trace.origin, f"too few tokens ({trace.num_tokens}) for a train slice and one batch of {batch_tokens}")
+        raise RoutingTraceError(
+            trace.origin, f"too few tokens ({trace.num_tokens}) for a train slice and one batch of {batch_tokens}"
+        )
     train, test = trace.experts[:split], trace.experts[split:]
     first = min(max(lengths), trace.num_layers - 1) if max(lengths) else 1
     set_size = min(2 * trace.top_k, trace.num_experts)
@@ -234,9 +237,14 @@ def compute(trace: RoutingTrace, path_lengths: Sequence[int] = (0, 1, 3, 6), bat
         path = None  # too small a trace for held-out batches; the rest still applies
     m = trace.metadata
     summary = {
-        "file": trace.origin, "model": m.get("model"), "dataset": m.get("dataset"),
-        "tokens": trace.num_tokens, "layers": trace.num_layers, "experts": trace.num_experts,
-        "top_k": trace.top_k, "sequences": int(np.unique(trace.seq_ids).size),
+        "file": trace.origin,
+        "model": m.get("model"),
+        "dataset": m.get("dataset"),
+        "tokens": trace.num_tokens,
+        "layers": trace.num_layers,
+        "experts": trace.num_experts,
+        "top_k": trace.top_k,
+        "sequences": int(np.unique(trace.seq_ids).size),
     }
     return RoutingStats(
         summary=summary,
@@ -255,8 +263,7 @@ def format_stats(s: RoutingStats) -> str:
         f"{m['file']}: {m['model']} on {m['dataset']}: {m['tokens']} tokens in {m['sequences']} sequences, "
         f"{m['layers']} layers, top-{m['top_k']} of {m['experts']} experts",
         "",
-        f"layer  busiest/uniform  CV    top-{s.skew.top_experts} share   (all {m['top_k']} choices)   "
-        f"repeat  (chance)",
+        f"layer  busiest/uniform  CV    top-{s.skew.top_experts} share   (all {m['top_k']} choices)   repeat  (chance)",
     ]
     for i, l in enumerate(s.skew.layers):
         out.append(
@@ -264,21 +271,25 @@ def format_stats(s: RoutingStats) -> str:
             f"   {'':21s}{s.repeat.rate[i]:6.3f}  ({s.repeat.chance[i]:.3f})"
         )
     mean, mean1 = s.skew.mean(), s.skew_top1.mean()
-    out.append(f" mean  {mean['max_over_uniform']:15.2f}  {mean['cv']:4.2f}  {mean['top_share']:11.3f}"
-               f"   top-1 only: {mean1['max_over_uniform']:.2f} / {mean1['cv']:.2f} / {mean1['top_share']:.3f}")
+    out.append(
+        f" mean  {mean['max_over_uniform']:15.2f}  {mean['cv']:4.2f}  {mean['top_share']:11.3f}"
+        f"   top-1 only: {mean1['max_over_uniform']:.2f} / {mean1['cv']:.2f} / {mean1['top_share']:.3f}"
+    )
     if s.affinity.pairs:
         a = s.affinity
-        out += ["", "inter-layer affinity (predict top-1 at l+1 from top-1 at l)",
-                "pair     accuracy  chance  uniform"]
+        out += ["", "inter-layer affinity (predict top-1 at l+1 from top-1 at l)", "pair     accuracy  chance  uniform"]
         for (x, y), acc, ch in zip(a.pairs, a.accuracy, a.chance):
             out.append(f"{x:2d}->{y:<3d}  {acc:8.3f}  {ch:6.3f}  {a.uniform:7.3f}")
         am = a.mean()
         out.append(f" mean    {am['accuracy']:8.3f}  {am['chance']:6.3f}  {a.uniform:7.3f}")
     if s.path:
         p = s.path
-        out += ["", f"path-based estimation: batches of {p.batch_tokens} held-out tokens ({p.batches} batches, "
-                    f"layers {p.first_layer}+, trained on {p.train_tokens} tokens); estimated top-{p.set_size} set == actual",
-                "path length  exact  mean overlap"]
+        out += [
+            "",
+            f"path-based estimation: batches of {p.batch_tokens} held-out tokens ({p.batches} batches, "
+            f"layers {p.first_layer}+, trained on {p.train_tokens} tokens); estimated top-{p.set_size} set == actual",
+            "path length  exact  mean overlap",
+        ]
         for L, e, o in zip(p.lengths, p.exact, p.overlap):
             label = f"{L}" if L else "0 (popularity)"
             out.append(f"{label:>11s}  {e:5.3f}  {o:12.3f}")
@@ -305,7 +316,9 @@ def load_real(path: str | Path | None = None) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise RoutingTraceError(str(path), "no such file (the real routing counts of ../shared/data/olmoe-routing)") from None
+        raise RoutingTraceError(
+            str(path), "no such file (the real routing counts of ../shared/data/olmoe-routing)"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RoutingTraceError(str(path), f"not valid JSON ({e})") from None
 
@@ -319,14 +332,22 @@ def real_rows(data: dict[str, Any], source: str = "routing_counts.json") -> list
             for domain, d in model["domains"].items():
                 if "expert_counts_crosslayer_top1" not in d:
                     continue
-                rows.append(RealRow(
-                    name=key, domain=domain, experts=model["experts"], top_k=model["top_k"], layers=layers,
-                    skew=skew_from_counts(np.array(d["expert_counts"]), layers),
-                    skew_top1=skew_from_counts(np.array(d["expert_counts_top1"]), layers),
-                    affinity=affinity_from_joint(np.array(d["expert_counts_crosslayer_top1"]), pairs),
-                ))
+                rows.append(
+                    RealRow(
+                        name=key,
+                        domain=domain,
+                        experts=model["experts"],
+                        top_k=model["top_k"],
+                        layers=layers,
+                        skew=skew_from_counts(np.array(d["expert_counts"]), layers),
+                        skew_top1=skew_from_counts(np.array(d["expert_counts_top1"]), layers),
+                        affinity=affinity_from_joint(np.array(d["expert_counts_crosslayer_top1"]), pairs),
+                    )
+                )
     except (KeyError, TypeError, ValueError) as e:
-        raise RoutingTraceError(source, f"unexpected layout of the real routing counts ({type(e).__name__}: {e})") from None
+        raise RoutingTraceError(
+            source, f"unexpected layout of the real routing counts ({type(e).__name__}: {e})"
+        ) from None
     return rows
 
 
@@ -341,9 +362,13 @@ def trace_row(trace: RoutingTrace, real_layers: Sequence[int] = (0, 7, 15), real
     counts = expert_counts(trace.experts, trace.num_experts)[layers]
     counts1 = expert_counts(trace.experts[:, :, :1], trace.num_experts)[layers]
     return RealRow(
-        name=str(trace.metadata.get("model")), domain=str(trace.metadata.get("dataset")),
-        experts=trace.num_experts, top_k=trace.top_k, layers=layers,
-        skew=skew_from_counts(counts, layers), skew_top1=skew_from_counts(counts1, layers),
+        name=str(trace.metadata.get("model")),
+        domain=str(trace.metadata.get("dataset")),
+        experts=trace.num_experts,
+        top_k=trace.top_k,
+        layers=layers,
+        skew=skew_from_counts(counts, layers),
+        skew_top1=skew_from_counts(counts1, layers),
         affinity=affinity(trace, pairs),
     )
 
@@ -358,8 +383,10 @@ def format_comparison(rows: Sequence[RealRow]) -> str:
         f"{'CV mean':>7s}  {'top12.5% share':>14s}  {'affinity (chance) per pair':s}",
     ]
     for r in rows:
-        aff = "  ".join(f"{a}->{b} {acc:.3f} ({ch:.3f})" for (a, b), acc, ch in
-                        zip(r.affinity.pairs, r.affinity.accuracy, r.affinity.chance))
+        aff = "  ".join(
+            f"{a}->{b} {acc:.3f} ({ch:.3f})"
+            for (a, b), acc, ch in zip(r.affinity.pairs, r.affinity.accuracy, r.affinity.chance)
+        )
         sm = r.skew.mean()
         out.append(
             f"{r.name[:28]:28s} {r.domain[:10]:10s} {r.experts:3d} {r.top_k:2d}  "

@@ -20,9 +20,10 @@ import json
 import os
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -90,17 +91,17 @@ class RoutingTrace:
         )
 
     # ---- operations --------------------------------------------------------------------
-    def slice_tokens(self, start: int | None = None, stop: int | None = None) -> "RoutingTrace":
+    def slice_tokens(self, start: int | None = None, stop: int | None = None) -> RoutingTrace:
         """Tokens ``[start, stop)``; sequence ids are kept."""
         sl = slice(start, stop)
         return self._derive(sl, slice(None), f"tokens[{start}:{stop}]")
 
-    def slice_layers(self, start: int | None = None, stop: int | None = None) -> "RoutingTrace":
+    def slice_layers(self, start: int | None = None, stop: int | None = None) -> RoutingTrace:
         """MoE layers ``[start, stop)`` of every token."""
         sl = slice(start, stop)
         return self._derive(slice(None), sl, f"layers[{start}:{stop}]")
 
-    def _derive(self, tokens: slice, layers: slice, what: str) -> "RoutingTrace":
+    def _derive(self, tokens: slice, layers: slice, what: str) -> RoutingTrace:
         meta = dict(self.metadata)
         meta["made_by"] = f"{meta['made_by']} | {what}"
         return RoutingTrace(
@@ -142,11 +143,15 @@ def make_trace(
     if experts.ndim == 2:
         experts = experts[:, :, None]
     if experts.ndim != 3:
-        raise RoutingTraceError(origin, f"experts must be [tokens, layers] or [tokens, layers, k], got shape {experts.shape}")
+        raise RoutingTraceError(
+            origin, f"experts must be [tokens, layers] or [tokens, layers, k], got shape {experts.shape}"
+        )
     if not np.issubdtype(experts.dtype, np.integer):
         raise RoutingTraceError(origin, f"experts must be integer expert ids, got dtype {experts.dtype}")
     if experts.size and (experts.min() < 0 or experts.max() > np.iinfo(np.int16).max):
-        raise RoutingTraceError(origin, f"expert ids must lie in [0, {np.iinfo(np.int16).max}], got {experts.min()}..{experts.max()}")
+        raise RoutingTraceError(
+            origin, f"expert ids must lie in [0, {np.iinfo(np.int16).max}], got {experts.min()}..{experts.max()}"
+        )
     meta = dict(metadata)
     meta.setdefault("top_k", int(experts.shape[2]))
     if "num_experts" not in meta:
@@ -190,12 +195,16 @@ def check_trace(trace: RoutingTrace, source: str) -> None:
         raise RoutingTraceError(source, f"metadata must be a JSON object, got {type(meta).__name__}")
     missing = [k for k in REQUIRED_METADATA if k not in meta]
     if missing:
-        raise RoutingTraceError(source, f"missing metadata {', '.join(missing)} (required: {', '.join(REQUIRED_METADATA)})")
+        raise RoutingTraceError(
+            source, f"missing metadata {', '.join(missing)} (required: {', '.join(REQUIRED_METADATA)})"
+        )
     for key in ("num_experts", "top_k"):
         if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 1:
             raise RoutingTraceError(source, f"metadata {key} must be a positive integer, got {meta[key]!r}")
     if meta["top_k"] != ex.shape[2]:
-        raise RoutingTraceError(source, f"metadata top_k={meta['top_k']} but 'experts' holds k={ex.shape[2]} choices per token")
+        raise RoutingTraceError(
+            source, f"metadata top_k={meta['top_k']} but 'experts' holds k={ex.shape[2]} choices per token"
+        )
     if meta["top_k"] > meta["num_experts"]:
         raise RoutingTraceError(source, f"top_k={meta['top_k']} exceeds num_experts={meta['num_experts']}")
     if ex.size:
@@ -239,7 +248,9 @@ def load(path: str | os.PathLike) -> RoutingTrace:
             names = set(z.files)
             for need in ("experts", "seq_ids", "metadata"):
                 if need not in names:
-                    raise RoutingTraceError(name, f"missing array {need!r} (found: {', '.join(sorted(names)) or 'none'})")
+                    raise RoutingTraceError(
+                        name, f"missing array {need!r} (found: {', '.join(sorted(names)) or 'none'})"
+                    )
             experts = z["experts"]
             seq_ids = z["seq_ids"]
             meta_raw = z["metadata"]
@@ -341,7 +352,11 @@ def import_jsonl(
         if not isinstance(rec, dict):
             raise RoutingTraceError(name, f"{where}: a record must be a JSON object")
         tok_key = "token_idx" if "token_idx" in rec else "token_pos" if "token_pos" in rec else None
-        for need, present in (("layer", "layer" in rec), ("token_idx or token_pos", tok_key), ("experts", "experts" in rec)):
+        for need, present in (
+            ("layer", "layer" in rec),
+            ("token_idx or token_pos", tok_key),
+            ("experts", "experts" in rec),
+        ):
             if not present:
                 raise RoutingTraceError(name, f"{where}: missing field {need}")
         layer, tok, experts = rec["layer"], rec[tok_key], rec["experts"]
@@ -372,7 +387,9 @@ def import_jsonl(
         seq = seq_index.setdefault(_hashable(seq_raw), len(seq_index))
         key = (seq, tok, layer)
         if key in records:
-            raise RoutingTraceError(name, f"{where}: duplicate record for sequence {seq_raw!r}, token {tok}, layer {layer}")
+            raise RoutingTraceError(
+                name, f"{where}: duplicate record for sequence {seq_raw!r}, token {tok}, layer {layer}"
+            )
         records[key] = (experts, probs)
         layers.add(layer)
     if not records:
@@ -386,7 +403,9 @@ def import_jsonl(
         for s, t in tokens:
             for l in layer_list:
                 if (s, t, l) not in records:
-                    raise RoutingTraceError(name, f"token {t} of sequence #{s} has no record for layer {l} (truncated file?)")
+                    raise RoutingTraceError(
+                        name, f"token {t} of sequence #{s} has no record for layer {l} (truncated file?)"
+                    )
     experts_arr = np.empty((n, L, k), dtype=np.int64)
     probs_arr = np.empty((n, L, k), dtype=np.float32) if has_probs else None
     for (s, t, l), (e, p) in records.items():

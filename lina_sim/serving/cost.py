@@ -75,8 +75,10 @@ class InferenceCostModel:
             _LinearKernel(bt=3 * d * b),  # residual
         ]
         if m.relative_position:
-            attn += [_LinearKernel(ft=2 * d * d, bt=2 * d * b, b0=d * d * b),  # position projection
-                     _LinearKernel(fs=2 * d, bt=2 * d * b, bs=h * b)]  # position scores
+            attn += [
+                _LinearKernel(ft=2 * d * d, bt=2 * d * b, b0=d * d * b),  # position projection
+                _LinearKernel(fs=2 * d, bt=2 * d * b, bs=h * b),
+            ]  # position scores
         self._attn = attn
         self._gate = [
             _LinearKernel(bt=2 * d * b),  # layer norm
@@ -86,8 +88,10 @@ class InferenceCostModel:
         ]
         self._combine_out = [_LinearKernel(bt=(k * d + 2 * d) * b)]
         self._embed = [_LinearKernel(bt=2 * d * b)]
-        self._head = [_LinearKernel(bt=2 * d * b),  # final norm
-                      _LinearKernel(ft=2 * d * m.vocab, bt=(d + m.vocab) * b, b0=d * m.vocab * b)]
+        self._head = [
+            _LinearKernel(bt=2 * d * b),  # final norm
+            _LinearKernel(ft=2 * d * m.vocab, bt=(d + m.vocab) * b, b0=d * m.vocab * b),
+        ]
         # Expert FFN per (device, expert): affine in its rows r.
         self._ffn = [
             _LinearKernel(ft=2 * d * f, bt=(d + f) * b, b0=(d * f + f) * b),  # w1

@@ -18,20 +18,27 @@ Units: seconds, tokens.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from lina_sim.config.fields import Field, check_fields, declare
 
-
 _PROCESS = Field(str, "poisson", choices=("poisson", "closed"), help="open loop (poisson) or closed loop")
 # The fields of an ``arrival:`` block, per process.
 ARRIVAL_FIELDS: dict[str, dict[str, Field]] = {
-    "poisson": {"process": _PROCESS, "rate": Field(float, minimum=0, exclusive_minimum=True,
-                                                   allowed="a number > 0 (requests/s)",
-                                                   help="mean arrival rate, requests/s")},
+    "poisson": {
+        "process": _PROCESS,
+        "rate": Field(
+            float,
+            minimum=0,
+            exclusive_minimum=True,
+            allowed="a number > 0 (requests/s)",
+            help="mean arrival rate, requests/s",
+        ),
+    },
     "closed": {"process": _PROCESS, "concurrency": Field(int, minimum=1, help="requests in flight (clients)")},
 }
 
@@ -46,7 +53,7 @@ class ArrivalSpec:
     concurrency: int | None = None
 
     @classmethod
-    def from_block(cls, block: Mapping[str, Any], where: str = "arrival") -> "ArrivalSpec":
+    def from_block(cls, block: Mapping[str, Any], where: str = "arrival") -> ArrivalSpec:
         """The spec of an ``arrival:`` block: its process, then that process's fields
         (:data:`ARRIVAL_FIELDS`); errors name ``<where>.<field>``."""
         process = _PROCESS.get(block, "process", where)

@@ -15,6 +15,7 @@ from lina_sim.network.serving_a2a import AllToAllTimer
 from lina_sim.serving.server import PolicyServer, PolicyServing, serving_inputs
 from lina_sim.serving.setup import InferenceSetup, setup_slots
 
+
 # ---------------------------------------------------------------------------------------
 # Running a scenario
 # ---------------------------------------------------------------------------------------
@@ -48,7 +49,8 @@ def run_inference(setup: InferenceSetup) -> tuple[pd.DataFrame, list[PolicyServi
     """Serve the scenario's requests with every placement policy; one row per policy.
 
     Columns: scenario, policy, policy_name, cluster, nodes, gpus, model, experts, top_k,
-    expert_slots (per GPU per layer), trace, requests, batches, arrival, arrival_rate, concurrency, token_budget, timeout_s,
+    expert_slots (per GPU per layer), trace, requests, batches, arrival, arrival_rate,
+    concurrency, token_budget, timeout_s,
     latency_{mean,p50,p95,p99}_s, their ratios ``latency_{p50,p95,p99}_vs_static`` (NaN
     without a ``static`` entry) and ``latency_p95_vs_ideal``, batch_time_{mean,p50,p95}_s,
     batch_tokens_mean, moe_layer_p95_s, a2a_p95_s (dispatch + combine of one layer, p95
@@ -67,31 +69,50 @@ def run_inference(setup: InferenceSetup) -> tuple[pd.DataFrame, list[PolicyServi
         moe = np.concatenate([r.layer_moe for r in b])
         a2a = np.stack([r.dispatch + r.combine for r in b])  # [batches, layers]
         makespan = max(r.end for r in b)
-        rows.append({
-            "scenario": setup.scenario.name, "policy": run.entry.label, "policy_name": run.entry.name,
-            "cluster": setup.cluster.name, "nodes": setup.cluster.nodes, "gpus": setup.cluster.world_size,
-            "model": setup.model.name, "experts": setup.model.experts, "top_k": setup.top_k,
-            "expert_slots": setup_slots(setup),
-            "trace": "+".join(Path(p).stem for p in s.trace_paths), "requests": len(run.requests),
-            "batches": len(b), "arrival": s.arrival.process, "arrival_rate": s.arrival.rate,
-            "concurrency": s.arrival.concurrency, "token_budget": s.batching.token_budget,
-            "timeout_s": s.batching.timeout,
-            "latency_mean_s": float(lat.mean()), "latency_p50_s": _pct(lat, 50),
-            "latency_p95_s": _pct(lat, 95), "latency_p99_s": _pct(lat, 99),
-            "batch_time_mean_s": float(bt.mean()), "batch_time_p50_s": _pct(bt, 50), "batch_time_p95_s": _pct(bt, 95),
-            "batch_tokens_mean": float(np.mean([r.tokens for r in b])),
-            "moe_layer_p95_s": _pct(moe, 95), "a2a_p95_s": _pct(a2a.ravel(), 95),
-            "a2a_tail_layer_max_s": float(layer_a2a_tail(run).max()),
-            "ffn_p95_s": _pct(np.concatenate([r.ffn for r in b]), 95),
-            "exposed_swap_per_batch_s": float(np.mean([r.exposed_swap.sum() for r in b])),
-            "swapped_experts_per_batch": float(np.mean([r.swapped for r in b])),
-            "load_imbalance_mean": float(np.mean(np.concatenate([r.imbalance for r in b]))),
-            "phase2_checks": run.phase2_checks, "phase2_fired": run.phase2_fired,
-            "phase2_rate": run.phase2_fired / run.phase2_checks if run.phase2_checks else 0.0,
-            "throughput_rps": len(run.requests) / makespan if makespan > 0 else float("nan"),
-            "makespan_s": makespan, "sim_wall_s": run.wall_s,
-            **dict(setup.scenario.swept),
-        })
+        rows.append(
+            {
+                "scenario": setup.scenario.name,
+                "policy": run.entry.label,
+                "policy_name": run.entry.name,
+                "cluster": setup.cluster.name,
+                "nodes": setup.cluster.nodes,
+                "gpus": setup.cluster.world_size,
+                "model": setup.model.name,
+                "experts": setup.model.experts,
+                "top_k": setup.top_k,
+                "expert_slots": setup_slots(setup),
+                "trace": "+".join(Path(p).stem for p in s.trace_paths),
+                "requests": len(run.requests),
+                "batches": len(b),
+                "arrival": s.arrival.process,
+                "arrival_rate": s.arrival.rate,
+                "concurrency": s.arrival.concurrency,
+                "token_budget": s.batching.token_budget,
+                "timeout_s": s.batching.timeout,
+                "latency_mean_s": float(lat.mean()),
+                "latency_p50_s": _pct(lat, 50),
+                "latency_p95_s": _pct(lat, 95),
+                "latency_p99_s": _pct(lat, 99),
+                "batch_time_mean_s": float(bt.mean()),
+                "batch_time_p50_s": _pct(bt, 50),
+                "batch_time_p95_s": _pct(bt, 95),
+                "batch_tokens_mean": float(np.mean([r.tokens for r in b])),
+                "moe_layer_p95_s": _pct(moe, 95),
+                "a2a_p95_s": _pct(a2a.ravel(), 95),
+                "a2a_tail_layer_max_s": float(layer_a2a_tail(run).max()),
+                "ffn_p95_s": _pct(np.concatenate([r.ffn for r in b]), 95),
+                "exposed_swap_per_batch_s": float(np.mean([r.exposed_swap.sum() for r in b])),
+                "swapped_experts_per_batch": float(np.mean([r.swapped for r in b])),
+                "load_imbalance_mean": float(np.mean(np.concatenate([r.imbalance for r in b]))),
+                "phase2_checks": run.phase2_checks,
+                "phase2_fired": run.phase2_fired,
+                "phase2_rate": run.phase2_fired / run.phase2_checks if run.phase2_checks else 0.0,
+                "throughput_rps": len(run.requests) / makespan if makespan > 0 else float("nan"),
+                "makespan_s": makespan,
+                "sim_wall_s": run.wall_s,
+                **dict(setup.scenario.swept),
+            }
+        )
     df = pd.DataFrame(rows)
     ratios = (("static", "p50"), ("static", "p95"), ("static", "p99"), ("ideal", "p95"))
     for base, q in ratios:

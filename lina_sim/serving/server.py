@@ -47,14 +47,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lina_sim.policies.placement import Placement, decide_layer, token_sources
 from lina_sim.hardware.processors import shared_finish_times
-from lina_sim.serving.requests import (
-    Batcher, Request, RequestPool, make_arrivals,
-)
-from lina_sim.serving.cost import InferenceCostModel
+from lina_sim.policies.placement import Placement, decide_layer, token_sources
 from lina_sim.results.timeline import Event, Timeline
+from lina_sim.serving.cost import InferenceCostModel
+from lina_sim.serving.requests import (
+    Batcher,
+    Request,
+    RequestPool,
+    make_arrivals,
+)
 from lina_sim.serving.setup import InferenceSetup, PlacementEntry, make_policy, setup_slots
+
 
 # ---------------------------------------------------------------------------------------
 # Expert residency
@@ -82,7 +86,7 @@ class ExpertCache:
             keep = [e for e in cur if e not in need]
             out[dev] = len(need) - (len(cur) - len(keep))
             # The placement's experts become most recent; evict from the least recent.
-            held[dev] = keep[max(0, len(keep) + len(need) - self.slots):] + sorted(need)
+            held[dev] = keep[max(0, len(keep) + len(need) - self.slots) :] + sorted(need)
         return out
 
 
@@ -144,7 +148,7 @@ class PolicyServing:
 class PolicyServer:
     """One placement policy serving the request stream (see the module docstring)."""
 
-    def __init__(self, setup: InferenceSetup, entry: PlacementEntry, shared: "ServingInputs"):
+    def __init__(self, setup: InferenceSetup, entry: PlacementEntry, shared: ServingInputs):
         self.setup, self.entry, self.shared = setup, entry, shared
         self.policy = make_policy(setup, entry)
         self.policy.fit(shared.train_experts)
@@ -245,8 +249,19 @@ class PolicyServer:
                     pcie_free = np.where(has, s1, pcie_free)
                     ready = np.where(has, s1, ready)
                     if record_tl:
-                        ev += [Event(int(r), "pcie", f"L{l}.swap.{name}", "swap", float(s0[r]), float(s1[r]), l,
-                                     bytes=float(n_swaps[r] * cost.expert_bytes)) for r in np.flatnonzero(has)]
+                        ev += [
+                            Event(
+                                int(r),
+                                "pcie",
+                                f"L{l}.swap.{name}",
+                                "swap",
+                                float(s0[r]),
+                                float(s1[r]),
+                                l,
+                                bytes=float(n_swaps[r] * cost.expert_bytes),
+                            )
+                            for r in np.flatnonzero(has)
+                        ]
             d_end = gate_end + dispatch[l]
             f_start = np.maximum(d_end, ready)
             f_end = f_start + ffn[l]
@@ -258,12 +273,17 @@ class PolicyServer:
                 sent = plan.send[l] * cost.token_bytes
                 np.fill_diagonal(sent, 0)
                 out_b, in_b = sent.sum(axis=1), sent.sum(axis=0)
-                ev += [Event(r, "a2a", f"L{l}.dispatch", "all_to_all", gate_end, d_end, l, bytes=float(out_b[r]))
-                       for r in range(N)]
-                ev += [Event(r, "compute", f"L{l}.ffn", "compute", float(f_start[r]), float(f_end[r]), l)
-                       for r in range(N)]
-                ev += [Event(r, "a2a", f"L{l}.combine", "all_to_all", c_start, c_end, l, bytes=float(in_b[r]))
-                       for r in range(N)]
+                ev += [
+                    Event(r, "a2a", f"L{l}.dispatch", "all_to_all", gate_end, d_end, l, bytes=float(out_b[r]))
+                    for r in range(N)
+                ]
+                ev += [
+                    Event(r, "compute", f"L{l}.ffn", "compute", float(f_start[r]), float(f_end[r]), l) for r in range(N)
+                ]
+                ev += [
+                    Event(r, "a2a", f"L{l}.combine", "all_to_all", c_start, c_end, l, bytes=float(in_b[r]))
+                    for r in range(N)
+                ]
             if self.within_batch:
                 issue = gate_end  # the next layer's estimate needs this layer's gate
             t = c_end
@@ -276,16 +296,36 @@ class PolicyServer:
         self.free_at = end
         for r in plan.requests:
             r.start, r.end, r.batch = plan.start, end, plan.index
-        self.records.append(BatchRecord(
-            plan.index, plan.start, end, int(plan.tokens.sum()), len(plan.requests), moe,
-            np.asarray(dispatch, float), np.asarray(combine, float), ffn_max, exposed,
-            int(plan.swap1.sum() + plan.swap2.sum()), int(plan.replanned.sum()), plan.imbalance))
+        self.records.append(
+            BatchRecord(
+                plan.index,
+                plan.start,
+                end,
+                int(plan.tokens.sum()),
+                len(plan.requests),
+                moe,
+                np.asarray(dispatch, float),
+                np.asarray(combine, float),
+                ffn_max,
+                exposed,
+                int(plan.swap1.sum() + plan.swap2.sum()),
+                int(plan.replanned.sum()),
+                plan.imbalance,
+            )
+        )
         self._admit(self.arrivals.on_complete(len(plan.requests), end))
         self.wall += time.perf_counter() - t0
 
     def result(self) -> PolicyServing:
-        return PolicyServing(self.entry, self.requests, self.records, self.timeline,
-                             self.policy.phase2_checks, self.policy.phase2_fired, self.wall)
+        return PolicyServing(
+            self.entry,
+            self.requests,
+            self.records,
+            self.timeline,
+            self.policy.phase2_checks,
+            self.policy.phase2_fired,
+            self.wall,
+        )
 
 
 def _per_rank(seconds: np.ndarray, start: float, stream: str, op: str, kind: str, layer: int) -> list[Event]:
@@ -327,5 +367,12 @@ def serving_inputs(setup: InferenceSetup) -> ServingInputs:
     seq_len = np.repeat(lengths, lengths).astype(np.float64)
     pool = RequestPool(starts[serve], lengths[serve], seed=setup.scenario.seed)
     request_seqs = np.array([pool.draw() for _ in range(setup.serving.requests)], dtype=np.int64)
-    return ServingInputs(ex.shape[1], ex[train_rows], ex, seq_len, pool, request_seqs,
-                   InferenceCostModel(setup.model, setup.cluster, setup.top_k))
+    return ServingInputs(
+        ex.shape[1],
+        ex[train_rows],
+        ex,
+        seq_len,
+        pool,
+        request_seqs,
+        InferenceCostModel(setup.model, setup.cluster, setup.top_k),
+    )

@@ -59,15 +59,24 @@ def rank_breakdown(df: pd.DataFrame, step_time: float | None = None) -> pd.DataF
     end = float(df["end"].max()) if step_time is None else step_time
     rows = []
     for rank, d in df.groupby("rank", sort=True):
-        iv = {k: _union(d.loc[d["kind"] == k, ["start", "end"]].to_numpy(float))
-              for k in ("compute", "all_to_all", "allreduce")}
+        iv = {
+            k: _union(d.loc[d["kind"] == k, ["start", "end"]].to_numpy(float))
+            for k in ("compute", "all_to_all", "allreduce")
+        }
         comp = iv["compute"]
         a2a = _minus(iv["all_to_all"], comp)
         busy = _union(np.vstack([comp, iv["all_to_all"]])) if len(comp) or len(iv["all_to_all"]) else np.empty((0, 2))
         ar = _minus(iv["allreduce"], busy)
         c = _length(comp)
-        rows.append({"rank": int(rank), "compute": c, "exposed_a2a": a2a, "exposed_allreduce": ar,
-                     "idle": max(end - c - a2a - ar, 0.0)})
+        rows.append(
+            {
+                "rank": int(rank),
+                "compute": c,
+                "exposed_a2a": a2a,
+                "exposed_allreduce": ar,
+                "idle": max(end - c - a2a - ar, 0.0),
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -15,14 +15,16 @@ Times in seconds.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lina_sim.policies.training.base import ProgramEstimate, TrainingPolicy
 from lina_sim.workload.comm import ALL_TO_ALL, MicroOp
 
 
-def estimate_program(graph: Any, op_time: Callable[[Any], float], a2a_time: Callable[[Any], float],
-                     compute_scale: float = 1.0) -> ProgramEstimate:
+def estimate_program(
+    graph: Any, op_time: Callable[[Any], float], a2a_time: Callable[[Any], float], compute_scale: float = 1.0
+) -> ProgramEstimate:
     """One rank's step with no allreduce: compute ops in program order on one stream,
     each ``op_time(op) * compute_scale`` long once its dependencies are done, and
     all-to-alls in program order on another, each ``a2a_time(op)`` long."""
@@ -50,8 +52,13 @@ def estimate_program(graph: Any, op_time: Callable[[Any], float], a2a_time: Call
     return ProgramEstimate(tuple(a2a_start), tuple(a2a_end), op_end, min_gap)
 
 
-def planned_micro_ops(graph: Any, policy: TrainingPolicy, cluster: Any, op_time: Callable[[Any], float],
-                      alone: Callable[[str, float, tuple[int, ...]], float]) -> tuple[MicroOp, ...]:
+def planned_micro_ops(
+    graph: Any,
+    policy: TrainingPolicy,
+    cluster: Any,
+    op_time: Callable[[Any], float],
+    alone: Callable[[str, float, tuple[int, ...]], float],
+) -> tuple[MicroOp, ...]:
     """``graph.micro_ops(policy)`` with the policy's launch plan applied.
 
     ``alone(kind, bytes, group)`` is a collective's time alone on the cluster's network

@@ -21,27 +21,30 @@ import numpy as np
 import pandas as pd
 
 from lina_sim.config.fields import Field, check_fields, check_mapping
-from lina_sim.training.breakdown import mean_breakdown
-from lina_sim.network.collectives import ALGORITHMS, CollectiveAlgos
-from lina_sim.hardware.compute import ProfileComputeModel, RooflineComputeModel
-from lina_sim.training.engine import StepResult, TrainingEngine
+from lina_sim.config.scenario import Scenario
 from lina_sim.errors import ConfigError
+from lina_sim.hardware.compute import ProfileComputeModel, RooflineComputeModel
 from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.network.alone import AloneTimes
+from lina_sim.network.collectives import ALGORITHMS, CollectiveAlgos
 from lina_sim.policies.registry import PolicyEntry, make_training_policy, policy_entries
-from lina_sim.config.scenario import Scenario
-from lina_sim.workload.resolve import resolve_cluster_and_model
+from lina_sim.training.breakdown import mean_breakdown
+from lina_sim.training.engine import StepResult, TrainingEngine
 from lina_sim.workload.graph import build_training_graph, micro_op_estimates, packing_candidates
 from lina_sim.workload.model import ModelSpec
-
+from lina_sim.workload.resolve import resolve_cluster_and_model
 
 # The blocks of a training scenario this module reads (the cluster and the model are
 # read by lina_sim.workload.resolve, the policies' parameters by their PARAMS).
 STEPS = Field(int, 1, minimum=1, help="training steps the real runtime measures (the simulator runs one)")
 COMPUTE_FIELDS: dict[str, Field] = {
     "model": Field(str, "roofline", choices=("roofline", "profile"), help="how compute ops are timed"),
-    "profile": Field(str, None, allow_none=True,
-                     help="with model: profile, the path of a measured profile table (.yaml, .yml or .csv)"),
+    "profile": Field(
+        str,
+        None,
+        allow_none=True,
+        help="with model: profile, the path of a measured profile table (.yaml, .yml or .csv)",
+    ),
 }
 COLLECTIVES_FIELDS: dict[str, Field] = {
     op: Field(str, algos[0], choices=algos, help=f"the {op} algorithm") for op, algos in ALGORITHMS.items()
@@ -63,10 +66,14 @@ class TrainingSetup:
     def describe(self) -> dict[str, Any]:
         """The fully resolved scenario as plain data (for caching and result tables)."""
         return {
-            "kind": "training", "seed": self.scenario.seed, "steps": self.steps,
-            "cluster": dataclasses.asdict(self.cluster), "model": dataclasses.asdict(self.model),
+            "kind": "training",
+            "seed": self.scenario.seed,
+            "steps": self.steps,
+            "cluster": dataclasses.asdict(self.cluster),
+            "model": dataclasses.asdict(self.model),
             "policies": [{"name": p.name, "label": p.label, **p.params} for p in self.policies],
-            "collectives": dataclasses.asdict(self.algos), "compute": getattr(self.compute, "source", "roofline"),
+            "collectives": dataclasses.asdict(self.algos),
+            "compute": getattr(self.compute, "source", "roofline"),
         }
 
 
@@ -83,8 +90,12 @@ def _compute_model(block: Any, cluster: ClusterSpec, dtype: str):
         return roofline
     # Not strict: other keys have always been ignored here, and a sweep over one of them
     # is reported as having no effect rather than as an error.
-    c = check_fields(check_mapping(block, "compute", ["model: roofline", "model: profile, profile: PATH"]),
-                     COMPUTE_FIELDS, "compute", strict=False)
+    c = check_fields(
+        check_mapping(block, "compute", ["model: roofline", "model: profile, profile: PATH"]),
+        COMPUTE_FIELDS,
+        "compute",
+        strict=False,
+    )
     if c["model"] == "roofline":
         return roofline
     if c["profile"] is None:
@@ -95,8 +106,9 @@ def _compute_model(block: Any, cluster: ClusterSpec, dtype: str):
 def _algos(block: Any) -> CollectiveAlgos:
     if block is None:
         return CollectiveAlgos()
-    return CollectiveAlgos(**check_fields(check_mapping(block, "collectives", sorted(ALGORITHMS)),
-                                          COLLECTIVES_FIELDS, "collectives"))
+    return CollectiveAlgos(
+        **check_fields(check_mapping(block, "collectives", sorted(ALGORITHMS)), COLLECTIVES_FIELDS, "collectives")
+    )
 
 
 def resolve_training(sc: Scenario) -> TrainingSetup:
@@ -108,8 +120,15 @@ def resolve_training(sc: Scenario) -> TrainingSetup:
     for key in ("serving",):
         if key in d:
             raise ConfigError(key, "only allowed in an inference scenario (kind: inference)")
-    return TrainingSetup(sc, cluster, model, policies, _algos(d.get("collectives")),
-                         _compute_model(d.get("compute"), cluster, model.dtype), steps)
+    return TrainingSetup(
+        sc,
+        cluster,
+        model,
+        policies,
+        _algos(d.get("collectives")),
+        _compute_model(d.get("compute"), cluster, model.dtype),
+        steps,
+    )
 
 
 @dataclass
@@ -134,8 +153,12 @@ def choose_shape(setup: TrainingSetup, entry: PolicyEntry, alone: AloneTimes) ->
     r = policy.pipeline_degree
     cands = packing_candidates(model, cluster.world_size)
     estimates = micro_op_estimates(
-        model, cluster, r, ffn_time=setup.compute.op_time,
-        a2a_time=lambda op, comm: alone("all_to_all", op.bytes, comm.groups[0]))
+        model,
+        cluster,
+        r,
+        ffn_time=setup.compute.op_time,
+        a2a_time=lambda op, comm: alone("all_to_all", op.bytes, comm.groups[0]),
+    )
     return policy, policy.experts_per_device(cands, estimates), r
 
 
@@ -145,8 +168,7 @@ def run_policy(setup: TrainingSetup, entry: PolicyEntry, alone: AloneTimes | Non
     alone = alone or AloneTimes(cluster, setup.algos)
     policy, k, r = choose_shape(setup, entry, alone)
     graph = build_training_graph(model, cluster, experts_per_device=k, pipeline_degree=r)
-    res = TrainingEngine(graph, policy, cluster, setup.compute.op_time, setup.algos, alone.topology,
-                         alone=alone).run()
+    res = TrainingEngine(graph, policy, cluster, setup.compute.op_time, setup.algos, alone.topology, alone=alone).run()
     # Rank 0's backward all-to-alls; a one-rank group moves nothing, so it has no slowdown.
     bwd = [c for c in res.collectives if c.mop.is_a2a and c.mop.phase == "bwd" and c.group[0] == 0]
     base = [(c.duration, alone("all_to_all", c.mop.nbytes, c.group)) for c in bwd if len(c.group) > 1]
@@ -162,17 +184,27 @@ def run_training(setup: TrainingSetup) -> tuple[pd.DataFrame, list[PolicyRun]]:
     rows = []
     for run in runs:
         s = run.a2a_slowdown
-        rows.append({
-            "scenario": setup.scenario.name, "policy": run.entry.label, "policy_name": run.entry.name,
-            "cluster": setup.cluster.name, "nodes": setup.cluster.nodes, "gpus": setup.cluster.world_size,
-            "model": setup.model.name, "experts": setup.model.experts,
-            "experts_per_device": run.experts_per_device, "pipeline_degree": run.pipeline_degree,
-            "step_time_s": run.result.step_time, "speedup": base / run.result.step_time,
-            **{f"{k}_s": v for k, v in run.breakdown.items()},
-            "bwd_a2a_slowdown_median": float(np.median(s)) if s.size else float("nan"),
-            "bwd_a2a_slowdown_p95": float(np.percentile(s, 95)) if s.size else float("nan"),
-            "bwd_a2a_slowdown_max": float(s.max()) if s.size else float("nan"),
-            "collectives": len(run.result.collectives), "sim_wall_s": run.wall_s,
-            **{k: v for k, v in setup.scenario.swept.items()},
-        })
+        rows.append(
+            {
+                "scenario": setup.scenario.name,
+                "policy": run.entry.label,
+                "policy_name": run.entry.name,
+                "cluster": setup.cluster.name,
+                "nodes": setup.cluster.nodes,
+                "gpus": setup.cluster.world_size,
+                "model": setup.model.name,
+                "experts": setup.model.experts,
+                "experts_per_device": run.experts_per_device,
+                "pipeline_degree": run.pipeline_degree,
+                "step_time_s": run.result.step_time,
+                "speedup": base / run.result.step_time,
+                **{f"{k}_s": v for k, v in run.breakdown.items()},
+                "bwd_a2a_slowdown_median": float(np.median(s)) if s.size else float("nan"),
+                "bwd_a2a_slowdown_p95": float(np.percentile(s, 95)) if s.size else float("nan"),
+                "bwd_a2a_slowdown_max": float(s.max()) if s.size else float("nan"),
+                "collectives": len(run.result.collectives),
+                "sim_wall_s": run.wall_s,
+                **{k: v for k, v in setup.scenario.swept.items()},
+            }
+        )
     return pd.DataFrame(rows), runs

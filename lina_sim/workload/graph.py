@@ -21,8 +21,9 @@ Modelling choices (each one a comment where it is made):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from lina_sim.config.fields import Field
 from lina_sim.errors import ConfigError
@@ -128,8 +129,10 @@ class _Gemm:
 
     def bwd(self, db: int) -> list[Kernel]:
         # dA = dC @ B^T and dB = A^T @ dC: two GEMMs of the forward's FLOPs each.
-        return [_gemm_kernel(self.name + ".dgrad", self.m, self.k, self.n, self.batch, db),
-                _gemm_kernel(self.name + ".wgrad", self.k, self.n, self.m, self.batch, db)]
+        return [
+            _gemm_kernel(self.name + ".dgrad", self.m, self.k, self.n, self.batch, db),
+            _gemm_kernel(self.name + ".wgrad", self.k, self.n, self.m, self.batch, db),
+        ]
 
 
 @dataclass(frozen=True)
@@ -175,22 +178,59 @@ class _GraphBuilder:
         self.expert_dp_size = world_size // self.ep_size
 
     # -- op creation --------------------------------------------------------------------
-    def compute(self, name: str, role: str, phase: str, layer: int, kernels: Sequence[Any], deps: Iterable[int],
-                tokens: float, shape: str, chunk: int = 0, chunks: int = 1, **extra: Any) -> int:
+    def compute(
+        self,
+        name: str,
+        role: str,
+        phase: str,
+        layer: int,
+        kernels: Sequence[Any],
+        deps: Iterable[int],
+        tokens: float,
+        shape: str,
+        chunk: int = 0,
+        chunks: int = 1,
+        **extra: Any,
+    ) -> int:
         ks: list[Kernel] = []
         for spec in kernels:
             ks += spec.bwd(self.db) if phase == BWD else spec.fwd(self.db)
-        return self._add(name=name, kind=COMPUTE, stream=COMPUTE, role=role, phase=phase, layer=layer,
-                         deps=tuple(deps), chunk=chunk, chunks=chunks, kernels=tuple(ks),
-                         flops=sum(x.flops for x in ks), hbm_bytes=sum(x.hbm_bytes for x in ks),
-                         tokens=tokens, shape=shape, **extra)
+        return self._add(
+            name=name,
+            kind=COMPUTE,
+            stream=COMPUTE,
+            role=role,
+            phase=phase,
+            layer=layer,
+            deps=tuple(deps),
+            chunk=chunk,
+            chunks=chunks,
+            kernels=tuple(ks),
+            flops=sum(x.flops for x in ks),
+            hbm_bytes=sum(x.hbm_bytes for x in ks),
+            tokens=tokens,
+            shape=shape,
+            **extra,
+        )
 
     def a2a(self, name: str, role: str, phase: str, layer: int, deps: Iterable[int], chunk: int) -> int:
         m = self.m
         rows = m.tokens * m.top_k * m.capacity_factor / self.r
-        return self._add(name=name, kind=ALL_TO_ALL, stream="a2a", role=role, phase=phase, layer=layer,
-                         deps=tuple(deps), chunk=chunk, chunks=self.r, bytes=rows * m.d_model * self.db,
-                         communicator="ep", tokens=rows, shape=f"d_model={m.d_model}")
+        return self._add(
+            name=name,
+            kind=ALL_TO_ALL,
+            stream="a2a",
+            role=role,
+            phase=phase,
+            layer=layer,
+            deps=tuple(deps),
+            chunk=chunk,
+            chunks=self.r,
+            bytes=rows * m.d_model * self.db,
+            communicator="ep",
+            tokens=rows,
+            shape=f"d_model={m.d_model}",
+        )
 
     def _add(self, **kw: Any) -> int:
         i = len(self.ops)
@@ -203,8 +243,16 @@ class _GraphBuilder:
             comm = "expert_dp" if is_expert else "dp"
             if (self.expert_dp_size if is_expert else self.n) < 2:
                 continue  # a group of one rank has nothing to reduce
-            self.grads.append(GradRequest(name=name, communicator=comm, nbytes=float(elems * self.db),
-                                          ready_after=ready_after, layer=layer, order=len(self.grads)))
+            self.grads.append(
+                GradRequest(
+                    name=name,
+                    communicator=comm,
+                    nbytes=float(elems * self.db),
+                    ready_after=ready_after,
+                    layer=layer,
+                    order=len(self.grads),
+                )
+            )
 
     # -- per-op kernel lists (forward shapes; backward derives) --------------------------
     def attn_kernels(self, layer: int) -> list[Any]:
@@ -221,26 +269,36 @@ class _GraphBuilder:
             ks += [_Gemm("rel_proj", s, d, d), _Gemm("rel_scores", s, s, d / h, b * h)]
         ks += self._core("attn", s, s)
         if m.has_cross_attention(layer):
-            ks += [_Elementwise("ln_cross", T * d, T * d), _Gemm("cross_q", T, d, d),
-                   _Gemm("cross_kv", T, 2 * d, d)] + self._core("cross", s, s)
+            ks += [
+                _Elementwise("ln_cross", T * d, T * d),
+                _Gemm("cross_q", T, d, d),
+                _Gemm("cross_kv", T, 2 * d, d),
+            ] + self._core("cross", s, s)
         return ks
 
     def _core(self, p: str, sq: float, sk: float) -> list[Any]:
         m = self.m
         T, d, b, h = m.tokens, m.d_model, m.micro_batch, m.heads
         # Scores over the full square (no flash attention, as in the paper's DeepSpeed).
-        return [_Gemm(f"{p}_scores", sq, sk, d / h, b * h), _Elementwise(f"{p}_softmax", b * h * sq * sk, b * h * sq * sk),
-                _Gemm(f"{p}_values", sq, d / h, sk, b * h), _Gemm(f"{p}_out", T, d, d),
-                _Elementwise(f"{p}_residual", 2 * T * d, T * d)]
+        return [
+            _Gemm(f"{p}_scores", sq, sk, d / h, b * h),
+            _Elementwise(f"{p}_softmax", b * h * sq * sk, b * h * sq * sk),
+            _Gemm(f"{p}_values", sq, d / h, sk, b * h),
+            _Gemm(f"{p}_out", T, d, d),
+            _Elementwise(f"{p}_residual", 2 * T * d, T * d),
+        ]
 
     def gate_kernels(self) -> list[Any]:
         m = self.m
         T, d, e = m.tokens, m.d_model, m.experts
         rows = T * m.top_k * m.capacity_factor
-        return [_Elementwise("ln_ffn", T * d, T * d), _Gemm("gate", T, e, d),
-                _Elementwise("topk_softmax", T * e, T * e),
-                # scatter each token's copies into the experts' capacity buffer
-                _Elementwise("dispatch_scatter", T * d * m.top_k, rows * d)]
+        return [
+            _Elementwise("ln_ffn", T * d, T * d),
+            _Gemm("gate", T, e, d),
+            _Elementwise("topk_softmax", T * e, T * e),
+            # scatter each token's copies into the experts' capacity buffer
+            _Elementwise("dispatch_scatter", T * d * m.top_k, rows * d),
+        ]
 
     def ffn_kernels(self, rows: float, experts: int) -> list[Any]:
         m = self.m
@@ -248,7 +306,11 @@ class _GraphBuilder:
         per = rows / experts
         ks: list[Any] = []
         for j in range(experts):  # one GEMM pair per local expert
-            ks += [_Gemm(f"e{j}.w1", per, f, d), _Elementwise(f"e{j}.gelu", per * f, per * f), _Gemm(f"e{j}.w2", per, d, f)]
+            ks += [
+                _Gemm(f"e{j}.w1", per, f, d),
+                _Elementwise(f"e{j}.gelu", per * f, per * f),
+                _Gemm(f"e{j}.w2", per, d, f),
+            ]
         return ks
 
     def combine_out_kernels(self, layer: int) -> list[Any]:
@@ -262,7 +324,11 @@ class _GraphBuilder:
     def dense_ffn_kernels(self) -> list[Any]:
         m = self.m
         T, d = m.tokens, m.d_model
-        return [_Elementwise("ln_ffn", T * d, T * d)] + self.ffn_kernels(T, 1) + [_Elementwise("ffn_residual", 2 * T * d, T * d)]
+        return (
+            [_Elementwise("ln_ffn", T * d, T * d)]
+            + self.ffn_kernels(T, 1)
+            + [_Elementwise("ffn_residual", 2 * T * d, T * d)]
+        )
 
     def embed_kernels(self) -> list[Any]:
         m = self.m
@@ -277,8 +343,11 @@ class _GraphBuilder:
         last = m.total_layers - 1
         if m.is_moe(last):
             ks += self.combine_out_kernels(last)
-        return ks + [_Elementwise("final_ln", T * d, T * d), _Gemm("lm_head", T, V, d),
-                     _Elementwise("softmax_xent", T * V, T * V)]
+        return ks + [
+            _Elementwise("final_ln", T * d, T * d),
+            _Gemm("lm_head", T, V, d),
+            _Elementwise("softmax_xent", T * V, T * V),
+        ]
 
     # -- the step -----------------------------------------------------------------------
     def build(self) -> None:
@@ -301,21 +370,48 @@ class _GraphBuilder:
                 deps += [x for x in fwd[m.encoder_layers - 1] if x not in deps]
             a = self.compute(f"L{l}.fwd.attn", "attn", FWD, l, self.attn_kernels(l), deps, T, attn_shape)
             if m.is_moe(l):
-                g = self.compute(f"L{l}.fwd.gate", "gate", FWD, l, self.gate_kernels(), [a], T, f"d_model={d},experts={m.experts}")
+                g = self.compute(
+                    f"L{l}.fwd.gate", "gate", FWD, l, self.gate_kernels(), [a], T, f"d_model={d},experts={m.experts}"
+                )
                 rows = T * m.top_k * m.capacity_factor / r
                 # Program order is all dispatch chunks, then the FFN chunks, then the
                 # combine chunks: the a2a stream runs in program order, so chunk c+1's
                 # dispatch must precede chunk c's combine for FFN c to overlap it.
                 xs = [self.a2a(f"L{l}.fwd.dispatch.c{c}", "dispatch", FWD, l, [g], c) for c in range(r)]
-                fs = [self.compute(f"L{l}.fwd.ffn.c{c}", "ffn", FWD, l, self.ffn_kernels(rows, self.k), [xs[c]], rows,
-                                   ffn_shape, chunk=c, chunks=r) for c in range(r)]
+                fs = [
+                    self.compute(
+                        f"L{l}.fwd.ffn.c{c}",
+                        "ffn",
+                        FWD,
+                        l,
+                        self.ffn_kernels(rows, self.k),
+                        [xs[c]],
+                        rows,
+                        ffn_shape,
+                        chunk=c,
+                        chunks=r,
+                    )
+                    for c in range(r)
+                ]
                 outs = [self.a2a(f"L{l}.fwd.combine.c{c}", "combine", FWD, l, [fs[c]], c) for c in range(r)]
                 prev_out = outs
             else:
-                prev_out = [self.compute(f"L{l}.fwd.ffn", "ffn", FWD, l, self.dense_ffn_kernels(), [a], T,
-                                         f"d_model={d},d_ff={m.d_ff},dense=1")]
+                prev_out = [
+                    self.compute(
+                        f"L{l}.fwd.ffn",
+                        "ffn",
+                        FWD,
+                        l,
+                        self.dense_ffn_kernels(),
+                        [a],
+                        T,
+                        f"d_model={d},d_ff={m.d_ff},dense=1",
+                    )
+                ]
             fwd[l] = list(prev_out)
-        head = self.compute("head.fwd", "head", FWD, L, self.head_kernels(), prev_out, T, f"d_model={d},vocab={m.vocab}")
+        head = self.compute(
+            "head.fwd", "head", FWD, L, self.head_kernels(), prev_out, T, f"d_model={d},vocab={m.vocab}"
+        )
 
         # Backward, layers in reverse; gradients become ready where their module's
         # backward ends.
@@ -325,18 +421,47 @@ class _GraphBuilder:
             if m.is_moe(l):
                 rows = T * m.top_k * m.capacity_factor / r
                 xs = [self.a2a(f"L{l}.bwd.combine.c{c}", "combine", BWD, l, [last], c) for c in range(r)]
-                fs = [self.compute(f"L{l}.bwd.ffn.c{c}", "ffn", BWD, l, self.ffn_kernels(rows, self.k), [xs[c]], rows,
-                                   ffn_shape, chunk=c, chunks=r) for c in range(r)]
+                fs = [
+                    self.compute(
+                        f"L{l}.bwd.ffn.c{c}",
+                        "ffn",
+                        BWD,
+                        l,
+                        self.ffn_kernels(rows, self.k),
+                        [xs[c]],
+                        rows,
+                        ffn_shape,
+                        chunk=c,
+                        chunks=r,
+                    )
+                    for c in range(r)
+                ]
                 dispatch = [self.a2a(f"L{l}.bwd.dispatch.c{c}", "dispatch", BWD, l, [fs[c]], c) for c in range(r)]
                 # Expert weight gradients accumulate over chunks: ready after the last one.
                 self.grad(by_module.get((l, "expert"), []), fs[-1])
-                g = self.compute(f"L{l}.bwd.gate", "gate", BWD, l, self.gate_kernels(), dispatch, T,
-                                 f"d_model={d},experts={m.experts}")
+                g = self.compute(
+                    f"L{l}.bwd.gate",
+                    "gate",
+                    BWD,
+                    l,
+                    self.gate_kernels(),
+                    dispatch,
+                    T,
+                    f"d_model={d},experts={m.experts}",
+                )
                 self.grad(by_module.get((l, "gate"), []), g)
                 last = g
             else:
-                last = self.compute(f"L{l}.bwd.ffn", "ffn", BWD, l, self.dense_ffn_kernels(), [last], T,
-                                    f"d_model={d},d_ff={m.d_ff},dense=1")
+                last = self.compute(
+                    f"L{l}.bwd.ffn",
+                    "ffn",
+                    BWD,
+                    l,
+                    self.dense_ffn_kernels(),
+                    [last],
+                    T,
+                    f"d_model={d},d_ff={m.d_ff},dense=1",
+                )
                 self.grad(by_module.get((l, "gate"), []), last)
             last = self.compute(f"L{l}.bwd.attn", "attn", BWD, l, self.attn_kernels(l), [last], T, attn_shape)
             self.grad(by_module.get((l, "attn"), []), last)
@@ -347,8 +472,17 @@ class _GraphBuilder:
         # gradient is reduced: DDP and DeepSpeed synchronise before the step.
         params = m.param_counts(self.k)
         local = params.non_expert + params.expert
-        self.compute("optimizer", "optimizer", OPT, -1, [_Streaming("adam", ADAM_BYTES_PER_PARAM * local)], [last],
-                     0.0, f"params={local}", waits_for_gradients=True)
+        self.compute(
+            "optimizer",
+            "optimizer",
+            OPT,
+            -1,
+            [_Streaming("adam", ADAM_BYTES_PER_PARAM * local)],
+            [last],
+            0.0,
+            f"params={local}",
+            waits_for_gradients=True,
+        )
 
 
 def _module_of(tensor: str) -> str:
@@ -396,9 +530,21 @@ class TrainingGraph:
                 continue
             s = seq.get(op.communicator, 0)
             seq[op.communicator] = s + 1
-            out.append(MicroOp(id=op.name, kind=ALL_TO_ALL, communicator=op.communicator, seq=s, nbytes=op.bytes,
-                               layer=op.layer, phase=op.phase, role=op.role, chunk=op.chunk, chunks=op.chunks,
-                               op_id=op.id))
+            out.append(
+                MicroOp(
+                    id=op.name,
+                    kind=ALL_TO_ALL,
+                    communicator=op.communicator,
+                    seq=s,
+                    nbytes=op.bytes,
+                    layer=op.layer,
+                    phase=op.phase,
+                    role=op.role,
+                    chunk=op.chunk,
+                    chunks=op.chunks,
+                    op_id=op.id,
+                )
+            )
         return tuple(out)
 
     def micro_ops(self, policy: Any) -> tuple[MicroOp, ...]:
@@ -409,9 +555,12 @@ class TrainingGraph:
     def totals(self, phase: str | None = None) -> dict[str, float]:
         """Summed flops, hbm_bytes and all-to-all bytes per rank (optionally one phase)."""
         ops = [o for o in self.ops if phase is None or o.phase == phase]
-        return {"flops": sum(o.flops for o in ops), "hbm_bytes": sum(o.hbm_bytes for o in ops),
-                "a2a_bytes": sum(o.bytes for o in ops if o.kind == ALL_TO_ALL),
-                "grad_bytes": sum(g.nbytes for g in self.grad_requests)}
+        return {
+            "flops": sum(o.flops for o in ops),
+            "hbm_bytes": sum(o.hbm_bytes for o in ops),
+            "a2a_bytes": sum(o.bytes for o in ops if o.kind == ALL_TO_ALL),
+            "grad_bytes": sum(g.nbytes for g in self.grad_requests),
+        }
 
     def op(self, name: str) -> Op:
         for o in self.ops:
@@ -438,8 +587,9 @@ def _world(cluster: Any) -> int:
     return WORLD_SIZE.check(n, "cluster.world_size")
 
 
-def build_training_graph(model: ModelSpec, cluster: Any, experts_per_device: int | None = None,
-                         pipeline_degree: int = 1) -> TrainingGraph:
+def build_training_graph(
+    model: ModelSpec, cluster: Any, experts_per_device: int | None = None, pipeline_degree: int = 1
+) -> TrainingGraph:
     """The op graph of one training step.
 
     ``cluster`` is a :class:`~lina_sim.hardware.spec.ClusterSpec` or a world size.
@@ -453,8 +603,9 @@ def build_training_graph(model: ModelSpec, cluster: Any, experts_per_device: int
     cands = packing_candidates(model, n)
     k = cands[0] if experts_per_device is None else experts_per_device
     if k not in cands:
-        raise ConfigError("experts_per_device", f"{k} experts per device do not fit {model.experts} experts on {n} GPUs",
-                          cands)
+        raise ConfigError(
+            "experts_per_device", f"{k} experts per device do not fit {model.experts} experts on {n} GPUs", cands
+        )
     pipeline_degree = PIPELINE_DEGREE.check(pipeline_degree, "pipeline_degree")
     b = _GraphBuilder(model, n, k, pipeline_degree)
     b.build()
@@ -464,13 +615,24 @@ def build_training_graph(model: ModelSpec, cluster: Any, experts_per_device: int
         "ep": Communicator("ep", tuple(tuple(range(g * ep, (g + 1) * ep)) for g in range(n // ep))),
         "expert_dp": Communicator("expert_dp", tuple(tuple(range(i, n, ep)) for i in range(ep))),
     }
-    return TrainingGraph(model=model, world_size=n, experts_per_device=k, pipeline_degree=pipeline_degree,
-                         ops=tuple(b.ops), grad_requests=tuple(b.grads), communicators=comms)
+    return TrainingGraph(
+        model=model,
+        world_size=n,
+        experts_per_device=k,
+        pipeline_degree=pipeline_degree,
+        ops=tuple(b.ops),
+        grad_requests=tuple(b.grads),
+        communicators=comms,
+    )
 
 
-def micro_op_estimates(model: ModelSpec, cluster: Any, pipeline_degree: int,
-                       ffn_time: Callable[[Op], float],
-                       a2a_time: Callable[[Op, Communicator], float]) -> dict[int, tuple[float, float]]:
+def micro_op_estimates(
+    model: ModelSpec,
+    cluster: Any,
+    pipeline_degree: int,
+    ffn_time: Callable[[Op], float],
+    a2a_time: Callable[[Op, Communicator], float],
+) -> dict[int, tuple[float, float]]:
     """For every valid packing k: (one forward expert-FFN micro-op's time, one dispatch
     all-to-all micro-op's time run alone), from the caller's timing functions (a compute
     model and the network). Feed it to ``policy.experts_per_device``."""
@@ -487,9 +649,13 @@ def micro_op_estimates(model: ModelSpec, cluster: Any, pipeline_degree: int,
     return out
 
 
-def graph_for_policy(model: ModelSpec, cluster: Any, policy: Any,
-                     ffn_time: Callable[[Op], float] | None = None,
-                     a2a_time: Callable[[Op, Communicator], float] | None = None) -> TrainingGraph:
+def graph_for_policy(
+    model: ModelSpec,
+    cluster: Any,
+    policy: Any,
+    ffn_time: Callable[[Op], float] | None = None,
+    a2a_time: Callable[[Op, Communicator], float] | None = None,
+) -> TrainingGraph:
     """The step graph shaped by ``policy``: its pipelining degree and its packing.
 
     A policy that packs experts (``lina``) needs ``ffn_time`` (e.g. a compute model's

@@ -9,10 +9,11 @@ the batch one rank processes. :func:`model_from_dict` reads a scenario's ``model
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-from lina_sim.config.fields import Field, REQUIRED, check_declared, check_fields, check_known, declare, declared
+from lina_sim.config.fields import REQUIRED, Field, check_declared, check_fields, check_known, declare, declared
 from lina_sim.errors import ConfigError
 
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
@@ -57,13 +58,32 @@ class ModelSpec:
     vocab: int = _count("decoder token-embedding rows (tokens)")
     experts: int = declare(Field(int, 0, minimum=0, help="experts per MoE layer (0: one per GPU)"))
     top_k: int = declare(Field(int, 2, minimum=1, help="experts each token is routed to"))
-    capacity_factor: float = declare(Field(float, 1.0, minimum=0, exclusive_minimum=True,
-                                           help="expert buffer size over an even share of the tokens (a ratio)"))
-    dtype: str = declare(Field(str, "fp16", choices=tuple(sorted(DTYPE_BYTES)),
-                               help="dtype of activations, weights and gradients on the wire"))
-    moe_layers: tuple[int, ...] | None = declare(Field(tuple, None, allow_none=True,
-                                                       allowed="a list of layer indices or null",
-                                                       help="layers with an MoE FFN (null: all)"))
+    capacity_factor: float = declare(
+        Field(
+            float,
+            1.0,
+            minimum=0,
+            exclusive_minimum=True,
+            help="expert buffer size over an even share of the tokens (a ratio)",
+        )
+    )
+    dtype: str = declare(
+        Field(
+            str,
+            "fp16",
+            choices=tuple(sorted(DTYPE_BYTES)),
+            help="dtype of activations, weights and gradients on the wire",
+        )
+    )
+    moe_layers: tuple[int, ...] | None = declare(
+        Field(
+            tuple,
+            None,
+            allow_none=True,
+            allowed="a list of layer indices or null",
+            help="layers with an MoE FFN (null: all)",
+        )
+    )
     encoder_layers: int = declare(Field(int, 0, minimum=0, help="layers of the encoder stack (0: none)"))
     encoder_vocab: int = declare(Field(int, 0, minimum=0, help="encoder token-embedding rows (0: vocab)"))
     tie_embeddings: bool = declare(Field(bool, True, help="the LM head shares the decoder embedding"))
@@ -97,31 +117,42 @@ class ModelSpec:
     def moe_layer_ids(self) -> tuple[int, ...]:
         return tuple(l for l in range(self.total_layers) if self.is_moe(l))
 
-    def resolve(self, world_size: int, where: str = "model") -> "ModelSpec":
+    def resolve(self, world_size: int, where: str = "model") -> ModelSpec:
         """Set ``experts`` to one per GPU if unset, and check it divides over the GPUs."""
         spec = self if self.experts else dataclasses.replace(self, experts=world_size)
         spec.check(where)
         e = spec.experts
         if world_size % e and e % world_size:
-            raise ConfigError(f"{where}.experts", f"{e} experts do not divide over {world_size} GPUs",
-                              f"a divisor or a multiple of {world_size}, e.g. {', '.join(map(str, _divisors(world_size)))}")
+            raise ConfigError(
+                f"{where}.experts",
+                f"{e} experts do not divide over {world_size} GPUs",
+                f"a divisor or a multiple of {world_size}, e.g. {', '.join(map(str, _divisors(world_size)))}",
+            )
         return spec
 
-    def check(self, where: str = "model") -> "ModelSpec":
+    def check(self, where: str = "model") -> ModelSpec:
         """Every field (:data:`MODEL_FIELDS`), then the rules that tie fields together."""
         check_declared(self, where)
         if self.d_model % self.heads:
-            raise ConfigError(f"{where}.heads", f"{self.heads} heads do not divide d_model {self.d_model}",
-                              f"a divisor of {self.d_model}")
+            raise ConfigError(
+                f"{where}.heads",
+                f"{self.heads} heads do not divide d_model {self.d_model}",
+                f"a divisor of {self.d_model}",
+            )
         if self.experts and self.top_k > self.experts:
-            raise ConfigError(f"{where}.top_k", f"top_k {self.top_k} exceeds the {self.experts} experts",
-                              f"1..{self.experts}")
+            raise ConfigError(
+                f"{where}.top_k", f"top_k {self.top_k} exceeds the {self.experts} experts", f"1..{self.experts}"
+            )
         if self.moe_layers is not None:
-            bad = [l for l in self.moe_layers if isinstance(l, bool) or not isinstance(l, int)
-                   or not 0 <= l < self.total_layers]
+            bad = [
+                l
+                for l in self.moe_layers
+                if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < self.total_layers
+            ]
             if bad:
-                raise ConfigError(f"{where}.moe_layers", f"layer {bad[0]!r} out of range",
-                                  f"layer indices 0..{self.total_layers - 1}")
+                raise ConfigError(
+                    f"{where}.moe_layers", f"layer {bad[0]!r} out of range", f"layer indices 0..{self.total_layers - 1}"
+                )
         return self
 
     # -- parameters --------------------------------------------------------------------
@@ -144,13 +175,20 @@ class ModelSpec:
             out.append(("embed.positions", self.seq_len * d, False, -1))
         for l in range(self.total_layers):
             p = f"L{l}."
-            out += [(p + "ln_attn", 2 * d, False, l), (p + "attn_qkv", 3 * d * d + 3 * d * bias, False, l),
-                    (p + "attn_out", d * d + d * bias, False, l)]
+            out += [
+                (p + "ln_attn", 2 * d, False, l),
+                (p + "attn_qkv", 3 * d * d + 3 * d * bias, False, l),
+                (p + "attn_out", d * d + d * bias, False, l),
+            ]
             if self.relative_position:
                 out.append((p + "attn_rel", d * d + 2 * d, False, l))
             if self.has_cross_attention(l):
-                out += [(p + "ln_cross", 2 * d, False, l), (p + "cross_q", d * d + d, False, l),
-                        (p + "cross_kv", 2 * d * d + 2 * d, False, l), (p + "cross_out", d * d + d, False, l)]
+                out += [
+                    (p + "ln_cross", 2 * d, False, l),
+                    (p + "cross_q", d * d + d, False, l),
+                    (p + "cross_kv", 2 * d * d + 2 * d, False, l),
+                    (p + "cross_out", d * d + d, False, l),
+                ]
             out.append((p + "ln_ffn", 2 * d, False, l))
             if self.is_moe(l):
                 out.append((p + "gate", d * e, False, l))  # DeepSpeed's TopKGate: Linear(d, E, bias=False)
@@ -163,7 +201,7 @@ class ModelSpec:
             out.append(("lm_head", self.vocab * d, False, self.total_layers))
         return out
 
-    def param_counts(self, experts_per_device: int | None = None) -> "ParamCounts":
+    def param_counts(self, experts_per_device: int | None = None) -> ParamCounts:
         """Parameter counts of the whole model (or of one device's share of experts)."""
         ts = self.tensors(experts_per_device)
         expert = sum(n for _, n, is_e, _ in ts if is_e)
@@ -198,12 +236,32 @@ def _divisors(n: int) -> list[int]:
 #   which fits an A100-40GB with 16 experts' worth of buffers and activations in fp16.
 # - capacity_factor 1.0: DeepSpeed-MoE's default for training.
 PRESETS: dict[str, dict[str, Any]] = {
-    **{f"transformer-xl-{n}": dict(layers=n, d_model=512, d_ff=2048, heads=8, seq_len=512, micro_batch=8,
-                                   vocab=204, learned_positions=False, relative_position=True)
-       for n in (12, 24, 36)},
+    **{
+        f"transformer-xl-{n}": dict(
+            layers=n,
+            d_model=512,
+            d_ff=2048,
+            heads=8,
+            seq_len=512,
+            micro_batch=8,
+            vocab=204,
+            learned_positions=False,
+            relative_position=True,
+        )
+        for n in (12, 24, 36)
+    },
     "gpt2-moe": dict(layers=12, d_model=768, d_ff=3072, heads=12, seq_len=1024, micro_batch=4, vocab=50257),
-    "bert2gpt2-moe": dict(layers=12, encoder_layers=12, d_model=768, d_ff=3072, heads=12, seq_len=512,
-                          micro_batch=8, vocab=50257, encoder_vocab=30522),
+    "bert2gpt2-moe": dict(
+        layers=12,
+        encoder_layers=12,
+        d_model=768,
+        d_ff=3072,
+        heads=12,
+        seq_len=512,
+        micro_batch=8,
+        vocab=50257,
+        encoder_vocab=30522,
+    ),
 }
 MODEL_FIELDS: dict[str, Field] = declared(ModelSpec)  # what a scenario's model block may set
 
@@ -239,7 +297,10 @@ def model_from_dict(d: Mapping[str, Any] | str, where: str = "model", world_size
     values.update((k, v) for k, v in d.items() if k != "preset")
     missing = [k for k, f in MODEL_FIELDS.items() if f.required and k not in values]
     if missing:
-        raise ConfigError(f"{where}.{missing[0]}", "missing (give it, or a preset to start from)",
-                          ["preset: " + "|".join(available_models())])
+        raise ConfigError(
+            f"{where}.{missing[0]}",
+            "missing (give it, or a preset to start from)",
+            ["preset: " + "|".join(available_models())],
+        )
     spec = ModelSpec(name=name, **check_fields(values, MODEL_FIELDS, where))
     return spec.resolve(world_size, where) if world_size is not None else spec.check(where)

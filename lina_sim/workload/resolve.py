@@ -3,7 +3,7 @@ experts are checked against the cluster's GPU count."""
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from lina_sim.errors import ConfigError
 from lina_sim.hardware.spec import ClusterSpec, resolve_cluster

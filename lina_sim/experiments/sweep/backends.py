@@ -8,9 +8,10 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol
 
 from lina_sim.errors import ConfigError
 from lina_sim.experiments.sweep.plan import SweepError, SweepPoint
@@ -85,8 +86,10 @@ def _probe_ray_address(address: str, timeout_s: float) -> None:
             pass
     except OSError as e:
         reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
-        raise SweepError(f"--address: cannot reach a Ray cluster at {address} ({reason}); start one with "
-                         f"`ray start --head`, or leave out --address to start a local one") from None
+        raise SweepError(
+            f"--address: cannot reach a Ray cluster at {address} ({reason}); start one with "
+            f"`ray start --head`, or leave out --address to start a local one"
+        ) from None
 
 
 @contextmanager
@@ -123,12 +126,19 @@ class RayBackend:
             t0 = time.monotonic()
             try:
                 with _stderr_silenced():  # Ray's C++ core logs each connection retry there
-                    ray.init(address=address, include_dashboard=False, logging_level="ERROR",
-                             log_to_driver=False, configure_logging=True)
+                    ray.init(
+                        address=address,
+                        include_dashboard=False,
+                        logging_level="ERROR",
+                        log_to_driver=False,
+                        configure_logging=True,
+                    )
             except Exception as e:  # noqa: BLE001 - ray raises many types; report one line
-                raise SweepError(f"--address: cannot connect to Ray at {address or 'a new local cluster'} "
-                                 f"(gave up after {time.monotonic() - t0:.0f} s): {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''}") from None
+                raise SweepError(
+                    f"--address: cannot connect to Ray at {address or 'a new local cluster'} "
+                    f"(gave up after {time.monotonic() - t0:.0f} s): {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}"
+                ) from None
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._task = ray.remote(num_cpus=1)(execute_safely)
 
@@ -142,7 +152,10 @@ class RayBackend:
                 try:
                     yield refs[ref], ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - a lost worker or node
-                    yield refs[ref], Outcome(None, f"ray task failed: {type(e).__name__}: {str(e).splitlines()[0]}", 0.0)
+                    yield (
+                        refs[ref],
+                        Outcome(None, f"ray task failed: {type(e).__name__}: {str(e).splitlines()[0]}", 0.0),
+                    )
 
     def close(self) -> None:
         if self._owns and self._ray.is_initialized():

@@ -31,8 +31,12 @@ def package_version() -> str:
 def describe_key(described: Any, version: str | None = None) -> str:
     """Content hash (hex SHA-256) of a resolved scenario's plain-data description and the
     package version: equal keys mean the simulator would compute the same rows."""
-    blob = json.dumps({"version": version or package_version(), "scenario": described}, sort_keys=True, default=repr,
-                      separators=(",", ":"))
+    blob = json.dumps(
+        {"version": version or package_version(), "scenario": described},
+        sort_keys=True,
+        default=repr,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

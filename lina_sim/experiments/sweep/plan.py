@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from lina_sim.config.scenario import Scenario, canonical_path, expand, load_yaml, set_path
 from lina_sim.errors import LinaSimError
@@ -87,8 +88,10 @@ def _check_swept_fields_matter(planned: Sequence[SweepPoint]) -> None:
             continue  # invalid alone (e.g. zipped with a field it must match): it matters
         if key == first.key:
             hint = _suggest(path, resolve(first.scenario).describe())
-            raise SweepError(f"sweep.{path}: has no effect: every value resolves to the same scenario "
-                             f"(a misspelt field, or one this kind of scenario ignores?{hint})")
+            raise SweepError(
+                f"sweep.{path}: has no effect: every value resolves to the same scenario "
+                f"(a misspelt field, or one this kind of scenario ignores?{hint})"
+            )
 
 
 def _suggest(path: str, described: Any) -> str:

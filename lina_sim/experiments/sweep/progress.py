@@ -23,8 +23,15 @@ class Progress:
     ``every_s`` seconds, and at the end.
     """
 
-    def __init__(self, total: int, cached: int = 0, stream: TextIO | None = None, every_s: float = 5.0,
-                 label: str = "sweep", enabled: bool = True):
+    def __init__(
+        self,
+        total: int,
+        cached: int = 0,
+        stream: TextIO | None = None,
+        every_s: float = 5.0,
+        label: str = "sweep",
+        enabled: bool = True,
+    ):
         self.total, self.cached, self.failed, self.done = total, cached, 0, cached
         self.stream = stream or sys.stderr
         self.every_s, self.label, self.enabled = every_s, label, enabled
@@ -42,11 +49,17 @@ class Progress:
     def line(self) -> str:
         width = 24
         fill = int(width * self.done / self.total) if self.total else width
-        extra = ", ".join(x for x in (f"{self.cached} cached" if self.cached else "",
-                                      f"{self.failed} failed" if self.failed else "") if x)
-        return (f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} points"
-                + (f" ({extra})" if extra else "")
-                + f"  elapsed {_fmt_s(time.monotonic() - self.t0)}  ETA {_fmt_s(self.eta_s()) if self.done < self.total else '0:00'}")
+        extra = ", ".join(
+            x
+            for x in (f"{self.cached} cached" if self.cached else "", f"{self.failed} failed" if self.failed else "")
+            if x
+        )
+        return (
+            f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} points"
+            + (f" ({extra})" if extra else "")
+            + f"  elapsed {_fmt_s(time.monotonic() - self.t0)}"
+            + f"  ETA {_fmt_s(self.eta_s()) if self.done < self.total else '0:00'}"
+        )
 
     def update(self, ok: bool = True) -> None:
         self.done += 1

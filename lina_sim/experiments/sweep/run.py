@@ -4,8 +4,8 @@ the result is one table with a row per (point, policy)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import pandas as pd
 
@@ -32,12 +32,13 @@ class SweepResult:
     cpu_s: float = 0.0  # CPU seconds of the points run (all workers)
 
 
-def _point_rows(pt: SweepPoint, frame: pd.DataFrame | None, error: str | None, swept_cols: Sequence[str]) -> pd.DataFrame:
+def _point_rows(
+    pt: SweepPoint, frame: pd.DataFrame | None, error: str | None, swept_cols: Sequence[str]
+) -> pd.DataFrame:
     if frame is None:
         frame = pd.DataFrame({"policy": list(pt.policies) or [None]})
     frame = frame.copy()
-    meta = {"point": pt.index, "scenario": pt.scenario.name,
-            **{c: pt.swept.get(c) for c in swept_cols}}
+    meta = {"point": pt.index, "scenario": pt.scenario.name, **{c: pt.swept.get(c) for c in swept_cols}}
     for i, (k, v) in enumerate(meta.items()):
         if k in frame.columns:
             frame = frame.drop(columns=k)
@@ -55,8 +56,13 @@ def assemble(points: Sequence[SweepPoint], frames: dict[int, pd.DataFrame], erro
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def run_sweep(points: Sequence[SweepPoint], backend: Backend | None = None, cache: Cache | None = None,
-              progress: Progress | bool = True, on_point: Callable[[int, Outcome], None] | None = None) -> SweepResult:
+def run_sweep(
+    points: Sequence[SweepPoint],
+    backend: Backend | None = None,
+    cache: Cache | None = None,
+    progress: Progress | bool = True,
+    on_point: Callable[[int, Outcome], None] | None = None,
+) -> SweepResult:
     """Run every point not in ``cache`` on ``backend`` (default: local processes) and
     return the assembled table. Points are validated already (see :func:`plan_points`)."""
     t0 = time.perf_counter()
@@ -96,8 +102,9 @@ def run_sweep(points: Sequence[SweepPoint], backend: Backend | None = None, cach
             on_point(index, outcome)
     progress.show(final=True)
     table = assemble(points, frames, errors)
-    return SweepResult(table, len(points), len(points) - len(todo), len(todo),
-                       sorted(errors.items()), time.perf_counter() - t0, cpu_s)
+    return SweepResult(
+        table, len(points), len(points) - len(todo), len(todo), sorted(errors.items()), time.perf_counter() - t0, cpu_s
+    )
 
 
 def comparable(df: pd.DataFrame) -> pd.DataFrame:

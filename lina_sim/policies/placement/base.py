@@ -55,9 +55,13 @@ class PlacementPolicy:
         "num_experts": Field(int, minimum=1, help="experts per MoE layer"),
         "num_devices": Field(int, minimum=1, help="devices (GPUs) serving the layer"),
         "top_k": Field(int, 1, minimum=1, help="experts each token is routed to"),
-        "max_experts_per_device": Field(int, None, minimum=1, allow_none=True,
-                                        help="expert slots per device, in experts of one layer "
-                                             "(null: 2 x ceil(num_experts / num_devices))"),
+        "max_experts_per_device": Field(
+            int,
+            None,
+            minimum=1,
+            allow_none=True,
+            help="expert slots per device, in experts of one layer (null: 2 x ceil(num_experts / num_devices))",
+        ),
     }
     FIELD_PREFIX: ClassVar[str] = "placement"
 
@@ -104,7 +108,7 @@ class PlacementPolicy:
         return {**cls.BASE_PARAMS, **cls.PARAMS}
 
     @classmethod
-    def from_params(cls, name: str | None = None, **params: Any) -> "PlacementPolicy":
+    def from_params(cls, name: str | None = None, **params: Any) -> PlacementPolicy:
         """Validate ``params`` (unknown or bad ones raise :class:`ConfigError` naming
         ``placement.<param>`` and what is allowed) and construct the policy."""
         what = f"parameter of policy {name or cls.__name__!r}"

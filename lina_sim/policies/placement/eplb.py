@@ -34,13 +34,20 @@ class EPLBPlacement(PlacementPolicy):
     """
 
     PARAMS: ClassVar[dict[str, Field]] = {
-        "redundant_experts": Field(int, None, minimum=0, allow_none=True,
-                                   help="extra physical expert slots in all, experts (null: one more per device)"),
+        "redundant_experts": Field(
+            int,
+            None,
+            minimum=0,
+            allow_none=True,
+            help="extra physical expert slots in all, experts (null: one more per device)",
+        ),
         "window": Field(int, 32, minimum=1, help="batches in the load moving average"),
         "rebalance_interval": Field(int, 8, minimum=1, help="batches between re-plans of a layer"),
     }
 
-    def __init__(self, *, redundant_experts: int | None = None, window: int = 32, rebalance_interval: int = 8, **kw) -> None:
+    def __init__(
+        self, *, redundant_experts: int | None = None, window: int = 32, rebalance_interval: int = 8, **kw
+    ) -> None:
         super().__init__(**kw)
         n, e, m = self.num_devices, self.num_experts, self.max_experts_per_device
         if redundant_experts is None:
@@ -49,9 +56,13 @@ class EPLBPlacement(PlacementPolicy):
         r = int(redundant_experts)
         field = f"{self.FIELD_PREFIX}.redundant_experts"
         if r < 0 or (e + r) % n:
-            raise ConfigError(field, f"{r} makes {e + r} physical experts, not a multiple of {n} devices", f"E + R a multiple of {n}")
+            raise ConfigError(
+                field, f"{r} makes {e + r} physical experts, not a multiple of {n} devices", f"E + R a multiple of {n}"
+            )
         if (e + r) // n > m:
-            raise ConfigError(field, f"{r} needs {(e + r) // n} slots per device > max_experts_per_device={m}", f"R <= {n * m - e}")
+            raise ConfigError(
+                field, f"{r} needs {(e + r) // n} slots per device > max_experts_per_device={m}", f"R <= {n * m - e}"
+            )
         self.redundant_experts = r
         self.slots_per_device = (e + r) // n
         self.window = int(window)

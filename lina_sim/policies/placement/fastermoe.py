@@ -41,16 +41,30 @@ class FasterMoEShadow(PlacementPolicy):
     """
 
     PARAMS: ClassVar[dict[str, Field]] = {
-        "token_bytes": Field(float, _D_MODEL * _DTYPE_BYTES, minimum=0, exclusive_minimum=True,
-                             help="one token's activation, bytes"),
-        "expert_bytes": Field(float, 2 * _D_MODEL * _D_FF * _DTYPE_BYTES, minimum=0, help="one expert's weights, bytes"),
-        "flops_per_token": Field(float, 2 * 2 * _D_MODEL * _D_FF, minimum=0,
-                                 help="FLOPs of one token through one expert"),
-        "network_bandwidth": Field(float, 100e9 / 8 / 4, minimum=0, exclusive_minimum=True,
-                                   help="what each device sends or receives in the all-to-all, bytes/s"),
-        "weight_bandwidth": Field(float, None, minimum=0, exclusive_minimum=True, allow_none=True,
-                                  help="what a broadcast of weights delivers to each device, bytes/s "
-                                       "(null: network_bandwidth)"),
+        "token_bytes": Field(
+            float, _D_MODEL * _DTYPE_BYTES, minimum=0, exclusive_minimum=True, help="one token's activation, bytes"
+        ),
+        "expert_bytes": Field(
+            float, 2 * _D_MODEL * _D_FF * _DTYPE_BYTES, minimum=0, help="one expert's weights, bytes"
+        ),
+        "flops_per_token": Field(
+            float, 2 * 2 * _D_MODEL * _D_FF, minimum=0, help="FLOPs of one token through one expert"
+        ),
+        "network_bandwidth": Field(
+            float,
+            100e9 / 8 / 4,
+            minimum=0,
+            exclusive_minimum=True,
+            help="what each device sends or receives in the all-to-all, bytes/s",
+        ),
+        "weight_bandwidth": Field(
+            float,
+            None,
+            minimum=0,
+            exclusive_minimum=True,
+            allow_none=True,
+            help="what a broadcast of weights delivers to each device, bytes/s (null: network_bandwidth)",
+        ),
         "device_flops": Field(float, 312e12, minimum=0, exclusive_minimum=True, help="achieved FLOP/s per device"),
     }
 

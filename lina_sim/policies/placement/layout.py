@@ -15,9 +15,9 @@ top-k batch of ``T`` tokens dispatches ``k*T`` of them; bytes are whatever
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -50,7 +50,9 @@ class Placement:
             if not devs or len(devs) != len(sh):
                 raise ValueError(f"expert {e}: needs >= 1 device and one share per device")
             if list(devs) != sorted(set(devs)) or devs[0] < 0 or devs[-1] >= self.num_devices:
-                raise ValueError(f"expert {e}: devices {devs} must be distinct, ascending, in 0..{self.num_devices - 1}")
+                raise ValueError(
+                    f"expert {e}: devices {devs} must be distinct, ascending, in 0..{self.num_devices - 1}"
+                )
             if min(sh) <= 0 or abs(sum(sh) - 1.0) > _SHARE_TOL:
                 raise ValueError(f"expert {e}: shares {sh} must be > 0 and sum to 1")
 
@@ -61,7 +63,7 @@ class Placement:
         num_devices: int,
         replicas: Sequence[Iterable[int] | Mapping[int, float]],
         origin: str = "",
-    ) -> "Placement":
+    ) -> Placement:
         """Build from, per expert, either an iterable of devices (tokens split evenly) or
         a ``{device: weight}`` mapping (weights normalised to shares)."""
         devices: list[tuple[int, ...]] = []
@@ -112,7 +114,7 @@ class Placement:
         """``int64 [experts]``: how many devices serve each expert."""
         return np.array([len(d) for d in self.devices], dtype=np.int64)
 
-    def swap_ins(self, previous: "Placement | None") -> tuple[frozenset[int], ...]:
+    def swap_ins(self, previous: Placement | None) -> tuple[frozenset[int], ...]:
         """Per device, the experts it must load because ``previous`` (the placement its
         memory holds now, for the same layer) did not have them there. ``None`` means
         nothing is resident yet, so everything must be loaded."""
@@ -122,7 +124,7 @@ class Placement:
             raise ValueError("placements cover different numbers of devices")
         return tuple(now - before for now, before in zip(self.resident, previous.resident))
 
-    def swap_in_counts(self, previous: "Placement | None") -> np.ndarray:
+    def swap_in_counts(self, previous: Placement | None) -> np.ndarray:
         """``int64 [devices]``: number of expert weight sets each device must load."""
         return np.array([len(s) for s in self.swap_ins(previous)], dtype=np.int64)
 

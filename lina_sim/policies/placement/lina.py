@@ -82,7 +82,9 @@ class LinaPlacement(_BalancedPlanner):
     }
     ESTIMATORS: ClassVar[tuple[str, ...]] = ("path", "previous")
 
-    def __init__(self, *, path_length: int = 3, min_count: int = 2, finetune: bool = True, estimator: str = "path", **kw) -> None:
+    def __init__(
+        self, *, path_length: int = 3, min_count: int = 2, finetune: bool = True, estimator: str = "path", **kw
+    ) -> None:
         super().__init__(**kw)
         if estimator not in self.ESTIMATORS:
             raise ConfigError(f"{self.FIELD_PREFIX}.estimator", f"unknown estimator {estimator!r}", self.ESTIMATORS)

@@ -12,7 +12,7 @@ every function is deterministic.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -21,10 +21,10 @@ from lina_sim.policies.placement.layout import Placement
 _EPS = 1e-9
 
 
-
 def _group_load(w: np.ndarray, r: np.ndarray, g: list[int]) -> float:
     """Load of a device group: each expert's weight split over its replicas."""
     return float(sum(w[e] / r[e] for e in g))
+
 
 def decreasing_order(loads: Sequence[float] | np.ndarray, items: Sequence[int] | None = None) -> list[int]:
     """``items`` (default: all indices) by decreasing load, ties by increasing id."""
@@ -60,7 +60,9 @@ def first_fit_decreasing(
 
 
 # ---------------------------------------------------------------------- Lina
-def lina_units(loads: Sequence[float] | np.ndarray, num_devices: int, max_items: int) -> tuple[list[list[int]], np.ndarray]:
+def lina_units(
+    loads: Sequence[float] | np.ndarray, num_devices: int, max_items: int
+) -> tuple[list[list[int]], np.ndarray]:
     """Lina's allocation for per-expert ``loads`` on ``num_devices`` devices.
 
     Target load per device ``T = sum(loads) / N``. An expert with ``load >= T`` is
@@ -105,7 +107,11 @@ def lina_units(loads: Sequence[float] | np.ndarray, num_devices: int, max_items:
         for i, g in enumerate(groups):
             if len(g) == 1 and r[g[0]] > 1:
                 e = g[0]
-                worst = max(_group_load(w, r, h) - w[e] / r[e] + w[e] / (r[e] - 1) for k, h in enumerate(groups) if k != i and e in h)
+                worst = max(
+                    _group_load(w, r, h) - w[e] / r[e] + w[e] / (r[e] - 1)
+                    for k, h in enumerate(groups)
+                    if k != i and e in h
+                )
                 cand = (worst, 0, i, -1)
                 if best is None or cand < best:
                     best = cand
@@ -174,7 +180,9 @@ def eplb_replicate(loads: Sequence[float] | np.ndarray, num_physical: int, max_r
     return r
 
 
-def eplb_pack(loads: Sequence[float] | np.ndarray, replicas: np.ndarray, num_devices: int, slots: int) -> list[list[int]]:
+def eplb_pack(
+    loads: Sequence[float] | np.ndarray, replicas: np.ndarray, num_devices: int, slots: int
+) -> list[list[int]]:
     """DeepSeek EPLB's ``balanced_packing``: replicas (load ``w_e / r_e`` each) by
     decreasing load, each onto the least-loaded device that still has one of its
     ``slots`` free (and, here, does not hold that expert already). Returns one list of
@@ -206,8 +214,8 @@ def align_units(groups: Sequence[Sequence[int]], previous: Placement | None) -> 
     device_of = [-1] * n
     free_g, free_d = set(range(n)), set(range(n))
     # Largest overlap first; ties to the lowest group, then the lowest device.
-    order = sorted(((-overlap[g, d], g, d) for g in range(n) for d in range(n)))
-    for neg, g, d in order:
+    order = sorted((-overlap[g, d], g, d) for g in range(n) for d in range(n))
+    for _, g, d in order:
         if g in free_g and d in free_d:
             device_of[g] = d
             free_g.discard(g)

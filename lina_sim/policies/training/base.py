@@ -26,8 +26,9 @@ Units: bytes, seconds.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 from lina_sim.config.fields import Field, check_fields
 from lina_sim.errors import ConfigError
@@ -135,7 +136,7 @@ class TrainingPolicy:
 
     # -- construction ------------------------------------------------------------------
     @classmethod
-    def from_params(cls, name: str, _where: str | None = None, **params: Any) -> "TrainingPolicy":
+    def from_params(cls, name: str, _where: str | None = None, **params: Any) -> TrainingPolicy:
         """Validate ``params`` against ``PARAMS`` and build the policy.
 
         ``_where`` is the YAML path of the policy's entry (default ``policies.<name>``);
@@ -161,15 +162,17 @@ class TrainingPolicy:
         """Which pending micro-ops to launch now (default: all of them, in order)."""
         return view.pending
 
-    def plan(self, micro_ops: Sequence[MicroOp], program: ProgramEstimate,
-             allreduce_s: Callable[[MicroOp], float]) -> tuple[MicroOp, ...]:
+    def plan(
+        self, micro_ops: Sequence[MicroOp], program: ProgramEstimate, allreduce_s: Callable[[MicroOp], float]
+    ) -> tuple[MicroOp, ...]:
         """The step's micro-ops with any launch plan set (``MicroOp.gap``), decided once
         per step from estimates every rank computes alike: ``program`` and
         ``allreduce_s(mop)``, an allreduce micro-op's time alone. Default: no plan."""
         return tuple(micro_ops)
 
-    def experts_per_device(self, candidates: Sequence[int],
-                           estimates: Mapping[int, tuple[float, float]] | None = None) -> int:
+    def experts_per_device(
+        self, candidates: Sequence[int], estimates: Mapping[int, tuple[float, float]] | None = None
+    ) -> int:
         """Experts per device to use, among the valid ``candidates`` (ascending).
 
         ``estimates[k] = (ffn_micro_op_s, a2a_micro_op_s)`` for packing ``k``: the caller's
@@ -216,17 +219,38 @@ def cut_requests(requests: Sequence[GradRequest], chunk_bytes: float, fuse_below
     seq: dict[str, int] = {}
     small: dict[str, list[GradRequest]] = {}
 
-    def emit(comm: str, pieces: list[tuple[str, float]], layer: int, ready: int, chunk: int, chunks: int, ident: str) -> None:
+    def emit(
+        comm: str, pieces: list[tuple[str, float]], layer: int, ready: int, chunk: int, chunks: int, ident: str
+    ) -> None:
         s = seq.get(comm, 0)
         seq[comm] = s + 1
-        out.append(MicroOp(id=ident, kind=ALLREDUCE, communicator=comm, seq=s, nbytes=sum(b for _, b in pieces),
-                           layer=layer, chunk=chunk, chunks=chunks, ready_after=ready, pieces=tuple(pieces)))
+        out.append(
+            MicroOp(
+                id=ident,
+                kind=ALLREDUCE,
+                communicator=comm,
+                seq=s,
+                nbytes=sum(b for _, b in pieces),
+                layer=layer,
+                chunk=chunk,
+                chunks=chunks,
+                ready_after=ready,
+                pieces=tuple(pieces),
+            )
+        )
 
     def flush(comm: str) -> None:
         group = small.pop(comm, [])
         if group:
-            emit(comm, [(g.name, g.nbytes) for g in group], group[-1].layer, group[-1].ready_after, 0, 1,
-                 f"{comm}.{group[0].name}" + (f"+{len(group) - 1}" if len(group) > 1 else ""))
+            emit(
+                comm,
+                [(g.name, g.nbytes) for g in group],
+                group[-1].layer,
+                group[-1].ready_after,
+                0,
+                1,
+                f"{comm}.{group[0].name}" + (f"+{len(group) - 1}" if len(group) > 1 else ""),
+            )
 
     for r in _ready_sorted(requests):
         comm = r.communicator
@@ -238,8 +262,15 @@ def cut_requests(requests: Sequence[GradRequest], chunk_bytes: float, fuse_below
         flush(comm)  # keep ready order within the communicator
         n = 1 if math.isinf(chunk_bytes) else max(1, math.ceil(r.nbytes / chunk_bytes - 1e-9))
         for i in range(n):
-            emit(comm, [(r.name, r.nbytes / n)], r.layer, r.ready_after, i, n,
-                 f"{comm}.{r.name}" + (f".p{i}" if n > 1 else ""))
+            emit(
+                comm,
+                [(r.name, r.nbytes / n)],
+                r.layer,
+                r.ready_after,
+                i,
+                n,
+                f"{comm}.{r.name}" + (f".p{i}" if n > 1 else ""),
+            )
     for comm in list(small):
         flush(comm)
     return submission_order(out)
@@ -258,12 +289,18 @@ def bucket_requests(requests: Sequence[GradRequest], cap_bytes: float) -> tuple[
         s = count.get(comm, 0)
         count[comm] = s + 1
         last = members[-1]
-        out.append(MicroOp(
-            id=f"{comm}.bucket{s}", kind=ALLREDUCE, communicator=comm, seq=s,
-            nbytes=sum(m.nbytes for m in members), layer=last.layer,
-            ready_after=max(m.ready_after for m in members),
-            pieces=tuple((m.name, m.nbytes) for m in members),
-        ))
+        out.append(
+            MicroOp(
+                id=f"{comm}.bucket{s}",
+                kind=ALLREDUCE,
+                communicator=comm,
+                seq=s,
+                nbytes=sum(m.nbytes for m in members),
+                layer=last.layer,
+                ready_after=max(m.ready_after for m in members),
+                pieces=tuple((m.name, m.nbytes) for m in members),
+            )
+        )
 
     for r in _ready_sorted(requests):
         open_.setdefault(r.communicator, []).append(r)
@@ -346,8 +383,9 @@ class RankScheduler:
 
     def view(self) -> RankView:
         a2a, ar = tuple(self._pending_a2a), tuple(self._pending_ar)
-        return RankView(a2a + ar, tuple(self._in_flight.values()), frozenset(self._open), a2a, ar,
-                        self._a2a_done, self._first_owed)
+        return RankView(
+            a2a + ar, tuple(self._in_flight.values()), frozenset(self._open), a2a, ar, self._a2a_done, self._first_owed
+        )
 
     def poll(self) -> tuple[MicroOp, ...]:
         """Ask the policy what to launch now; mark it in flight and return it in order."""

@@ -7,7 +7,8 @@ all-to-all is running. Pure: no simpy, no torch.
 
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 from lina_sim.config.fields import Field
 from lina_sim.policies.training.base import TrainingPolicy, bucket_requests, pipeline_param
@@ -22,8 +23,14 @@ class DeepSpeedPolicy(TrainingPolicy):
     pipelining (r = 1), one expert per device."""
 
     PARAMS: ClassVar[dict[str, Field]] = {
-        "bucket_mb": Field(float, 25.0, minimum=0, exclusive_minimum=True, allowed="a number of MB > 0",
-                           help="gradient bucket size, MB (10^6 bytes)"),
+        "bucket_mb": Field(
+            float,
+            25.0,
+            minimum=0,
+            exclusive_minimum=True,
+            allowed="a number of MB > 0",
+            help="gradient bucket size, MB (10^6 bytes)",
+        ),
     }
     bucket_mb: float
 

@@ -36,11 +36,18 @@ Pure: no simpy, no torch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
 
 from lina_sim.config.fields import Field
 from lina_sim.policies.training.base import (
-    ProgramEstimate, RankView, TrainingPolicy, bucket_requests, cut_requests, pipeline_param, submission_order,
+    ProgramEstimate,
+    RankView,
+    TrainingPolicy,
+    bucket_requests,
+    cut_requests,
+    pipeline_param,
+    submission_order,
 )
 from lina_sim.policies.training.deepspeed import DeepSpeedPolicy
 from lina_sim.workload.comm import MB, GradRequest, MicroOp
@@ -54,19 +61,31 @@ class LinaPolicy(TrainingPolicy):
     expert packing. Sizes in MB (10^6 bytes)."""
 
     PARAMS: ClassVar[dict[str, Field]] = {
-        "micro_op_mb": Field(float, 30.0, minimum=0, exclusive_minimum=True, allowed="a number of MB > 0",
-                             help="largest allreduce micro-op, MB (10^6 bytes)"),
+        "micro_op_mb": Field(
+            float,
+            30.0,
+            minimum=0,
+            exclusive_minimum=True,
+            allowed="a number of MB > 0",
+            help="largest allreduce micro-op, MB (10^6 bytes)",
+        ),
         "pipeline_degree": pipeline_param(2),
-        "packing": Field(bool, True, help="pack experts onto devices while an FFN micro-op is shorter than an "
-                                          "all-to-all micro-op"),
+        "packing": Field(
+            bool, True, help="pack experts onto devices while an FFN micro-op is shorter than an all-to-all micro-op"
+        ),
         "max_experts_per_device": Field(int, 16, minimum=1, help="most experts packing puts on one device"),
         "hold": Field(str, "moe-block", choices=HOLDS, help="with launch: local, what holds allreduce back"),
         "launch": Field(str, "planned", choices=LAUNCHES, help="when allreduce micro-ops launch"),
         # Opt-in deviation (default off, as specified): fuse consecutive tensors smaller
         # than this many MB into one micro-op, so tiny LayerNorm/bias tensors do not each
         # pay a collective's latency.
-        "fuse_below_mb": Field(float, 0.0, minimum=0, allowed="a number of MB >= 0",
-                               help="fuse consecutive tensors smaller than this into one micro-op, MB (0: never)"),
+        "fuse_below_mb": Field(
+            float,
+            0.0,
+            minimum=0,
+            allowed="a number of MB >= 0",
+            help="fuse consecutive tensors smaller than this into one micro-op, MB (0: never)",
+        ),
     }
     micro_op_mb: float
     fuse_below_mb: float
@@ -118,8 +137,9 @@ class LinaPolicy(TrainingPolicy):
             out.append(m)
         return tuple(out)
 
-    def plan(self, micro_ops: Sequence[MicroOp], program: ProgramEstimate,
-             allreduce_s: Callable[[MicroOp], float]) -> tuple[MicroOp, ...]:
+    def plan(
+        self, micro_ops: Sequence[MicroOp], program: ProgramEstimate, allreduce_s: Callable[[MicroOp], float]
+    ) -> tuple[MicroOp, ...]:
         """With ``launch = "planned"``: every allreduce micro-op's gap (see the module
         docstring), first fit in submission order on one allreduce stream."""
         if not self.plans_launches:
@@ -141,8 +161,9 @@ class LinaPolicy(TrainingPolicy):
             gaps[m.id] = gap
         return tuple(dataclasses.replace(m, gap=gaps[m.id]) if m.id in gaps else m for m in micro_ops)
 
-    def experts_per_device(self, candidates: Sequence[int],
-                           estimates: Mapping[int, tuple[float, float]] | None = None) -> int:
+    def experts_per_device(
+        self, candidates: Sequence[int], estimates: Mapping[int, tuple[float, float]] | None = None
+    ) -> int:
         """Double the packing while one FFN micro-op is shorter than one all-to-all
         micro-op (both from the caller's ``estimates``), staying within ``candidates``
         and ``max_experts_per_device``."""

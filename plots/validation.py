@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from runtime.mode import Timelines  # noqa: E402
+# (point, policy) -> one step's timeline frame, as runtime modes return them
+Timelines = dict[tuple[int, str], pd.DataFrame]
 
 
 def plot(j: pd.DataFrame, pred_tls: Timelines, meas_tls: Timelines, out: Path, title: str) -> list[Path]:
@@ -25,11 +26,24 @@ def plot(j: pd.DataFrame, pred_tls: Timelines, meas_tls: Timelines, out: Path, t
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(j), 3.6))
     x = np.arange(len(j))
     ax.bar(x - 0.2, j["step_time_s_pred"] * 1e3, 0.4, label="predicted (simulator)")
-    ax.bar(x + 0.2, j["step_time_s_meas"] * 1e3, 0.4, label="measured (testbed, median)",
-           yerr=[(j["step_time_s_meas"] - j["step_time_min_s"]) * 1e3, (j["step_time_max_s"] - j["step_time_s_meas"]) * 1e3])
+    ax.bar(
+        x + 0.2,
+        j["step_time_s_meas"] * 1e3,
+        0.4,
+        label="measured (testbed, median)",
+        yerr=[
+            (j["step_time_s_meas"] - j["step_time_min_s"]) * 1e3,
+            (j["step_time_max_s"] - j["step_time_s_meas"]) * 1e3,
+        ],
+    )
     for i, e in enumerate(j["error_pct"]):
-        ax.text(i, max(j["step_time_s_pred"].iloc[i], j["step_time_max_s"].iloc[i]) * 1e3 * 1.02, f"{e:+.0f}%",
-                ha="center", fontsize=8)
+        ax.text(
+            i,
+            max(j["step_time_s_pred"].iloc[i], j["step_time_max_s"].iloc[i]) * 1e3 * 1.02,
+            f"{e:+.0f}%",
+            ha="center",
+            fontsize=8,
+        )
     ax.set_xticks(x, [f"{p}\n{pol}" if j["point"].nunique() > 1 else pol for p, pol in zip(j["point"], j["policy"])])
     ax.set_ylabel("step time (ms)")
     ax.set_title(title, fontsize=9)
@@ -48,8 +62,11 @@ def plot(j: pd.DataFrame, pred_tls: Timelines, meas_tls: Timelines, out: Path, t
             rows = [(r, s) for r in sorted(tl["rank"].unique()) for s in ("compute", "a2a", "allreduce")]
             for yi, (rank, stream) in enumerate(rows):
                 d = tl[(tl["rank"] == rank) & (tl["stream"] == stream)]
-                ax.broken_barh(list(zip(d["start"] * 1e3, (d["end"] - d["start"]) * 1e3)), (yi - 0.4, 0.8),
-                               color=[colors.get(k, "gray") for k in d["kind"]])
+                ax.broken_barh(
+                    list(zip(d["start"] * 1e3, (d["end"] - d["start"]) * 1e3)),
+                    (yi - 0.4, 0.8),
+                    color=[colors.get(k, "gray") for k in d["kind"]],
+                )
             ax.set_yticks(range(len(rows)), [f"r{r} {s}" for r, s in rows], fontsize=6)
             ax.set_title(f"{name}: {key[1]} (point {key[0]})", fontsize=9)
         axes[1].set_xlabel("time in step (ms)")
