@@ -22,22 +22,23 @@ transfer; otherwise each rank computes on its own device. Output: the one timeli
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import simpy
 
-from lina_sim.network.collectives import CollectiveAlgos, Collectives
+from lina_sim.hardware.processors import ProcessorPool
 from lina_sim.hardware.spec import ClusterSpec
-from lina_sim.training.launch_plan import planned_micro_ops
+from lina_sim.hardware.topology import Topology
 from lina_sim.network.alone import AloneTimes
+from lina_sim.network.collectives import CollectiveAlgos, Collectives
 from lina_sim.network.fluid import FluidNetwork
 from lina_sim.policies.training.base import RankScheduler, TrainingPolicy, owed_per_gap, submission_order
-from lina_sim.workload.comm import MicroOp
-from lina_sim.hardware.processors import ProcessorPool
 from lina_sim.results.timeline import Event, Timeline
-from lina_sim.hardware.topology import Topology
+from lina_sim.training.launch_plan import planned_micro_ops
+from lina_sim.workload.comm import MicroOp
 
 STREAMS = ("compute", "a2a", "allreduce")
 
@@ -107,9 +108,17 @@ class TrainingEngine:
     ``alone`` (collective times alone on the network) feeds a policy's launch plan.
     """
 
-    def __init__(self, graph: Any, policy: TrainingPolicy, cluster: ClusterSpec,
-                 op_time: Callable[[Any], float], algos: CollectiveAlgos = CollectiveAlgos(),
-                 topology: Topology | None = None, record_launches: bool = False, alone: AloneTimes | None = None):
+    def __init__(
+        self,
+        graph: Any,
+        policy: TrainingPolicy,
+        cluster: ClusterSpec,
+        op_time: Callable[[Any], float],
+        algos: CollectiveAlgos = CollectiveAlgos(),
+        topology: Topology | None = None,
+        record_launches: bool = False,
+        alone: AloneTimes | None = None,
+    ):
         self.record_launches = record_launches
         self.graph = graph
         self.policy = policy
@@ -122,129 +131,183 @@ class TrainingEngine:
             raise ValueError(f"graph is for {graph.world_size} ranks, cluster has {self.topology.world_size}")
 
     def run(self) -> StepResult:
-        env = simpy.Environment()
-        net = FluidNetwork(env, self.topology)
-        a2a_coll = Collectives(net)
-        ar_coll = Collectives(FluidNetwork(env, self.topology)) if self.policy.isolated_allreduce else a2a_coll
-        host = self.cluster.host
-        cores = ProcessorPool(env, host.cores) if self.cluster.shares_cores else None
-        g = self.graph
-        n = g.world_size
-        tl = Timeline()
-        records: list[CollectiveRecord] = []
-        micro_ops = planned_micro_ops(g, self.policy, self.cluster, self.op_time, self.alone)
+        """Simulates the step once, from a fresh simulated clock, and returns its result."""
+        return _StepRun(self).run()
+
+
+class _StepRun:
+    """One simulation of one training step: the simpy environment, the network(s), every
+    rank's state, the timeline and the records of collectives and launches.
+
+    Each rank runs three simpy processes (:meth:`compute_stream`,
+    :meth:`submit_all_to_alls`, :meth:`submit_gradients`); a collective runs as its own
+    process (:meth:`run_collective`) once its group has rendezvoused
+    (:meth:`try_rendezvous`). Times are simulated seconds, sizes bytes.
+    """
+
+    def __init__(self, engine: TrainingEngine):
+        self.engine = engine
+        self.graph = g = engine.graph
+        self.op_time = engine.op_time
+        self.algos = engine.algos
+        self.env = env = simpy.Environment()
+        self.a2a_coll = Collectives(FluidNetwork(env, engine.topology))
+        # The no-contention bound: allreduce flows get their own copy of every link.
+        self.ar_coll = (
+            Collectives(FluidNetwork(env, engine.topology)) if engine.policy.isolated_allreduce else self.a2a_coll
+        )
+        self.host = engine.cluster.host
+        self.cores = ProcessorPool(env, self.host.cores) if engine.cluster.shares_cores else None
+        self.timeline = Timeline()
+        self.records: list[CollectiveRecord] = []
+        self.launches: list[Launch] = []
+        self.record_launches = engine.record_launches
+        micro_ops = planned_micro_ops(g, engine.policy, engine.cluster, engine.op_time, engine.alone)
         owed = owed_per_gap(micro_ops)
-        ranks = [_RankState(r, self.policy, env, owed) for r in range(n)]
-        a2a_mops = [m for m in micro_ops if m.is_a2a]
-        grad_mops = submission_order(micro_ops)
-        for st in ranks:
-            st.grads_left = len(grad_mops)
-            if not grad_mops:
+        self.ranks = [_RankState(r, engine.policy, env, owed) for r in range(g.world_size)]
+        self.a2a_mops = [m for m in micro_ops if m.is_a2a]
+        self.grad_mops = submission_order(micro_ops)
+        for st in self.ranks:
+            st.grads_left = len(self.grad_mops)
+            if not self.grad_mops:
                 st.grads_done.succeed()
-        ops = g.ops
-        compute_ops = [o for o in ops if o.kind == "compute"]
-        arrivals: dict[tuple[str, tuple[int, ...]], list[int]] = {}
-        launches: list[Launch] = []
-        record_launches = self.record_launches
+        self.ops = g.ops
+        self.compute_ops = [o for o in self.ops if o.kind == "compute"]
+        # (micro-op id, group) -> ranks whose stream has that collective at its head.
+        self.arrivals: dict[tuple[str, tuple[int, ...]], list[int]] = {}
 
-        def group_of(m: MicroOp, rank: int) -> tuple[int, ...]:
-            return g.communicators[m.communicator].group_of(rank)
+    def run(self) -> StepResult:
+        """Starts every rank's processes, runs the clock until nothing is left to happen,
+        and returns the step; raises if some rank never finished."""
+        env = self.env
+        # Process creation order fixes simpy's tie-breaking between same-time events.
+        for st in self.ranks:
+            env.process(self.compute_stream(st))
+            env.process(self.submit_all_to_alls(st))
+            env.process(self.submit_gradients(st))
+        env.run()
+        unfinished = [st.rank for st in self.ranks if st.compute_done < len(self.compute_ops) or st.grads_left]
+        if unfinished:
+            raise RuntimeError(
+                f"step did not finish on ranks {unfinished[:8]}: a collective never rendezvoused "
+                f"(open: {sorted(k[0] for k in self.arrivals)[:4]})"
+            )
+        df = self.timeline.to_frame()
+        return StepResult(float(df["end"].max()) if len(df) else 0.0, df, self.records, self.launches)
 
-        def poll(st: _RankState) -> None:
-            before = st.sched.view() if record_launches else None
-            for m in st.sched.poll():
-                if before is not None:
-                    running = sum(1 for x in before.in_flight if x.is_a2a)
-                    launches.append(Launch(env.now, st.rank, m, len(before.pending_a2a), running))
-                st.queues[m.stream].append(m)
-                kick(st, m.stream)
+    def group_of(self, m: MicroOp, rank: int) -> tuple[int, ...]:
+        """The ranks of ``m``'s communicator group that contains ``rank``."""
+        return self.graph.communicators[m.communicator].group_of(rank)
 
-        def kick(st: _RankState, stream: str) -> None:
-            if st.busy[stream] or not st.queues[stream]:
-                return
-            st.busy[stream] = True
-            m = st.queues[stream][0]
-            grp = group_of(m, st.rank)
-            key = (m.id, grp)
-            arrived = arrivals.setdefault(key, [])
-            arrived.append(st.rank)
-            if len(arrived) == len(grp):
-                del arrivals[key]
-                env.process(run_collective(m, grp))
+    def launch_selected(self, st: _RankState) -> None:
+        """Asks the rank's policy which submitted micro-ops to launch now, queues each on
+        its stream (recording the decision if asked) and tries to start it."""
+        before = st.sched.view() if self.record_launches else None
+        for m in st.sched.poll():
+            if before is not None:
+                running = sum(1 for x in before.in_flight if x.is_a2a)
+                self.launches.append(Launch(self.env.now, st.rank, m, len(before.pending_a2a), running))
+            st.queues[m.stream].append(m)
+            self.try_rendezvous(st, m.stream)
 
-        def run_collective(m: MicroOp, grp: tuple[int, ...]):
-            start = env.now
-            kind = "all_to_all" if m.is_a2a else "allreduce"
-            delay = host.collective_delay_s(kind, len(grp)) if cores is not None else 0.0
-            since = (start, cores.excess_time()) if delay > 0 else None
+    def try_rendezvous(self, st: _RankState, stream: str) -> None:
+        """If the rank's ``stream`` is idle and has a queued collective, makes that its
+        running head and records the rank's arrival; the last rank of the group to
+        arrive starts the collective (the NCCL rendezvous)."""
+        if st.busy[stream] or not st.queues[stream]:
+            return
+        st.busy[stream] = True
+        m = st.queues[stream][0]
+        grp = self.group_of(m, st.rank)
+        key = (m.id, grp)
+        arrived = self.arrivals.setdefault(key, [])
+        arrived.append(st.rank)
+        if len(arrived) == len(grp):
+            del self.arrivals[key]
+            self.env.process(self.run_collective(m, grp))
+
+    def run_collective(self, m: MicroOp, grp: tuple[int, ...]):
+        """Process: moves ``m.nbytes`` bytes over the network for group ``grp`` (plus,
+        on a shared-core host, the calibrated delay owed to oversubscription), then
+        completes ``m`` on every rank of the group."""
+        env, cores, host = self.env, self.cores, self.host
+        start = env.now
+        kind = "all_to_all" if m.is_a2a else "allreduce"
+        delay = host.collective_delay_s(kind, len(grp)) if cores is not None else 0.0
+        since = (start, cores.excess_time()) if delay > 0 else None
+        if m.is_a2a:
+            yield self.a2a_coll.all_to_all(grp, m.nbytes, self.algos.all_to_all, tag=m.id)
+        else:
+            yield self.ar_coll.allreduce(grp, m.nbytes, self.algos.allreduce, tag=m.id)
+        if since is not None:
+            owed = cores.owed(delay, host.reference_excess, since)
+            if owed > 0:
+                yield env.process(cores.pay(owed, host.reference_excess))
+        self.complete_collective(m, grp, kind, start, env.now)
+
+    def complete_collective(self, m: MicroOp, grp: tuple[int, ...], kind: str, start: float, end: float) -> None:
+        """Records ``m`` as having run over [start, end) s on every rank of ``grp``, frees
+        their stream, tells their schedulers and fires the completion events; only then
+        lets each rank launch and rendezvous again."""
+        self.records.append(CollectiveRecord(m, grp, start, end))
+        ranks, tl = self.ranks, self.timeline
+        for r in grp:
+            st = ranks[r]
+            tl.add(Event(r, m.stream, m.id, kind, start, end, m.layer, m.chunk, m.nbytes))
+            st.queues[m.stream].popleft()
+            st.busy[m.stream] = False
+            st.sched.complete(m)
             if m.is_a2a:
-                yield a2a_coll.all_to_all(grp, m.nbytes, self.algos.all_to_all, tag=m.id)
+                st.done_event(m.op_id).succeed()
             else:
-                yield ar_coll.allreduce(grp, m.nbytes, self.algos.allreduce, tag=m.id)
-            if since is not None:
-                owed = cores.owed(delay, host.reference_excess, since)
-                if owed > 0:
-                    yield env.process(cores.pay(owed, host.reference_excess))
-            end = env.now
-            records.append(CollectiveRecord(m, grp, start, end))
-            for r in grp:
-                st = ranks[r]
-                tl.add(Event(r, m.stream, m.id, kind, start, end, m.layer, m.chunk, m.nbytes))
-                st.queues[m.stream].popleft()
-                st.busy[m.stream] = False
-                st.sched.complete(m)
-                if m.is_a2a:
-                    st.done_event(m.op_id).succeed()
-                else:
-                    st.grads_left -= 1
-                    if st.grads_left == 0:
-                        st.grads_done.succeed()
-            for r in grp:
-                st = ranks[r]
-                poll(st)
-                kick(st, m.stream)
+                st.grads_left -= 1
+                if st.grads_left == 0:
+                    st.grads_done.succeed()
+        # Two passes, kept apart: the order of these calls fixes the order of same-time events.
+        launch_selected, try_rendezvous = self.launch_selected, self.try_rendezvous
+        for r in grp:
+            st = ranks[r]
+            launch_selected(st)
+            try_rendezvous(st, m.stream)
 
-        def compute_stream(st: _RankState):
-            for op in compute_ops:
-                for d in op.deps:
-                    ev = st.done_event(d)
-                    if not ev.processed:
-                        yield ev
-                if op.waits_for_gradients and not st.grads_done.processed:
-                    yield st.grads_done
-                start = env.now
-                dur = self.op_time(op)
-                if dur > 0:
-                    yield cores.run(dur) if cores is not None else env.timeout(dur)
-                tl.add(Event(st.rank, "compute", op.name, "compute", start, env.now, op.layer, op.chunk, 0.0))
-                st.done_event(op.id).succeed()
-                st.compute_done += 1
-
-        def a2a_submitter(st: _RankState):
-            for m in a2a_mops:
-                for d in ops[m.op_id].deps:
-                    ev = st.done_event(d)
-                    if not ev.processed:
-                        yield ev
-                st.sched.submit(m)
-                poll(st)
-
-        def grad_submitter(st: _RankState):
-            for m in grad_mops:
-                ev = st.done_event(m.ready_after)
+    def compute_stream(self, st: _RankState):
+        """Process: the rank's compute stream, running every compute op in program order
+        once its dependencies (and, for the optimizer step, every gradient) are done;
+        an op takes ``op_time(op)`` s, on the shared host cores if there are any."""
+        env, cores, tl, op_time = self.env, self.cores, self.timeline, self.op_time
+        for op in self.compute_ops:
+            for d in op.deps:
+                ev = st.done_event(d)
                 if not ev.processed:
                     yield ev
-                st.sched.submit(m)
-                poll(st)
+            if op.waits_for_gradients and not st.grads_done.processed:
+                yield st.grads_done
+            start = env.now
+            dur = op_time(op)
+            if dur > 0:
+                yield cores.run(dur) if cores is not None else env.timeout(dur)
+            tl.add(Event(st.rank, "compute", op.name, "compute", start, env.now, op.layer, op.chunk, 0.0))
+            st.done_event(op.id).succeed()
+            st.compute_done += 1
 
-        for st in ranks:
-            env.process(compute_stream(st))
-            env.process(a2a_submitter(st))
-            env.process(grad_submitter(st))
-        env.run()
-        unfinished = [st.rank for st in ranks if st.compute_done < len(compute_ops) or st.grads_left]
-        if unfinished:
-            raise RuntimeError(f"step did not finish on ranks {unfinished[:8]}: a collective never rendezvoused "
-                               f"(open: {sorted(k[0] for k in arrivals)[:4]})")
-        df = tl.to_frame()
-        return StepResult(float(df["end"].max()) if len(df) else 0.0, df, records, launches)
+    def submit_all_to_alls(self, st: _RankState):
+        """Process: submits each all-to-all micro-op to the rank's scheduler, in order,
+        as soon as the dependencies of its op are done."""
+        ops = self.ops
+        for m in self.a2a_mops:
+            for d in ops[m.op_id].deps:
+                ev = st.done_event(d)
+                if not ev.processed:
+                    yield ev
+            st.sched.submit(m)
+            self.launch_selected(st)
+
+    def submit_gradients(self, st: _RankState):
+        """Process: submits each gradient micro-op to the rank's scheduler, in submission
+        order, as soon as the compute op producing its tensors is done."""
+        for m in self.grad_mops:
+            ev = st.done_event(m.ready_after)
+            if not ev.processed:
+                yield ev
+            st.sched.submit(m)
+            self.launch_selected(st)
