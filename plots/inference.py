@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from lina_sim.serving.run import layer_a2a_tail  # noqa: E402
 from plots.training import save_figure  # noqa: E402  (atomic figure writes, shared)
 
 # One colour per placement policy, stable across figures.
@@ -85,8 +86,6 @@ def p95_bars(results: pd.DataFrame, path: str | Path) -> Path:
 
 def layer_tail(runs, path: str | Path, title: str = "") -> Path:
     """p95 over batches of each MoE layer's dispatch + combine all-to-all (ms)."""
-    from lina_sim.serving.run import layer_a2a_tail
-
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for run in runs:
         tail = layer_a2a_tail(run) * 1e3

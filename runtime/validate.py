@@ -71,9 +71,8 @@ def validate(
     """Calibrate (or reuse ``profile``), predict, measure, compare; returns the joined
     table (also written to ``out/validation.csv``)."""
     points = load_scenarios(scenario)
-    if mode_of(points).kind == "inference":  # no compute profile; batches, not steps
-        return validate_inference(points, scenario, out, testbed, nic, profile, timeout_s, echo)
-    return validate_training(points, scenario, out, testbed, nic, profile, steps, timeout_s, echo)
+    flow = VALIDATIONS[mode_of(points).kind]
+    return flow(points, scenario, out, testbed, nic, profile, steps, timeout_s, echo)
 
 
 def validate_training(
@@ -147,10 +146,13 @@ def validate_inference(
     testbed: str | None,
     nic: str | None,
     profile: str | None,
+    steps: int | None,
     timeout_s: float,
     echo: bool,
 ) -> pd.DataFrame:
-    """Predicted (``run_inference``) against measured mean batch time per policy."""
+    """Predicted (``run_inference``) against measured mean batch time per policy. There is
+    no compute profile, and ``steps`` does not apply: a serving run is sized by
+    ``serving.requests``."""
     first = resolve_inference(points[0])
     spec = testbed_for(testbed, nic, first.cluster)
     profile = calibrated_profile(
@@ -178,3 +180,7 @@ def validate_inference(
     print(format_inference_validation_table(j, _title(points[0].name, spec) + " (mean batch time)"))
     print(f"# validation: {out / 'validation.csv'}")
     return j
+
+
+# The validation flow of each scenario kind, keyed like runtime.scenario.MODES.
+VALIDATIONS = {"training": validate_training, "inference": validate_inference}

@@ -222,3 +222,12 @@ def test_runtime_modules_import_down_their_order():
     ]
     assert not bad, "runtime imports that run up its order:\n" + "\n".join(bad)
     assert not any(b.startswith("runtime.") for b in graph["runtime.comm"]), "runtime.comm imports the runtime"
+
+
+def test_runtime_registries_cover_every_scenario_kind():
+    from lina_sim.config.scenario import KIND_NAMES
+    from lina_sim.experiments.kinds import KINDS
+    from runtime.scenario import MODES
+    from runtime.validate import VALIDATIONS
+
+    assert set(KINDS) == set(MODES) == set(VALIDATIONS) == set(KIND_NAMES)

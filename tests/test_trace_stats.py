@@ -11,6 +11,7 @@ import pytest
 
 from lina_sim.errors import RoutingTraceError
 from lina_sim.policies.path_estimator import PathEstimator, top_experts
+from lina_sim.results import tables
 from lina_sim.routing import stats as ts
 from lina_sim.routing.traces import make_trace
 
@@ -158,7 +159,7 @@ def test_trace_row_maps_layers_by_depth():
 def test_report_and_plot(tmp_path):
     t = xor_trace(n=2000)
     s = ts.compute(t, path_lengths=(0, 1, 3), batch_tokens=100)
-    text = ts.format_stats(s)
+    text = tables.format_stats(s)
     assert "busiest/uniform" in text and "path length" in text
     from plots.trace_plots import plot_trace_stats
 

@@ -53,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_stats(args: argparse.Namespace) -> int:
+    from lina_sim.results import tables
     from lina_sim.routing import stats as ts
     from lina_sim.routing import traces as tr
 
@@ -60,11 +61,11 @@ def run_stats(args: argparse.Namespace) -> int:
     if args.batch_tokens < 1:
         raise ConfigError("--batch-tokens", f"must be >= 1, got {args.batch_tokens}")
     stats = ts.compute(trace, args.path_lengths, args.batch_tokens)
-    print(ts.format_stats(stats))
+    print(tables.format_stats(stats))
     if args.compare_real:
         rows = ts.real_rows(ts.load_real(args.real), args.real or "routing_counts.json")
         print()
-        print(ts.format_comparison([ts.trace_row(trace)] + rows))
+        print(tables.format_comparison([ts.trace_row(trace)] + rows))
     if args.json:
         import json
 

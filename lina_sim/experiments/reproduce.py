@@ -32,8 +32,12 @@ from lina_sim.experiments.sweep import (
     plan_points,
     run_sweep,
 )
+from lina_sim.policies.path_estimator import PathEstimator, top_experts
 from lina_sim.results.files import atomic_write_text
 from lina_sim.results.tables import markdown_table, text_table
+from lina_sim.routing.stats import expert_counts
+from lina_sim.serving.server import serving_inputs
+from lina_sim.serving.setup import resolve_inference
 
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "scenarios"
 
@@ -155,10 +159,6 @@ def estimation_accuracy(setup: Any, lengths: tuple[int, ...] = PATH_LENGTHS) -> 
     got. The estimator is fit on the scenario's training slice of the trace and scored on
     batches of ``token_budget`` tokens of the served slice, at the layers Lina schedules
     (``layer >= path length``)."""
-    from lina_sim.policies.path_estimator import PathEstimator, top_experts
-    from lina_sim.routing.stats import expert_counts
-    from lina_sim.serving.server import serving_inputs
-
     sh = serving_inputs(setup)
     E = setup.model.experts
     # ``serve_experts`` is the whole trace; score on the served pool's rows only.
@@ -191,8 +191,7 @@ def estimation_accuracy(setup: Any, lengths: tuple[int, ...] = PATH_LENGTHS) -> 
 
 def _draw_accuracy(table: pd.DataFrame, path: Path) -> pd.DataFrame:
     """Estimation accuracy per layer, on the path-length scenario's trace split."""
-    import plots.reproduce as figs
-    from lina_sim.serving.setup import resolve_inference
+    import plots.reproduce as figs  # matplotlib: only when drawing
 
     point = expand(load_yaml(SCENARIO_DIR / "paper-pathlength.yaml"), str(SCENARIO_DIR / "paper-pathlength.yaml"))[0]
     return figs.estimation_accuracy(estimation_accuracy(resolve_inference(point)), path)

@@ -7,6 +7,7 @@ in ms (µs for collectives) as each header says.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +278,68 @@ def format_components(classes) -> str:
             f"  {key[0]:<2} {key[1]:<13}" + "".join(f"{p[k] * 1e3:>9.1f} /{m[k] * 1e3:>6.1f} " for k in COMPONENTS)
         )
     return "\n".join(lines)
+
+
+def format_stats(s: Any) -> str:
+    """``lina-sim trace-stats``: skew, repeat rate, affinity and path-estimation accuracy
+    of one routing trace (a :class:`~lina_sim.routing.stats.RoutingStats`)."""
+    m = s.summary
+    out = [
+        f"{m['file']}: {m['model']} on {m['dataset']}: {m['tokens']} tokens in {m['sequences']} sequences, "
+        f"{m['layers']} layers, top-{m['top_k']} of {m['experts']} experts",
+        "",
+        f"layer  busiest/uniform  CV    top-{s.skew.top_experts} share   (all {m['top_k']} choices)   repeat  (chance)",
+    ]
+    for i, l in enumerate(s.skew.layers):
+        out.append(
+            f"{l:5d}  {s.skew.max_over_uniform[i]:15.2f}  {s.skew.cv[i]:4.2f}  {s.skew.top_share[i]:11.3f}"
+            f"   {'':21s}{s.repeat.rate[i]:6.3f}  ({s.repeat.chance[i]:.3f})"
+        )
+    mean, mean1 = s.skew.mean(), s.skew_top1.mean()
+    out.append(
+        f" mean  {mean['max_over_uniform']:15.2f}  {mean['cv']:4.2f}  {mean['top_share']:11.3f}"
+        f"   top-1 only: {mean1['max_over_uniform']:.2f} / {mean1['cv']:.2f} / {mean1['top_share']:.3f}"
+    )
+    if s.affinity.pairs:
+        a = s.affinity
+        out += ["", "inter-layer affinity (predict top-1 at l+1 from top-1 at l)", "pair     accuracy  chance  uniform"]
+        for (x, y), acc, ch in zip(a.pairs, a.accuracy, a.chance):
+            out.append(f"{x:2d}->{y:<3d}  {acc:8.3f}  {ch:6.3f}  {a.uniform:7.3f}")
+        am = a.mean()
+        out.append(f" mean    {am['accuracy']:8.3f}  {am['chance']:6.3f}  {a.uniform:7.3f}")
+    if s.path:
+        p = s.path
+        out += [
+            "",
+            f"path-based estimation: batches of {p.batch_tokens} held-out tokens ({p.batches} batches, "
+            f"layers {p.first_layer}+, trained on {p.train_tokens} tokens); estimated top-{p.set_size} set == actual",
+            "path length  exact  mean overlap",
+        ]
+        for L, e, o in zip(p.lengths, p.exact, p.overlap):
+            label = f"{L}" if L else "0 (popularity)"
+            out.append(f"{label:>11s}  {e:5.3f}  {o:12.3f}")
+    return "\n".join(out)
+
+
+def format_comparison(rows: Sequence[Any]) -> str:
+    """``trace-stats --compare-real``, one line per :class:`~lina_sim.routing.stats.RealRow`:
+    skew at the first recorded layer, mean skew, cross-layer affinity."""
+    out = [
+        "side by side with real routing at the recorded layers (a trace: the layers at the same "
+        "relative depth). Skew over all k choices, averaged over those layers except the first "
+        "column; affinity from top-1 choices across the non-adjacent layer pairs",
+        f"{'model':28s} {'domain':10s} {'E':>3s} {'k':>2s}  {'max/unif L0':>11s} {'mean':>5s}  "
+        f"{'CV mean':>7s}  {'top12.5% share':>14s}  {'affinity (chance) per pair':s}",
+    ]
+    for r in rows:
+        aff = "  ".join(
+            f"{a}->{b} {acc:.3f} ({ch:.3f})"
+            for (a, b), acc, ch in zip(r.affinity.pairs, r.affinity.accuracy, r.affinity.chance)
+        )
+        sm = r.skew.mean()
+        out.append(
+            f"{r.name[:28]:28s} {r.domain[:10]:10s} {r.experts:3d} {r.top_k:2d}  "
+            f"{r.skew.max_over_uniform[0]:11.2f} {sm['max_over_uniform']:5.2f}  {sm['cv']:7.2f}  "
+            f"{sm['top_share']:14.3f}  {aff}"
+        )
+    return "\n".join(out)

@@ -22,7 +22,7 @@ from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.network.collectives import ALGORITHMS
 from lina_sim.policies.placement import PlacementPolicy
 from lina_sim.policies.registry import PolicyEntry, make_placement_policy, policy_entries
-from lina_sim.routing.traces import RoutingTrace
+from lina_sim.routing.traces import RoutingTrace, concatenate
 from lina_sim.routing.traces import load as load_trace
 from lina_sim.serving.cost import InferenceCostModel
 from lina_sim.serving.requests import ArrivalSpec, BatchingSpec
@@ -176,8 +176,6 @@ def _trace_paths(v: str | list[str], source: str) -> tuple[Path, ...]:
 
 
 def _load_traces(paths: tuple[Path, ...]) -> RoutingTrace:
-    from lina_sim.routing.traces import concatenate
-
     traces = [load_trace(p) for p in paths]  # RoutingTraceError names the file
     return traces[0] if len(traces) == 1 else concatenate(traces)
 

@@ -251,13 +251,15 @@ class _StepRun:
         lets each rank launch and rendezvous again."""
         self.records.append(CollectiveRecord(m, grp, start, end))
         ranks, tl = self.ranks, self.timeline
+        # Read once: both are properties and the group can be every rank.
+        stream, is_a2a = m.stream, m.is_a2a
         for r in grp:
             st = ranks[r]
-            tl.add(Event(r, m.stream, m.id, kind, start, end, m.layer, m.chunk, m.nbytes))
-            st.queues[m.stream].popleft()
-            st.busy[m.stream] = False
+            tl.add(Event(r, stream, m.id, kind, start, end, m.layer, m.chunk, m.nbytes))
+            st.queues[stream].popleft()
+            st.busy[stream] = False
             st.sched.complete(m)
-            if m.is_a2a:
+            if is_a2a:
                 st.done_event(m.op_id).succeed()
             else:
                 st.grads_left -= 1
@@ -268,7 +270,7 @@ class _StepRun:
         for r in grp:
             st = ranks[r]
             launch_selected(st)
-            try_rendezvous(st, m.stream)
+            try_rendezvous(st, stream)
 
     def compute_stream(self, st: _RankState):
         """Process: the rank's compute stream, running every compute op in program order
