@@ -13,7 +13,7 @@ Lowest first (a module imports only those above it):
 - ``selftest``, ``calibrate``: run modes that check and measure the cluster;
 - ``testbed``, ``launch``, ``entry``, ``cli``: the emulated cluster, the rank launcher,
   the rank entry point (``ENTRIES``: the run modes) and ``lina-run``;
-- ``testbed_profile``, ``compare``, ``figures``, ``validate``, ``validate_command``:
+- ``testbed_profile``, ``compare``, ``validate``, ``validate_command`` (figures: plots.validation):
   ``lina-sim validate`` (calibrate, profile, simulate, measure, compare);
 - ``record``: routing traces recorded from a real MoE.
 """

@@ -1,0 +1,5 @@
+"""The one timeline table, every printed result table, atomic files. Imports only
+lina_sim.errors.
+
+See docs/ARCHITECTURE.md.
+"""

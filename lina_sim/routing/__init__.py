@@ -1,0 +1,5 @@
+"""Expert-routing traces: format and importers, statistics, a generator fitted to real
+traces.
+
+See docs/ARCHITECTURE.md.
+"""

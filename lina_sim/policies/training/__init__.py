@@ -1,0 +1,5 @@
+"""Training (communication-scheduling) policies: pure, shared by the simulator and the
+runtime.
+
+See docs/ARCHITECTURE.md.
+"""
