@@ -41,6 +41,7 @@ from lina_sim.config.scenario import Scenario
 from lina_sim.errors import ConfigError
 from lina_sim.network.alone import AloneTimes
 from lina_sim.results.files import atomic_write_text
+from lina_sim.results.rows import point_columns
 from lina_sim.results.tables import format_scheduler_cost, format_training_table, point_title
 from lina_sim.results.timeline import Event, write_chrome_trace
 from lina_sim.training.breakdown import mean_breakdown
@@ -267,14 +268,7 @@ class TrainingMode(Mode):
                 rows.append(
                     {
                         "point": pi,
-                        "scenario": setup.scenario.name,
-                        "policy": run["label"],
-                        "policy_name": run["name"],
-                        "cluster": setup.cluster.name,
-                        "nodes": setup.cluster.nodes,
-                        "gpus": setup.cluster.world_size,
-                        "model": setup.model.name,
-                        "experts": setup.model.experts,
+                        **point_columns(setup, run["label"], run["name"]),
                         "experts_per_device": run["k"],
                         "pipeline_degree": run["r"],
                         "step_time_s": step,

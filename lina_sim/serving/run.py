@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from lina_sim.network.serving_a2a import AllToAllTimer
+from lina_sim.results.rows import point_columns
 from lina_sim.serving.server import PolicyServer, PolicyServing, serving_inputs
 from lina_sim.serving.setup import InferenceSetup, setup_slots
 
@@ -71,14 +72,7 @@ def run_inference(setup: InferenceSetup) -> tuple[pd.DataFrame, list[PolicyServi
         makespan = max(r.end for r in b)
         rows.append(
             {
-                "scenario": setup.scenario.name,
-                "policy": run.entry.label,
-                "policy_name": run.entry.name,
-                "cluster": setup.cluster.name,
-                "nodes": setup.cluster.nodes,
-                "gpus": setup.cluster.world_size,
-                "model": setup.model.name,
-                "experts": setup.model.experts,
+                **point_columns(setup, run.entry.label, run.entry.name),
                 "top_k": setup.top_k,
                 "expert_slots": setup_slots(setup),
                 "trace": "+".join(Path(p).stem for p in s.trace_paths),

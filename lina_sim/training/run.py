@@ -28,6 +28,7 @@ from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.network.alone import AloneTimes
 from lina_sim.network.collectives import ALGORITHMS, CollectiveAlgos
 from lina_sim.policies.registry import PolicyEntry, make_training_policy, policy_entries
+from lina_sim.results.rows import point_columns
 from lina_sim.training.breakdown import mean_breakdown
 from lina_sim.training.engine import StepResult, TrainingEngine
 from lina_sim.workload.graph import build_training_graph, micro_op_estimates, packing_candidates
@@ -186,14 +187,7 @@ def run_training(setup: TrainingSetup) -> tuple[pd.DataFrame, list[PolicyRun]]:
         s = run.a2a_slowdown
         rows.append(
             {
-                "scenario": setup.scenario.name,
-                "policy": run.entry.label,
-                "policy_name": run.entry.name,
-                "cluster": setup.cluster.name,
-                "nodes": setup.cluster.nodes,
-                "gpus": setup.cluster.world_size,
-                "model": setup.model.name,
-                "experts": setup.model.experts,
+                **point_columns(setup, run.entry.label, run.entry.name),
                 "experts_per_device": run.experts_per_device,
                 "pipeline_degree": run.pipeline_degree,
                 "step_time_s": run.result.step_time,
