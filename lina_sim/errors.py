@@ -33,7 +33,7 @@ class ConfigError(LinaSimError, ValueError):
 
 
 class RoutingTraceError(LinaSimError, ValueError):
-    """A malformed or mismatched expert-selection trace.
+    """A malformed or mismatched expert-routing trace.
 
     ``source`` names the file (or ``<memory>`` for an in-memory trace) and ``problem``
     says what is wrong with it; the message is ``"<source>: <problem>"``.

@@ -1,4 +1,4 @@
-"""Train a small MoE on real text and record its gating as expert-selection traces.
+"""Train a small MoE on real text and record its gating as expert-routing traces.
 
 The text is the real input of OLMoE's routing analysis (``<repo>/../shared/data/
 olmoe-routing/text/*.txt``). The tail of each domain is held out; the model trains on

@@ -10,11 +10,11 @@ from lina_sim.errors import ConfigError
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "trace-stats",
-        help="statistics of an expert-selection trace (skew, affinity, path estimation, locality)",
+        help="statistics of an expert-routing trace (skew, affinity, path estimation, locality)",
         description="Print load skew, inter-layer affinity, path-based estimation accuracy and "
         "token repeat rate of a trace (.npz, or .jsonl/.npy imported on the fly).",
     )
-    p.add_argument("file", help="trace file (.npz, .jsonl, .npy)")
+    p.add_argument("file", help="routing-trace file (.npz, .jsonl, .npy)")
     p.add_argument("--plot", metavar="PNG", help="write skew bars and transition heatmaps here")
     p.add_argument(
         "--compare-real", action="store_true", help="put the trace beside the real OLMoE/Mixtral routing counts"
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     g = subparsers.add_parser(
         "trace-gen",
-        help="generate a synthetic trace, fitted to a real one or from parameters",
+        help="generate a synthetic routing trace, fitted to a real one or from parameters",
         description="Write a synthetic trace (.npz). With --from, fit the generator to a trace and "
         "optionally scale it to more tokens, layers or experts; otherwise build it from parameters.",
     )

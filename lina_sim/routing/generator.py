@@ -1,4 +1,4 @@
-"""Synthetic expert-selection traces: a first-order model of MoE routing.
+"""Synthetic expert-routing traces: a first-order model of MoE routing.
 
 The model, per token and layer:
 

@@ -1,4 +1,4 @@
-"""Statistics of expert-selection traces, and the same statistics of real OLMoE/Mixtral
+"""Statistics of expert-routing traces, and the same statistics of real OLMoE/Mixtral
 routing counts so that a trace can be put beside them.
 
 - **Load skew** per layer: busiest expert over the uniform share, coefficient of

@@ -1,7 +1,7 @@
 """Inference serving, trace-driven: requests, batches, per-layer placement, latency.
 
 A single-model server on ``N`` GPUs serves requests (each one sequence of an
-expert-selection trace) in dynamically formed batches (:mod:`lina_sim.serving.requests`). One
+expert-routing trace) in dynamically formed batches (:mod:`lina_sim.serving.requests`). One
 batch runs the forward pass of every layer on all GPUs, its tokens split data-parallel.
 Per MoE layer ``l`` (:class:`PolicyServer`):
 
