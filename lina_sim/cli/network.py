@@ -1,11 +1,23 @@
-"""``lina-sim collective``, ``lina-sim contention`` and ``lina-sim demo``."""
+"""``lina-sim collective``, ``lina-sim contention`` and ``lina-sim demo``.
+
+``lina-sim collective --compare FILE ...`` reads measured collective times (nccl-tests
+output, Vidur's CSVs, ``lina-run calibrate``'s raw YAML, or a previous comparison; see
+:mod:`lina_sim.experiments.measured`) and simulates each measured table on the preset,
+shaped as the measurement was.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
+from pathlib import Path
 
-from lina_sim.network.collectives import ALGORITHMS
+from lina_sim.errors import ConfigError
+from lina_sim.network.collectives import ALGORITHMS, TIMED_OPS
 from lina_sim.results.tables import format_collective_table, format_contention
+
+# What `collective --op` times: the collectives and nccl-tests' sendrecv.
+OP_CHOICES = sorted(TIMED_OPS)
 
 DEFAULT_PRESET = "paper-testbed"
 
@@ -14,40 +26,79 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset", default=DEFAULT_PRESET, help="cluster preset name or path to a profile .yaml (default: %(default)s)"
     )
-    p.add_argument("--nodes", type=str, default=None, help="number of nodes (default: the preset's)")
+    p.add_argument("--nodes", type=str, default=None, metavar="N", help="number of nodes (default: the preset's)")
+    p.add_argument(
+        "--gpus-per-node",
+        type=str,
+        default=None,
+        metavar="G",
+        help="use only the first G GPUs of each node, each with its own NIC (default: all the preset's)",
+    )
+
+
+def _positive_int(text: str | None, flag: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(flag, f"not an integer: {text!r}", "a positive integer") from None
+    if value < 1:
+        raise ConfigError(flag, f"must be >= 1, got {value}", "a positive integer")
+    return value
 
 
 def _load_cluster(args):
-    from lina_sim.errors import ConfigError
+    from lina_sim.experiments.microbench import with_gpus_per_node
     from lina_sim.hardware.spec import load_preset
 
-    nodes = None
-    if args.nodes is not None:
-        try:
-            nodes = int(args.nodes)
-        except ValueError:
-            raise ConfigError("--nodes", f"not an integer: {args.nodes!r}", "a positive integer") from None
-        if nodes < 1:
-            raise ConfigError("--nodes", f"must be >= 1, got {nodes}", "a positive integer")
-    return load_preset(args.preset, nodes=nodes)
+    nodes = _positive_int(args.nodes, "--nodes")
+    gpus = _positive_int(args.gpus_per_node, "--gpus-per-node")
+    cluster = load_preset(args.preset, nodes=nodes)
+    return cluster if gpus is None else with_gpus_per_node(cluster, gpus)
 
 
 def register(sub) -> None:
-    p = sub.add_parser("collective", help="time one collective over a range of sizes (nccl-tests style)")
+    p = sub.add_parser(
+        "collective",
+        help="time one collective over a range of sizes (nccl-tests style), or compare measured times",
+        usage="%(prog)s [options] (--op OP | --compare FILE [FILE ...])",
+    )
     _cluster_args(p)
-    p.add_argument("--op", required=True, choices=sorted(ALGORITHMS))
-    p.add_argument("--algo", default=None, help="allreduce: ring|hierarchical; all_to_all: direct|hierarchical")
-    p.add_argument("--sizes", default="1K:1G", help="SIZE, MIN:MAX or MIN:MAX:FACTOR in bytes (K/M/G units)")
+    p.add_argument(
+        "--op",
+        default=None,
+        choices=OP_CHOICES,
+        metavar="OP",
+        help=f"{'|'.join(OP_CHOICES)} (required unless --compare)",
+    )
+    p.add_argument(
+        "--algo", default=None, help="allreduce: ring|hierarchical; all_to_all: direct|hierarchical; sendrecv: p2p"
+    )
+    p.add_argument(
+        "--sizes", default=None, help="SIZE, MIN:MAX or MIN:MAX:FACTOR in bytes (K/M/G units; default 1K:1G)"
+    )
     p.add_argument("--trace", default=None, metavar="FILE.json", help="write the timeline as a Chrome trace")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="measured times (nccl-tests output, Vidur CSV, lina-run calibrate raw YAML, a previous --out CSV): "
+        "simulate each table on the preset, shaped as measured, and print the errors",
+    )
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="with --compare: write comparison.csv, summary.csv and figures"
+    )
     p.set_defaults(func=cmd_collective)
 
     p = sub.add_parser("contention", help="an all-to-all alone vs. with a concurrent allreduce on the same ranks")
     _cluster_args(p)
     p.add_argument("--size", default="64M", help="all-to-all bytes per rank (default: %(default)s)")
-    p.add_argument("--ar-size", default=None, help="allreduce bytes per rank (default: same as --size)")
-    p.add_argument("--a2a-algo", default="direct", help="direct|hierarchical")
-    p.add_argument("--ar-algo", default="ring", help="ring|hierarchical")
-    p.add_argument("--top", type=int, default=6, help="bottleneck links to list")
+    p.add_argument("--ar-size", default=None, metavar="SIZE", help="allreduce bytes per rank (default: same as --size)")
+    p.add_argument("--a2a-algo", default="direct", metavar="ALGO", help="direct|hierarchical")
+    p.add_argument("--ar-algo", default="ring", metavar="ALGO", help="ring|hierarchical")
+    p.add_argument("--top", type=int, default=6, metavar="K", help="bottleneck links to list")
     p.add_argument("--trace", default=None, metavar="FILE.json", help="write the concurrent run's Chrome trace")
     p.set_defaults(func=cmd_contention)
 
@@ -57,7 +108,7 @@ def register(sub) -> None:
 
 
 def _algo(op: str, algo: str | None) -> str:
-    return algo or ALGORITHMS[op][0]
+    return algo or TIMED_OPS[op][0]
 
 
 def cmd_collective(args) -> int:
@@ -65,14 +116,62 @@ def cmd_collective(args) -> int:
     from lina_sim.experiments.microbench import collective_sweep
     from lina_sim.results.timeline import Timeline, write_chrome_trace
 
+    if args.compare:
+        return cmd_compare(args)
+    if args.op is None:
+        raise ConfigError("--op", "required (or --compare FILE ...)", OP_CHOICES)
+    if args.out is not None:
+        raise ConfigError("--out", "only with --compare", "--compare FILE ... --out DIR")
     cluster = _load_cluster(args)
     algo = _algo(args.op, args.algo)
-    sizes = parse_size_range(args.sizes)
+    sizes = parse_size_range(args.sizes or "1K:1G")
     tl = Timeline() if args.trace else None
     df = collective_sweep(cluster, args.op, algo, sizes, timeline=tl)
     print(format_collective_table(df, args.op, algo, cluster))
     if tl is not None:
         print(f"# timeline: {write_chrome_trace(tl.to_frame(), args.trace)}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """``collective --compare FILE ...``: every file read and every table shaped before
+    anything is simulated, so that a bad file or a table that does not fit stops the run
+    at once; then per table its comparison, and the summary last."""
+    import pandas as pd
+
+    from lina_sim.experiments.measured import measured_tables, read_measured, table_config
+    from lina_sim.experiments.microbench import compare_measured, comparison_summary, shape_for
+    from lina_sim.results.files import atomic_write_text
+    from lina_sim.results.tables import format_comparison_summary, format_measured_comparison
+
+    for flag, value in (("--op", args.op), ("--sizes", args.sizes), ("--trace", args.trace)):
+        if value is not None:
+            raise ConfigError(flag, "not with --compare: each measured table says its collective and sizes")
+    cluster = _load_cluster(args)
+    tables = measured_tables(read_measured(f) for f in args.compare)
+    shapes = [
+        shape_for(cluster, table_config(label, t), fixed_nodes=args.nodes is not None, algo=args.algo)
+        for label, t in tables
+    ]
+    frames = [compare_measured(shape, t) for shape, (_, t) in zip(shapes, tables)]
+    comparison = pd.concat(frames, ignore_index=True)
+    summary = comparison_summary(comparison)
+    for frame, (_, row) in zip(frames, summary.iterrows()):
+        print(format_measured_comparison(frame, row))
+        print()
+    print(format_comparison_summary(summary))
+    if args.out is not None:
+        from plots.collectives import measured_vs_predicted  # matplotlib: only when drawing
+
+        out = Path(args.out)
+        written = [
+            atomic_write_text(out / "comparison.csv", comparison.to_csv(index=False)),
+            atomic_write_text(out / "summary.csv", summary.to_csv(index=False)),
+        ]
+        for frame in frames:
+            name = re.sub(r"[^\w.-]+", "_", str(frame["table"].iloc[0])).strip("_")
+            written.append(measured_vs_predicted(frame, out / f"{name}.png"))
+        print(f"# wrote {', '.join(str(p) for p in written[:2])} and {len(written) - 2} figure(s) in {out}/")
     return 0
 
 

@@ -1,27 +1,65 @@
-"""Collective micro-benchmarks (nccl-tests style) and the contention experiment.
+"""Collective micro-benchmarks (nccl-tests style), the contention experiment, and the
+comparison against measured collective times.
 
 ``collective_sweep`` times one collective over a range of sizes, as nccl-tests does:
-algbw = size / time, busbw = algbw × (2(n-1)/n for allreduce, (n-1)/n for all-to-all).
-``contention`` runs an all-to-all alone, then concurrently with an allreduce on the same
-ranks, and reports the all-to-all's slowdown and the links that bounded it.
+algbw = size / time, busbw = algbw × (2(n-1)/n for allreduce, (n-1)/n for all-to-all, 1
+for sendrecv). ``contention`` runs an all-to-all alone, then concurrently with an
+allreduce on the same ranks, and reports the all-to-all's slowdown and the links that
+bounded it. ``shape_for`` and ``compare_measured`` simulate a measured table (see
+:mod:`lina_sim.experiments.measured`) on a preset shaped as the measurement, and
+``comparison_summary`` condenses the errors per size class.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from lina_sim.errors import ConfigError
+from lina_sim.experiments.measured import TableConfig
 from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.hardware.topology import Topology
 from lina_sim.network.alone import AloneTimes, SimCluster
-from lina_sim.network.collectives import CollectiveAlgos, CollectiveResult, check_algo
+from lina_sim.network.collectives import (
+    ALGORITHMS,
+    POINT_TO_POINT,
+    TIMED_OPS,
+    CollectiveAlgos,
+    CollectiveResult,
+    check_algo,
+)
+from lina_sim.results.tables import ERROR_COLUMN, ROWS_COLUMN
 from lina_sim.results.timeline import Event, Timeline
 
 
 def bus_factor(op: str, n: int) -> float:
+    """nccl-tests' busbw / algbw: 2(n-1)/n for allreduce, 1 for sendrecv (each rank's
+    bytes cross one link), (n-1)/n for all-to-all."""
+    if op == "sendrecv":
+        return 1.0
     return 2 * (n - 1) / n if op == "allreduce" else (n - 1) / n
+
+
+def check_op(op: str, algo: str) -> None:
+    """``op`` and ``algo`` name something the micro-benchmarks time; else a ConfigError
+    naming ``op`` or ``algo`` with what is allowed."""
+    if op in POINT_TO_POINT:
+        if algo not in POINT_TO_POINT[op]:
+            raise ConfigError("algo", f"unknown {op} algorithm {algo!r}", POINT_TO_POINT[op])
+        return
+    if op not in ALGORITHMS:
+        raise ConfigError("op", f"unknown collective {op!r}", TIMED_OPS)
+    check_algo(op, algo)
+
+
+def _start(sim: SimCluster, op: str, algo: str, ranks, size: float):
+    """Start ``op`` on ``sim``; sendrecv is not a collective SimCluster knows."""
+    if op in POINT_TO_POINT:
+        return sim.coll.send_recv(ranks, size, tag=op)
+    return sim.start(op, algo, ranks, size)
 
 
 def record(timeline: Timeline, res: CollectiveResult, name: str) -> None:
@@ -34,7 +72,7 @@ def collective_sweep(
     cluster: ClusterSpec, op: str, algo: str, sizes: list[int], ranks=None, timeline: Timeline | None = None
 ) -> pd.DataFrame:
     """Time ``op`` at each size, back to back on one simulated cluster."""
-    check_algo(op, algo)
+    check_op(op, algo)
     sim = SimCluster(cluster)
     ranks = np.arange(cluster.world_size) if ranks is None else sim.topology.check_ranks(ranks)
     n = len(ranks)
@@ -42,7 +80,7 @@ def collective_sweep(
 
     def driver():
         for size in sizes:
-            res = yield sim.start(op, algo, ranks, size)
+            res = yield _start(sim, op, algo, ranks, size)
             t = res.duration
             algbw = size / t if t > 0 else float("inf")
             rows.append(
@@ -102,3 +140,118 @@ def contention(
     record(tl, pa.value, "all_to_all")
     record(tl, pr.value, "allreduce")
     return ContentionResult(a2a_alone, pa.value.duration, ar_alone, pr.value.duration, links, tl)
+
+
+# -- simulated against measured ------------------------------------------------------------
+MB = 1 << 20  # binary megabyte, as nccl-tests' sizes
+# Size classes of the comparison summary: (label, lowest, highest) in bytes, both ends
+# inclusive (1 MB counts as small, 64 MB as large): the latency-bound, the middle, and the
+# bandwidth-bound range.
+SIZE_CLASSES: tuple[tuple[str, float, float], ...] = (
+    ("<=1MB", 0, MB),
+    ("1-64MB", MB + 1, 64 * MB - 1),
+    (">=64MB", 64 * MB, float("inf")),
+)
+
+
+def with_gpus_per_node(cluster: ClusterSpec, gpus_per_node: int, field: str = "--gpus-per-node") -> ClusterSpec:
+    """``cluster`` with only the first ``gpus_per_node`` GPUs of each node, each keeping
+    its own NIC (``nic_of_gpu`` cut to them); the node keeps all its NICs (the unused ones
+    idle) and its uplink. More GPUs than the preset's node has are refused: which NIC they
+    would use is not known."""
+    have = cluster.gpus_per_node
+    if not 1 <= gpus_per_node <= have:
+        raise ConfigError(field, f"got {gpus_per_node}; a {cluster.name} node has {have} GPUs", f"1..{have}")
+    if gpus_per_node == have:
+        return cluster
+    shaped = dataclasses.replace(cluster, gpus_per_node=gpus_per_node, nic_of_gpu=cluster.nic_of_gpu[:gpus_per_node])
+    return shaped.check(cluster.name)
+
+
+@dataclass(frozen=True)
+class MeasuredShape:
+    """How one measured table runs on the simulator: the cluster, the communicator (the
+    first ``ranks_per_node`` GPUs of each of the first ``nodes`` nodes), op and algorithm."""
+
+    config: TableConfig
+    cluster: ClusterSpec
+    ranks: np.ndarray
+    algo: str
+
+
+def shape_for(
+    cluster: ClusterSpec, config: TableConfig, *, fixed_nodes: bool = False, algo: str | None = None
+) -> MeasuredShape:
+    """Shape ``cluster`` as the measurement: as many nodes as it had (unless
+    ``fixed_nodes``: then ``cluster.nodes`` stays and must be enough), and a communicator
+    of the table's ranks per node on each. Using the first GPUs of a larger node is the
+    same as ``with_gpus_per_node``: the idle GPUs' links carry nothing. A table that does
+    not fit, or whose collective the simulator lacks, is one ConfigError naming its file."""
+    c = config
+    if c.collective not in TIMED_OPS:
+        raise ConfigError(c.source, f"table {c.label}: collective {c.collective!r} is not simulated", sorted(TIMED_OPS))
+    algo = algo or TIMED_OPS[c.collective][0]
+    if algo not in TIMED_OPS[c.collective]:
+        raise ConfigError(
+            c.source, f"table {c.label}: {c.collective} has no algorithm {algo!r}", TIMED_OPS[c.collective]
+        )
+    g, n = cluster.gpus_per_node, cluster.nodes
+    if c.ranks_per_node > g or (fixed_nodes and c.nodes > n):
+        limit = f"{g} GPUs per node" + (f" and {n} node(s)" if fixed_nodes else "")
+        fits = f"at most {g} ranks per node" + (f" on at most {n} node(s)" if fixed_nodes else "")
+        raise ConfigError(
+            c.source,
+            f"table {c.label}: {c.ranks} ranks ({c.nodes} node(s) x {c.ranks_per_node}) do not fit "
+            f"{cluster.name} with {limit}",
+            f"tables of {fits}; --gpus-per-node and --nodes shape the cluster",
+        )
+    shaped = cluster if fixed_nodes else cluster.with_nodes(c.nodes)
+    ranks = (np.arange(c.nodes)[:, None] * g + np.arange(c.ranks_per_node)[None, :]).ravel()
+    return MeasuredShape(c, shaped, ranks, algo)
+
+
+def compare_measured(shape: MeasuredShape, table: pd.DataFrame) -> pd.DataFrame:
+    """The measured rows with the simulator's time for each: ``preset``, ``sim_nodes``,
+    ``sim_gpus_per_node``, ``algo``, ``predicted_s`` (s) and ``error_pct`` = (predicted /
+    measured - 1) x 100; each size simulated alone, back to back."""
+    op = shape.config.collective
+    sim = collective_sweep(shape.cluster, op, shape.algo, [int(s) for s in table["size_bytes"]], ranks=shape.ranks)
+    out = table.reset_index(drop=True).copy()
+    out["preset"] = shape.cluster.name
+    out["sim_nodes"] = shape.cluster.nodes
+    out["sim_gpus_per_node"] = shape.cluster.gpus_per_node
+    out["algo"] = shape.algo
+    out["predicted_s"] = sim["time_us"].to_numpy() / 1e6
+    out["error_pct"] = (out["predicted_s"] / out["time_s"] - 1) * 100
+    out["size_class"] = [size_class(s) for s in out["size_bytes"]]
+    return out
+
+
+def size_class(size: float) -> str:
+    """The label of the :data:`SIZE_CLASSES` entry that holds ``size`` bytes."""
+    return next(label for label, lo, hi in SIZE_CLASSES if lo <= size <= hi)
+
+
+def comparison_summary(comparison: pd.DataFrame) -> pd.DataFrame:
+    """Per table of a :func:`compare_measured` frame (or several concatenated): its
+    configuration, rows, and per size class ``median_abs_error_pct:<class>`` (%, NaN when
+    the class is empty) and ``rows:<class>``."""
+    rows = []
+    for label, t in comparison.groupby("table", sort=False):
+        first = t.iloc[0]
+        row = {
+            "table": label,
+            "collective": first["collective"],
+            "ranks": int(first["ranks"]),
+            "ranks_per_node": int(first["ranks_per_node"]),
+            "nodes": int(first["nodes"]),
+            "preset": first["preset"],
+            "algo": first["algo"],
+            "rows": len(t),
+        }
+        for label, _, _ in SIZE_CLASSES:
+            err = t.loc[t["size_class"] == label, "error_pct"].abs()
+            row[ERROR_COLUMN + label] = float(err.median()) if len(err) else float("nan")
+            row[ROWS_COLUMN + label] = len(err)
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -11,11 +11,16 @@ A step ends when its last flow ends. All work on any subset of ranks (a communic
     uses every NIC the communicator owns.
   - ``hierarchical``: intra-node reduce-scatter, inter-node ring allreduce among the
     GPUs of equal local index, intra-node all-gather.
+  - ``nccl`` (opt-in): NCCL 2.30's tuning model picks ring, tree or NVLS and a protocol
+    (LL, LL128, Simple) and the pair runs as one step of its flows
+    (:mod:`lina_sim.network.nccl`); ``nccl-ring`` / ``nccl-tree`` force the algorithm.
 - ``all_to_all`` with a send matrix (bytes from rank i to rank j, in communicator order):
   - ``direct``: every pair at once, as NCCL's grouped send/recv;
   - ``hierarchical`` (2D, Tutel/DeepSpeed): intra-node all-to-all that gathers, on the
     GPU of local index l, everything its node sends to local index l anywhere; then an
     inter-node all-to-all among GPUs of equal local index.
+- ``send_recv`` (``p2p``), as nccl-tests' ``sendrecv_perf``: every rank sends to the next
+  rank of the communicator and receives from the previous one, all pairs at once.
 
 Units: bytes, seconds.
 """
@@ -29,12 +34,19 @@ import numpy as np
 import simpy
 
 from lina_sim.errors import ConfigError
+from lina_sim.network import nccl
 from lina_sim.network.fluid import FluidNetwork, links_of_paths
 
 ALGORITHMS = {
-    "allreduce": ("ring", "hierarchical"),
+    "allreduce": ("ring", "hierarchical", *nccl.ALLREDUCE_NAMES),
     "all_to_all": ("direct", "hierarchical"),
 }
+# Point-to-point patterns the micro-benchmarks time beside the collectives. They are kept
+# out of ALGORITHMS, from which a scenario's ``collectives:`` block is built: no training
+# or serving step chooses an algorithm for them.
+POINT_TO_POINT = {"sendrecv": ("p2p",)}
+# Everything the micro-benchmarks time, with its algorithms (the first is the default).
+TIMED_OPS: dict[str, tuple[str, ...]] = {**ALGORITHMS, **POINT_TO_POINT}
 # Uneven all-to-alls up to this many flows get one group per flow (exact max-min).
 EXACT_FLOW_LIMIT = 4096
 
@@ -103,19 +115,39 @@ class Collectives:
         self._pattern_cache: dict[tuple, StepPattern] = {}
         self._rings: dict[bytes, tuple[StepPattern, int]] = {}  # ranks -> (step pattern, channels)
         self._checked: dict[tuple, np.ndarray] = {}
+        # ranks -> NCCL's cost table, and per algorithm its flow step and bytes per payload byte
+        self._nccl: dict[bytes, tuple[nccl.NcclModel, dict[str, tuple[StepPattern, float]]]] = {}
 
     # -- public API ----------------------------------------------------------------------
-    def allreduce(self, ranks: Sequence[int], nbytes: float, algo: str = "ring", tag: str = "allreduce"):
+    def allreduce(
+        self,
+        ranks: Sequence[int],
+        nbytes: float,
+        algo: str = "ring",
+        tag: str = "allreduce",
+        *,
+        nccl_algo: str | None = None,
+        nccl_proto: str | None = None,
+    ):
         """Allreduce ``nbytes`` per rank over ``ranks``; returns the simpy process, whose
-        value is a :class:`CollectiveResult`."""
+        value is a :class:`CollectiveResult`. With ``algo="nccl"``, ``nccl_algo`` and
+        ``nccl_proto`` restrict NCCL's choice as NCCL_ALGO / NCCL_PROTO do."""
         check_algo("allreduce", algo)
         r = self._ranks(ranks)
         if not nbytes >= 0:
             raise ConfigError("size", f"must be >= 0 bytes, got {nbytes}")
+        if (nccl_algo or nccl_proto) and algo != "nccl":
+            raise ConfigError("algo", f"nccl_algo / nccl_proto need algo 'nccl', got {algo!r}", ["nccl"])
         if algo == "hierarchical":
             _equal_per_node(_group_by_node(self.topo, r), "hierarchical allreduce")
         res = CollectiveResult("allreduce", algo, r, float(nbytes), self.env.now, tag=tag)
-        body = self._ring_allreduce(r, nbytes, res) if algo == "ring" else self._hier_allreduce(r, nbytes, res)
+        if algo in nccl.ALLREDUCE_NAMES:
+            pair = self._nccl_choice(r, nbytes, nccl.ALLREDUCE_NAMES[algo] or nccl_algo, nccl_proto)
+            body = self._nccl_allreduce(r, nbytes, res, pair)
+        elif algo == "ring":
+            body = self._ring_allreduce(r, nbytes, res)
+        else:
+            body = self._hier_allreduce(r, nbytes, res)
         return self.env.process(self._run(body, res))
 
     def all_to_all(self, ranks: Sequence[int], send, algo: str = "direct", tag: str = "all_to_all"):
@@ -130,6 +162,19 @@ class Collectives:
         res = CollectiveResult("all_to_all", algo, r, float(matrix.sum(axis=1).max()), self.env.now, tag=tag)
         body = self._direct_a2a(r, matrix, res) if algo == "direct" else self._hier_a2a(r, matrix, res)
         return self.env.process(self._run(body, res))
+
+    def send_recv(self, ranks: Sequence[int], nbytes: float, tag: str = "sendrecv"):
+        """nccl-tests' ``sendrecv``: every rank of ``ranks`` sends ``nbytes`` to the next
+        rank in the given order and receives ``nbytes`` from the previous one (the last
+        sends to the first), all at once, as one step whose latency is its longest path's.
+        Two ranks exchange ``nbytes`` each way; one rank sends to itself, which crosses no
+        link and takes no time. Returns the simpy process, whose value is a
+        :class:`CollectiveResult` (op ``sendrecv``, algo ``p2p``)."""
+        r = self._ranks(ranks)
+        if not nbytes >= 0:
+            raise ConfigError("size", f"must be >= 0 bytes, got {nbytes}")
+        res = CollectiveResult("sendrecv", POINT_TO_POINT["sendrecv"][0], r, float(nbytes), self.env.now, tag=tag)
+        return self.env.process(self._run(self._send_recv(r, nbytes, res), res))
 
     # -- plumbing ------------------------------------------------------------------------
     def _ranks(self, ranks) -> np.ndarray:
@@ -209,18 +254,8 @@ class Collectives:
 
     # -- allreduce -----------------------------------------------------------------------
     def _ring_orders(self, ranks: np.ndarray) -> list[np.ndarray]:
-        """One rank order per channel. Channel c rotates each node's local order by c, so
-        that each channel leaves a node through a different GPU (and NIC)."""
-        by_node = _group_by_node(self.topo, ranks)
-        if len(by_node) == 1:
-            local = by_node[0]
-            if self.topo.cluster.intra_node == "full-mesh" and local.size > 2:
-                return [local, local[::-1]]  # both directions use disjoint pair links
-            return [local]
-        nics = min(len(np.unique(self.topo.nic_index(n))) for n in by_node)
-        per_node = min(n.size for n in by_node)
-        channels = max(1, min(nics, per_node))
-        return [np.concatenate([np.roll(n, -c) for n in by_node]) for c in range(channels)]
+        """One rank order per channel (:func:`lina_sim.network.nccl.ring_orders`)."""
+        return nccl.ring_orders(self.topo, _group_by_node(self.topo, ranks))
 
     def _ring_allreduce(self, ranks: np.ndarray, nbytes: float, res: CollectiveResult):
         n = ranks.size
@@ -251,6 +286,46 @@ class Collectives:
         yield from self._steps(inter, nbytes / (g * nodes), 2 * (nodes - 1), res)
         if g > 1:
             yield from self._steps(intra, nbytes / g, g - 1, res)  # all-gather
+
+    def _nccl_tables(self, ranks: np.ndarray) -> tuple[nccl.NcclModel, dict[str, tuple[StepPattern, float]]]:
+        """NCCL's cost table for this communicator and, per algorithm, its flow step (with
+        one fair-share weight for every flow, as the table prices the layout) and the
+        bytes each flow carries per payload byte."""
+        key = ranks.tobytes()
+        if key not in self._nccl:
+            model, layouts = nccl.model_for(self.topo, _group_by_node(self.topo, ranks))
+            steps = {}
+            for algo, lay in layouts.items():
+                pat = self._pattern(("nccl", algo, key), lay.src, lay.dst)
+                weight = 1.0 / np.bincount(lay.src[lay.src != lay.dst]).max()  # each rank's total <= 1
+                steps[algo] = (StepPattern(tuple((*g[:4], weight) for g in pat.groups), 0.0), lay.share)
+            self._nccl[key] = (model, steps)
+        return self._nccl[key]
+
+    def _nccl_choice(self, ranks: np.ndarray, nbytes: float, algo: str | None, proto: str | None):
+        """NCCL's (algorithm, protocol) for this call, checked before the process starts;
+        ``None`` when there is nothing to move (one rank or no bytes)."""
+        if ranks.size == 1 or nbytes == 0:
+            nccl.check_names(algo, proto)
+            return None
+        return self._nccl_tables(ranks)[0].choose(nbytes, algo, proto)
+
+    def _nccl_allreduce(self, ranks: np.ndarray, nbytes: float, res: CollectiveResult, pair):
+        """One step: the pair's modelled latency, then its layout's flows, each carrying
+        ``share x S x inflation`` bytes (the protocol's overheads as extra bytes)."""
+        if pair is None:
+            return
+        model, steps = self._nccl_tables(ranks)
+        pattern, share = steps[pair[0]]
+        step = StepPattern(pattern.groups, model.latency(*pair, nbytes))
+        yield from self._step(step, share * nbytes * model.inflation(*pair, nbytes), res)
+
+    # -- point to point ------------------------------------------------------------------
+    def _send_recv(self, ranks: np.ndarray, nbytes: float, res: CollectiveResult):
+        if nbytes == 0:
+            return
+        pat = self._pattern(("sendrecv", ranks.tobytes()), ranks, np.roll(ranks, -1))
+        yield from self._step(pat, nbytes, res)
 
     # -- all-to-all ----------------------------------------------------------------------
     def _direct_a2a(self, ranks: np.ndarray, matrix: np.ndarray, res: CollectiveResult):

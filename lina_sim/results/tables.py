@@ -343,3 +343,68 @@ def format_comparison(rows: Sequence[Any]) -> str:
             f"{sm['top_share']:14.3f}  {aff}"
         )
     return "\n".join(out)
+
+
+# -- simulated against measured collectives (lina-sim collective --compare) -------------------
+# The comparison summary's columns per size class: ERROR_COLUMN + label (median |error|, %)
+# and ROWS_COLUMN + label (rows in the class); lina_sim.experiments.microbench writes them.
+ERROR_COLUMN, ROWS_COLUMN = "median_abs_error_pct:", "rows:"
+
+
+def _error(x: float) -> str:
+    return f"{x:+8.1f}%" if math.isfinite(x) else f"{'-':>9}"
+
+
+def _size_classes(summary_row: pd.Series) -> list[tuple[str, float, int]]:
+    """(label, median |error| %, rows) per size class of one summary row, whose columns
+    are ``median_abs_error_pct:<label>`` and ``rows:<label>``."""
+    n = len(ERROR_COLUMN)
+    return [
+        (col[n:], float(summary_row[col]), int(summary_row[ROWS_COLUMN + col[n:]]))
+        for col in summary_row.index
+        if str(col).startswith(ERROR_COLUMN)
+    ]
+
+
+def format_measured_comparison(t: pd.DataFrame, summary_row: pd.Series) -> str:
+    """One measured table against the simulator: per size, measured and predicted time
+    (µs), the error (predicted / measured - 1) and the simulated algorithm; then the
+    median |error| per size class (from the table's row of the comparison summary)."""
+    first = t.iloc[0]
+    version = f"NCCL {first['nccl_version']}" if first["nccl_version"] else ""
+    detail = ", ".join(v for v in (str(first["dtype"]), version) if v)
+    lines = [
+        f"# {first['table']}: {first['collective']}, {first['ranks']} ranks = {first['nodes']} node(s) x "
+        f"{first['ranks_per_node']}{f' ({detail})' if detail else ''}; simulated on {first['preset']} "
+        f"{first['sim_nodes']}x{first['sim_gpus_per_node']}  [{first['source']}]",
+        f"#{'size(B)':>13} {'measured(us)':>13} {'predicted(us)':>14} {'error':>9}  algo",
+    ]
+    for r in t.itertuples():
+        lines.append(
+            f"{r.size_bytes:>14d} {r.time_s * 1e6:>13.2f} {r.predicted_s * 1e6:>14.2f} {_error(r.error_pct)}  {r.algo}"
+        )
+    classes = ", ".join(
+        f"{label} {err:.1f}% ({n})" if n else f"{label} -" for label, err, n in _size_classes(summary_row)
+    )
+    lines.append(f"  median |error| (rows): {classes}")
+    return "\n".join(lines)
+
+
+def format_comparison_summary(summary: pd.DataFrame) -> str:
+    """Every compared table: its collective and shape, the simulated preset and algorithm,
+    and the median |error| (%) and rows per size class; error = predicted / measured - 1."""
+    classes = [label for label, _, _ in _size_classes(summary.iloc[0])] if len(summary) else []
+    w = {c: max([len(c), *(len(str(x)) for x in summary[c])]) for c in ("table", "collective", "preset", "algo")}
+    lines = [
+        "# simulated against measured: median |error| (rows) per size class; error = predicted / measured - 1",
+        f"  {'table':<{w['table']}} {'collective':<{w['collective']}} {'shape':>6} {'preset':<{w['preset']}} "
+        f"{'algo':<{w['algo']}}" + "".join(f" {label:>14}" for label in classes),
+    ]
+    for _, r in summary.iterrows():
+        cells = "".join(f" {f'{err:.1f}% ({n})' if n else '-':>14}" for _, err, n in _size_classes(r))
+        shape = f"{r['nodes']}x{r['ranks_per_node']}"
+        lines.append(
+            f"  {r['table']:<{w['table']}} {r['collective']:<{w['collective']}} {shape:>6} "
+            f"{r['preset']:<{w['preset']}} {r['algo']:<{w['algo']}}{cells}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,246 @@
+"""NCCL's allreduce tuning model (lina_sim.network.nccl) and the opt-in ``nccl`` allreduce
+that runs its choice on the fluid network."""
+
+import dataclasses
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import simpy
+
+from lina_sim.errors import ConfigError
+from lina_sim.hardware.spec import load_preset
+from lina_sim.hardware.topology import Topology
+from lina_sim.network import nccl
+from lina_sim.network.collectives import ALGORITHMS, CollectiveAlgos, Collectives
+from lina_sim.network.fluid import FluidNetwork
+from lina_sim.training.run import _algos
+
+MEASURED = Path("/work/shared/data/nccl-measured/nccl-tests")
+
+
+def model_of(preset: str, nodes: int) -> nccl.NcclModel:
+    c = load_preset(preset, nodes=nodes)
+    g = c.gpus_per_node
+    model, _ = nccl.model_for(Topology(c), [np.arange(k * g, (k + 1) * g) for k in range(nodes)])
+    return model
+
+
+def run(cluster, sizes_and_kw: list[tuple[float, dict]], algo: str = "nccl", ranks=None) -> list[float]:
+    """Start every allreduce at once on one fresh cluster; their durations (s)."""
+    env = simpy.Environment()
+    coll = Collectives(FluidNetwork(env, Topology(cluster)))
+    ranks = list(range(cluster.world_size)) if ranks is None else ranks
+    procs = [coll.allreduce(ranks, size, algo, **kw) for size, kw in sizes_and_kw]
+    env.run()
+    return [p.value.duration for p in procs]
+
+
+def test_opt_in_only():
+    assert CollectiveAlgos().allreduce == "ring"
+    assert {"nccl", "nccl-ring", "nccl-tree"} <= set(ALGORITHMS["allreduce"])
+    assert _algos({"allreduce": "nccl"}).allreduce == "nccl"
+
+
+CASES = [("dgx-a100", 1), ("dgx-h100", 1), ("dgx-a100", 4), ("dgx-h100", 2), ("dgx-h100", 5), ("paper-testbed", 4)]
+
+
+@pytest.mark.parametrize("preset,nodes", CASES)
+def test_each_forced_pair_alone_takes_the_modelled_time(preset, nodes):
+    c = load_preset(preset, nodes=nodes)
+    model = model_of(preset, nodes)
+    sizes = [4 << 10, 1 << 20, 256 << 20]
+    calls = [(s, {"nccl_algo": a, "nccl_proto": p}) for (a, p) in model.costs for s in sizes]
+    for (size, kw), got in zip(calls, [run(c, [call])[0] for call in calls], strict=True):
+        expect = model.time(kw["nccl_algo"], kw["nccl_proto"], size)
+        assert got == pytest.approx(expect, rel=0.02), (kw, size)
+
+
+@pytest.mark.parametrize(
+    "ranks",
+    [
+        [0, 8, 16, 24, 32, 40, 48, 56],  # one GPU per node
+        [1, 2, 9, 10, 11, 17, 18, 33],  # uneven: 2, 3, 2 and 1 GPU(s) on four nodes
+    ],
+)
+def test_odd_communicators_take_the_modelled_time(ranks):
+    c = load_preset("dgx-h100", nodes=8)
+    topo = Topology(c)
+    by_node = [np.array([r for r in ranks if r // 8 == k]) for k in sorted({r // 8 for r in ranks})]
+    model, _ = nccl.model_for(topo, by_node)
+    for (a, p), size in [(pair, size) for pair in model.costs for size in (8 << 10, 64 << 20)]:
+        got = run(c, [(size, {"nccl_algo": a, "nccl_proto": p})], ranks=ranks)[0]
+        assert got == pytest.approx(model.time(a, p, size), rel=0.02), (a, p, size)
+
+
+def test_nccl_ring_simple_moves_bytes_as_fast_as_the_plain_ring():
+    # The ring layout is lina-sim's ring: only the latency differs (NCCL's instead of the links').
+    c = load_preset("dgx-a100", nodes=4)
+    model = model_of("dgx-a100", 4)
+    size = 1 << 30
+    plain_small, plain_big = run(c, [(1.0, {})], "ring")[0], run(c, [(size, {})], "ring")[0]
+    nccl_big = run(c, [(size, {"nccl_algo": "ring", "nccl_proto": "Simple"})])[0]
+    assert nccl_big - model.latency("ring", "Simple", size) == pytest.approx(plain_big - plain_small, rel=0.01)
+
+
+def test_tables_match_the_research_notes_latencies():
+    # docs/nccl-tuning-model.md section 6.E: 1 node x 8 H100 and 4 nodes x 8 H100 (Intel).
+    one = model_of("dgx-h100", 1)
+    expect_one = {
+        ("ring", "LL"): 15.0,
+        ("ring", "LL128"): 40.6,
+        ("ring", "Simple"): 56.0,
+        ("tree", "LL"): 15.2,
+        ("tree", "LL128"): 31.5,
+        ("tree", "Simple"): 64.4,
+        ("nvls", "Simple"): 25.0,
+    }
+    for pair, us in expect_one.items():
+        assert one.cost(*pair).latency == pytest.approx(us * 1e-6, abs=0.05e-6), pair
+    four = model_of("dgx-h100", 4)
+    expect_four = {
+        ("tree", "LL"): 35.2,
+        ("tree", "LL128"): 65.5,
+        ("tree", "Simple"): 120.4,
+        ("ring", "LL"): 78.8,
+        ("ring", "LL128"): 144.4,
+        ("ring", "Simple"): 282.8,
+    }
+    for pair, us in expect_four.items():
+        assert four.cost(*pair).latency == pytest.approx(us * 1e-6, abs=0.05e-6), pair
+    assert ("nvls", "Simple") not in four.costs  # multi-node NVLS needs SHARP
+    # NVLS on 8 H100: busBw = 2 x 0.85 x port x 7/8, algBw = busBw x 8/14 = 0.85 x port.
+    port = one.raw["nvls"] * 7 / 8
+    assert one.cost("nvls", "Simple").bandwidth == pytest.approx(0.85 * port)
+
+
+def test_auto_choice_one_node():
+    assert nccl.choose(load_preset("dgx-a100"), 8 << 10)[1] == "LL"
+    assert nccl.choose(load_preset("dgx-a100"), 1 << 30) == ("ring", "Simple")
+    assert nccl.choose(load_preset("dgx-h100"), 8 << 10)[1] == "LL"
+    assert nccl.choose(load_preset("dgx-h100"), 1 << 30) == ("nvls", "Simple")
+
+
+def test_auto_choice_multi_node():
+    c = load_preset("dgx-a100", nodes=4)
+    assert nccl.choose(c, 8 << 10) == ("tree", "LL")
+    assert nccl.choose(c, 1 << 20)[0] == "tree"
+    assert nccl.choose(c, 1 << 30) == ("ring", "Simple")
+    # A restriction is honoured, as NCCL_ALGO / NCCL_PROTO are.
+    assert nccl.choose(c, 8 << 10, algo="ring") == ("ring", "LL")
+    assert nccl.choose(c, 8 << 10, proto="Simple") == ("tree", "Simple")
+
+
+def test_1024_gpu_small_allreduce_is_fast_and_cheap():
+    c = load_preset("dgx-a100", nodes=128)
+    t0 = time.perf_counter()
+    (nccl_time,) = run(c, [(4 << 10, {})])
+    wall = time.perf_counter() - t0
+    (ring_time,) = run(c, [(4 << 10, {})], "ring")
+    assert ring_time > 13e-3  # 2(n-1) steps of link latency
+    assert nccl_time < 0.2e-3  # a tree: 2 x (7 chain hops + log2(128) network levels)
+    assert nccl.choose(c, 4 << 10) == ("tree", "LL")
+    assert wall < 10.0
+
+
+def test_nvls_needs_nvswitch_sharp():
+    with pytest.raises(ConfigError) as e:
+        nccl.choose(load_preset("dgx-a100"), 1 << 20, algo="nvls")
+    assert e.value.field == "algo" and "nvls" in str(e.value)
+    with pytest.raises(ConfigError, match="algo"):
+        run(load_preset("dgx-a100"), [(1 << 20, {"nccl_algo": "nvls"})])
+    with pytest.raises(ConfigError, match="algo"):  # across nodes NVLS needs IB SHARP
+        nccl.choose(load_preset("dgx-h100", nodes=2), 1 << 20, algo="nvls")
+    with pytest.raises(ConfigError) as e:  # NVLS is Simple only
+        nccl.choose(load_preset("dgx-h100"), 1 << 20, algo="nvls", proto="LL")
+    assert e.value.field == "proto"
+
+
+@pytest.mark.parametrize("kw,field", [({"algo": "collnet"}, "algo"), ({"proto": "ll"}, "proto")])
+def test_unknown_names_are_config_errors(kw, field):
+    with pytest.raises(ConfigError) as e:
+        nccl.choose(load_preset("dgx-h100"), 1 << 20, **kw)
+    assert e.value.field == field
+    nkw = {f"nccl_{k}": v for k, v in kw.items()}
+    with pytest.raises(ConfigError):
+        run(load_preset("dgx-h100"), [(1 << 20, nkw)])
+    with pytest.raises(ConfigError):  # even when there is nothing to move
+        run(load_preset("dgx-h100"), [(0, nkw)])
+    with pytest.raises(ConfigError, match="algo"):  # only with algo nccl
+        run(load_preset("dgx-h100"), [(1 << 20, {"nccl_proto": "LL"})], "ring")
+
+
+def test_unknown_gpu_is_a_config_error():
+    c = load_preset("dgx-a100")
+    c = dataclasses.replace(c, gpu=dataclasses.replace(c.gpu, name="mystery"))
+    with pytest.raises(ConfigError, match="gpu.name"):
+        nccl.choose(c, 1 << 20)
+
+
+@pytest.mark.parametrize(
+    "preset,nodes,size", [("dgx-a100", 1, 64 << 20), ("dgx-a100", 4, 8 << 20), ("dgx-h100", 1, 1 << 30)]
+)
+def test_two_concurrent_nccl_allreduces_contend(preset, nodes, size):
+    c = load_preset(preset, nodes=nodes)
+    (alone,) = run(c, [(size, {})])
+    both = run(c, [(size, {}), (size, {})])
+    assert min(both) > alone * 1.2
+
+
+def test_double_binary_tree_shape():
+    # trees.cc's figure: 0 -> 8 -> {4, 12}, 4 -> {2, 6} on 16 ranks.
+    assert [nccl.btree_parent(r, 16) for r in (8, 4, 12, 2, 6, 0)] == [0, 8, 8, 4, 4, -1]
+    for n in range(2, 40):
+        trees = nccl.dtree_edges(n)
+        for edges in trees:
+            assert len(edges) == n - 1  # a spanning tree
+        # No node sends on more than four tree links in the two trees together (an inner
+        # node in one, a leaf in the other): the tree's NIC load stays that of a ring.
+        out = np.zeros(n, int)
+        for edges in trees:
+            for child, parent in edges:
+                out[child] += 1
+                out[parent] += 1
+        assert out.max() <= 4 if n > 2 else out.max() <= 2
+
+
+def _measured(name: str) -> dict[int, float]:
+    """Out-of-place time (s) per size (bytes) of an nccl-tests all_reduce_perf log."""
+    rows = {}
+    for line in (MEASURED / name).read_text().splitlines():
+        f = line.split()
+        if len(f) > 6 and re.fullmatch(r"\d+", f[0]) and f[3] == "sum":
+            rows.setdefault(int(f[0]), float(f[5]) * 1e-6)
+    return rows
+
+
+@pytest.mark.skipif(not MEASURED.exists(), reason="no shipped nccl-tests measurements")
+def test_sanity_against_measured_nccl(capsys):
+    """Not a calibration: prints predicted vs measured for a few points, and only asserts
+    that the auto choice stays within a factor of three."""
+    points = [
+        ("a100-1x8-allreduce-1.txt", "dgx-a100", 1, [8 << 10, 8 << 20, 64 << 20]),
+        ("h100-8x8-allreduce-1.txt", "dgx-h100", 8, [1 << 20, 64 << 20]),
+        ("h100-1x8-allreduce-1.txt", "dgx-h100", 1, [64 << 20, 1 << 30]),
+    ]
+    lines = []
+    for name, preset, nodes, sizes in points:
+        if not (MEASURED / name).exists():
+            continue
+        measured = _measured(name)
+        model = model_of(preset, nodes)
+        for size in sizes:
+            if size not in measured:
+                continue
+            auto = model.choose(size)
+            t = model.time(*auto, size)
+            per_pair = " ".join(f"{a}/{p}={model.time(a, p, size) * 1e6:.0f}" for a, p in model.costs)
+            lines.append(
+                f"{preset} x{nodes} {size:>10} B: measured {measured[size] * 1e6:7.1f} us, auto {auto[0]}/{auto[1]}"
+                f" {t * 1e6:7.1f} us ({t / measured[size] - 1:+.0%}); {per_pair}"
+            )
+            assert 1 / 3 < t / measured[size] < 3
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
