@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from lina_sim.errors import ConfigError
-from lina_sim.network.collectives import ALGORITHMS, TIMED_OPS
+from lina_sim.network.collectives import ALGORITHMS, POINT_TO_POINT, TIMED_OPS
 from lina_sim.results.tables import format_collective_table, format_contention
 
 # What `collective --op` times: the collectives and nccl-tests' sendrecv.
@@ -73,7 +73,9 @@ def register(sub) -> None:
         help=f"{'|'.join(OP_CHOICES)} (required unless --compare)",
     )
     p.add_argument(
-        "--algo", default=None, help="allreduce: ring|hierarchical; all_to_all: direct|hierarchical; sendrecv: p2p"
+        "--algo",
+        default=None,
+        help="; ".join(f"{op}: {'|'.join(names)}" for op, names in {**ALGORITHMS, **POINT_TO_POINT}.items()),
     )
     p.add_argument(
         "--sizes", default=None, help="SIZE, MIN:MAX or MIN:MAX:FACTOR in bytes (K/M/G units; default 1K:1G)"
@@ -96,8 +98,8 @@ def register(sub) -> None:
     _cluster_args(p)
     p.add_argument("--size", default="64M", help="all-to-all bytes per rank (default: %(default)s)")
     p.add_argument("--ar-size", default=None, metavar="SIZE", help="allreduce bytes per rank (default: same as --size)")
-    p.add_argument("--a2a-algo", default="direct", metavar="ALGO", help="direct|hierarchical")
-    p.add_argument("--ar-algo", default="ring", metavar="ALGO", help="ring|hierarchical")
+    p.add_argument("--a2a-algo", default="direct", metavar="ALGO", help="|".join(ALGORITHMS["all_to_all"]))
+    p.add_argument("--ar-algo", default="ring", metavar="ALGO", help="|".join(ALGORITHMS["allreduce"]))
     p.add_argument("--top", type=int, default=6, metavar="K", help="bottleneck links to list")
     p.add_argument("--trace", default=None, metavar="FILE.json", help="write the concurrent run's Chrome trace")
     p.set_defaults(func=cmd_contention)
