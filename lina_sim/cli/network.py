@@ -3,7 +3,12 @@
 ``lina-sim collective --compare FILE ...`` reads measured collective times (nccl-tests
 output, Vidur's CSVs, ``lina-run calibrate``'s raw YAML, or a previous comparison; see
 :mod:`lina_sim.experiments.measured`) and simulates each measured table on the preset,
-shaped as the measurement was.
+shaped as the measurement was. ``lina-sim collective --calibrate FILE ... --out
+PROFILE.yaml`` fits the preset's NVLink and NIC latency and bandwidth to such tables,
+with the simulator as the model (:mod:`lina_sim.experiments.calibration`), and writes a
+profile that ``--preset PROFILE.yaml`` loads. It is an option of ``collective``, beside
+``--compare``, because it is the same run with the link parameters moving: the same
+readers, preset shaping, ``--algo`` and ``--out``.
 """
 
 from __future__ import annotations
@@ -61,8 +66,10 @@ def _load_cluster(args):
 def register(sub) -> None:
     p = sub.add_parser(
         "collective",
-        help="time one collective over a range of sizes (nccl-tests style), or compare measured times",
-        usage="%(prog)s [options] (--op OP | --compare FILE [FILE ...])",
+        help="time one collective over a range of sizes (nccl-tests style), compare measured times, "
+        "or calibrate the links to them",
+        usage="%(prog)s [options] (--op OP | --compare FILE [FILE ...] "
+        "| --calibrate FILE [FILE ...] --out PROFILE.yaml)",
     )
     _cluster_args(p)
     p.add_argument(
@@ -90,7 +97,19 @@ def register(sub) -> None:
         "simulate each table on the preset, shaped as measured, and print the errors",
     )
     p.add_argument(
-        "--out", default=None, metavar="DIR", help="with --compare: write comparison.csv, summary.csv and figures"
+        "--calibrate",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="measured times as for --compare: fit the preset's nvlink (1-node tables) and nic (multi-node "
+        "tables) latency and bandwidth x efficiency to them and write the profile to --out",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR|PROFILE.yaml",
+        help="with --compare: a folder for comparison.csv, summary.csv and figures; "
+        "with --calibrate: the profile .yaml to write",
     )
     p.set_defaults(func=cmd_collective)
 
@@ -118,12 +137,16 @@ def cmd_collective(args) -> int:
     from lina_sim.experiments.microbench import collective_sweep
     from lina_sim.results.timeline import Timeline, write_chrome_trace
 
+    if args.compare and args.calibrate:
+        raise ConfigError("--calibrate", "not with --compare: compare against the written profile afterwards")
     if args.compare:
         return cmd_compare(args)
+    if args.calibrate:
+        return cmd_calibrate(args)
     if args.op is None:
         raise ConfigError("--op", "required (or --compare FILE ...)", OP_CHOICES)
     if args.out is not None:
-        raise ConfigError("--out", "only with --compare", "--compare FILE ... --out DIR")
+        raise ConfigError("--out", "only with --compare or --calibrate", "--compare FILE ... --out DIR")
     cluster = _load_cluster(args)
     algo = _algo(args.op, args.algo)
     sizes = parse_size_range(args.sizes or "1K:1G")
@@ -146,9 +169,7 @@ def cmd_compare(args) -> int:
     from lina_sim.results.files import atomic_write_text
     from lina_sim.results.tables import format_comparison_summary, format_measured_comparison
 
-    for flag, value in (("--op", args.op), ("--sizes", args.sizes), ("--trace", args.trace)):
-        if value is not None:
-            raise ConfigError(flag, "not with --compare: each measured table says its collective and sizes")
+    _no_sweep_flags(args, "--compare")
     cluster = _load_cluster(args)
     tables = measured_tables(read_measured(f) for f in args.compare)
     shapes = [
@@ -174,6 +195,43 @@ def cmd_compare(args) -> int:
             name = re.sub(r"[^\w.-]+", "_", str(frame["table"].iloc[0])).strip("_")
             written.append(measured_vs_predicted(frame, out / f"{name}.png"))
         print(f"# wrote {', '.join(str(p) for p in written[:2])} and {len(written) - 2} figure(s) in {out}/")
+    return 0
+
+
+def _no_sweep_flags(args, mode: str) -> None:
+    """``--op``, ``--sizes`` and ``--trace`` are refused with ``mode``: the tables say them."""
+    for flag, value in (("--op", args.op), ("--sizes", args.sizes), ("--trace", args.trace)):
+        if value is not None:
+            raise ConfigError(flag, f"not with {mode}: each measured table says its collective and sizes")
+
+
+def cmd_calibrate(args) -> int:
+    """``collective --calibrate FILE ... --out PROFILE.yaml``: read every file, fit, print
+    the fitted values and the errors before and after, write the profile."""
+    from lina_sim.experiments.calibration import calibrate, check_calibration_algo, profile, write_profile
+    from lina_sim.experiments.measured import measured_tables, read_measured
+    from lina_sim.hardware.spec import read_preset
+    from lina_sim.results.tables import format_calibration, format_comparison_summary
+
+    _no_sweep_flags(args, "--calibrate")
+    if args.out is None or Path(args.out).suffix not in (".yaml", ".yml"):
+        raise ConfigError("--out", f"--calibrate needs the profile to write, got {args.out!r}", "a path ending .yaml")
+    if args.nodes is not None or args.gpus_per_node is not None:
+        flag = "--nodes" if args.nodes is not None else "--gpus-per-node"
+        raise ConfigError(flag, "not with --calibrate: each table is simulated on as many nodes and GPUs as it had")
+    check_calibration_algo(args.algo)
+    cluster = _load_cluster(args)
+    tables = measured_tables(read_measured(f) for f in args.calibrate)
+    result = calibrate(cluster, tables, algo=args.algo)
+    base, _ = read_preset(args.preset)
+    written = write_profile(args.out, profile(result, base, args.preset))
+    print(format_calibration(result.fits))
+    print()
+    print("# before:")
+    print(format_comparison_summary(result.before))
+    print("# after:")
+    print(format_comparison_summary(result.after))
+    print(f"# wrote {written}")
     return 0
 
 

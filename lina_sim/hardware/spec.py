@@ -247,6 +247,11 @@ PRESET_FIELDS: dict[str, Field] = {
         help="the local NIC of each local GPU (absent: GPUs spread evenly over the NICs)",
     ),
     "source": Field(str, "", help="free text: where the numbers come from"),
+    # Kept in the file for people, not read: what `lina-sim collective --calibrate` fitted
+    # the links to (files, tables, algorithm, fitted values, residuals).
+    "calibration": Field(
+        dict, None, allow_none=True, allowed="a mapping (written by --calibrate)", help="provenance of a fitted profile"
+    ),
 }
 NIC_INDEX = Field(int, help="index of a local NIC")
 # The mappings of a preset whose entries are checked one by one (PEAK_FLOPS, STEP_DELAY).

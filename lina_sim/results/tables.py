@@ -408,3 +408,20 @@ def format_comparison_summary(summary: pd.DataFrame) -> str:
             f"{r['preset']:<{w['preset']}} {r['algo']:<{w['algo']}}{cells}"
         )
     return "\n".join(lines)
+
+
+def format_calibration(fits: Sequence[Any]) -> str:
+    """Per fitted link class (:class:`lina_sim.experiments.calibration.LinkFit`): latency
+    (µs; ``(preset)`` when the tables did not identify it), effective bandwidth (GB/s),
+    the loss before and after, and the tables it was fitted to."""
+    lines = [
+        "# calibrated links: loss = mean over tables of mean squared log(predicted / measured)",
+        f"  {'link':<7} {'latency(us)':>18} {'bw x eff(GB/s)':>15} {'loss before':>12} {'after':>9}  tables",
+    ]
+    for f in fits:
+        latency = f"{f.latency * 1e6:.2f}" + ("" if f.latency_fitted else " (preset)")
+        lines.append(
+            f"  {f.link:<7} {latency:>18} {f.effective_bandwidth / 1e9:>15.1f} {f.loss_before:>12.4f} "
+            f"{f.loss_after:>9.4f}  {', '.join(f.tables)}"
+        )
+    return "\n".join(lines)
