@@ -42,6 +42,7 @@ from lina_sim.errors import ConfigError
 # (a higher layer, which checks that its registry has exactly these names); the loader
 # only needs the names, to reject an unknown kind before anything is resolved.
 KIND_NAMES = ("training", "inference")
+KIND = fields.Field(str, KIND_NAMES[0], choices=KIND_NAMES, help="what the scenario simulates")
 TOP_LEVEL = {
     "name": "a label for the results",
     "description": "free text",
@@ -75,7 +76,7 @@ class Scenario:
 
     @property
     def kind(self) -> str:
-        return str(self.data.get("kind", "training"))
+        return str(self.data.get("kind", KIND.default))
 
     @property
     def seed(self) -> int:
@@ -169,13 +170,12 @@ def load_yaml(path: str | Path) -> dict:
 
 def check_kind(kind: Any, where: str = "") -> None:
     """A ConfigError naming ``<where>kind`` unless ``kind`` is one of :data:`KIND_NAMES`."""
-    if kind not in KIND_NAMES:
-        raise ConfigError(f"{where}kind", f"unknown kind {kind!r}", KIND_NAMES)
+    KIND.check(kind, f"{where}kind")
 
 
 def check_top_level(data: Mapping, where: str = "") -> None:
     fields.check_known(data, TOP_LEVEL, where.removesuffix("."))
-    check_kind(data.get("kind", "training"), where)
+    check_kind(data.get("kind", KIND.default), where)
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"{where}seed", f"must be an integer, got {seed!r}")

@@ -33,9 +33,6 @@ from lina_sim.experiments.sweep.progress import Progress
 from lina_sim.experiments.sweep.run import WALL_COLUMNS, SweepResult, assemble, comparable, run_sweep
 from lina_sim.experiments.sweep.worker import Outcome, execute_point, execute_safely
 
-# The failure list is a printed table, so it lives with the others; this was its name here.
-from lina_sim.results.tables import format_failures as summarize_failures
-
 __all__ = [
     "DEFAULT_CACHE",
     "LABEL_FIELDS",
@@ -60,6 +57,5 @@ __all__ = [
     "plan_points",
     "resolve",
     "run_sweep",
-    "summarize_failures",
     "write_parquet",
 ]
