@@ -70,6 +70,13 @@ def mode_of(points: Sequence[Scenario]) -> Mode:
     return MODES[kind]
 
 
+def _resolved(path: str) -> tuple[list[Scenario], Mode, list[Any]]:
+    """A scenario file's points, the mode that runs them, and each point's setup."""
+    points = load_scenarios(path)
+    mode = mode_of(points)
+    return points, mode, [mode.resolve(p) for p in points]
+
+
 def _mode_named(kind: str) -> Mode:
     if kind not in MODES:
         raise LinaSimError(
@@ -96,9 +103,7 @@ def rank_main(ctx: RankContext) -> dict:
     """``runtime.entry`` mode ``scenario``, rank side: every policy of every point."""
     sys.setswitchinterval(5e-4)  # hand the GIL to the scheduler thread promptly
     a = scenario_args(ctx.args)
-    points = load_scenarios(a.scenario)
-    mode = mode_of(points)
-    setups = [mode.resolve(p) for p in points]
+    _, mode, setups = _resolved(a.scenario)
     for setup in setups:
         check_launch(ctx.info, setup.cluster)
     return mode.rank_main(ctx, setups, a)
@@ -115,7 +120,6 @@ def finish(results: list[dict], args: list[str]) -> int:
     write ``results.csv``, timelines and traces to ``--out`` (default
     ``results/<name>-measured``)."""
     a = scenario_args(args)
-    points = load_scenarios(a.scenario)
-    mode = mode_of(points)
+    points, mode, setups = _resolved(a.scenario)
     out = Path(a.out or Path("results") / f"{points[0].name}-measured")
-    return mode.finish(results, [mode.resolve(p) for p in points], a, out)
+    return mode.finish(results, setups, a, out)

@@ -150,8 +150,7 @@ class PolicyRunner:
             }
         ex.mark("optimizer")
         self.opt.step()
-        ex.pause()
-        events = ex.compute_events()
+        events = ex.compute_events()  # closes the optimizer's mark
         end = events[-1].end if events else ctx.now()
         events += [
             Event(
@@ -273,7 +272,7 @@ class TrainingMode(Mode):
                         "pipeline_degree": run["r"],
                         "step_time_s": step,
                         "speedup": base / step,
-                        **{f"{k}_s": v for k, v in mean_breakdown(tl, float(tl["end"].max())).items()},
+                        **{f"{k}_s": v for k, v in mean_breakdown(tl).items()},
                         "bwd_a2a_slowdown_median": float("nan"),
                         "bwd_a2a_slowdown_p95": float("nan"),
                         "bwd_a2a_slowdown_max": float("nan"),
@@ -289,7 +288,7 @@ class TrainingMode(Mode):
                         "partition_s": statistics.mean(rr[j]["partition_s"] for rr in runs_by_rank),
                         "handoff_median_s": float(np.median(handoff)) if handoff else 0.0,
                         "handoff_total_s": float(sum(handoff)) / len(rec),
-                        **{k: v for k, v in setup.scenario.swept.items()},
+                        **setup.scenario.swept,
                     }
                 )
         return pd.DataFrame(rows), timelines

@@ -24,7 +24,9 @@ the calibration (steps 1-2), which runs before and apart from the measured runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -75,6 +77,28 @@ def validate(
     return flow(points, scenario, out, testbed, nic, profile, steps, timeout_s, echo)
 
 
+def _calibrated_scenario(
+    points: list[Scenario],
+    scenario: str,
+    out: Path,
+    testbed: str | None,
+    nic: str | None,
+    profile: str | None,
+    timeout_s: float,
+    resolve: Callable[[Scenario], Any],
+    collective_bytes: Callable[[Any], float],
+) -> tuple[TestbedSpec, Path, Path]:
+    """Step 1 of every flow: the testbed (shaped like the first point's cluster), its
+    calibrated profile (or ``profile``) fitted at the points' largest collective per rank
+    (``collective_bytes`` of each ``resolve``d point), and the scenario pointed at it,
+    ``out/scenario-resolved.yaml``. Returns (testbed, profile, resolved scenario)."""
+    first = resolve(points[0])
+    spec = testbed_for(testbed, nic, first.cluster)
+    largest = max(collective_bytes(s) for s in [first, *(resolve(p) for p in points[1:])])
+    calibrated = calibrated_profile(spec, out, profile, first.model, timeout_s, largest)
+    return spec, calibrated, resolved_scenario(scenario, calibrated, None, out / "scenario-resolved.yaml")
+
+
 def validate_training(
     points: list[Scenario],
     scenario: str,
@@ -87,22 +111,20 @@ def validate_training(
     echo: bool,
 ) -> pd.DataFrame:
     """Predicted (``run_training``) against measured median step time per policy."""
-    first = resolve_training(points[0])
-    spec = testbed_for(testbed, nic, first.cluster)
-    profile = calibrated_profile(
-        spec, out, profile, first.model, timeout_s, max(training_collective_bytes(resolve_training(p)) for p in points)
+    spec, profile, base = _calibrated_scenario(
+        points, scenario, out, testbed, nic, profile, timeout_s, resolve_training, training_collective_bytes
     )
-    base = resolved_scenario(scenario, profile, None, out / "scenario-resolved.yaml")
     # Compute calibration: every op, on the testbed's cores, without the network.
+    compute_profile = out / "compute-profile.yaml"
     prof = run_entry(
         "scenario",
-        [str(base), "--profile-compute", str(out / "compute-profile.yaml")],
+        [str(base), "--profile-compute", str(compute_profile)],
         testbed=spec,
         timeout_s=timeout_s,
         echo=echo,
     )
-    write_compute_profile(prof, out / "compute-profile.yaml")
-    resolved = resolved_scenario(scenario, profile, out / "compute-profile.yaml", out / "scenario-resolved.yaml")
+    write_compute_profile(prof, compute_profile)
+    resolved = resolved_scenario(scenario, profile, compute_profile, out / "scenario-resolved.yaml")
     setups = [resolve_training(p) for p in load_scenarios(resolved)]
     preds, pred_tls = [], {}
     for pi, setup in enumerate(setups):
@@ -153,17 +175,9 @@ def validate_inference(
     """Predicted (``run_inference``) against measured mean batch time per policy. There is
     no compute profile, and ``steps`` does not apply: a serving run is sized by
     ``serving.requests``."""
-    first = resolve_inference(points[0])
-    spec = testbed_for(testbed, nic, first.cluster)
-    profile = calibrated_profile(
-        spec,
-        out,
-        profile,
-        first.model,
-        timeout_s,
-        max(inference_collective_bytes(resolve_inference(p)) for p in points),
+    spec, _, resolved = _calibrated_scenario(
+        points, scenario, out, testbed, nic, profile, timeout_s, resolve_inference, inference_collective_bytes
     )
-    resolved = resolved_scenario(scenario, profile, None, out / "scenario-resolved.yaml")
     setups = [resolve_inference(p) for p in load_scenarios(resolved)]
     preds = []
     for pi, setup in enumerate(setups):

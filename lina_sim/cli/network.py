@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from lina_sim.errors import ConfigError
-from lina_sim.network.collectives import ALGORITHMS, POINT_TO_POINT, TIMED_OPS
+from lina_sim.network.collectives import ALGORITHMS, TIMED_OPS
 from lina_sim.results.tables import format_collective_table, format_contention
 
 # What `collective --op` times: the collectives and nccl-tests' sendrecv.
@@ -82,7 +82,7 @@ def register(sub) -> None:
     p.add_argument(
         "--algo",
         default=None,
-        help="; ".join(f"{op}: {'|'.join(names)}" for op, names in {**ALGORITHMS, **POINT_TO_POINT}.items()),
+        help="; ".join(f"{op}: {'|'.join(names)}" for op, names in TIMED_OPS.items()),
     )
     p.add_argument(
         "--sizes", default=None, help="SIZE, MIN:MAX or MIN:MAX:FACTOR in bytes (K/M/G units; default 1K:1G)"

@@ -46,6 +46,7 @@ import dataclasses
 import io
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,9 +289,7 @@ class _RunState:
     def shape(self, where: str) -> tuple[int, int]:
         """(ranks, ranks per node) of the run, or an error saying which lines are missing."""
         if self.hosts:
-            per_host: dict[str, int] = {}
-            for h in self.hosts.values():
-                per_host[h] = per_host.get(h, 0) + 1
+            per_host = Counter(self.hosts.values())
             counts = set(per_host.values())
             if len(counts) > 1:
                 spread = ", ".join(f"{h}: {k}" for h, k in per_host.items())
@@ -427,8 +426,8 @@ _VIDUR_TIME = re.compile(r"^time_stats\.(\w+)\.median$")
 VIDUR_COLUMNS = ("size", "num_workers", "devices_per_node")
 
 
-def _csv_rows(path: str, text: str, required: Iterable[str]) -> tuple[list[str], Iterable[tuple[int, dict]]]:
-    """The header and (line, row) pairs of a CSV; a missing column is an error on line 1."""
+def _csv_rows(path: str, text: str, required: Iterable[str]) -> Iterable[tuple[int, dict]]:
+    """The (line, row) pairs of a CSV; a missing column is an error on line 1."""
     reader = csv.reader(io.StringIO(text))
     header = next(reader, [])
     missing = [c for c in required if c not in header]
@@ -445,7 +444,7 @@ def _csv_rows(path: str, text: str, required: Iterable[str]) -> tuple[list[str],
                 )
             yield reader.line_num, dict(zip(header, values))
 
-    return header, rows()
+    return rows()
 
 
 def _read_vidur(path: str, text: str) -> pd.DataFrame:
@@ -457,7 +456,7 @@ def _read_vidur(path: str, text: str) -> pd.DataFrame:
             f"{path}:1", "need exactly one time_stats.<collective>.median column", "e.g. time_stats.all_reduce.median"
         )
     time_col = f"time_stats.{medians[0]}.median"
-    _, data = _csv_rows(path, text, (*VIDUR_COLUMNS, time_col))
+    data = _csv_rows(path, text, (*VIDUR_COLUMNS, time_col))
     rows = _Rows(path, "vidur")
     for line, r in data:
         where = f"{path}:{line}"
@@ -477,7 +476,7 @@ OWN_COLUMNS = ("collective", "size_bytes", "ranks", "ranks_per_node", "nodes", "
 def _read_own(path: str, text: str) -> pd.DataFrame:
     """A CSV with :data:`MEASURED_COLUMNS` (a comparison's extra columns are ignored);
     ``source`` and ``line`` become this file's, so that errors point at it."""
-    header, data = _csv_rows(path, text, OWN_COLUMNS)
+    data = _csv_rows(path, text, OWN_COLUMNS)
     rows = _Rows(path, "lina-sim-csv")
     for line, r in data:
         where = f"{path}:{line}"
@@ -594,6 +593,7 @@ READERS: dict[str, Reader] = {
     ),
 }
 SNIFF_LINES = 200  # the head a reader decides on: past pasted prompts and NCCL INFO lines
+_FORMATS = "; ".join(r.describe for r in READERS.values())  # what a measured file may be, for errors
 
 
 def _data_like(line: str) -> bool:
@@ -607,15 +607,13 @@ def read_measured(path: str | Path, fmt: str | None = None) -> pd.DataFrame:
     name = str(path)
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(
-            name, "file not found", "a measured table: " + "; ".join(r.describe for r in READERS.values())
-        )
+        raise ConfigError(name, "file not found", "a measured table: " + _FORMATS)
     try:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(name, f"cannot read: {e}") from None
     if not text.strip():
-        raise ConfigError(f"{name}:1", "empty file", "; ".join(r.describe for r in READERS.values()))
+        raise ConfigError(f"{name}:1", "empty file", _FORMATS)
     if fmt is not None:
         if fmt not in READERS:
             raise ConfigError("format", f"unknown format {fmt!r}", READERS)
@@ -624,7 +622,7 @@ def read_measured(path: str | Path, fmt: str | None = None) -> pd.DataFrame:
     for reader in READERS.values():
         if reader.sniff(head):
             return reader.read(name, text)
-    raise ConfigError(f"{name}:1", "not a measured collective table", "; ".join(r.describe for r in READERS.values()))
+    raise ConfigError(f"{name}:1", "not a measured collective table", _FORMATS)
 
 
 def measured_tables(frames: Iterable[pd.DataFrame]) -> list[tuple[str, pd.DataFrame]]:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import simpy
 
+from lina_sim.config.fields import Field
 from lina_sim.errors import ConfigError
 from lina_sim.network import nccl
 from lina_sim.network.fluid import FluidNetwork, links_of_paths
@@ -87,6 +88,12 @@ class CollectiveResult:
     @property
     def duration(self) -> float:
         return self.end - self.start
+
+
+def algorithm_field(op: str) -> Field:
+    """The scenario field that picks ``op``'s algorithm (``collectives.<op>``): one of
+    :data:`ALGORITHMS`, the first by default."""
+    return Field(str, ALGORITHMS[op][0], choices=ALGORITHMS[op], help=f"the {op} algorithm")
 
 
 def check_algo(op: str, algo: str) -> None:
@@ -264,9 +271,8 @@ class Collectives:
         key = ranks.tobytes()
         if key not in self._rings:
             orders = self._ring_orders(ranks)
-            src = np.concatenate(orders)
-            dst = np.concatenate([np.roll(o, -1) for o in orders])
-            self._rings[key] = (self._pattern(("ring", key), src, dst), len(orders))
+            ring = nccl.ring_layout(orders)
+            self._rings[key] = (self._pattern(("ring", key), ring.src, ring.dst), len(orders))
         pat, channels = self._rings[key]
         chunk = nbytes / (channels * n)
         yield from self._steps(pat, chunk, 2 * (n - 1), res)

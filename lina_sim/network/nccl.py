@@ -358,8 +358,8 @@ class NcclModel:
         candidates like NCCL_ALGO / NCCL_PROTO; a restriction that leaves nothing, or an
         unknown name, is a ConfigError naming the field and what is allowed here."""
         check_names(algo, proto)
-        algos = sorted({a for a, _ in self.costs}, key=ALGOS.index)
-        if algo is not None and algo not in algos:
+        if algo is not None and all(a != algo for a, _ in self.costs):
+            algos = sorted({a for a, _ in self.costs}, key=ALGOS.index)
             raise ConfigError("algo", f"NCCL algorithm {algo!r} is not available {self._where()}", algos)
         candidates = [(a, p) for a, p in self.costs if (algo is None or a == algo) and (proto is None or p == proto)]
         if not candidates:
@@ -367,11 +367,7 @@ class NcclModel:
             raise ConfigError(
                 "proto", f"NCCL protocol {proto!r} is not available for {algo or 'any algorithm'}", allowed
             )
-        best = candidates[0]
-        for pair in candidates[1:]:
-            if self.time(*pair, nbytes) < self.time(*best, nbytes):
-                best = pair
-        return best
+        return min(candidates, key=lambda pair: self.time(*pair, nbytes))  # first of equal times
 
     def _where(self) -> str:
         s = self.shape
@@ -435,10 +431,9 @@ def dtree_edges(n: int) -> list[list[tuple[int, int]]]:
     return [tree0, tree1]
 
 
-def _tree_layout(topo: Topology, by_node: list[np.ndarray]) -> FlowLayout:
-    nodes = len(by_node)
-    channels = len(ring_orders(topo, by_node)) if nodes > 1 else 1
-    edges = dtree_edges(nodes)
+def _tree_layout(by_node: list[np.ndarray], channels: int) -> FlowLayout:
+    """``channels``: the ring's channel count across nodes, 1 on one node."""
+    edges = dtree_edges(len(by_node))
     src: list[np.ndarray] = []
     dst: list[np.ndarray] = []
     for c in range(channels):
@@ -463,15 +458,20 @@ def _nvls_layout(by_node: list[np.ndarray]) -> FlowLayout:
     return FlowLayout(src.ravel(), dst.ravel(), 1.0 / local.size)
 
 
+def ring_layout(orders: list[np.ndarray]) -> FlowLayout:
+    """The ring's flows over the channel orders of :func:`ring_orders` (each order holds
+    every rank): each rank sends to the next of its order."""
+    n = orders[0].size
+    return FlowLayout(
+        np.concatenate(orders), np.concatenate([np.roll(o, -1) for o in orders]), 2 * (n - 1) / (len(orders) * n)
+    )
+
+
 def layouts(topo: Topology, by_node: list[np.ndarray]) -> dict[str, FlowLayout]:
     """The flow layout of each algorithm on this communicator (its ranks grouped by
     node); NVLS only on one node of an NVSwitch."""
     orders = ring_orders(topo, by_node)
-    n = sum(x.size for x in by_node)
-    ring = FlowLayout(
-        np.concatenate(orders), np.concatenate([np.roll(o, -1) for o in orders]), 2 * (n - 1) / (len(orders) * n)
-    )
-    out = {"ring": ring, "tree": _tree_layout(topo, by_node)}
+    out = {"ring": ring_layout(orders), "tree": _tree_layout(by_node, len(orders) if len(by_node) > 1 else 1)}
     if len(by_node) == 1 and topo.cluster.intra_node == "nvswitch":
         out["nvls"] = _nvls_layout(by_node)
     return out
@@ -534,16 +534,3 @@ def predict(
     model, _ = model_for(topo, [np.arange(k * g, k * g + per_node) for k in range(nodes)])
     a, p = model.choose(nbytes, algo, proto)
     return a, p, model.time(a, p, nbytes)
-
-
-def choose(
-    cluster: ClusterSpec,
-    nbytes: float,
-    nodes: int | None = None,
-    per_node: int | None = None,
-    algo: str | None = None,
-    proto: str | None = None,
-) -> tuple[str, str]:
-    """NCCL's (algorithm, protocol) for an allreduce of ``nbytes`` (see :func:`predict`)."""
-    a, p, _ = predict(cluster, nbytes, nodes, per_node, algo, proto)
-    return a, p

@@ -19,7 +19,7 @@ from lina_sim.config.fields import Field, check_fields, check_mapping, declared
 from lina_sim.config.scenario import Scenario
 from lina_sim.errors import ConfigError, RoutingTraceError
 from lina_sim.hardware.spec import ClusterSpec
-from lina_sim.network.collectives import ALGORITHMS
+from lina_sim.network.collectives import ALGORITHMS, algorithm_field
 from lina_sim.policies.placement import PlacementPolicy
 from lina_sim.policies.registry import PolicyEntry, make_placement_policy, policy_entries
 from lina_sim.routing.traces import RoutingTrace, concatenate
@@ -79,11 +79,7 @@ SERVING_FIELDS: dict[str, Field] = {
 COMPUTE_FIELDS: dict[str, Field] = {
     "model": Field(str, "roofline", choices=("roofline",), help="the compute model (inference: the roofline)"),
 }
-COLLECTIVES_FIELDS: dict[str, Field] = {
-    "all_to_all": Field(
-        str, ALGORITHMS["all_to_all"][0], choices=ALGORITHMS["all_to_all"], help="the all-to-all algorithm"
-    ),
-}
+COLLECTIVES_FIELDS: dict[str, Field] = {"all_to_all": algorithm_field("all_to_all")}
 # Placement-policy parameters the serving layer sets itself.
 _RESERVED = tuple(PlacementPolicy.BASE_PARAMS)
 
@@ -207,7 +203,9 @@ def resolve_inference(sc: Scenario) -> InferenceSetup:
 
     if d.get("compute") is not None:
         check_fields(check_mapping(d["compute"], "compute", "{model: roofline}"), COMPUTE_FIELDS, "compute")
-    coll = check_mapping(d.get("collectives") or {}, "collectives", "{all_to_all: direct|hierarchical}")
+    coll = check_mapping(
+        d.get("collectives") or {}, "collectives", "{all_to_all: " + "|".join(ALGORITHMS["all_to_all"]) + "}"
+    )
     algo = check_fields(coll, COLLECTIVES_FIELDS, "collectives")["all_to_all"]
 
     if "serving" not in d:

@@ -26,7 +26,7 @@ from lina_sim.errors import ConfigError
 from lina_sim.hardware.compute import ProfileComputeModel, RooflineComputeModel
 from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.network.alone import AloneTimes
-from lina_sim.network.collectives import ALGORITHMS, CollectiveAlgos
+from lina_sim.network.collectives import ALGORITHMS, CollectiveAlgos, algorithm_field
 from lina_sim.policies.registry import PolicyEntry, make_training_policy, policy_entries
 from lina_sim.results.rows import point_columns
 from lina_sim.training.breakdown import mean_breakdown
@@ -47,9 +47,7 @@ COMPUTE_FIELDS: dict[str, Field] = {
         help="with model: profile, the path of a measured profile table (.yaml, .yml or .csv)",
     ),
 }
-COLLECTIVES_FIELDS: dict[str, Field] = {
-    op: Field(str, algos[0], choices=algos, help=f"the {op} algorithm") for op, algos in ALGORITHMS.items()
-}
+COLLECTIVES_FIELDS: dict[str, Field] = {op: algorithm_field(op) for op in ALGORITHMS}
 
 
 @dataclass
