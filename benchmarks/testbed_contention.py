@@ -112,7 +112,7 @@ def simulated(profile: str, chunks: int, beside: bool) -> float:
 
     def run():
         if beside:
-            sim.start("allreduce", algos.allreduce, group, AR_BYTES)
+            sim.start("allreduce", algos.algo, group, AR_BYTES, proto=algos.proto)
             yield sim.env.timeout(HEAD_START_S)
         t = sim.env.now
         for _ in range(chunks):

@@ -1,5 +1,6 @@
-"""NCCL's allreduce tuning model (lina_sim.network.nccl) and the opt-in ``nccl`` allreduce
-that runs its choice on the fluid network."""
+"""NCCL's allreduce tuning model (lina_sim.network.nccl) and the allreduce that runs its
+choice on the fluid network: ``algo`` auto (the default) / ring / tree / nvls and ``proto``,
+as NCCL_ALGO / NCCL_PROTO."""
 
 import dataclasses
 import re
@@ -14,7 +15,7 @@ from lina_sim.errors import ConfigError
 from lina_sim.hardware.spec import load_preset
 from lina_sim.hardware.topology import Topology
 from lina_sim.network import nccl
-from lina_sim.network.collectives import ALGORITHMS, CollectiveAlgos, Collectives
+from lina_sim.network.collectives import ALGORITHMS, PROTOCOLS, CollectiveAlgos, Collectives
 from lina_sim.network.fluid import FluidNetwork
 from lina_sim.training.run import _algos
 
@@ -28,20 +29,77 @@ def model_of(preset: str, nodes: int) -> nccl.NcclModel:
     return model
 
 
-def run(cluster, sizes_and_kw: list[tuple[float, dict]], algo: str = "nccl", ranks=None) -> list[float]:
-    """Start every allreduce at once on one fresh cluster; their durations (s)."""
+def run(cluster, sizes_and_kw: list[tuple[float, dict]], algo: str = "auto", ranks=None) -> list[float]:
+    """Start every allreduce at once on one fresh cluster; their durations (s). A kw
+    ``algo`` overrides ``algo`` for that call."""
     env = simpy.Environment()
     coll = Collectives(FluidNetwork(env, Topology(cluster)))
     ranks = list(range(cluster.world_size)) if ranks is None else ranks
-    procs = [coll.allreduce(ranks, size, algo, **kw) for size, kw in sizes_and_kw]
+    procs = [coll.allreduce(ranks, size, **{"algo": algo, **kw}) for size, kw in sizes_and_kw]
     env.run()
     return [p.value.duration for p in procs]
 
 
-def test_opt_in_only():
-    assert CollectiveAlgos().allreduce == "ring"
-    assert {"nccl", "nccl-ring", "nccl-tree"} <= set(ALGORITHMS["allreduce"])
-    assert _algos({"allreduce": "nccl"}).allreduce == "nccl"
+def test_nccl_names_and_auto_default():
+    assert CollectiveAlgos() == CollectiveAlgos(algo="auto", proto="auto", all_to_all="direct")
+    assert ALGORITHMS["allreduce"] == ("auto", "ring", "tree", "nvls", "hierarchical", "flat-ring")
+    assert PROTOCOLS == ("auto", "LL", "LL128", "Simple")
+    assert {"flat", "direct", "hierarchical"} == set(ALGORITHMS["all_to_all"])
+    assert _algos({"algo": "tree", "proto": "LL128"}) == CollectiveAlgos(algo="tree", proto="LL128")
+    assert _algos({}) == CollectiveAlgos()
+
+
+def test_auto_runs_nccls_choice_and_flat_ring_the_old_ring():
+    c = load_preset("dgx-a100", nodes=4)
+    for size in (8 << 10, 1 << 20, 1 << 30):
+        a, p, t = nccl.predict(c, size)
+        assert run(c, [(size, {})])[0] == pytest.approx(t, rel=0.02)
+        assert run(c, [(size, {"algo": a, "proto": p})])[0] == pytest.approx(t, rel=0.02)
+    # The default is NCCL's choice: the 4 KB allreduce is a tree, far faster than the flat ring.
+    env = simpy.Environment()
+    coll = Collectives(FluidNetwork(env, Topology(c)))
+    assert coll.allreduce_choice(range(32), 4 << 10) == ("tree", "LL")
+    assert coll.allreduce_choice(range(32), 4 << 10, "flat-ring") == ("flat-ring", "-")
+    assert coll.allreduce_choice(range(32), 4 << 10, "hierarchical") == ("hierarchical", "-")
+    assert coll.allreduce_choice(range(32), 0) == ("-", "-")
+    assert run(c, [(4 << 10, {})])[0] * 10 < run(c, [(4 << 10, {})], "flat-ring")[0]
+
+
+def test_auto_on_a_gpu_nccl_cannot_place_is_the_flat_ring():
+    c = load_preset("paper-testbed")
+    cpu = dataclasses.replace(c, gpu=dataclasses.replace(c.gpu, name="cpu-x86_64-1thread"))
+    assert run(cpu, [(1 << 20, {})]) == run(cpu, [(1 << 20, {})], "flat-ring")
+    with pytest.raises(ConfigError, match="gpu.name"):  # forcing NCCL's ring there is an error
+        run(cpu, [(1 << 20, {})], "ring")
+
+
+@pytest.mark.parametrize(
+    "block,field,text",
+    [
+        ({"allreduce": "ring"}, "collectives.allreduce", "renamed to collectives.algo"),
+        ({"allreduce": "nccl"}, "collectives.allreduce", "'nccl' is now collectives.algo: auto"),
+        ({"algo": "nccl"}, "collectives.algo", "allowed: auto, ring, tree, nvls, hierarchical, flat-ring"),
+        ({"proto": "ll"}, "collectives.proto", "allowed: auto, LL, LL128, Simple"),
+        ({"algo": "flat-ring", "proto": "LL"}, "collectives.proto", "needs one of NCCL's algorithms"),
+        ({"all_to_all": "ring"}, "collectives.all_to_all", "allowed: direct, hierarchical, flat"),
+    ],
+)
+def test_scenario_block_errors(block, field, text):
+    with pytest.raises(ConfigError) as e:
+        _algos(block)
+    assert e.value.field == field and text in str(e.value), str(e.value)
+
+
+def test_scenario_nvls_needs_the_hardware():
+    with pytest.raises(ConfigError) as e:
+        _algos({"algo": "nvls"}, load_preset("dgx-a100", nodes=1))
+    assert e.value.field == "collectives.algo" and "Hopper" in str(e.value)
+    assert "allowed: auto, ring, tree, hierarchical, flat-ring" in str(e.value)
+    with pytest.raises(ConfigError, match="collectives.algo"):  # across nodes
+        _algos({"algo": "nvls"}, load_preset("dgx-h100", nodes=2))
+    assert _algos({"algo": "nvls"}, load_preset("dgx-h100", nodes=1)).algo == "nvls"
+    with pytest.raises(ConfigError, match="collectives.proto"):  # NVLS is Simple only
+        _algos({"algo": "nvls", "proto": "LL"}, load_preset("dgx-h100", nodes=1))
 
 
 CASES = [("dgx-a100", 1), ("dgx-h100", 1), ("dgx-a100", 4), ("dgx-h100", 2), ("dgx-h100", 5), ("paper-testbed", 4)]
@@ -52,9 +110,9 @@ def test_each_forced_pair_alone_takes_the_modelled_time(preset, nodes):
     c = load_preset(preset, nodes=nodes)
     model = model_of(preset, nodes)
     sizes = [4 << 10, 1 << 20, 256 << 20]
-    calls = [(s, {"nccl_algo": a, "nccl_proto": p}) for (a, p) in model.costs for s in sizes]
+    calls = [(s, {"algo": a, "proto": p}) for (a, p) in model.costs for s in sizes]
     for (size, kw), got in zip(calls, [run(c, [call])[0] for call in calls], strict=True):
-        expect = model.time(kw["nccl_algo"], kw["nccl_proto"], size)
+        expect = model.time(kw["algo"], kw["proto"], size)
         assert got == pytest.approx(expect, rel=0.02), (kw, size)
 
 
@@ -71,17 +129,17 @@ def test_odd_communicators_take_the_modelled_time(ranks):
     by_node = [np.array([r for r in ranks if r // 8 == k]) for k in sorted({r // 8 for r in ranks})]
     model, _ = nccl.model_for(topo, by_node)
     for (a, p), size in [(pair, size) for pair in model.costs for size in (8 << 10, 64 << 20)]:
-        got = run(c, [(size, {"nccl_algo": a, "nccl_proto": p})], ranks=ranks)[0]
+        got = run(c, [(size, {"algo": a, "proto": p})], ranks=ranks)[0]
         assert got == pytest.approx(model.time(a, p, size), rel=0.02), (a, p, size)
 
 
-def test_nccl_ring_simple_moves_bytes_as_fast_as_the_plain_ring():
-    # The ring layout is lina-sim's ring: only the latency differs (NCCL's instead of the links').
+def test_nccl_ring_simple_moves_bytes_as_fast_as_the_flat_ring():
+    # The ring layout is lina-sim's flat ring: only the latency differs (NCCL's instead of the links').
     c = load_preset("dgx-a100", nodes=4)
     model = model_of("dgx-a100", 4)
     size = 1 << 30
-    plain_small, plain_big = run(c, [(1.0, {})], "ring")[0], run(c, [(size, {})], "ring")[0]
-    nccl_big = run(c, [(size, {"nccl_algo": "ring", "nccl_proto": "Simple"})])[0]
+    plain_small, plain_big = run(c, [(1.0, {})], "flat-ring")[0], run(c, [(size, {})], "flat-ring")[0]
+    nccl_big = run(c, [(size, {"algo": "ring", "proto": "Simple"})])[0]
     assert nccl_big - model.latency("ring", "Simple", size) == pytest.approx(plain_big - plain_small, rel=0.01)
 
 
@@ -138,7 +196,7 @@ def test_1024_gpu_small_allreduce_is_fast_and_cheap():
     t0 = time.perf_counter()
     (nccl_time,) = run(c, [(4 << 10, {})])
     wall = time.perf_counter() - t0
-    (ring_time,) = run(c, [(4 << 10, {})], "ring")
+    (ring_time,) = run(c, [(4 << 10, {})], "flat-ring")
     assert ring_time > 13e-3  # 2(n-1) steps of link latency
     assert nccl_time < 0.2e-3  # a tree: 2 x (7 chain hops + log2(128) network levels)
     assert nccl.predict(c, 4 << 10)[:2] == ("tree", "LL")
@@ -149,8 +207,13 @@ def test_nvls_needs_nvswitch_sharp():
     with pytest.raises(ConfigError) as e:
         nccl.predict(load_preset("dgx-a100"), 1 << 20, algo="nvls")
     assert e.value.field == "algo" and "nvls" in str(e.value)
-    with pytest.raises(ConfigError, match="algo"):
-        run(load_preset("dgx-a100"), [(1 << 20, {"nccl_algo": "nvls"})])
+    with pytest.raises(ConfigError, match="algo") as e:
+        run(load_preset("dgx-a100"), [(1 << 20, {})], "nvls")
+    assert e.value.field == "algo" and "auto, ring, tree, hierarchical, flat-ring" in str(e.value)
+    with pytest.raises(ConfigError, match="algo"):  # raised at the call, before anything runs
+        Collectives(FluidNetwork(simpy.Environment(), Topology(load_preset("dgx-h100", nodes=2)))).allreduce(
+            range(16), 1 << 20, "nvls"
+        )
     with pytest.raises(ConfigError, match="algo"):  # across nodes NVLS needs IB SHARP
         nccl.predict(load_preset("dgx-h100", nodes=2), 1 << 20, algo="nvls")
     with pytest.raises(ConfigError) as e:  # NVLS is Simple only
@@ -163,13 +226,15 @@ def test_unknown_names_are_config_errors(kw, field):
     with pytest.raises(ConfigError) as e:
         nccl.predict(load_preset("dgx-h100"), 1 << 20, **kw)
     assert e.value.field == field
-    nkw = {f"nccl_{k}": v for k, v in kw.items()}
-    with pytest.raises(ConfigError):
-        run(load_preset("dgx-h100"), [(1 << 20, nkw)])
+    with pytest.raises(ConfigError) as e:
+        run(load_preset("dgx-h100"), [(1 << 20, kw)])
+    assert e.value.field == field
     with pytest.raises(ConfigError):  # even when there is nothing to move
-        run(load_preset("dgx-h100"), [(0, nkw)])
-    with pytest.raises(ConfigError, match="algo"):  # only with algo nccl
-        run(load_preset("dgx-h100"), [(1 << 20, {"nccl_proto": "LL"})], "ring")
+        run(load_preset("dgx-h100"), [(0, kw)])
+    for algo in ("flat-ring", "hierarchical"):  # a protocol only with NCCL's algorithms
+        with pytest.raises(ConfigError) as e:
+            run(load_preset("dgx-h100"), [(1 << 20, {"proto": "LL"})], algo)
+        assert e.value.field == "proto" and "auto|ring|tree|nvls" in str(e.value)
 
 
 def test_unknown_gpu_is_a_config_error():

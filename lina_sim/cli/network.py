@@ -8,17 +8,24 @@ PROFILE.yaml`` fits the preset's NVLink and NIC latency and bandwidth to such ta
 with the simulator as the model (:mod:`lina_sim.experiments.calibration`), and writes a
 profile that ``--preset PROFILE.yaml`` loads. It is an option of ``collective``, beside
 ``--compare``, because it is the same run with the link parameters moving: the same
-readers, preset shaping, ``--algo`` and ``--out``.
+readers, preset shaping, ``--algo``, ``--proto`` and ``--out``.
+
+Allreduce algorithms and protocols use NCCL's names (``--algo auto|ring|tree|nvls`` as
+NCCL_ALGO, ``--proto auto|LL|LL128|Simple`` as NCCL_PROTO), plus lina-sim's own
+``hierarchical`` and ``flat-ring`` (the pre-NCCL alpha-beta ring); ``auto``, the default,
+is NCCL's own choice per size, shown per size in the table's ``algo`` / ``proto`` columns.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from lina_sim.errors import ConfigError
-from lina_sim.network.collectives import ALGORITHMS, TIMED_OPS
+from lina_sim.network.collectives import ALGORITHMS, PROTOCOLS, TIMED_OPS
 from lina_sim.results.tables import format_collective_table, format_contention
 
 # What `collective --op` times: the collectives and nccl-tests' sendrecv.
@@ -53,6 +60,18 @@ def _positive_int(text: str | None, flag: str) -> int | None:
     return value
 
 
+@contextlib.contextmanager
+def _flags(**flags: str) -> Iterator[None]:
+    """Errors on the simulator's ``algo`` / ``proto`` arguments named as the flags that
+    set them (``algo="--algo"``), so that the one-line error names what the user typed."""
+    try:
+        yield
+    except ConfigError as e:
+        if e.field not in flags:
+            raise
+        raise ConfigError(flags[e.field], e.problem, e.allowed) from None
+
+
 def _load_cluster(args):
     from lina_sim.experiments.microbench import with_gpus_per_node
     from lina_sim.hardware.spec import load_preset
@@ -82,7 +101,17 @@ def register(sub) -> None:
     p.add_argument(
         "--algo",
         default=None,
-        help="; ".join(f"{op}: {'|'.join(names)}" for op, names in TIMED_OPS.items()),
+        help="per op, the first the default: "
+        + "; ".join(f"{op}: {'|'.join(names)}" for op, names in TIMED_OPS.items())
+        + ". allreduce: auto = NCCL's choice per size, ring|tree|nvls = NCCL_ALGO, hierarchical = 2D, "
+        "flat-ring = lina-sim's pre-NCCL alpha-beta ring",
+    )
+    p.add_argument(
+        "--proto",
+        default=None,
+        metavar="PROTO",
+        help=f"allreduce only, as NCCL_PROTO: {'|'.join(PROTOCOLS)} (default: auto; "
+        "only with --algo auto|ring|tree|nvls)",
     )
     p.add_argument(
         "--sizes", default=None, help="SIZE, MIN:MAX or MIN:MAX:FACTOR in bytes (K/M/G units; default 1K:1G)"
@@ -118,7 +147,13 @@ def register(sub) -> None:
     p.add_argument("--size", default="64M", help="all-to-all bytes per rank (default: %(default)s)")
     p.add_argument("--ar-size", default=None, metavar="SIZE", help="allreduce bytes per rank (default: same as --size)")
     p.add_argument("--a2a-algo", default="direct", metavar="ALGO", help="|".join(ALGORITHMS["all_to_all"]))
-    p.add_argument("--ar-algo", default="ring", metavar="ALGO", help="|".join(ALGORITHMS["allreduce"]))
+    p.add_argument(
+        "--ar-algo",
+        default=ALGORITHMS["allreduce"][0],
+        metavar="ALGO",
+        help="|".join(ALGORITHMS["allreduce"]) + " (default: %(default)s)",
+    )
+    p.add_argument("--ar-proto", default="auto", metavar="PROTO", help="|".join(PROTOCOLS) + " (default: auto)")
     p.add_argument("--top", type=int, default=6, metavar="K", help="bottleneck links to list")
     p.add_argument("--trace", default=None, metavar="FILE.json", help="write the concurrent run's Chrome trace")
     p.set_defaults(func=cmd_contention)
@@ -134,7 +169,7 @@ def _algo(op: str, algo: str | None) -> str:
 
 def cmd_collective(args) -> int:
     from lina_sim.config.units import parse_size_range
-    from lina_sim.experiments.microbench import collective_sweep
+    from lina_sim.experiments.microbench import check_op, collective_sweep
     from lina_sim.results.timeline import Timeline, write_chrome_trace
 
     if args.compare and args.calibrate:
@@ -147,12 +182,16 @@ def cmd_collective(args) -> int:
         raise ConfigError("--op", "required (or --compare FILE ...)", OP_CHOICES)
     if args.out is not None:
         raise ConfigError("--out", "only with --compare or --calibrate", "--compare FILE ... --out DIR")
-    cluster = _load_cluster(args)
     algo = _algo(args.op, args.algo)
+    proto = args.proto or "auto"
+    with _flags(algo="--algo", proto="--proto"):
+        check_op(args.op, algo, proto)
+    cluster = _load_cluster(args)
     sizes = parse_size_range(args.sizes or "1K:1G")
     tl = Timeline() if args.trace else None
-    df = collective_sweep(cluster, args.op, algo, sizes, timeline=tl)
-    print(format_collective_table(df, args.op, algo, cluster))
+    with _flags(algo="--algo", proto="--proto"):
+        df = collective_sweep(cluster, args.op, algo, sizes, timeline=tl, proto=proto)
+    print(format_collective_table(df, args.op, algo, cluster, proto))
     if tl is not None:
         print(f"# timeline: {write_chrome_trace(tl.to_frame(), args.trace)}")
     return 0
@@ -172,11 +211,15 @@ def cmd_compare(args) -> int:
     _no_sweep_flags(args, "--compare")
     cluster = _load_cluster(args)
     tables = measured_tables(read_measured(f) for f in args.compare)
-    shapes = [
-        shape_for(cluster, table_config(label, t), fixed_nodes=args.nodes is not None, algo=args.algo)
-        for label, t in tables
-    ]
-    frames = [compare_measured(shape, t) for shape, (_, t) in zip(shapes, tables)]
+    _check_proto_tables(args.proto, [table_config(label, t) for label, t in tables])
+    with _flags(algo="--algo", proto="--proto"):
+        shapes = [
+            shape_for(
+                cluster, table_config(label, t), fixed_nodes=args.nodes is not None, algo=args.algo, proto=args.proto
+            )
+            for label, t in tables
+        ]
+        frames = [compare_measured(shape, t) for shape, (_, t) in zip(shapes, tables)]
     comparison = pd.concat(frames, ignore_index=True)
     summary = comparison_summary(comparison)
     for frame, (_, row) in zip(frames, summary.iterrows()):
@@ -198,6 +241,18 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _check_proto_tables(proto: str | None, configs) -> None:
+    """``--proto`` is a known protocol and, with --compare / --calibrate, some table is an
+    allreduce (the only collective it applies to)."""
+    if proto is None:
+        return
+    if proto not in PROTOCOLS:
+        raise ConfigError("--proto", f"unknown allreduce protocol {proto!r}", PROTOCOLS)
+    if proto != "auto" and not any(c.collective == "allreduce" for c in configs):
+        kinds = sorted({c.collective for c in configs})
+        raise ConfigError("--proto", f"only allreduce tables take a protocol; these are {', '.join(kinds)}", ["auto"])
+
+
 def _no_sweep_flags(args, mode: str) -> None:
     """``--op``, ``--sizes`` and ``--trace`` are refused with ``mode``: the tables say them."""
     for flag, value in (("--op", args.op), ("--sizes", args.sizes), ("--trace", args.trace)):
@@ -209,7 +264,8 @@ def cmd_calibrate(args) -> int:
     """``collective --calibrate FILE ... --out PROFILE.yaml``: read every file, fit, print
     the fitted values and the errors before and after, write the profile."""
     from lina_sim.experiments.calibration import calibrate, check_calibration_algo, profile, write_profile
-    from lina_sim.experiments.measured import measured_tables, read_measured
+    from lina_sim.experiments.measured import measured_tables, read_measured, table_config
+    from lina_sim.experiments.microbench import allreduce_protocol
     from lina_sim.hardware.spec import read_preset
     from lina_sim.results.tables import format_calibration, format_comparison_summary
 
@@ -222,9 +278,14 @@ def cmd_calibrate(args) -> int:
     check_calibration_algo(args.algo)
     cluster = _load_cluster(args)
     tables = measured_tables(read_measured(f) for f in args.calibrate)
-    result = calibrate(cluster, tables, algo=args.algo)
+    _check_proto_tables(args.proto, [table_config(label, t) for label, t in tables])
+    with _flags(algo="--algo", proto="--proto"), allreduce_protocol(args.proto):
+        result = calibrate(cluster, tables, algo=args.algo)
     base, _ = read_preset(args.preset)
-    written = write_profile(args.out, profile(result, base, args.preset))
+    prof = profile(result, base, args.preset)
+    if isinstance(prof.get("calibration"), dict):
+        prof["calibration"]["proto"] = args.proto or "auto"  # the allreduce protocol it was fitted with
+    written = write_profile(args.out, prof)
     print(format_calibration(result.fits))
     print()
     print("# before:")
@@ -243,7 +304,9 @@ def cmd_contention(args) -> int:
     cluster = _load_cluster(args)
     a2a = parse_size(args.size, "--size")
     ar = parse_size(args.ar_size, "--ar-size") if args.ar_size else a2a
-    res = contention(cluster, a2a, ar, args.a2a_algo, args.ar_algo)
+    flags = {"algo": "--ar-algo", "a2a_algo": "--a2a-algo", "ar_algo": "--ar-algo", "ar_proto": "--ar-proto"}
+    with _flags(**flags, proto="--ar-proto"):
+        res = contention(cluster, a2a, ar, args.a2a_algo, args.ar_algo, ar_proto=args.ar_proto)
     print(format_contention(res, cluster, a2a, ar, args.a2a_algo, args.ar_algo, args.top))
     if args.trace:
         print(f"# timeline: {write_chrome_trace(res.timeline.to_frame(), args.trace)}")
@@ -258,9 +321,14 @@ def cmd_demo(args) -> int:
     sizes = parse_size_range("1M:1G:4")
     for op in ("allreduce", "all_to_all"):
         for algo in ALGORITHMS[op]:
-            print(format_collective_table(collective_sweep(cluster, op, algo, sizes), op, algo, cluster))
+            try:
+                df = collective_sweep(cluster, op, algo, sizes)
+            except ConfigError as e:  # nvls needs Hopper and NVSwitch on one node
+                print(f"# {op} ({algo}) on {cluster.name}: not available: {e.problem}\n")
+                continue
+            print(format_collective_table(df, op, algo, cluster))
             print()
     size = 64 << 20
     res = contention(cluster, size, size)
-    print(format_contention(res, cluster, size, size, "direct", "ring", 6))
+    print(format_contention(res, cluster, size, size, "direct", ALGORITHMS["allreduce"][0], 6))
     return 0

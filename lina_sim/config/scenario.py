@@ -52,7 +52,8 @@ TOP_LEVEL = {
     "model": "model preset and overrides",
     "policies": "list of policy names or {name: ..., params...}",
     "steps": "training steps to simulate",
-    "collectives": "algorithms: {allreduce: ring|hierarchical, all_to_all: direct|hierarchical}",
+    "collectives": "algorithms, NCCL's names: {algo: auto|ring|tree|nvls|hierarchical|flat-ring, "
+    "proto: auto|LL|LL128|Simple, all_to_all: direct|hierarchical|flat} (inference: all_to_all only)",
     "compute": "compute model: {model: roofline} or {model: profile, profile: PATH}",
     "serving": "inference: trace, arrivals, batching",
     "sweep": "grid / zip over field paths",

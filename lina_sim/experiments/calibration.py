@@ -1,22 +1,24 @@
-"""Fit a preset's link parameters to measured collective tables, with the simulator as
-the model (``lina-sim collective --calibrate``).
+"""Fit a preset's link parameters and NCCL's latency corrections to measured collective
+tables, with the simulator as the model (``lina-sim collective --calibrate``).
 
-Each measured table (see :mod:`lina_sim.experiments.measured`) exercises one link class
-most: a 1-node table the ``nvlink`` class, a multi-node table the ``nic`` class (its
-intra-node part rides on NVLink, which is fitted first). Per class the fit moves two
-numbers, in log space: the one-way latency (s) and the effective bandwidth, bandwidth x
-efficiency (bytes/s), which is all that large messages see. The two factors of that
-product are not separately identifiable from times, so the datasheet bandwidth is kept
-and only the efficiency moves, unless the fit needs more than the datasheet: then the
-bandwidth is raised and the efficiency is 1. PCIe is never fitted: on every simulated
-path it lies in series with the NIC, and no table isolates it.
+The fit runs in stages (:func:`stages`), each on the tables that exercise one part of
+the cluster: one-node tables move NVLink's effective bandwidth (bandwidth x efficiency,
+all that large messages see) and NCCL's intra-node latency scale; one-node allreduces
+that NCCL may run as NVLS move the NVLS efficiency; multi-node tables move the NIC's
+effective bandwidth and NCCL's network latency scale (:class:`NcclSpec`), the intra-node
+part held at its fitted value. Bandwidth and efficiency are not separately identifiable
+from times, so the datasheet bandwidth is kept and only the efficiency moves, unless
+the fit needs more than the datasheet: then the bandwidth is raised and the efficiency
+is 1. PCIe is never fitted: on every simulated path it lies in series with the NIC, and
+no table isolates it. The links' own latencies are left at the preset's: only lina-sim's
+pre-NCCL models (``flat-ring``, ``flat``, ``hierarchical``) read them.
 
 The loss is the mean over tables of the mean squared log-error, log(predicted /
 measured)^2, over at most ``max_rows`` sizes per table (spread evenly in log size), so
-that Vidur's thousand-row tables do not outweigh nccl-tests' ten-row ones. A class's
-latency is fitted only when its tables hold at least :data:`MIN_IDENTIFYING_ROWS` sizes
-of at most 1 MiB (the latency-bound range); else it keeps the preset's value and only
-the bandwidth moves. The minimiser is Nelder–Mead (numpy only), started at the preset.
+that Vidur's thousand-row tables do not outweigh nccl-tests' ten-row ones. A stage's
+latency scale is fitted only when its tables hold at least :data:`MIN_IDENTIFYING_ROWS`
+sizes of at most :data:`LATENCY_BOUND_BYTES`; else it keeps the preset's. The minimiser
+is Nelder–Mead (numpy only), started at the preset.
 """
 
 from __future__ import annotations
@@ -36,21 +38,18 @@ import yaml
 from lina_sim.errors import ConfigError
 from lina_sim.experiments.measured import TableConfig, table_config
 from lina_sim.experiments.microbench import MB, compare_measured, comparison_summary, shape_for
-from lina_sim.hardware.spec import ClusterSpec, LinkSpec
+from lina_sim.hardware.spec import LINKS, ClusterSpec, LinkSpec, NcclSpec
 from lina_sim.network.collectives import TIMED_OPS
+from lina_sim.network.nccl import NVLS_EFFICIENCY, CommShape, gpu_arch
 from lina_sim.results.files import atomic_write_text
 from lina_sim.results.tables import ERROR_COLUMN, ROWS_COLUMN
 
-# The link classes a fit can move, in the order they are fitted (NIC tables ride on NVLink).
-FITTED_LINKS = ("nvlink", "nic")
-# Sizes <= 1 MiB a class's tables need before its latency counts as identified.
+# Rows of at most LATENCY_BOUND_BYTES a stage's tables need before its latency counts as
+# identified: up to 8 MiB a multi-node allreduce's latency is still a large part of its
+# time (NCCL's ring/Simple latency on 2 x 8 H100 is ~130 µs, 8 MiB at ~90 GB/s ~90 µs).
 MIN_IDENTIFYING_ROWS = 3
+LATENCY_BOUND_BYTES = 8 * MB
 DEFAULT_MAX_ROWS = 24
-
-
-def link_of(config: TableConfig) -> str:
-    """The link class a measured table exercises most: ``nvlink`` on one node, else ``nic``."""
-    return "nvlink" if config.nodes == 1 else "nic"
 
 
 def algo_for(collective: str, algo: str | None) -> str | None:
@@ -84,10 +83,6 @@ class FitTable:
     rows: pd.DataFrame
     fit_rows: pd.DataFrame
     algo: str | None
-
-    @property
-    def link(self) -> str:
-        return link_of(self.config)
 
 
 def fit_tables(
@@ -173,16 +168,53 @@ def nelder_mead(
 
 
 @dataclass(frozen=True)
-class LinkFit:
-    """One link class's fit: the tables it used, whether latency was identified, the
-    fitted latency (s) and effective bandwidth (bytes/s), the loss before and after, and
-    the loss evaluations it took."""
+class Knob:
+    """One number a fit moves, in log space: ``name`` as the profile writes it
+    (``nvlink.effective_bandwidth``, ``nccl.intra_latency_scale``), how to ``read`` it off
+    a cluster and ``write`` it into one, the first simplex step (log units) and an upper
+    bound (an efficiency is at most 1)."""
 
-    link: str
+    name: str
+    read: Callable[[ClusterSpec], float]
+    write: Callable[[ClusterSpec, float], ClusterSpec]
+    step: float
+    maximum: float = math.inf
+
+
+def bandwidth_knob(link: str) -> Knob:
+    """A link class's effective bandwidth (bytes/s), kept as :func:`with_links` keeps it."""
+
+    def write(c: ClusterSpec, v: float) -> ClusterSpec:
+        return with_links(c, {link: (getattr(c, link).latency, v)})
+
+    # First step x0.5: efficiencies are rarely above the datasheet.
+    return Knob(f"{link}.effective_bandwidth", lambda c: getattr(c, link).effective_bandwidth, write, math.log(0.5))
+
+
+def nccl_knob(name: str, step: float, maximum: float = math.inf) -> Knob:
+    """A field of the cluster's :class:`NcclSpec`; ``nvls_efficiency`` starts at NCCL's."""
+
+    def read(c: ClusterSpec) -> float:
+        v = getattr(c.nccl, name)
+        return NVLS_EFFICIENCY[gpu_arch(c)] if v is None else v
+
+    def write(c: ClusterSpec, v: float) -> ClusterSpec:
+        return dataclasses.replace(c, nccl=dataclasses.replace(c.nccl, **{name: v}))
+
+    return Knob(f"nccl.{name}", read, write, step, maximum)
+
+
+@dataclass(frozen=True)
+class StageFit:
+    """One stage of a fit: its name (``nvlink``, ``nvls``, ``nic``), the tables it used,
+    whether their small sizes identified a latency, each knob's value before and after,
+    the loss before and after, and the loss evaluations it took."""
+
+    stage: str
     tables: tuple[str, ...]
     latency_fitted: bool
-    latency: float
-    effective_bandwidth: float
+    before: dict[str, float]
+    after: dict[str, float]
     loss_before: float
     loss_after: float
     evaluations: int
@@ -190,46 +222,93 @@ class LinkFit:
 
 @dataclass(frozen=True)
 class Calibration:
-    """A fit's result: the preset before and after, each class's :class:`LinkFit`, the
+    """A fit's result: the preset before and after, each stage's :class:`StageFit`, the
     tables used, and the comparison summaries (all rows) before and after."""
 
     base: ClusterSpec
     cluster: ClusterSpec
-    fits: tuple[LinkFit, ...]
+    fits: tuple[StageFit, ...]
     tables: tuple[FitTable, ...]
     algo: str | None
     before: pd.DataFrame
     after: pd.DataFrame
 
 
-def _fit_link(cluster: ClusterSpec, link: str, tables: Sequence[FitTable]) -> tuple[ClusterSpec, LinkFit]:
-    """Fit one link class on its tables, the other classes held at ``cluster``'s values."""
-    spec: LinkSpec = getattr(cluster, link)
-    small = sum(int((t.fit_rows["size_bytes"] <= MB).sum()) for t in tables)
-    fit_latency = small >= MIN_IDENTIFYING_ROWS
-    # Log-parameters: log effective bandwidth, then (if identified) log latency. A preset
-    # latency of 0 starts the search at 1 µs, a typical one-hop latency.
-    x0 = [math.log(spec.effective_bandwidth)] + ([math.log(spec.latency or 1e-6)] if fit_latency else [])
+def _fit_stage(cluster: ClusterSpec, stage: str, knobs: Sequence[Knob], tables: Sequence[FitTable], latency: bool):
+    """Fit ``knobs`` on ``tables``, everything else held at ``cluster``'s values; the
+    result is never worse than the start."""
 
-    def params(x: np.ndarray) -> tuple[float, float]:
-        return (math.exp(x[1]) if fit_latency else spec.latency, math.exp(x[0]))
+    def apply(x: np.ndarray) -> ClusterSpec:
+        c = cluster
+        for k, v in zip(knobs, x):
+            c = k.write(c, min(k.maximum, math.exp(v)))
+        return c
 
     def loss(x: np.ndarray) -> float:
-        return log_loss(compare_all(with_links(cluster, {link: params(x)}), tables, fit_rows=True))
+        return log_loss(compare_all(apply(x), tables, fit_rows=True))
 
-    start = np.array(x0)
+    start = np.array([math.log(k.read(cluster)) for k in knobs])
     before = loss(start)
-    # First steps: bandwidth x0.5 (efficiencies are rarely above the datasheet), latency x3.
-    x, after, evals = nelder_mead(loss, start, np.array([math.log(0.5), math.log(3.0)][: len(x0)]))
-    if after > before:  # never worse than the preset
+    x, after, evals = nelder_mead(loss, start, np.array([k.step for k in knobs]))
+    if after > before:
         x, after = start, before
     # Four significant digits: what the profile records, so that the written profile and
     # the calibrated cluster are the same numbers; the data do not justify more.
-    latency, effective = (float(f"{v:.4g}") for v in params(x))
-    fit = LinkFit(
-        link, tuple(t.config.label for t in tables), fit_latency, latency, effective, before, after, evals + 1
+    values = [float(f"{min(k.maximum, math.exp(v)):.4g}") for k, v in zip(knobs, x)]
+    fitted = cluster
+    for k, v in zip(knobs, values):
+        fitted = k.write(fitted, v)
+    fit = StageFit(
+        stage,
+        tuple(t.config.label for t in tables),
+        latency,
+        {k.name: k.read(cluster) for k in knobs},
+        {k.name: v for k, v in zip(knobs, values)},
+        before,
+        after,
+        evals + 1,
     )
-    return with_links(cluster, {link: (latency, effective)}), fit
+    return fitted, fit
+
+
+def _nvls_table(cluster: ClusterSpec, t: FitTable) -> bool:
+    """A one-node allreduce that NCCL may run as NVLS (Hopper NVSwitch, NCCL choosing)."""
+    c = t.config
+    if c.collective != "allreduce" or c.nodes != 1 or t.algo not in (None, "auto", "nvls"):
+        return False
+    return CommShape.of(cluster, c.ranks, 1).nvls
+
+
+def stages(cluster: ClusterSpec, tables: Sequence[FitTable]) -> list[tuple[str, list[Knob], list[FitTable], bool]]:
+    """The fit's stages, in order, each with its knobs, its tables and whether their
+    small sizes identify a latency:
+
+    - ``nvlink``: one-node tables (all-to-all, sendrecv, non-NVLS allreduce) move NVLink's
+      effective bandwidth and NCCL's intra-node latency scale;
+    - ``nvls``: one-node allreduces NCCL may run as NVLS move its efficiency (the
+      ``nvlink`` stage uses them only when no other one-node table exists);
+    - ``nic``: multi-node tables move the NIC's effective bandwidth and NCCL's network
+      latency scale, NVLink held at its fitted value.
+    """
+    one = [t for t in tables if t.config.nodes == 1]
+    nvls = [t for t in one if _nvls_table(cluster, t)]
+    plain = [t for t in one if t not in nvls] or one
+    multi = [t for t in tables if t.config.nodes > 1]
+    out = []
+    for stage, mine, latency_knob in (
+        ("nvlink", plain, "intra_latency_scale"),
+        ("nic", multi, "net_latency_scale"),
+    ):
+        if not mine:
+            continue
+        small = sum(int((t.fit_rows["size_bytes"] <= LATENCY_BOUND_BYTES).sum()) for t in mine)
+        identified = small >= MIN_IDENTIFYING_ROWS
+        # First step x3 on a latency scale: NCCL's constants are lower bounds more often.
+        knobs = [bandwidth_knob(stage)] + ([nccl_knob(latency_knob, math.log(3.0))] if identified else [])
+        out.append((stage, knobs, mine, identified))
+        if stage == "nvlink" and nvls and plain is not one:
+            out.append(("nvls", [nccl_knob("nvls_efficiency", math.log(0.8), 1.0)], nvls, False))
+    return out
 
 
 def calibrate(
@@ -238,19 +317,16 @@ def calibrate(
     algo: str | None = None,
     max_rows: int = DEFAULT_MAX_ROWS,
 ) -> Calibration:
-    """Fit ``cluster``'s link classes to the measured ``tables`` (label, rows), in
-    :data:`FITTED_LINKS` order, each on the tables that exercise it; ``algo`` is used for
-    every table whose collective has it."""
+    """Fit ``cluster`` to the measured ``tables`` (label, rows) stage by stage
+    (:func:`stages`); ``algo`` is used for every table whose collective has it."""
     check_calibration_algo(algo)
     if max_rows < 2:
         raise ConfigError("max_rows", f"must be >= 2, got {max_rows}", "an integer >= 2")
     fts = fit_tables(tables, cluster, algo, max_rows)
     fitted, fits = cluster, []
-    for link in FITTED_LINKS:
-        mine = [t for t in fts if t.link == link]
-        if mine:
-            fitted, fit = _fit_link(fitted, link, mine)
-            fits.append(fit)
+    for stage, knobs, mine, identified in stages(cluster, fts):
+        fitted, fit = _fit_stage(fitted, stage, knobs, mine, identified)
+        fits.append(fit)
     before = comparison_summary(compare_all(cluster, fts))
     after = comparison_summary(compare_all(fitted, fts))
     return Calibration(cluster, fitted, tuple(fits), tuple(fts), algo, before, after)
@@ -273,15 +349,21 @@ def _residuals(summary: pd.DataFrame) -> dict[str, dict[str, Any]]:
 
 def profile(calibration: Calibration, base: Mapping[str, Any], preset: str) -> dict[str, Any]:
     """The calibrated profile: the preset's raw mapping ``base`` (named ``preset``) with
-    the fitted link classes replaced, and a ``calibration:`` block recording the sources
-    (files, tables, rows), the algorithm, the fitted values beside the preset's, the
-    losses, and the residuals before and after (median |error| % per size class)."""
+    the fitted link classes and ``nccl:`` corrections replaced, and a ``calibration:``
+    block recording the sources (files, tables, rows), the algorithm, each stage's values
+    beside the preset's, the losses, and the residuals before and after (median |error| %
+    per size class)."""
     c = calibration
     out = copy.deepcopy(dict(base))
     out["name"] = f"{c.base.name}-calibrated"
-    for fit in c.fits:
-        spec: LinkSpec = getattr(c.cluster, fit.link)
-        out[fit.link] = {"bandwidth": spec.bandwidth, "latency": spec.latency, "efficiency": spec.efficiency}
+    knobs = {name for fit in c.fits for name in fit.after}
+    for link in LINKS:
+        if f"{link}.effective_bandwidth" in knobs:
+            spec: LinkSpec = getattr(c.cluster, link)
+            out[link] = {"bandwidth": spec.bandwidth, "latency": spec.latency, "efficiency": spec.efficiency}
+    nccl = {k: v for k, v in dataclasses.asdict(c.cluster.nccl).items() if v is not None}
+    if nccl != dataclasses.asdict(NcclSpec()):
+        out["nccl"] = nccl
     sources: dict[str, list[dict[str, Any]]] = {}
     for t in c.tables:
         sources.setdefault(t.config.source, []).append(
@@ -289,31 +371,28 @@ def profile(calibration: Calibration, base: Mapping[str, Any], preset: str) -> d
                 "table": t.config.label,
                 "collective": t.config.collective,
                 "shape": f"{t.config.nodes}x{t.config.ranks_per_node}",
-                "link": t.link,
                 "rows": len(t.rows),
                 "rows_fitted": len(t.fit_rows),
             }
         )
-    fitted = {}
-    for fit in c.fits:
-        old: LinkSpec = getattr(c.base, fit.link)
-        fitted[fit.link] = {
-            "latency_s": fit.latency,
+    fitted = {
+        fit.stage: {
+            "values": fit.after,
+            "preset_values": fit.before,
             "latency_fitted": fit.latency_fitted,
-            "effective_bandwidth_Bps": fit.effective_bandwidth,
-            "preset_latency_s": old.latency,
-            "preset_effective_bandwidth_Bps": old.effective_bandwidth,
             "tables": list(fit.tables),
             "loss_before": fit.loss_before,
             "loss_after": fit.loss_after,
             "evaluations": fit.evaluations,
         }
-    out["source"] = f"{base.get('source', '') or preset}; links {', '.join(fitted)} fitted to {', '.join(sources)}"
+        for fit in c.fits
+    }
+    out["source"] = f"{base.get('source', '') or preset}; {', '.join(fitted)} fitted to {', '.join(sources)}"
     out["calibration"] = {
         "preset": preset,
         "algo": c.algo or "default",
-        "method": "Nelder-Mead on log(latency), log(bandwidth x efficiency); loss: mean over tables of "
-        "mean squared log(predicted / measured)",
+        "method": "Nelder-Mead in log space on each stage's knobs (link bandwidth x efficiency, NCCL latency "
+        "scales, NVLS efficiency); loss: mean over tables of mean squared log(predicted / measured)",
         "sources": [{"file": f, "tables": ts} for f, ts in sources.items()],
         "fitted": fitted,
         "residuals_before": _residuals(c.before),

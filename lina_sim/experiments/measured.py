@@ -203,9 +203,10 @@ _STARTING = re.compile(r"^#\s*Collective test starting:\s*([a-z_]+?)_perf\b")
 _NTHREAD = re.compile(r"^#\s*nThread\s+\d+")
 _NCCL_CODE = re.compile(r"nccl-library=(\d+)")
 _NCCL_VERSION = re.compile(r"NCCL version\s+(\d+\.\d+\.\d+)")
-# The table `lina-sim collective` prints: "# allreduce (ring) on dgx-a100: 2 node(s) x 8 GPUs = 16 ranks"
+# The table `lina-sim collective` prints: "# allreduce (auto) on dgx-a100: 2 node(s) x 8 GPUs = 16 ranks"
+# (in the parentheses the algorithm asked for, e.g. flat-ring, and a forced protocol: "tree, proto LL")
 _LINA_TITLE = re.compile(
-    r"^#\s*(\w+)\s+\((\w+)\)\s+on\s+\S+:\s+(\d+)\s+node\(s\)\s+x\s+(\d+)\s+GPUs\s+=\s+(\d+)\s+ranks"
+    r"^#\s*(\w+)\s+\(([^)]*)\)\s+on\s+\S+:\s+(\d+)\s+node\(s\)\s+x\s+(\d+)\s+GPUs\s+=\s+(\d+)\s+ranks"
 )
 _INT = re.compile(r"^\d+$")
 # Without a column header line, the number of fields says which optional columns a row

@@ -3,16 +3,21 @@ comparison against measured collective times.
 
 ``collective_sweep`` times one collective over a range of sizes, as nccl-tests does:
 algbw = size / time, busbw = algbw × (2(n-1)/n for allreduce, (n-1)/n for all-to-all, 1
-for sendrecv). ``contention`` runs an all-to-all alone, then concurrently with an
-allreduce on the same ranks, and reports the all-to-all's slowdown and the links that
-bounded it. ``shape_for`` and ``compare_measured`` simulate a measured table (see
-:mod:`lina_sim.experiments.measured`) on a preset shaped as the measurement, and
-``comparison_summary`` condenses the errors per size class.
+for sendrecv), with per size the algorithm and protocol that ran (for the allreduce's
+``auto``: NCCL's choice, as NCCL_DEBUG=INFO reports it). ``contention`` runs an
+all-to-all alone, then concurrently with an allreduce on the same ranks, and reports
+the all-to-all's slowdown and the links that bounded it. ``shape_for`` and
+``compare_measured`` simulate a measured table (see :mod:`lina_sim.experiments.measured`)
+on a preset shaped as the measurement, and ``comparison_summary`` condenses the errors
+per size class.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,11 +30,14 @@ from lina_sim.hardware.topology import Topology
 from lina_sim.network.alone import AloneTimes, SimCluster
 from lina_sim.network.collectives import (
     ALGORITHMS,
+    NCCL_ALLREDUCE,
     POINT_TO_POINT,
+    PROTOCOLS,
     TIMED_OPS,
     CollectiveAlgos,
     CollectiveResult,
     check_algo,
+    check_proto,
 )
 from lina_sim.results.tables import ERROR_COLUMN, ROWS_COLUMN
 from lina_sim.results.timeline import Event, Timeline
@@ -43,23 +51,37 @@ def bus_factor(op: str, n: int) -> float:
     return 2 * (n - 1) / n if op == "allreduce" else (n - 1) / n
 
 
-def check_op(op: str, algo: str) -> None:
-    """``op`` and ``algo`` name something the micro-benchmarks time; else a ConfigError
-    naming ``op`` or ``algo`` with what is allowed."""
+def check_op(op: str, algo: str, proto: str = "auto") -> None:
+    """``op``, ``algo`` and ``proto`` name something the micro-benchmarks time; else a
+    ConfigError naming ``op``, ``algo`` or ``proto`` with what is allowed. Only the
+    allreduce takes a protocol, and only with NCCL's algorithms."""
     if op in POINT_TO_POINT:
         if algo not in POINT_TO_POINT[op]:
             raise ConfigError("algo", f"unknown {op} algorithm {algo!r}", POINT_TO_POINT[op])
-        return
-    if op not in ALGORITHMS:
+    elif op not in ALGORITHMS:
         raise ConfigError("op", f"unknown collective {op!r}", TIMED_OPS)
-    check_algo(op, algo)
+    else:
+        check_algo(op, algo)
+    if op == "allreduce":
+        check_proto(algo, proto)
+    elif proto != "auto":
+        raise ConfigError("proto", f"only the allreduce takes a protocol, not {op}", ["auto"])
 
 
-def _start(sim: SimCluster, op: str, algo: str, ranks, size: float):
+def _start(sim: SimCluster, op: str, algo: str, ranks, size: float, proto: str = "auto"):
     """Start ``op`` on ``sim``; sendrecv is not a collective SimCluster knows."""
     if op in POINT_TO_POINT:
         return sim.coll.send_recv(ranks, size, tag=op)
-    return sim.start(op, algo, ranks, size)
+    return sim.start(op, algo, ranks, size, proto=proto)
+
+
+def ran(sim: SimCluster, op: str, algo: str, ranks, size: float, proto: str = "auto") -> tuple[str, str]:
+    """What ``op`` runs at ``size``: for the allreduce NCCL's (algorithm, protocol) (see
+    :meth:`Collectives.allreduce_choice`), else ``(algo, "-")``. Checks the call as
+    starting it would, so a bad name or missing hardware stops before anything runs."""
+    if op == "allreduce":
+        return sim.coll.allreduce_choice(ranks, size, algo, proto)
+    return (algo, "-")
 
 
 def record(timeline: Timeline, res: CollectiveResult, name: str) -> None:
@@ -69,18 +91,28 @@ def record(timeline: Timeline, res: CollectiveResult, name: str) -> None:
 
 
 def collective_sweep(
-    cluster: ClusterSpec, op: str, algo: str, sizes: list[int], ranks=None, timeline: Timeline | None = None
+    cluster: ClusterSpec,
+    op: str,
+    algo: str,
+    sizes: list[int],
+    ranks=None,
+    timeline: Timeline | None = None,
+    proto: str = "auto",
 ) -> pd.DataFrame:
-    """Time ``op`` at each size, back to back on one simulated cluster."""
-    check_op(op, algo)
+    """Time ``op`` at each size, back to back on one simulated cluster; ``proto`` is the
+    allreduce's protocol. Columns: size, count, type, time_us, algbw_GBps, busbw_GBps, and
+    ``algo`` / ``proto``: what ran at that size (:func:`ran`). Every size is checked before
+    anything runs."""
+    check_op(op, algo, proto)
     sim = SimCluster(cluster)
     ranks = np.arange(cluster.world_size) if ranks is None else sim.topology.check_ranks(ranks)
     n = len(ranks)
     rows: list[dict] = []
+    runs = [ran(sim, op, algo, ranks, size, proto) for size in sizes]
 
     def driver():
-        for size in sizes:
-            res = yield _start(sim, op, algo, ranks, size)
+        for size, (run_algo, run_proto) in zip(sizes, runs):
+            res = yield _start(sim, op, algo, ranks, size, proto)
             t = res.duration
             algbw = size / t if t > 0 else float("inf")
             rows.append(
@@ -91,6 +123,8 @@ def collective_sweep(
                     "time_us": t * 1e6,
                     "algbw_GBps": algbw / 1e9,
                     "busbw_GBps": algbw * bus_factor(op, n) / 1e9,
+                    "algo": run_algo,
+                    "proto": run_proto,
                 }
             )
             if timeline is not None:
@@ -119,20 +153,27 @@ class ContentionResult:
 
 
 def contention(
-    cluster: ClusterSpec, a2a_bytes: float, ar_bytes: float, a2a_algo: str = "direct", ar_algo: str = "ring", ranks=None
+    cluster: ClusterSpec,
+    a2a_bytes: float,
+    ar_bytes: float,
+    a2a_algo: str = "direct",
+    ar_algo: str = "auto",
+    ranks=None,
+    ar_proto: str = "auto",
 ) -> ContentionResult:
     """The all-to-all alone, the allreduce alone, then both launched at t=0 on the same ranks."""
-    check_algo("all_to_all", a2a_algo)
-    check_algo("allreduce", ar_algo)
+    check_algo("all_to_all", a2a_algo, "a2a_algo")
+    check_algo("allreduce", ar_algo, "ar_algo")
+    check_proto(ar_algo, ar_proto, "ar_proto")
     topo = Topology(cluster)
     ranks = np.arange(cluster.world_size) if ranks is None else topo.check_ranks(ranks)
-    alone = AloneTimes(cluster, CollectiveAlgos(allreduce=ar_algo, all_to_all=a2a_algo), topo)
+    alone = AloneTimes(cluster, CollectiveAlgos(algo=ar_algo, proto=ar_proto, all_to_all=a2a_algo), topo)
     group = tuple(int(r) for r in ranks)
     a2a_alone = alone("all_to_all", a2a_bytes, group)
     ar_alone = alone("allreduce", ar_bytes, group)
     sim = SimCluster(cluster, topo)
     pa = sim.start("all_to_all", a2a_algo, ranks, a2a_bytes)
-    pr = sim.start("allreduce", ar_algo, ranks, ar_bytes)
+    pr = sim.start("allreduce", ar_algo, ranks, ar_bytes, proto=ar_proto)
     sim.env.run(until=pa)
     links = sim.net.link_report(makespan=pa.value.duration)
     sim.env.run()
@@ -177,16 +218,41 @@ class MeasuredShape:
     cluster: ClusterSpec
     ranks: np.ndarray
     algo: str
+    proto: str = "auto"
+
+
+# The allreduce protocol shape_for uses when its caller passes none: set with
+# allreduce_protocol() around calibration.calibrate, whose signature has no protocol.
+_PROTO: contextvars.ContextVar[str] = contextvars.ContextVar("allreduce_protocol", default="auto")
+
+
+@contextlib.contextmanager
+def allreduce_protocol(proto: str | None) -> Iterator[None]:
+    """Within the block, :func:`shape_for` simulates allreduce tables with ``proto``
+    (``--calibrate --proto``); ``None`` leaves it ``auto``."""
+    token = _PROTO.set(proto or "auto")
+    try:
+        yield
+    finally:
+        _PROTO.reset(token)
 
 
 def shape_for(
-    cluster: ClusterSpec, config: TableConfig, *, fixed_nodes: bool = False, algo: str | None = None
+    cluster: ClusterSpec,
+    config: TableConfig,
+    *,
+    fixed_nodes: bool = False,
+    algo: str | None = None,
+    proto: str | None = None,
 ) -> MeasuredShape:
     """Shape ``cluster`` as the measurement: as many nodes as it had (unless
     ``fixed_nodes``: then ``cluster.nodes`` stays and must be enough), and a communicator
     of the table's ranks per node on each. Using the first GPUs of a larger node is the
-    same as ``with_gpus_per_node``: the idle GPUs' links carry nothing. A table that does
-    not fit, or whose collective the simulator lacks, is one ConfigError naming its file."""
+    same as ``with_gpus_per_node``: the idle GPUs' links carry nothing. ``proto`` (default:
+    :func:`allreduce_protocol`'s, else ``auto``) applies to allreduce tables only. A table
+    that does not fit, whose collective the simulator lacks, or whose allreduce the
+    algorithm and protocol cannot run on that shape (``nvls`` across nodes) is one
+    ConfigError naming its file or the flag."""
     c = config
     if c.collective not in TIMED_OPS:
         raise ConfigError(c.source, f"table {c.label}: collective {c.collective!r} is not simulated", sorted(TIMED_OPS))
@@ -195,6 +261,11 @@ def shape_for(
         raise ConfigError(
             c.source, f"table {c.label}: {c.collective} has no algorithm {algo!r}", TIMED_OPS[c.collective]
         )
+    proto = (proto or _PROTO.get()) if c.collective == "allreduce" else "auto"
+    if proto not in PROTOCOLS:
+        raise ConfigError("proto", f"unknown allreduce protocol {proto!r}", PROTOCOLS)
+    if c.collective == "allreduce":
+        check_proto(algo, proto)
     g, n = cluster.gpus_per_node, cluster.nodes
     if c.ranks_per_node > g or (fixed_nodes and c.nodes > n):
         limit = f"{g} GPUs per node" + (f" and {n} node(s)" if fixed_nodes else "")
@@ -207,7 +278,12 @@ def shape_for(
         )
     shaped = cluster if fixed_nodes else cluster.with_nodes(c.nodes)
     ranks = (np.arange(c.nodes)[:, None] * g + np.arange(c.ranks_per_node)[None, :]).ravel()
-    return MeasuredShape(c, shaped, ranks, algo)
+    if c.collective == "allreduce" and (NCCL_ALLREDUCE.get(algo) is not None or proto != "auto"):
+        try:  # a forced NCCL algorithm or protocol: does this shape have it?
+            ran(SimCluster(shaped), "allreduce", algo, ranks, 1 << 20, proto)
+        except ConfigError as e:
+            raise ConfigError(e.field, f"table {c.label} ({c.source}): {e.problem}", e.allowed) from None
+    return MeasuredShape(c, shaped, ranks, algo, proto)
 
 
 def compare_measured(shape: MeasuredShape, table: pd.DataFrame) -> pd.DataFrame:
@@ -215,12 +291,15 @@ def compare_measured(shape: MeasuredShape, table: pd.DataFrame) -> pd.DataFrame:
     ``sim_gpus_per_node``, ``algo``, ``predicted_s`` (s) and ``error_pct`` = (predicted /
     measured - 1) x 100; each size simulated alone, back to back."""
     op = shape.config.collective
-    sim = collective_sweep(shape.cluster, op, shape.algo, [int(s) for s in table["size_bytes"]], ranks=shape.ranks)
+    sizes = [int(s) for s in table["size_bytes"]]
+    sim = collective_sweep(shape.cluster, op, shape.algo, sizes, ranks=shape.ranks, proto=shape.proto)
     out = table.reset_index(drop=True).copy()
     out["preset"] = shape.cluster.name
     out["sim_nodes"] = shape.cluster.nodes
     out["sim_gpus_per_node"] = shape.cluster.gpus_per_node
     out["algo"] = shape.algo
+    out["proto"] = shape.proto
+    out["ran"] = (sim["algo"] + " " + sim["proto"]).to_numpy()  # what ran per size, as NCCL_DEBUG=INFO
     out["predicted_s"] = sim["time_us"].to_numpy() / 1e6
     out["error_pct"] = (out["predicted_s"] / out["time_s"] - 1) * 100
     out["size_class"] = [size_class(s) for s in out["size_bytes"]]
@@ -247,6 +326,7 @@ def comparison_summary(comparison: pd.DataFrame) -> pd.DataFrame:
             "nodes": int(first["nodes"]),
             "preset": first["preset"],
             "algo": first["algo"],
+            "proto": first.get("proto", "auto"),
             "rows": len(t),
         }
         for label, _, _ in SIZE_CLASSES:

@@ -26,7 +26,7 @@ from lina_sim.config.fields import (
 from lina_sim.errors import ConfigError
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "config" / "presets"
-INTRA_NODE_FABRICS = ("nvswitch", "full-mesh")
+INTRA_NODE_FABRICS = ("nvswitch", "full-mesh", "nvlink-pairs")
 _EFFICIENCY = dict(minimum=0, exclusive_minimum=True, maximum=1)  # a fraction in (0, 1]
 PEAK_FLOPS = Field(float, minimum=0, exclusive_minimum=True, help="dense peak of one dtype, FLOP/s")
 
@@ -91,6 +91,35 @@ class ComputeSpec:
     kernel_launch_s: float = declare(Field(float, 0.0, minimum=0, help="launch overhead per kernel, s"))
 
 
+@dataclass(frozen=True)
+class NcclSpec:
+    """Measured corrections to NCCL's tuning-model constants (:mod:`lina_sim.network.nccl`).
+
+    NCCL's latency tables (``src/graph/tuning.cc: ncclTunerConstantsDefaults``) and its
+    NVLS efficiency are NVIDIA's estimates for its reference systems; nccl-tests times
+    measured on a cluster correct them. 1.0 (and ``None``) keep NCCL's own numbers, which
+    is what every shipped preset does; ``lina-sim collective --calibrate`` writes fitted
+    values into a profile.
+
+    - ``intra_latency_scale``: multiplies NCCL's base latencies and its per-hop NVLink /
+      PCI latencies (dimensionless).
+    - ``net_latency_scale``: multiplies NCCL's per-hop network latencies and its network
+      overhead per ring step (dimensionless).
+    - ``nvls_efficiency``: NVLink SHARP's fraction of the switch ports' bandwidth, in place
+      of NCCL's per-architecture ``nvlsEfficiency`` (``None``: NCCL's).
+    """
+
+    intra_latency_scale: float = declare(
+        Field(float, 1.0, minimum=0, exclusive_minimum=True, help="factor on NCCL's intra-node latencies")
+    )
+    net_latency_scale: float = declare(
+        Field(float, 1.0, minimum=0, exclusive_minimum=True, help="factor on NCCL's network latencies")
+    )
+    nvls_efficiency: float | None = declare(
+        Field(float, None, allow_none=True, **_EFFICIENCY, help="NVLS efficiency (0, 1] (absent: NCCL's)")
+    )
+
+
 COLLECTIVE_KINDS = ("all_to_all", "allreduce")
 STEP_DELAY = Field(float, minimum=0, help="extra delay per step of a collective on an oversubscribed host, s")
 
@@ -148,7 +177,11 @@ class ClusterSpec:
     """A cluster of identical nodes.
 
     - ``intra_node``: ``nvswitch`` (each GPU has one port of ``nvlink`` bandwidth into a
-      switch) or ``full-mesh`` (each ordered GPU pair has its own ``nvlink`` link).
+      switch), ``full-mesh`` (each ordered GPU pair has its own ``nvlink`` link) or
+      ``nvlink-pairs`` (local GPUs 2k and 2k+1 share an NVLink bridge of ``nvlink``
+      bandwidth per direction; every other pair of a node goes GPU -> PCIe -> host ->
+      PCIe -> GPU over the sender's and the receiver's ``pcie`` links, as on PCIe cards
+      bridged in pairs; ``gpus_per_node`` must be even).
     - ``nic_of_gpu[i]``: the local NIC that local GPU ``i`` sends and receives through.
     - ``pcie``: each GPU's PCIe link to its NIC (and to host memory).
     - ``oversubscription``: node uplink capacity is NICs × NIC bandwidth / this factor;
@@ -175,6 +208,7 @@ class ClusterSpec:
     )
     switch_latency: float = declare(Field(float, 0.0, minimum=0, help="latency of one switch hop, s"))
     compute: ComputeSpec = field(default_factory=ComputeSpec)
+    nccl: NcclSpec = field(default_factory=NcclSpec)
     description: str = declare(Field(str, "", help="free text"))
     host: HostSpec | None = None
 
@@ -194,8 +228,15 @@ class ClusterSpec:
         for name in LINKS:
             check_declared(getattr(self, name), f"{where}.{name}")
         check_declared(self.compute, f"{where}.compute")
+        check_declared(self.nccl, f"{where}.nccl")
         if self.host is not None:
             self.host.check(f"{where}.host")
+        if self.intra_node == "nvlink-pairs" and self.gpus_per_node % 2:
+            raise ConfigError(
+                f"{where}.gpus_per_node",
+                f"{self.gpus_per_node} GPUs cannot form NVLink pairs (intra_node: nvlink-pairs)",
+                "an even number",
+            )
         if len(self.nic_of_gpu) != self.gpus_per_node:
             raise ConfigError(
                 f"{where}.nic_of_gpu",
@@ -231,6 +272,13 @@ PRESET_FIELDS: dict[str, Field] = {
         allow_none=True,
         allowed=_mapping_of(ComputeSpec),
         help="compute-model factors (absent: the ideal roofline)",
+    ),
+    "nccl": Field(
+        dict,
+        None,
+        allow_none=True,
+        allowed=_mapping_of(NcclSpec),
+        help="measured corrections to NCCL's tuning model (absent: NCCL's own constants)",
     ),
     "host": Field(
         dict,
@@ -292,6 +340,7 @@ def cluster_from_dict(d: Mapping[str, Any], where: str = "cluster") -> ClusterSp
         gpu=_gpu(v["gpu"], f"{where}.gpu"),
         **{name: LinkSpec(**check_fields(v[name], declared(LinkSpec), f"{where}.{name}")) for name in LINKS},
         compute=ComputeSpec(**check_fields(v["compute"] or {}, declared(ComputeSpec), f"{where}.compute")),
+        nccl=NcclSpec(**check_fields(v["nccl"] or {}, declared(NcclSpec), f"{where}.nccl")),
         host=_host(v["host"], f"{where}.host"),
         nic_of_gpu=tuple(NIC_INDEX.check(n, f"{where}.nic_of_gpu[{i}]") for i, n in enumerate(nic_of_gpu)),
     )

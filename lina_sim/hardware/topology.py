@@ -8,7 +8,15 @@ Link layout (``n`` = world size, ``N`` = nodes):
 
 - ``nvswitch`` fabric: ``nvl_tx[r]``, ``nvl_rx[r]``: GPU r's port into / out of the switch;
   ``full-mesh`` fabric: ``nvl[a→b]`` for every ordered pair of GPUs of one node;
-- ``pcie_up[r]`` / ``pcie_down[r]``: GPU r ↔ its NIC (GPUDirect RDMA goes over PCIe);
+  ``nvlink-pairs`` fabric: ``nvl[r→r^1]``: GPU r's NVLink bridge to its partner (local
+  GPUs 2k and 2k+1; ``r ^ 1`` is the partner because a node holds an even number of GPUs);
+- ``pcie_up[r]`` / ``pcie_down[r]``: GPU r ↔ its NIC (GPUDirect RDMA goes over PCIe) and
+  host memory. On ``nvlink-pairs`` a flow between two GPUs of a node that share no
+  bridge crosses ``pcie_up[src]`` then ``pcie_down[dst]`` (GPU → PCIe → host → PCIe →
+  GPU, NCCL's P2P-over-PCIe or SHM transport). No link stands for the host itself: a
+  node's PCIe links together (4 x 32 GB/s on a 4-GPU node) stay below its CPU's memory
+  bandwidth (8 channels of DDR4-3200, about 200 GB/s per socket), so the GPUs' own links
+  are the bottleneck; inter-socket links are not modelled either;
 - ``nic_tx[node, k]`` / ``nic_rx[node, k]``: NIC k of a node, out of / into the node;
 - only when oversubscribed: ``uplink[node]`` / ``downlink[node]`` into the fabric core.
 """
@@ -66,6 +74,9 @@ class Topology:
         if c.intra_node == "nvswitch":
             self._nvl_tx = block("nvlink", n, nvl.effective_bandwidth, nvl.latency / 2, lambda i: f"nvl_tx[{i}]")
             self._nvl_rx = block("nvlink", n, nvl.effective_bandwidth, nvl.latency / 2, lambda i: f"nvl_rx[{i}]")
+        elif c.intra_node == "nvlink-pairs":
+            # One bridge link per GPU towards its partner: rank r's is _nvl_bridge + r.
+            self._nvl_bridge = block("nvlink", n, nvl.effective_bandwidth, nvl.latency, lambda i: f"nvl[{i}->{i ^ 1}]")
         else:
             # One link per ordered pair (a, b) of local GPUs, a != b, indexed a*g + b.
             self._nvl_pair = block(
@@ -138,9 +149,14 @@ class Topology:
         inter = ~same_node
         if intra.any():
             s, d = src[intra], dst[intra]
-            if self.cluster.intra_node == "nvswitch":
+            fabric = self.cluster.intra_node
+            if fabric == "nvswitch":
                 out[intra, 0] = self._nvl_tx + s
                 out[intra, 1] = self._nvl_rx + d
+            elif fabric == "nvlink-pairs":
+                bridged = (s ^ 1) == d
+                out[intra, 0] = np.where(bridged, self._nvl_bridge + s, self._pcie_up + s)
+                out[intra, 1] = np.where(bridged, -1, self._pcie_down + d)
             else:
                 out[intra, 0] = self._nvl_pair + (s // g) * g * g + (s % g) * g + (d % g)
         if inter.any():
@@ -153,6 +169,25 @@ class Topology:
                 out[inter, 4] = self._uplink + s // g
                 out[inter, 5] = self._downlink + d // g
         return out
+
+    # -- link classes ------------------------------------------------------------------
+    @property
+    def intra_all_nvlink(self) -> bool:
+        """Whether every pair of GPUs of one node talks over NVLink (``nvswitch``,
+        ``full-mesh``); ``False`` on ``nvlink-pairs``, where unbridged pairs cross PCIe."""
+        return self.cluster.intra_node != "nvlink-pairs"
+
+    def intra_link_kind(self, src, dst) -> np.ndarray:
+        """The link class each flow ``src[i] → dst[i]`` travels on, as NCCL classes a
+        path: ``"nvlink"`` (a node's NVSwitch, mesh or bridge), ``"pcie"`` (two GPUs of
+        one node through PCIe and the host), ``"nic"`` (the ranks are on different
+        nodes) or ``""`` (a rank to itself). Arrays of any shape broadcast together."""
+        s, d = np.broadcast_arrays(np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64))
+        g = self.gpus_per_node
+        same_node = (s // g) == (d // g)
+        over_pcie = ((s ^ 1) != d) if not self.intra_all_nvlink else np.zeros(s.shape, dtype=bool)
+        kind = np.where(same_node, np.where(over_pcie, "pcie", "nvlink"), "nic")
+        return np.where(s == d, "", kind)
 
     def path(self, src: int, dst: int) -> list[int]:
         """Links of one flow, for inspection and tests."""

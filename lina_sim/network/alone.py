@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import simpy
 
+from lina_sim.errors import ConfigError
 from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.hardware.topology import Topology
 from lina_sim.network.collectives import CollectiveAlgos, Collectives
@@ -25,9 +26,12 @@ class SimCluster:
         self.net = FluidNetwork(self.env, self.topology)
         self.coll = Collectives(self.net)
 
-    def start(self, op: str, algo: str, ranks, size: float, tag: str | None = None):
+    def start(self, op: str, algo: str, ranks, size: float, tag: str | None = None, proto: str = "auto"):
+        """Start ``op`` with ``algo`` (and, for the allreduce, ``proto``); the simpy process."""
         if op == "allreduce":
-            return self.coll.allreduce(ranks, size, algo, tag=tag or op)
+            return self.coll.allreduce(ranks, size, algo, tag=tag or op, proto=proto)
+        if proto != "auto":
+            raise ConfigError("proto", f"only the allreduce takes a protocol, not {op}", ["auto"])
         return self.coll.all_to_all(ranks, size, algo, tag=tag or op)
 
 
@@ -46,8 +50,10 @@ class AloneTimes:
         key = (op, round(nbytes, 3), group)
         if key not in self._cache:
             sim = SimCluster(self.cluster, self.topology)
-            algo = self.algos.all_to_all if op == "all_to_all" else self.algos.allreduce
-            p = sim.start(op, algo, group, nbytes)
+            if op == "all_to_all":
+                p = sim.start(op, self.algos.all_to_all, group, nbytes)
+            else:
+                p = sim.start(op, self.algos.algo, group, nbytes, proto=self.algos.proto)
             sim.env.run()
             self._cache[key] = p.value.duration
         return self._cache[key]

@@ -5,22 +5,39 @@ latency (the largest path latency among the step's flows: the alpha of alpha-bet
 and then moving its flows (the beta part, at whatever rate fair sharing gives them).
 A step ends when its last flow ends. All work on any subset of ranks (a communicator).
 
-- ``allreduce``:
-  - ``ring``: 2(n-1) steps of S/(C·n) bytes per flow over C channels. As NCCL does,
-    channel c enters and leaves each node through a different GPU, so a multi-node ring
-    uses every NIC the communicator owns.
+- ``allreduce``, in NCCL's vocabulary (``algo`` like NCCL_ALGO, ``proto`` like NCCL_PROTO):
+  - ``auto`` (the default): NCCL 2.30's tuning model (:mod:`lina_sim.network.nccl`)
+    picks, per call size, the algorithm (ring, tree or NVLS) and the protocol (LL,
+    LL128, Simple), and the pair runs as one step of its flows. On a cluster whose GPU
+    the model cannot place (a CPU testbed, where the runtime uses gloo, not NCCL) it
+    runs ``flat-ring``.
+  - ``ring``, ``tree``, ``nvls``: the same model with NCCL's algorithm forced (NVLS only
+    on one node of NVSwitch with Hopper or later); ``proto`` forces the protocol too.
   - ``hierarchical``: intra-node reduce-scatter, inter-node ring allreduce among the
-    GPUs of equal local index, intra-node all-gather.
-  - ``nccl`` (opt-in): NCCL 2.30's tuning model picks ring, tree or NVLS and a protocol
-    (LL, LL128, Simple) and the pair runs as one step of its flows
-    (:mod:`lina_sim.network.nccl`); ``nccl-ring`` / ``nccl-tree`` force the algorithm.
+    GPUs of equal local index, intra-node all-gather (lina-sim's 2D allreduce).
+  - ``flat-ring``: lina-sim's pre-NCCL alpha-beta ring, kept for before/after
+    comparisons: 2(n-1) latency-bound steps of S/(C·n) bytes per flow over C channels.
+    As NCCL does, channel c enters and leaves each node through a different GPU, so a
+    multi-node ring uses every NIC the communicator owns.
+  ``proto`` other than ``auto`` needs ``auto``, ``ring``, ``tree`` or ``nvls``.
 - ``all_to_all`` with a send matrix (bytes from rank i to rank j, in communicator order):
-  - ``direct``: every pair at once, as NCCL's grouped send/recv;
+  - ``direct`` (the default): NCCL's grouped send/recv (``ncclGroupStart``; a send and
+    a receive per peer; ``ncclGroupEnd``) priced by :mod:`lina_sim.network.nccl_p2p`: one
+    step whose latency is the p2p model's (NCCL base and per-hop latencies by link
+    class, work batches per channel, network peers), whose flows share links max-min
+    fairly and carry their bytes inflated by the protocol (LL's flags) and by the
+    connection's channel cap (NCCL's p2p channels per peer x per-channel bandwidth).
+    On a GPU NCCL's model cannot place (a CPU testbed) it runs ``flat``;
+  - ``flat``: lina-sim's pre-NCCL model, kept for before/after comparisons: every pair
+    at once after the largest path latency, bytes as sent;
   - ``hierarchical`` (2D, Tutel/DeepSpeed): intra-node all-to-all that gathers, on the
     GPU of local index l, everything its node sends to local index l anywhere; then an
-    inter-node all-to-all among GPUs of equal local index.
+    inter-node all-to-all among GPUs of equal local index. Each phase is one grouped
+    p2p call priced like ``direct`` (with the whole communicator's NCCL channels), or
+    like ``flat`` where ``direct`` falls back to it.
 - ``send_recv`` (``p2p``), as nccl-tests' ``sendrecv_perf``: every rank sends to the next
-  rank of the communicator and receives from the previous one, all pairs at once.
+  rank of the communicator and receives from the previous one, all pairs at once, one
+  grouped p2p call priced like ``direct`` (``algo="flat"``: the pre-NCCL model).
 
 Units: bytes, seconds.
 """
@@ -35,13 +52,18 @@ import simpy
 
 from lina_sim.config.fields import Field
 from lina_sim.errors import ConfigError
-from lina_sim.network import nccl
+from lina_sim.network import nccl, nccl_p2p
 from lina_sim.network.fluid import FluidNetwork, links_of_paths
 
+# Allreduce names that run NCCL's tuning model -> the NCCL algorithm they force (None:
+# NCCL's own choice per size). The others are lina-sim's own algorithms.
+NCCL_ALLREDUCE: dict[str, str | None] = {"auto": None, "ring": "ring", "tree": "tree", "nvls": "nvls"}
 ALGORITHMS = {
-    "allreduce": ("ring", "hierarchical", *nccl.ALLREDUCE_NAMES),
-    "all_to_all": ("direct", "hierarchical"),
+    "allreduce": (*NCCL_ALLREDUCE, "hierarchical", "flat-ring"),
+    "all_to_all": ("direct", "hierarchical", "flat"),
 }
+# Allreduce protocols (NCCL_PROTO), ``auto`` first: only with the NCCL_ALLREDUCE names.
+PROTOCOLS = ("auto", *nccl.PROTOS)
 # Point-to-point patterns the micro-benchmarks time beside the collectives. They are kept
 # out of ALGORITHMS, from which a scenario's ``collectives:`` block is built: no training
 # or serving step chooses an algorithm for them.
@@ -54,9 +76,12 @@ EXACT_FLOW_LIMIT = 4096
 
 @dataclass(frozen=True)
 class CollectiveAlgos:
-    """Which collective algorithms the cluster's communication library uses."""
+    """Which collective algorithms the cluster's communication library uses (the
+    scenario's ``collectives:`` block): the allreduce ``algo`` and ``proto`` and the
+    ``all_to_all`` algorithm."""
 
-    allreduce: str = "ring"
+    algo: str = "auto"
+    proto: str = "auto"
     all_to_all: str = "direct"
 
 
@@ -91,16 +116,86 @@ class CollectiveResult:
 
 
 def algorithm_field(op: str) -> Field:
-    """The scenario field that picks ``op``'s algorithm (``collectives.<op>``): one of
-    :data:`ALGORITHMS`, the first by default."""
+    """The scenario field that picks ``op``'s algorithm (``collectives.algo`` for the
+    allreduce, ``collectives.all_to_all``): one of :data:`ALGORITHMS`, the first by default."""
     return Field(str, ALGORITHMS[op][0], choices=ALGORITHMS[op], help=f"the {op} algorithm")
 
 
-def check_algo(op: str, algo: str) -> None:
+def protocol_field() -> Field:
+    """The scenario field ``collectives.proto``: the allreduce protocol, ``auto`` by default."""
+    return Field(str, PROTOCOLS[0], choices=PROTOCOLS, help="the allreduce protocol (NCCL_PROTO)")
+
+
+def check_algo(op: str, algo: str, field: str = "algo") -> None:
     if op not in ALGORITHMS:
         raise ConfigError("op", f"unknown collective {op!r}", ALGORITHMS)
     if algo not in ALGORITHMS[op]:
-        raise ConfigError("algo", f"unknown {op} algorithm {algo!r}", ALGORITHMS[op])
+        raise ConfigError(field, f"unknown {op} algorithm {algo!r}", ALGORITHMS[op])
+
+
+def check_proto(algo: str, proto: str, field: str = "proto") -> None:
+    """``proto`` is an allreduce protocol that ``algo`` takes: a forced protocol needs one
+    of the NCCL names (:data:`NCCL_ALLREDUCE`); else a ConfigError naming ``field``."""
+    if proto not in PROTOCOLS:
+        raise ConfigError(field, f"unknown allreduce protocol {proto!r}", PROTOCOLS)
+    if proto != "auto" and algo not in NCCL_ALLREDUCE:
+        raise ConfigError(
+            field,
+            f"protocol {proto!r} needs one of NCCL's algorithms; allreduce {algo!r} has none to choose",
+            f"auto, or {proto} with algo {'|'.join(NCCL_ALLREDUCE)}",
+        )
+
+
+def _in_our_names(e: ConfigError, where: str = "") -> ConfigError:
+    """NCCL's "not available here" error on ``algo`` / ``proto`` with the allowed values in
+    lina-sim's names (``auto``, NCCL's algorithms available here, lina-sim's own) and the
+    field under ``where`` (``collectives``); other errors unchanged."""
+    if e.field not in ("algo", "proto"):
+        return e
+    have = (e.allowed or "").split(", ")
+    if e.field == "algo":
+        allowed = [a for a in ALGORITHMS["allreduce"] if a not in NCCL_ALLREDUCE or NCCL_ALLREDUCE[a] in have]
+        allowed = ["auto", *(a for a in allowed if a != "auto")]
+    else:
+        allowed = ["auto", *(p for p in have if p)]
+    return ConfigError(f"{where}.{e.field}" if where else e.field, e.problem, allowed)
+
+
+# What a scenario's collectives: block may hold, for its error messages.
+COLLECTIVES_ALLOWED = (
+    f"{{algo: {'|'.join(ALGORITHMS['allreduce'])}, proto: {'|'.join(PROTOCOLS)}, "
+    f"all_to_all: {'|'.join(ALGORITHMS['all_to_all'])}}}"
+)
+
+
+def renamed_allreduce(block, where: str = "collectives") -> None:
+    """An old-style ``collectives.allreduce:`` key is one ConfigError saying it is now
+    ``collectives.algo`` (in NCCL's vocabulary), with the allowed values."""
+    if "allreduce" in block:
+        old = block["allreduce"]
+        hint = {"ring": "flat-ring", "nccl": "auto", "nccl-ring": "ring", "nccl-tree": "tree"}.get(str(old))
+        raise ConfigError(
+            f"{where}.allreduce",
+            f"renamed to {where}.algo (NCCL's names; with {where}.proto for the protocol)"
+            + (f": the old {old!r} is now {where}.algo: {hint}" if hint else ""),
+            ALGORITHMS["allreduce"],
+        )
+
+
+def check_nccl_hardware(cluster, algo: str, proto: str = "auto", where: str = "") -> None:
+    """A forced NCCL algorithm or protocol (``algo`` ring / tree / nvls, ``proto`` not
+    ``auto``) exists on an allreduce over the whole ``cluster``; else a ConfigError on
+    ``<where>.algo`` / ``<where>.proto`` naming what is available (``nvls`` needs one node
+    of NVSwitch with Hopper or later)."""
+    check_algo("allreduce", algo, f"{where}.algo" if where else "algo")
+    check_proto(algo, proto, f"{where}.proto" if where else "proto")
+    forced = NCCL_ALLREDUCE.get(algo, "")
+    if forced == "" or (forced is None and proto == "auto") or cluster.world_size < 2:
+        return
+    try:
+        nccl.predict(cluster, 1 << 20, algo=forced, proto=None if proto == "auto" else proto)
+    except ConfigError as e:
+        raise _in_our_names(e, where) from None
 
 
 class Collectives:
@@ -130,32 +225,57 @@ class Collectives:
         self,
         ranks: Sequence[int],
         nbytes: float,
-        algo: str = "ring",
+        algo: str = "auto",
         tag: str = "allreduce",
         *,
-        nccl_algo: str | None = None,
-        nccl_proto: str | None = None,
+        proto: str = "auto",
     ):
         """Allreduce ``nbytes`` per rank over ``ranks``; returns the simpy process, whose
-        value is a :class:`CollectiveResult`. With ``algo="nccl"``, ``nccl_algo`` and
-        ``nccl_proto`` restrict NCCL's choice as NCCL_ALGO / NCCL_PROTO do."""
+        value is a :class:`CollectiveResult`. ``algo`` is one of ``ALGORITHMS["allreduce"]``
+        and ``proto`` one of :data:`PROTOCOLS`, as NCCL_ALGO / NCCL_PROTO (see the module
+        docstring). A bad name, or an algorithm or protocol this hardware lacks, is a
+        ConfigError on ``algo`` / ``proto`` raised here, before the process runs."""
+        r, pair = self._allreduce_plan(ranks, nbytes, algo, proto)
+        res = CollectiveResult("allreduce", algo, r, float(nbytes), self.env.now, tag=tag)
+        if pair is not None:
+            body = self._nccl_allreduce(r, nbytes, res, pair)
+        elif algo == "hierarchical":
+            body = self._hier_allreduce(r, nbytes, res)
+        else:  # flat-ring, an NCCL name with nothing to move, or auto on a GPU NCCL cannot place
+            body = self._ring_allreduce(r, nbytes, res)
+        return self.env.process(self._run(body, res))
+
+    def allreduce_choice(
+        self, ranks: Sequence[int], nbytes: float, algo: str = "auto", proto: str = "auto"
+    ) -> tuple[str, str]:
+        """What :meth:`allreduce` runs for this call, as NCCL_DEBUG=INFO reports it:
+        NCCL's (algorithm, protocol), e.g. ``("tree", "LL")``; ``(algo, "-")`` for
+        ``hierarchical`` and ``flat-ring`` (and ``flat-ring`` for ``auto`` on a GPU the NCCL
+        model cannot place); ``("-", "-")`` when there is nothing to move. Checks as
+        :meth:`allreduce` does, and starts nothing."""
+        r, pair = self._allreduce_plan(ranks, nbytes, algo, proto)
+        if pair is not None:
+            return pair
+        if algo in NCCL_ALLREDUCE and (r.size == 1 or nbytes == 0):
+            return ("-", "-")
+        return (algo if algo not in NCCL_ALLREDUCE else "flat-ring", "-")
+
+    def _allreduce_plan(self, ranks, nbytes: float, algo: str, proto: str) -> tuple[np.ndarray, tuple[str, str] | None]:
+        """The checked ranks and NCCL's (algorithm, protocol) for the call, ``None`` where
+        NCCL's model does not run it."""
         check_algo("allreduce", algo)
+        check_proto(algo, proto)
         r = self._ranks(ranks)
         if not nbytes >= 0:
             raise ConfigError("size", f"must be >= 0 bytes, got {nbytes}")
-        if (nccl_algo or nccl_proto) and algo != "nccl":
-            raise ConfigError("algo", f"nccl_algo / nccl_proto need algo 'nccl', got {algo!r}", ["nccl"])
         if algo == "hierarchical":
             _equal_per_node(_group_by_node(self.topo, r), "hierarchical allreduce")
-        res = CollectiveResult("allreduce", algo, r, float(nbytes), self.env.now, tag=tag)
-        if algo in nccl.ALLREDUCE_NAMES:
-            pair = self._nccl_choice(r, nbytes, nccl.ALLREDUCE_NAMES[algo] or nccl_algo, nccl_proto)
-            body = self._nccl_allreduce(r, nbytes, res, pair)
-        elif algo == "ring":
-            body = self._ring_allreduce(r, nbytes, res)
-        else:
-            body = self._hier_allreduce(r, nbytes, res)
-        return self.env.process(self._run(body, res))
+        if algo not in NCCL_ALLREDUCE:
+            return r, None
+        forced = NCCL_ALLREDUCE[algo]
+        if forced is None and proto == "auto" and not self._nccl_knows_gpu():
+            return r, None  # auto on a GPU NCCL's model cannot place: the flat ring
+        return r, self._nccl_choice(r, nbytes, forced, None if proto == "auto" else proto)
 
     def all_to_all(self, ranks: Sequence[int], send, algo: str = "direct", tag: str = "all_to_all"):
         """All-to-all over ``ranks``. ``send`` is either a number (bytes each rank sends
@@ -167,21 +287,30 @@ class Collectives:
         if algo == "hierarchical":
             _equal_per_node(_group_by_node(self.topo, r), "hierarchical all_to_all")
         res = CollectiveResult("all_to_all", algo, r, float(matrix.sum(axis=1).max()), self.env.now, tag=tag)
-        body = self._direct_a2a(r, matrix, res) if algo == "direct" else self._hier_a2a(r, matrix, res)
+        if algo == "flat":
+            body = self._flat_a2a(r, matrix, res)
+        elif algo == "direct":
+            body = self._direct_a2a(r, matrix, res)
+        else:
+            body = self._hier_a2a(r, matrix, res)
         return self.env.process(self._run(body, res))
 
-    def send_recv(self, ranks: Sequence[int], nbytes: float, tag: str = "sendrecv"):
+    def send_recv(self, ranks: Sequence[int], nbytes: float, tag: str = "sendrecv", algo: str = "p2p"):
         """nccl-tests' ``sendrecv``: every rank of ``ranks`` sends ``nbytes`` to the next
         rank in the given order and receives ``nbytes`` from the previous one (the last
-        sends to the first), all at once, as one step whose latency is its longest path's.
-        Two ranks exchange ``nbytes`` each way; one rank sends to itself, which crosses no
-        link and takes no time. Returns the simpy process, whose value is a
-        :class:`CollectiveResult` (op ``sendrecv``, algo ``p2p``)."""
+        sends to the first), all at once, as one grouped p2p call priced by
+        :mod:`lina_sim.network.nccl_p2p` (``algo="flat"``: one step whose latency is its
+        longest path's, the pre-NCCL model). Two ranks exchange ``nbytes`` each way; one
+        rank sends to itself, which crosses no link and takes no time. Returns the simpy
+        process, whose value is a :class:`CollectiveResult` (op ``sendrecv``, algo ``p2p``
+        or ``flat``)."""
+        if algo not in ("p2p", "flat"):
+            raise ConfigError("algo", f"unknown sendrecv algorithm {algo!r}", ("p2p", "flat"))
         r = self._ranks(ranks)
         if not nbytes >= 0:
             raise ConfigError("size", f"must be >= 0 bytes, got {nbytes}")
-        res = CollectiveResult("sendrecv", POINT_TO_POINT["sendrecv"][0], r, float(nbytes), self.env.now, tag=tag)
-        return self.env.process(self._run(self._send_recv(r, nbytes, res), res))
+        res = CollectiveResult("sendrecv", algo, r, float(nbytes), self.env.now, tag=tag)
+        return self.env.process(self._run(self._send_recv(r, nbytes, res, flat=algo == "flat"), res))
 
     # -- plumbing ------------------------------------------------------------------------
     def _ranks(self, ranks) -> np.ndarray:
@@ -310,11 +439,28 @@ class Collectives:
 
     def _nccl_choice(self, ranks: np.ndarray, nbytes: float, algo: str | None, proto: str | None):
         """NCCL's (algorithm, protocol) for this call, checked before the process starts;
-        ``None`` when there is nothing to move (one rank or no bytes)."""
+        ``None`` when there is nothing to move (one rank or no bytes). A forced algorithm
+        or protocol this communicator lacks is a ConfigError on ``algo`` / ``proto`` whose
+        allowed values are in lina-sim's names (``auto``, what NCCL has here, and lina-sim's
+        own algorithms)."""
         if ranks.size == 1 or nbytes == 0:
             nccl.check_names(algo, proto)
             return None
-        return self._nccl_tables(ranks)[0].choose(nbytes, algo, proto)
+        try:
+            return self._nccl_tables(ranks)[0].choose(nbytes, algo, proto)
+        except ConfigError as e:
+            raise _in_our_names(e) from None
+
+    def _nccl_knows_gpu(self) -> bool:
+        """Whether NCCL's model can tell the cluster's GPU architecture (a CPU testbed's
+        cannot: there the runtime runs gloo, and ``auto`` the flat ring)."""
+        if not hasattr(self, "_nccl_gpu_known"):
+            try:
+                nccl.gpu_arch(self.topo.cluster)
+                self._nccl_gpu_known = True
+            except ConfigError:
+                self._nccl_gpu_known = False
+        return self._nccl_gpu_known
 
     def _nccl_allreduce(self, ranks: np.ndarray, nbytes: float, res: CollectiveResult, pair):
         """One step: the pair's modelled latency, then its layout's flows, each carrying
@@ -327,15 +473,75 @@ class Collectives:
         yield from self._step(step, share * nbytes * model.inflation(*pair, nbytes), res)
 
     # -- point to point ------------------------------------------------------------------
-    def _send_recv(self, ranks: np.ndarray, nbytes: float, res: CollectiveResult):
+    def _send_recv(self, ranks: np.ndarray, nbytes: float, res: CollectiveResult, flat: bool = False):
         if nbytes == 0:
             return
-        pat = self._pattern(("sendrecv", ranks.tobytes()), ranks, np.roll(ranks, -1))
-        yield from self._step(pat, nbytes, res)
+        if flat or not self._nccl_knows_gpu():
+            pat = self._pattern(("sendrecv", ranks.tobytes()), ranks, np.roll(ranks, -1))
+            yield from self._step(pat, nbytes, res)
+            return
+        n = ranks.size
+        src_i = np.arange(n)
+        dst_i = np.roll(src_i, -1)
+        keep = src_i != dst_i
+        src_i, dst_i = src_i[keep], dst_i[keep]
+        yield from self._p2p_step(("sendrecv",), ranks, src_i, dst_i, np.full(src_i.size, float(nbytes)), res)
+
+    def _p2p_comm(self, ranks: np.ndarray) -> nccl_p2p.P2pComm:
+        """NCCL's p2p parameters of this communicator (cached)."""
+        cache = self.__dict__.setdefault("_p2p_comms", {})
+        key = ranks.tobytes()
+        if key not in cache:
+            cache[key] = nccl_p2p.P2pComm.of(self.topo, _group_by_node(self.topo, ranks))
+        return cache[key]
+
+    def _p2p_step(self, key: tuple, ranks: np.ndarray, src_i, dst_i, nbytes, res: CollectiveResult, full=False):
+        """One grouped NCCL p2p call: messages ``ranks[src_i] -> ranks[dst_i]`` of ``nbytes``
+        (``full``: every ordered pair, in ``np.nonzero(~eye)`` order). One step with the
+        p2p model's latency; each flow group carries its bytes times its inflation
+        (:func:`lina_sim.network.nccl_p2p.P2pComm.inflation`, with the rate the group gets
+        when every flow of the call runs)."""
+        nbytes = np.asarray(nbytes, dtype=np.float64)
+        on = nbytes > 0
+        if not on.any():
+            return
+        unit = float(nbytes.max())
+        uniform = bool(on.all()) and bool(np.all(nbytes == unit))
+        pairs = b"full" if full else np.stack([src_i, dst_i]).tobytes()
+        wkey = b"" if uniform else np.round(nbytes / unit, 9).tobytes()
+        cache = self.__dict__.setdefault("_p2p_steps", {})
+        ckey = key + (ranks.tobytes(), pairs, wkey, unit)
+        if ckey not in cache:
+            if not uniform:
+                src_i, dst_i, nbytes = src_i[on], dst_i[on], nbytes[on]
+            weight = None if uniform else nbytes / unit
+            pat = self._pattern(key + ("p2p", ranks.tobytes(), pairs, wkey), ranks[src_i], ranks[dst_i], weight)
+            comm = self._p2p_comm(ranks)
+            kinds = nccl_p2p.kind_codes(self.topo, ranks[src_i], ranks[dst_i])
+            latency = comm.latency(src_i, nbytes, kinds)
+            share = comm.share(src_i, nbytes)
+            rate0 = nccl_p2p.max_min_rates([(g[0], g[1], g[4]) for g in pat.groups], self.net.capacity)
+            link_kind = self.topo.links.kind
+            groups = []
+            for g, r0 in zip(pat.groups, rate0):
+                kinds_g = set(link_kind[g[0]].tolist())
+                kind = nccl_p2p.NIC if "nic" in kinds_g else nccl_p2p.PCIE if "pcie" in kinds_g else nccl_p2p.NVLINK
+                infl = float(comm.inflation(g[3] * unit, kind, share, r0))
+                groups.append((g[0], g[1], g[2], g[3] * infl, g[4]))
+            cache[ckey] = StepPattern(tuple(groups), latency)
+        yield from self._step(cache[ckey], unit, res)
 
     # -- all-to-all ----------------------------------------------------------------------
-    def _direct_a2a(self, ranks: np.ndarray, matrix: np.ndarray, res: CollectiveResult):
+    def _flat_a2a(self, ranks: np.ndarray, matrix: np.ndarray, res: CollectiveResult):
         yield from self._matrix_step(("a2a",), ranks, matrix, res)
+
+    def _direct_a2a(self, ranks: np.ndarray, matrix: np.ndarray, res: CollectiveResult, key: tuple = ("a2a-p2p",)):
+        if not self._nccl_knows_gpu():
+            yield from self._matrix_step(key, ranks, matrix, res)
+            return
+        n = ranks.size
+        src_i, dst_i = np.nonzero(~np.eye(n, dtype=bool))
+        yield from self._p2p_step(key, ranks, src_i, dst_i, matrix[src_i, dst_i], res, full=True)
 
     def _matrix_step(self, key: tuple, ranks: np.ndarray, matrix: np.ndarray, res: CollectiveResult):
         n = ranks.size
@@ -352,6 +558,9 @@ class Collectives:
         yield from self._step(pat, unit, res)
 
     def _hier_a2a(self, ranks: np.ndarray, matrix: np.ndarray, res: CollectiveResult):
+        """Tutel/DeepSpeed's 2D all-to-all: two grouped p2p calls (``_direct_a2a``), the
+        intra-node gather then the inter-node exchange, both priced with the whole
+        communicator's NCCL p2p channels."""
         by_node = _group_by_node(self.topo, ranks)
         if len(by_node) == 1:
             yield from self._direct_a2a(ranks, matrix, res)
@@ -367,13 +576,13 @@ class Collectives:
         p1 = m.sum(axis=2)  # [a, l, l']
         for a in range(nodes):
             phase1[a * g : (a + 1) * g, a * g : (a + 1) * g] = p1[a]
-        yield from self._matrix_step(("a2a-h1",), order, phase1, res)
+        yield from self._direct_a2a(order, phase1, res, ("a2a-h1",))
         # Phase 2 (across nodes): (a, l') -> (b, l') carries what node a sends to (b, l').
         phase2 = np.zeros((nodes * g, nodes * g))
         p2 = m.sum(axis=1)  # [a, b, l']
         for l in range(g):
             phase2[l::g, l::g] = p2[:, :, l]
-        yield from self._matrix_step(("a2a-h2",), order, phase2, res)
+        yield from self._direct_a2a(order, phase2, res, ("a2a-h2",))
 
 
 def send_matrix(send, n: int) -> np.ndarray:

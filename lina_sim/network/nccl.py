@@ -33,6 +33,10 @@ What is ours (NCCL's input is a topology *graph search*; lina-sim has link specs
   (DGX A100 user guide: 2x AMD EPYC 7742), Intel otherwise.
 - **Channel reduction for small sizes** (``topoGetAlgoInfo``'s ``nc--``) does not feed
   NCCL's own time estimate, so it is left out here too.
+- **Measured corrections.** A cluster's :class:`lina_sim.hardware.spec.NcclSpec` scales
+  NCCL's intra-node (base, NVLink, PCI) and network latencies and may replace NVLS's
+  efficiency; shipped presets keep NCCL's numbers (scales 1), profiles written by
+  ``lina-sim collective --calibrate`` carry fitted ones.
 - **NVLSTree, CollNet and PAT** are not modelled (no SHARP in the specs; PAT is not an
   allreduce algorithm).
 
@@ -85,10 +89,6 @@ from lina_sim.network.fluid import links_of_paths
 # SIMPLE=2): ties in the choice go to the earlier entry, as in topoGetAlgoInfo.
 ALGOS = ("tree", "ring", "nvls")
 PROTOS = ("LL", "LL128", "Simple")
-# Allreduce algorithm names lina-sim accepts: "nccl" lets the model choose; the others
-# force NCCL's algorithm like NCCL_ALGO=ring / tree. Forcing NVLS, or a protocol, is done
-# with the keyword arguments of Collectives.allreduce (nvls is missing on most presets).
-ALLREDUCE_NAMES: dict[str, str | None] = {"nccl": None, "nccl-ring": "ring", "nccl-tree": "tree"}
 
 US = 1e-6  # NCCL's latency tables are in µs
 GBPS = 1e9  # NCCL's bandwidth tables are in GB/s (1000 bytes/µs)
@@ -151,7 +151,8 @@ _ARCH_OF_NAME = (
 )
 # Presets whose hosts have AMD CPUs (DGX A100 user guide: 2x AMD EPYC 7742); NCCL reads
 # the CPU vendor, our specs do not carry it. Everything else counts as Intel.
-AMD_HOST_PRESETS = ("dgx-a100",)
+# Azure NC A100 v4 (a100-pcie-nvlink-pairs): AMD EPYC 7V13 (Azure's size page).
+AMD_HOST_PRESETS = ("dgx-a100", "a100-pcie-nvlink-pairs")
 
 
 def gpu_arch(cluster: ClusterSpec) -> int:
@@ -182,7 +183,13 @@ class CommShape:
     (NVSwitch, Hopper or later, ``transport/nvls.cc: ncclNvlsInit``, one node: across
     nodes NVLS needs IB SHARP, which lina-sim does not model, tuning.cc:440-541);
     ``ll128``: LL128 enabled (tuning.cc:518-536: NVLink inside the node, and across nodes
-    a NIC on the GPU's PCIe switch (PXB), or reached through NVLink (PXN) on Hopper+)."""
+    a NIC on the GPU's PCIe switch (PXB), or reached through NVLink (PXN) on Hopper+);
+    ``intra_scale`` / ``net_scale`` / ``nvls_efficiency``: the cluster's measured
+    corrections (:class:`lina_sim.hardware.spec.NcclSpec`; 1, 1 and NCCL's own by default);
+    ``pci``: the algorithms whose intra-node hops cross PCIe (unbridged pairs of an
+    ``nvlink-pairs`` node): NCCL prices them with its PCI latencies and disables LL128
+    there (tuning.cc: ``intraHw = typeIntra == LINK_NVL ? NVLINK : PCI``, LL128 only for
+    ``typeIntra <= PATH_NVB``)."""
 
     ranks: int
     nodes: int
@@ -190,6 +197,10 @@ class CommShape:
     amd_host: bool
     nvls: bool
     ll128: bool
+    intra_scale: float = 1.0
+    net_scale: float = 1.0
+    nvls_efficiency: float | None = None
+    pci: frozenset[str] = frozenset()
 
     @property
     def per_node(self) -> int:
@@ -201,7 +212,7 @@ class CommShape:
         return min(self.nodes - 1, 2)
 
     @classmethod
-    def of(cls, cluster: ClusterSpec, ranks: int, nodes: int) -> CommShape:
+    def of(cls, cluster: ClusterSpec, ranks: int, nodes: int, pci: frozenset[str] = frozenset()) -> CommShape:
         arch = gpu_arch(cluster)
         own_nic = cluster.nics_per_node >= cluster.gpus_per_node  # each GPU's NIC on its own PCIe switch
         return cls(
@@ -211,6 +222,10 @@ class CommShape:
             amd_host=cluster.name in AMD_HOST_PRESETS,
             nvls=cluster.intra_node == "nvswitch" and arch >= ARCHS.index("hopper") and nodes == 1 and ranks > 1,
             ll128=nodes == 1 or own_nic or arch >= ARCHS.index("hopper"),
+            intra_scale=cluster.nccl.intra_latency_scale,
+            net_scale=cluster.nccl.net_latency_scale,
+            nvls_efficiency=cluster.nccl.nvls_efficiency,
+            pci=pci,
         )
 
 
@@ -258,7 +273,7 @@ class NcclModel:
             return False
         if algo == "nvls":
             return s.nvls and proto == "Simple"  # NVLS is Simple only
-        return proto != "LL128" or s.ll128
+        return proto != "LL128" or (s.ll128 and algo not in s.pci)
 
     def _pair(self, algo: str, proto: str) -> PairCost | None:
         if not self._enabled(algo, proto):
@@ -296,22 +311,24 @@ class NcclModel:
         # port, which the layout (a flow per GPU pair, 1/G each) loads with (G-1)/G of S.
         g = s.per_node
         port = self.raw[algo] * (g - 1) / g / GBPS
-        return 2 * NVLS_EFFICIENCY[s.arch] * port * (g - 1) / g
+        eff = NVLS_EFFICIENCY[s.arch] if s.nvls_efficiency is None else s.nvls_efficiency
+        return 2 * eff * port * (g - 1) / g
 
     def _latency(self, algo: str, p: int) -> float:
-        """Latency of a pair in µs (tuning.cc:384-435, AllReduce branches). Every link
-        inside a node is NVLink in lina-sim's fabrics (``nvswitch`` and ``full-mesh``)."""
+        """Latency of a pair in µs (tuning.cc:384-435, AllReduce branches); intra-node hops
+        at NCCL's NVLink latencies, or its PCI ones for algorithms in ``shape.pci``."""
         s = self.shape
-        intra = HW_LAT_US["nvlink"][algo][p]
+        intra = HW_LAT_US["pci" if algo in s.pci else "nvlink"][algo][p] * s.intra_scale
         # A lone GPU per node talks to the network at the tree's latency (2.23+).
-        inter = HW_LAT_US["net"]["tree" if s.per_node == 1 else algo][p]
+        inter = HW_LAT_US["net"]["tree" if s.per_node == 1 else algo][p] * s.net_scale
         if algo == "nvls":
             return intra + (inter if s.nodes > 1 else 0.0)
-        lat = BASE_LAT_US[algo][p]
+        lat = BASE_LAT_US[algo][p] * s.intra_scale
         if algo == "tree":
             return lat + 2 * ((s.per_node - 1) * intra + log2i(s.nodes) * inter)
         n = s.ranks
-        overhead = NET_OVERHEAD_US["amd" if s.amd_host else "intel"] * (3 if p == 2 else 1) if s.nodes > 1 else 0.0
+        overhead = NET_OVERHEAD_US["amd" if s.amd_host else "intel"] * (3 if p == 2 else 1) * s.net_scale
+        overhead = overhead if s.nodes > 1 else 0.0
         inter_steps = 2 * (s.nodes - 1)
         return lat + (2 * (n - 1) - inter_steps) * max(intra, overhead) + inter_steps * inter
 
@@ -490,11 +507,13 @@ def alone_bandwidth(topo: Topology, layout: FlowLayout) -> float:
 
 def equivalent_channels(topo: Topology, shape: CommShape, ring_bus_bw: float) -> float:
     """Graph channels the per-channel caps are counted in: ring bus bandwidth over the
-    largest search speed (search.cc) that fits one NVLink link (one node) or one NIC."""
+    largest search speed (search.cc) that fits one NVLink link (one node; one PCIe link
+    where the ring crosses PCIe) or one NIC."""
     c = topo.cluster
     intra, inter = SEARCH_SPEEDS[shape.arch]
     if shape.nodes == 1:
-        bound, speeds = NVLINK_LINK_BW[shape.arch], intra
+        bound = c.pcie.effective_bandwidth / GBPS if "ring" in shape.pci else NVLINK_LINK_BW[shape.arch]
+        speeds = intra
     else:
         bound, speeds = min(c.nic.effective_bandwidth, c.pcie.effective_bandwidth) / GBPS, inter
     speed = next((s for s in speeds if s <= bound), speeds[-1])
@@ -505,7 +524,8 @@ def model_for(topo: Topology, by_node: list[np.ndarray]) -> tuple[NcclModel, dic
     """NCCL's table for a communicator (its ranks grouped by node) and the flow layouts
     it was priced on."""
     lay = layouts(topo, by_node)
-    shape = CommShape.of(topo.cluster, sum(x.size for x in by_node), len(by_node))
+    pci = frozenset(a for a, x in lay.items() if (topo.intra_link_kind(x.src, x.dst) == "pcie").any())
+    shape = CommShape.of(topo.cluster, sum(x.size for x in by_node), len(by_node), pci)
     if shape.ranks < 2:
         return NcclModel(shape, {}, 1.0), lay
     raw = {a: alone_bandwidth(topo, x) for a, x in lay.items()}

@@ -3,12 +3,22 @@
 A single-model server runs its batches one after another, and within a batch every
 all-to-all is a barrier between compute phases, so each all-to-all runs alone on the
 network. Its time is what :class:`~lina_sim.network.collectives.Collectives` gives on a fresh
-:class:`~lina_sim.network.fluid.FluidNetwork`: a per-step latency (the largest path latency of
-the step's flows) plus the fluid phase in which every flow shares every link weighted
-max-min fairly (weight ``1 / flows of its source``), rates being recomputed each time a
-flow ends. :class:`AllToAllTimer` computes exactly that, but for a whole stack of send
-matrices in one vectorised event loop, because simpy with one event per flow end costs
-about 0.2 s per 16-GPU uneven all-to-all and a serving run needs tens of thousands.
+:class:`~lina_sim.network.fluid.FluidNetwork`: a per-step latency plus the fluid phase in
+which every flow shares every link weighted max-min fairly (weight ``1 / flows of its
+source``), rates being recomputed each time a flow ends.
+
+The latency and the bytes are NCCL's grouped p2p model, the same as ``Collectives``'
+``direct`` all-to-all (:mod:`lina_sim.network.nccl_p2p`): the step latency is the model's
+(base and per-hop latencies by link class and protocol, work batches, network peers),
+and each flow carries its bytes times its inflation (LL's flags, the connection's channel
+cap against the rate it gets when all the matrix's flows run), computed here per matrix
+with this module's max-min solver (which gives the rates ``Collectives`` gets from
+:func:`lina_sim.network.nccl_p2p.max_min_rates`). ``flat`` (and ``direct`` on a GPU NCCL's
+model cannot place) keeps the pre-NCCL terms: the largest path latency, the bytes as sent.
+
+:class:`AllToAllTimer` computes exactly that, but for a whole stack of send matrices in
+one vectorised event loop, because simpy with one event per flow end costs about 0.2 s
+per 16-GPU uneven all-to-all and a serving run needs tens of thousands.
 
 Why it is exact, not an approximation (``tests/test_serving.py`` checks it against the
 simpy network):
@@ -39,6 +49,7 @@ import numpy as np
 from lina_sim.errors import ConfigError
 from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.hardware.topology import Topology
+from lina_sim.network import nccl, nccl_p2p
 from lina_sim.network.collectives import check_algo
 from lina_sim.network.fluid import _REL_TOL
 
@@ -62,7 +73,13 @@ class _StepModel:
     """The flow structure of one all-to-all step over ranks ``0..n-1``: the ``n(n-1)``
     potential flows, their path latencies, and their components (see module docstring)."""
 
-    def __init__(self, topology: Topology, ranks: np.ndarray, pairs: np.ndarray | None = None):
+    def __init__(
+        self,
+        topology: Topology,
+        ranks: np.ndarray,
+        pairs: np.ndarray | None = None,
+        p2p: nccl_p2p.P2pComm | None = None,
+    ):
         n = ranks.size
         if pairs is None:
             src, dst = np.nonzero(~np.eye(n, dtype=bool))
@@ -71,6 +88,8 @@ class _StepModel:
         self.n, self.src, self.dst = n, src, dst
         paths = topology.paths(ranks[src], ranks[dst])
         self.latency = topology.latency_of_paths(paths)
+        self.p2p = p2p
+        self.kinds = nccl_p2p.kind_codes(topology, ranks[src], ranks[dst])
         capacity = topology.links.capacity
         links = np.unique(paths[paths >= 0])
         col = {int(l): i for i, l in enumerate(links)}
@@ -143,7 +162,10 @@ class _StepModel:
         # Collectives weight a flow by its share of the step's largest flow; its fair-share
         # weight is 1 / (flows its source has): both are per-matrix constants per flow.
         weight = np.where(active, 1.0 / np.maximum(per_src[:, self.src], 1.0), 0.0)
-        lat = np.where(active, self.latency[None, :], 0.0).max(axis=1)
+        if self.p2p is None:
+            lat = np.where(active, self.latency[None, :], 0.0).max(axis=1)
+        else:
+            lat, nbytes = self._p2p(nbytes, active, weight)
         fluid = np.zeros(I)
         for comp in self.components:
             b = nbytes[:, comp.flows]
@@ -152,6 +174,47 @@ class _StepModel:
             else:
                 fluid = np.maximum(fluid, _fluid_component(b, weight[:, comp.flows], comp, lat))
         return np.where(active.any(axis=1), lat + fluid, 0.0)
+
+    def _p2p(self, nbytes: np.ndarray, active: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """NCCL p2p latency per matrix and inflated bytes per flow, vectorised
+        :meth:`lina_sim.network.nccl_p2p.P2pComm.latency` / ``share`` / ``inflation``."""
+        comm, kinds = self.p2p, self.kinds
+        I = nbytes.shape[0]
+        nch = np.where(active, comm.channels_for(nbytes), 0.0)  # [I, F]
+        onehot = np.zeros((self.src.size, self.n))
+        onehot[np.arange(self.src.size), self.src] = 1.0
+        slots = (nch @ onehot).max(axis=1)  # [I] most channel slots of a rank
+        share = np.minimum(float(nccl_p2p.P2P_PER_BATCH), np.maximum(1.0, slots / comm.channels))
+        ops = np.ceil(slots / comm.channels - 1e-9)
+        batches = np.maximum(1.0, np.ceil(ops / nccl_p2p.P2P_PER_BATCH))
+        ll = comm.is_ll(nbytes, nch, kinds[None, :]) & active
+        p = np.where(ll, 0, 2)
+        base = np.array(nccl.BASE_LAT_US["ring"])[p] * comm.intra_scale
+        hw = np.zeros((4, 3))
+        for code, row in nccl_p2p.HW_OF_KIND.items():
+            scale = comm.net_scale if code == nccl_p2p.NIC else comm.intra_scale
+            hw[code] = np.array(nccl.HW_LAT_US[row]["ring"]) * scale
+        per_flow = base + batches[:, None] * hw[kinds[None, :], p]
+        remote = ((active & (kinds == nccl_p2p.NIC)[None, :]) @ onehot).max(axis=1)
+        overhead = nccl.NET_OVERHEAD_US["amd" if comm.amd_host else "intel"] * comm.net_scale
+        lat = (np.where(active, per_flow, 0.0).max(axis=1) + remote * overhead) * nccl_p2p.US
+        # Each flow's rate with every flow of its matrix running: weight x its aggregate's level.
+        rate0 = np.zeros(nbytes.shape)
+        for comp in self.components:
+            w = weight[:, comp.flows]  # [I, Fc]
+            W = np.zeros((comp.A.shape[0], I))
+            np.add.at(W, comp.agg, w.T)
+            if comp.isolated:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    level = np.where(W > 0, comp.cap.min() / W, 0.0)
+            else:
+                level = _max_min_levels(W, comp.A, np.ascontiguousarray(comp.A.T), comp.cap)
+            rate0[:, comp.flows] = w * level[comp.agg].T
+        infl = np.ones(nbytes.shape)
+        for i in range(I):  # share is per matrix
+            on = active[i]
+            infl[i, on] = comm.inflation(nbytes[i, on], kinds[on], float(share[i]), rate0[i, on])
+        return lat, nbytes * infl
 
 
 def _fluid_component(nbytes: np.ndarray, weight: np.ndarray, comp: _Component, t0: np.ndarray) -> np.ndarray:
@@ -244,9 +307,10 @@ def _max_min_levels(W: np.ndarray, A: np.ndarray, AT: np.ndarray, cap: np.ndarra
 class AllToAllTimer:
     """Alone-times (s) of all-to-alls with uneven ``[n, n]`` byte matrices over ranks
     ``0..n-1`` of ``cluster``, as :meth:`Collectives.all_to_all` with ``algo`` gives them
-    on a fresh network (``direct``: one step; ``hierarchical``: an intra-node gather step
-    then an inter-node step, as Tutel/DeepSpeed's 2D all-to-all). Exact repeats of a
-    matrix are answered from a cache."""
+    on a fresh network (``direct``: one NCCL grouped p2p step; ``flat``: the pre-NCCL
+    step; ``hierarchical``: an intra-node gather step then an inter-node step, as
+    Tutel/DeepSpeed's 2D all-to-all, each a p2p step). Exact repeats of a matrix are
+    answered from a cache."""
 
     def __init__(
         self,
@@ -262,7 +326,12 @@ class AllToAllTimer:
         self.ranks = self.topology.check_ranks(np.arange(n))
         self.n = n
         self.algo = algo
-        self._direct = _StepModel(self.topology, self.ranks)
+        p2p = None
+        if algo != "flat" and _nccl_knows(self.topology.cluster):
+            nodes = self.topology.node_of(self.ranks)
+            by_node = [self.ranks[nodes == k] for k in np.unique(nodes)]
+            p2p = nccl_p2p.P2pComm.of(self.topology, by_node)
+        self._direct = _StepModel(self.topology, self.ranks, p2p=p2p)
         self._hier: tuple[_StepModel, _StepModel] | None = None
         if algo == "hierarchical":
             nodes = self.topology.node_of(self.ranks)
@@ -276,8 +345,8 @@ class AllToAllTimer:
                 off = ~np.eye(n, dtype=bool)
                 self._g = g
                 self._hier = (
-                    _StepModel(self.topology, self.ranks, np.nonzero(same_node & off)),
-                    _StepModel(self.topology, self.ranks, np.nonzero(same_local & ~same_node)),
+                    _StepModel(self.topology, self.ranks, np.nonzero(same_node & off), p2p),
+                    _StepModel(self.topology, self.ranks, np.nonzero(same_local & ~same_node), p2p),
                 )
         self._cache: dict[bytes, float] = {}
         self._cache_size = cache_size
@@ -333,6 +402,15 @@ class AllToAllTimer:
             p2[:, :, l, :, l] = across[:, :, :, l]
         intra, inter = self._hier
         return intra.times(p1.reshape(I, n, n)) + inter.times(p2.reshape(I, n, n))
+
+
+def _nccl_knows(cluster: ClusterSpec) -> bool:
+    """Whether NCCL's model can place the cluster's GPU (as ``Collectives`` checks)."""
+    try:
+        nccl.gpu_arch(cluster)
+    except ConfigError:
+        return False
+    return True
 
 
 __all__ = ["AllToAllTimer"]

@@ -84,15 +84,22 @@ def format_inference_table(df, title: str) -> str:
     return "\n".join(lines)
 
 
-def format_collective_table(df, op: str, algo: str, cluster) -> str:
+def format_collective_table(df, op: str, algo: str, cluster, proto: str = "auto") -> str:
+    """nccl-tests' table of a ``collective_sweep`` frame, with per size the ``algo`` and
+    ``proto`` that ran (NCCL's choice for the allreduce, as NCCL_DEBUG=INFO reports it;
+    ``-`` where there is none) when the frame has them."""
+    asked = f"{algo}, proto {proto}" if op == "allreduce" and proto != "auto" else algo
+    has = "algo" in getattr(df, "columns", ())
     lines = [
-        f"# {op} ({algo}) on {cluster.name}: {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs "
+        f"# {op} ({asked}) on {cluster.name}: {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs "
         f"= {cluster.world_size} ranks",
-        f"#{'size':>13} {'count':>12} {'type':>6} {'time(us)':>11} {'algbw(GB/s)':>12} {'busbw(GB/s)':>12}",
+        f"#{'size':>13} {'count':>12} {'type':>6} {'time(us)':>11} {'algbw(GB/s)':>12} {'busbw(GB/s)':>12}"
+        + (f"  {'algo':<12} proto" if has else ""),
     ]
     for r in df.itertuples():
         lines.append(
             f"{r.size:>14d} {r.count:>12d} {r.type:>6} {r.time_us:>11.2f} {r.algbw_GBps:>12.2f} {r.busbw_GBps:>12.2f}"
+            + (f"  {r.algo:<12} {r.proto}" if has else "")
         )
     return "\n".join(lines)
 
@@ -380,8 +387,10 @@ def format_measured_comparison(t: pd.DataFrame, summary_row: pd.Series) -> str:
         f"#{'size(B)':>13} {'measured(us)':>13} {'predicted(us)':>14} {'error':>9}  algo",
     ]
     for r in t.itertuples():
+        run = getattr(r, "ran", "")  # what ran at this size (NCCL's choice), when it says more
+        shown = f"{r.algo} ({run})" if isinstance(run, str) and run and run != f"{r.algo} -" else r.algo
         lines.append(
-            f"{r.size_bytes:>14d} {r.time_s * 1e6:>13.2f} {r.predicted_s * 1e6:>14.2f} {_error(r.error_pct)}  {r.algo}"
+            f"{r.size_bytes:>14d} {r.time_s * 1e6:>13.2f} {r.predicted_s * 1e6:>14.2f} {_error(r.error_pct)}  {shown}"
         )
     classes = ", ".join(
         f"{label} {err:.1f}% ({n})" if n else f"{label} -" for label, err, n in _size_classes(summary_row)
@@ -394,6 +403,9 @@ def format_comparison_summary(summary: pd.DataFrame) -> str:
     """Every compared table: its collective and shape, the simulated preset and algorithm,
     and the median |error| (%) and rows per size class; error = predicted / measured - 1."""
     classes = [label for label, _, _ in _size_classes(summary.iloc[0])] if len(summary) else []
+    if "proto" in summary.columns:  # a forced allreduce protocol beside its algorithm: ring/LL128
+        pairs = zip(summary["algo"], summary["proto"])
+        summary = summary.assign(algo=[a if p in ("auto", "-") or pd.isna(p) else f"{a}/{p}" for a, p in pairs])
     w = {c: max([len(c), *(len(str(x)) for x in summary[c])]) for c in ("table", "collective", "preset", "algo")}
     lines = [
         "# simulated against measured: median |error| (rows) per size class; error = predicted / measured - 1",
@@ -411,17 +423,16 @@ def format_comparison_summary(summary: pd.DataFrame) -> str:
 
 
 def format_calibration(fits: Sequence[Any]) -> str:
-    """Per fitted link class (:class:`lina_sim.experiments.calibration.LinkFit`): latency
-    (µs; ``(preset)`` when the tables did not identify it), effective bandwidth (GB/s),
-    the loss before and after, and the tables it was fitted to."""
-    lines = [
-        "# calibrated links: loss = mean over tables of mean squared log(predicted / measured)",
-        f"  {'link':<7} {'latency(us)':>18} {'bw x eff(GB/s)':>15} {'loss before':>12} {'after':>9}  tables",
-    ]
+    """Per fit stage (:class:`lina_sim.experiments.calibration.StageFit`): each knob's
+    value before -> after (latency scales only when the tables identified them), the loss
+    before and after, and the tables it was fitted to."""
+
+    def show(name: str, v: float) -> str:
+        return f"{v / 1e9:.1f} GB/s" if name.endswith("bandwidth") else f"{v:.3g}"
+
+    lines = ["# calibrated: loss = mean over tables of mean squared log(predicted / measured)"]
     for f in fits:
-        latency = f"{f.latency * 1e6:.2f}" + ("" if f.latency_fitted else " (preset)")
-        lines.append(
-            f"  {f.link:<7} {latency:>18} {f.effective_bandwidth / 1e9:>15.1f} {f.loss_before:>12.4f} "
-            f"{f.loss_after:>9.4f}  {', '.join(f.tables)}"
-        )
+        knobs = "; ".join(f"{k} {show(k, f.before[k])} -> {show(k, v)}" for k, v in f.after.items())
+        lines.append(f"  {f.stage:<7} {knobs}")
+        lines.append(f"  {'':<7} loss {f.loss_before:.4f} -> {f.loss_after:.4f}  tables: {', '.join(f.tables)}")
     return "\n".join(lines)

@@ -203,9 +203,15 @@ def resolve_inference(sc: Scenario) -> InferenceSetup:
 
     if d.get("compute") is not None:
         check_fields(check_mapping(d["compute"], "compute", "{model: roofline}"), COMPUTE_FIELDS, "compute")
-    coll = check_mapping(
-        d.get("collectives") or {}, "collectives", "{all_to_all: " + "|".join(ALGORITHMS["all_to_all"]) + "}"
-    )
+    coll_allowed = "{all_to_all: " + "|".join(ALGORITHMS["all_to_all"]) + "}"
+    coll = check_mapping(d.get("collectives") or {}, "collectives", coll_allowed)
+    for key in ("algo", "proto", "allreduce"):  # the training scenario's allreduce fields
+        if key in coll:
+            raise ConfigError(
+                f"collectives.{key}",
+                "only in a training scenario: serving runs no allreduce, only collectives.all_to_all applies",
+                coll_allowed,
+            )
     algo = check_fields(coll, COLLECTIVES_FIELDS, "collectives")["all_to_all"]
 
     if "serving" not in d:

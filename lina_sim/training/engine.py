@@ -238,7 +238,7 @@ class _StepRun:
         if m.is_a2a:
             yield self.a2a_coll.all_to_all(grp, m.nbytes, self.algos.all_to_all, tag=m.id)
         else:
-            yield self.ar_coll.allreduce(grp, m.nbytes, self.algos.allreduce, tag=m.id)
+            yield self.ar_coll.allreduce(grp, m.nbytes, self.algos.algo, tag=m.id, proto=self.algos.proto)
         if since is not None:
             owed = cores.owed(delay, host.reference_excess, since)
             if owed > 0:

@@ -26,7 +26,15 @@ from lina_sim.errors import ConfigError
 from lina_sim.hardware.compute import ProfileComputeModel, RooflineComputeModel
 from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.network.alone import AloneTimes
-from lina_sim.network.collectives import ALGORITHMS, CollectiveAlgos, algorithm_field
+from lina_sim.network.collectives import (
+    COLLECTIVES_ALLOWED,
+    CollectiveAlgos,
+    algorithm_field,
+    check_nccl_hardware,
+    check_proto,
+    protocol_field,
+    renamed_allreduce,
+)
 from lina_sim.policies.registry import PolicyEntry, make_training_policy, policy_entries
 from lina_sim.results.rows import point_columns
 from lina_sim.training.breakdown import mean_breakdown
@@ -47,7 +55,13 @@ COMPUTE_FIELDS: dict[str, Field] = {
         help="with model: profile, the path of a measured profile table (.yaml, .yml or .csv)",
     ),
 }
-COLLECTIVES_FIELDS: dict[str, Field] = {op: algorithm_field(op) for op in ALGORITHMS}
+# The scenario's collectives: block: the allreduce algo and proto (NCCL_ALGO / NCCL_PROTO
+# vocabulary) and the all-to-all algorithm; the fields of CollectiveAlgos.
+COLLECTIVES_FIELDS: dict[str, Field] = {
+    "algo": algorithm_field("allreduce"),
+    "proto": protocol_field(),
+    "all_to_all": algorithm_field("all_to_all"),
+}
 
 
 @dataclass
@@ -102,12 +116,18 @@ def _compute_model(block: Any, cluster: ClusterSpec, dtype: str):
     return ProfileComputeModel.load(c["profile"], fallback=roofline)
 
 
-def _algos(block: Any) -> CollectiveAlgos:
+def _algos(block: Any, cluster: ClusterSpec | None = None) -> CollectiveAlgos:
+    """The ``collectives:`` block, checked; with ``cluster``, a forced NCCL algorithm or
+    protocol is also checked against its hardware (``nvls`` needs Hopper and NVSwitch)."""
     if block is None:
         return CollectiveAlgos()
-    return CollectiveAlgos(
-        **check_fields(check_mapping(block, "collectives", sorted(ALGORITHMS)), COLLECTIVES_FIELDS, "collectives")
-    )
+    block = check_mapping(block, "collectives", COLLECTIVES_ALLOWED)
+    renamed_allreduce(block, "collectives")
+    algos = CollectiveAlgos(**check_fields(block, COLLECTIVES_FIELDS, "collectives"))
+    check_proto(algos.algo, algos.proto, "collectives.proto")
+    if cluster is not None:
+        check_nccl_hardware(cluster, algos.algo, algos.proto, "collectives")
+    return algos
 
 
 def resolve_training(sc: Scenario) -> TrainingSetup:
@@ -124,7 +144,7 @@ def resolve_training(sc: Scenario) -> TrainingSetup:
         cluster,
         model,
         policies,
-        _algos(d.get("collectives")),
+        _algos(d.get("collectives"), cluster),
         _compute_model(d.get("compute"), cluster, model.dtype),
         steps,
     )
@@ -165,9 +185,15 @@ def run_policy(setup: TrainingSetup, entry: PolicyEntry, alone: AloneTimes | Non
     t0 = time.perf_counter()
     cluster, model = setup.cluster, setup.model
     alone = alone or AloneTimes(cluster, setup.algos)
-    policy, k, r = choose_shape(setup, entry, alone)
-    graph = build_training_graph(model, cluster, experts_per_device=k, pipeline_degree=r)
-    res = TrainingEngine(graph, policy, cluster, setup.compute.op_time, setup.algos, alone.topology, alone=alone).run()
+    try:
+        policy, k, r = choose_shape(setup, entry, alone)
+        graph = build_training_graph(model, cluster, experts_per_device=k, pipeline_degree=r)
+        res = TrainingEngine(graph, policy, cluster, setup.compute.op_time, setup.algos, alone.topology, alone=alone)
+        res = res.run()
+    except ConfigError as e:  # an allreduce NCCL cannot run on one of the step's communicators
+        if e.field not in ("algo", "proto"):
+            raise
+        raise ConfigError(f"collectives.{e.field}", e.problem, e.allowed) from None
     # Rank 0's backward all-to-alls; a one-rank group moves nothing, so it has no slowdown.
     bwd = [c for c in res.collectives if c.mop.is_a2a and c.mop.phase == "bwd" and c.group[0] == 0]
     base = [(c.duration, alone("all_to_all", c.mop.nbytes, c.group)) for c in bwd if len(c.group) > 1]

@@ -159,7 +159,15 @@ def _spill_lightest(groups: list[list[int]], r: np.ndarray, w: np.ndarray, max_i
             continue
         room = [i for i, g in enumerate(groups) if len(g) < max_items and e not in g]
         if not room:
-            raise RuntimeError("no device has a free expert slot; num_devices * max_items < num_experts?")
+            # Every other device is full (slots == experts): free one by dropping a
+            # redundant replica elsewhere, the one whose remaining replicas gain least.
+            spare = [(w[x] / (r[x] - 1), i, x) for i, g in enumerate(groups) for x in g if r[x] > 1]
+            if not spare:
+                raise RuntimeError("no device has a free expert slot; num_devices * max_items < num_experts?")
+            _, i, x = min(spare)
+            groups[i].remove(x)
+            r[x] -= 1
+            room = [i]
         dest = min(room, key=lambda i: (_group_load(w, r, groups[i]), i))
         groups[dest].append(e)
 
