@@ -401,3 +401,25 @@ def test_size_classes():
         "1-64MB",
         ">=64MB",
     ]
+
+
+def test_forced_nccl_algo_and_proto_are_read_and_simulated(tmp_path):
+    """A run made with NCCL_ALGO / NCCL_PROTO set (on the command line or in an
+    NCCL_DEBUG env dump) is simulated with the same algorithm and protocol; a list or an
+    exclusion leaves NCCL's choice to the model."""
+    body = (
+        "# nThread 1 nGpus 1 minBytes 1048576 maxBytes 2097152 step: 2(factor)\n"
+        + "".join(f"#  Rank {r} Group  0 Pid {100 + r} on host{r // 8} device {r % 8} [0] H100\n" for r in range(16))
+        + "     1048576        262144     float     sum      -1    156.9    6.68   12.53      0\n"
+    )
+    cases = {
+        "mpirun -x NCCL_ALGO=Ring -x NCCL_PROTO=simple ./build/all_reduce_perf -b 1M\n": ("ring", "Simple"),
+        "NCCL INFO NCCL_ALGO set by environment to Tree\n./build/all_reduce_perf\n": ("tree", "auto"),
+        "mpirun -x NCCL_ALGO=^NVLS ./build/all_reduce_perf\n": ("auto", "auto"),
+    }
+    for i, (head, (algo, proto)) in enumerate(cases.items()):
+        path = tmp_path / f"run{i}.txt"
+        path.write_text(head + body)
+        ((label, rows),) = measured_tables([read_measured(path)])
+        shape = shape_for(load_preset("dgx-h100"), table_config(label, rows))
+        assert (shape.algo, shape.proto) == (algo, proto), head

@@ -71,6 +71,8 @@ MEASURED_COLUMNS = (
     "busbw_GBps",
     "dtype",
     "nccl_version",
+    "nccl_algo",
+    "nccl_proto",
     "format",
     "source",
     "line",
@@ -142,6 +144,8 @@ class _Rows:
         busbw: float = math.nan,
         dtype: str = "",
         nccl_version: str = "",
+        nccl_algo: str = "",
+        nccl_proto: str = "",
     ) -> None:
         where = f"{self.path}:{line}"
         if ranks % ranks_per_node:
@@ -164,6 +168,8 @@ class _Rows:
                 "busbw_GBps": float(busbw),
                 "dtype": dtype,
                 "nccl_version": nccl_version,
+                "nccl_algo": nccl_algo,
+                "nccl_proto": nccl_proto,
                 "format": self.fmt,
                 "source": self.path,
                 "line": int(line),
@@ -203,6 +209,9 @@ _STARTING = re.compile(r"^#\s*Collective test starting:\s*([a-z_]+?)_perf\b")
 _NTHREAD = re.compile(r"^#\s*nThread\s+\d+")
 _NCCL_CODE = re.compile(r"nccl-library=(\d+)")
 _NCCL_VERSION = re.compile(r"NCCL version\s+(\d+\.\d+\.\d+)")
+# NCCL_ALGO / NCCL_PROTO set for the run, as a command line or an env dump shows them
+# ("mpirun -x NCCL_ALGO=Ring ...", "NCCL INFO NCCL_PROTO set by environment to LL128").
+_NCCL_ENV = re.compile(r"\bNCCL_(ALGO|PROTO)(?:=|\s+set by environment to\s+)([\w^,]+)")
 # The table `lina-sim collective` prints: "# allreduce (auto) on dgx-a100: 2 node(s) x 8 GPUs = 16 ranks"
 # (in the parentheses the algorithm asked for, e.g. flat-ring, and a forced protocol: "tree, proto LL")
 _LINA_TITLE = re.compile(
@@ -284,6 +293,7 @@ class _RunState:
     note: tuple[int, int] | None = None  # (ranks, ranks per node) from a collector note
     lina: tuple[int, int] | None = None  # (ranks, ranks per node) from a lina-sim title
     version: str = ""
+    env: dict[str, str] = field(default_factory=dict)  # "ALGO" / "PROTO" -> the value set
     columns: _Columns | None = None
     header_line: int = 0
 
@@ -322,6 +332,8 @@ def _read_text(path: str, text: str) -> pd.DataFrame:
         tokens = line.split()
         if not tokens:
             continue
+        for key, value in _NCCL_ENV.findall(line):
+            st.env[key] = value
         if line.startswith("#"):
             _header(st, line, lineno, f"{path}:{lineno}")
             continue
@@ -419,6 +431,8 @@ def _data_row(rows: _Rows, st: _RunState, tokens: list[str], lineno: int, file_o
         busbw=bw[1],
         dtype=tokens[cols.type] if cols.type >= 0 else "",
         nccl_version=st.version,
+        nccl_algo=st.env.get("ALGO", ""),
+        nccl_proto=st.env.get("PROTO", ""),
     )
 
 
@@ -510,6 +524,8 @@ def _read_own(path: str, text: str) -> pd.DataFrame:
             busbw=optional.get("busbw_GBps", math.nan),
             dtype=r.get("dtype", ""),
             nccl_version=r.get("nccl_version", ""),
+            nccl_algo=r.get("nccl_algo", "") or "",
+            nccl_proto=r.get("nccl_proto", "") or "",
         )
     return rows.frame(1, f"rows with the columns {', '.join(OWN_COLUMNS)}")
 
@@ -651,11 +667,19 @@ class TableConfig:
     ranks_per_node: int
     nodes: int
     source: str
+    nccl_algo: str = ""
+    nccl_proto: str = ""
 
 
 def table_config(label: str, rows: pd.DataFrame) -> TableConfig:
-    """The configuration of one table of :func:`measured_tables` (all its rows share it)."""
+    """The configuration of one table of :func:`measured_tables` (all its rows share it),
+    with the NCCL_ALGO / NCCL_PROTO its run was forced to ("" if none was)."""
     first = rows.iloc[0]
+
+    def env(col: str) -> str:
+        v = first.get(col, "")
+        return "" if not isinstance(v, str) else v
+
     return TableConfig(
         label,
         str(first["collective"]),
@@ -663,4 +687,6 @@ def table_config(label: str, rows: pd.DataFrame) -> TableConfig:
         int(first["ranks_per_node"]),
         int(first["nodes"]),
         str(first["source"]),
+        env("nccl_algo"),
+        env("nccl_proto"),
     )

@@ -237,6 +237,14 @@ def allreduce_protocol(proto: str | None) -> Iterator[None]:
         _PROTO.reset(token)
 
 
+def _env_choice(value: str, names: list[str]) -> str | None:
+    """The one name of ``names`` an NCCL_ALGO / NCCL_PROTO value selects (case as NCCL
+    reads it: any), or ``None`` for none, a list or an exclusion (``Ring,Tree``, ``^NVLS``),
+    which leave NCCL's choice to the model."""
+    match = [n for n in names if n.lower() == value.strip().lower()]
+    return match[0] if match else None
+
+
 def shape_for(
     cluster: ClusterSpec,
     config: TableConfig,
@@ -256,6 +264,9 @@ def shape_for(
     c = config
     if c.collective not in TIMED_OPS:
         raise ConfigError(c.source, f"table {c.label}: collective {c.collective!r} is not simulated", sorted(TIMED_OPS))
+    if c.collective == "allreduce":  # what the run forced with NCCL_ALGO / NCCL_PROTO, unless the caller forces
+        algo = algo or _env_choice(c.nccl_algo, [a for a in NCCL_ALLREDUCE if NCCL_ALLREDUCE[a] is not None])
+        proto = proto or _env_choice(c.nccl_proto, [p for p in PROTOCOLS if p != "auto"])
     algo = algo or TIMED_OPS[c.collective][0]
     if algo not in TIMED_OPS[c.collective]:
         raise ConfigError(
