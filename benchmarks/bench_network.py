@@ -1,9 +1,12 @@
-"""Simulator speed: one all-to-all plus one concurrent ring allreduce (64 MiB per rank)
-on dgx-a100 clusters of 16 to 1024 GPUs.
+"""Simulator speed: one all-to-all plus one concurrent allreduce (64 MiB per rank) on
+dgx-a100 clusters of 16 to 1024 GPUs, with the default collectives (NCCL's grouped p2p
+all-to-all and NCCL's allreduce choice, ``auto``) and with the flat ring (pipelined and
+step by step).
 
 Each size runs in its own process pinned to one core, so that peak memory (max RSS)
-is per size. Targets (issue 2): 256 GPUs under 5 s, 1024 GPUs under 60 s on one core.
-For scale: ASTRA-sim's analytical backend takes about 68 s for the 1024-NPU all-to-all.
+is per size. Targets: 256 GPUs under 5 s, 1024 GPUs under 60 s on one core (issue 2);
+the 1024-GPU pair under 2 s with NCCL's models (issue 12). For scale: ASTRA-sim's
+analytical backend takes about 68 s for the 1024-NPU all-to-all.
 
     python benchmarks/bench_network.py [--gpus 16,64,256,1024]
 """
@@ -21,7 +24,7 @@ import time
 SIZE = 64 << 20
 
 
-def one(gpus: int, pipelined: bool) -> dict:
+def one(gpus: int, pipelined: bool, allreduce: str) -> dict:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     t0 = time.perf_counter()
@@ -34,7 +37,7 @@ def one(gpus: int, pipelined: bool) -> dict:
     sim.coll.pipelined = pipelined
     ranks = range(gpus)
     a2a = sim.start("all_to_all", "direct", ranks, SIZE)
-    ar = sim.start("allreduce", "flat-ring", ranks, SIZE)  # the step model matters for the flat ring
+    ar = sim.start("allreduce", allreduce, ranks, SIZE)
     sim.env.run()
     t1 = time.perf_counter()
     st = sim.net.stats
@@ -55,26 +58,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", default="16,64,256,1024")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
-    ap.add_argument(
-        "--mode", choices=["pipelined", "step-by-step"], default=None, help="collective step model (default: both)"
-    )
+    ap.add_argument("--mode", choices=["pipelined", "step-by-step"], default="pipelined", help=argparse.SUPPRESS)
+    ap.add_argument("--allreduce", default="auto", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.mode != "step-by-step")))
+        print(json.dumps(one(args.one, args.mode != "step-by-step", args.allreduce)))
         return
-    for mode in [args.mode] if args.mode else ["pipelined", "step-by-step"]:
-        print(f"# collectives: {mode}")
-        run_sizes(args.gpus, mode)
+    # The step model only matters for the flat ring: NCCL's pairs run as one step.
+    for allreduce, mode in (("auto", "pipelined"), ("flat-ring", "pipelined"), ("flat-ring", "step-by-step")):
+        print(f"# allreduce {allreduce}, {mode}")
+        run_sizes(args.gpus, mode, allreduce)
 
 
-def run_sizes(gpus_list: str, mode: str) -> None:
+def run_sizes(gpus_list: str, mode: str, allreduce: str) -> None:
     print(
         f"{'GPUs':>6} {'flows':>10} {'groups':>7} {'rate upd':>9} {'wall (s)':>9} {'peak RSS (MB)':>14} "
         f"{'sim a2a (ms)':>13} {'sim allreduce (ms)':>19}"
     )
     for gpus in [int(x) for x in gpus_list.split(",")]:
         out = subprocess.run(
-            [sys.executable, __file__, "--one", str(gpus), "--mode", mode], capture_output=True, text=True, check=True
+            [sys.executable, __file__, "--one", str(gpus), "--mode", mode, "--allreduce", allreduce],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(
