@@ -53,7 +53,7 @@ import simpy
 from lina_sim.config.fields import Field
 from lina_sim.errors import ConfigError
 from lina_sim.network import nccl, nccl_p2p
-from lina_sim.network.fluid import FluidNetwork, links_of_paths
+from lina_sim.network.fluid import FluidNetwork, links_of_paths, max_min_rates
 
 # Allreduce names that run NCCL's tuning model -> the NCCL algorithm they force (None:
 # NCCL's own choice per size). The others are lina-sim's own algorithms.
@@ -520,7 +520,7 @@ class Collectives:
             kinds = nccl_p2p.kind_codes(self.topo, ranks[src_i], ranks[dst_i])
             latency = comm.latency(src_i, nbytes, kinds)
             share = comm.share(src_i, nbytes)
-            rate0 = nccl_p2p.max_min_rates([(g[0], g[1], g[4]) for g in pat.groups], self.net.capacity)
+            rate0 = max_min_rates([(g[0], g[1], g[4]) for g in pat.groups], self.net.capacity)
             link_kind = self.topo.links.kind
             groups = []
             for g, r0 in zip(pat.groups, rate0):

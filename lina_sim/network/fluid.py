@@ -27,7 +27,7 @@ Units: bytes, seconds, bytes/s.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -267,28 +267,7 @@ class FluidNetwork:
             g = groups[0]
             g.rate = float(np.min(self.capacity[g.links] / g.mult))
             return
-        sizes = np.fromiter((g.links.size for g in groups), np.int64, len(groups))
-        gidx = np.repeat(np.arange(len(groups)), sizes)
-        all_links = np.concatenate([g.links for g in groups])
-        weights = np.fromiter((g.weight for g in groups), np.float64, len(groups))
-        mult = np.concatenate([g.mult for g in groups]) * weights[gidx]
-        ulinks, inv = np.unique(all_links, return_inverse=True)
-        full = self.capacity[ulinks]
-        cap = full.copy()
-        rate = np.zeros(len(groups))
-        frozen = np.zeros(len(groups), dtype=bool)
-        live = np.ones(all_links.size, dtype=bool)
-        while not frozen.all():
-            w = np.bincount(inv[live], weights=mult[live], minlength=ulinks.size)
-            used = w > 0
-            delta = float(np.min(cap[used] / w[used]))
-            rate[~frozen] += delta * weights[~frozen]
-            cap[used] -= delta * w[used]
-            saturated = used & (cap <= _REL_TOL * full)
-            cap[saturated] = 0.0
-            hit = live & saturated[inv]
-            frozen[gidx[hit]] = True
-            live = ~frozen[gidx]
+        rate = max_min_rates([(g.links, g.mult, g.weight) for g in groups], self.capacity)
         for g, r in zip(groups, rate):
             g.rate = float(r)
 
@@ -300,3 +279,34 @@ class FluidNetwork:
         gen = self._wakeup_gen
         ev = self.env.timeout(max(t_next - self.env.now, 0.0))
         ev.callbacks.append(lambda _e: self._on_wakeup(gen))
+
+
+def max_min_rates(groups: Sequence[tuple[np.ndarray, np.ndarray, float]], capacity: np.ndarray) -> np.ndarray:
+    """Per-flow rate (bytes/s) of each group ``(links, mult, weight)`` when all run
+    together on links of ``capacity``: progressive filling raises a common fair level,
+    every unfrozen flow's rate being weight x level, until a link saturates, freezes the
+    groups crossing it, and repeats."""
+    if not groups:
+        return np.zeros(0)
+    sizes = np.fromiter((g[0].size for g in groups), np.int64, len(groups))
+    gidx = np.repeat(np.arange(len(groups)), sizes)
+    all_links = np.concatenate([g[0] for g in groups])
+    weights = np.fromiter((g[2] for g in groups), np.float64, len(groups))
+    mult = np.concatenate([g[1] for g in groups]) * weights[gidx]
+    ulinks, inv = np.unique(all_links, return_inverse=True)
+    full = capacity[ulinks]
+    cap = full.copy()
+    rate = np.zeros(len(groups))
+    frozen = np.zeros(len(groups), dtype=bool)
+    live = np.ones(all_links.size, dtype=bool)
+    while not frozen.all():
+        w = np.bincount(inv[live], weights=mult[live], minlength=ulinks.size)
+        used = w > 0
+        delta = float(np.min(cap[used] / w[used]))
+        rate[~frozen] += delta * weights[~frozen]
+        cap[used] -= delta * w[used]
+        saturated = used & (cap <= _REL_TOL * full)
+        cap[saturated] = 0.0
+        frozen[gidx[live & saturated[inv]]] = True
+        live = ~frozen[gidx]
+    return rate

@@ -290,33 +290,4 @@ class P2pComm:
         return (lat + remote * overhead) * US
 
 
-def max_min_rates(groups, capacity: np.ndarray) -> np.ndarray:
-    """Per-flow rate of each group ``(links, mult, weight)`` when all run together:
-    weighted progressive filling, the algorithm of ``FluidNetwork._solve``."""
-    if not groups:
-        return np.zeros(0)
-    sizes = np.fromiter((g[0].size for g in groups), np.int64, len(groups))
-    gidx = np.repeat(np.arange(len(groups)), sizes)
-    all_links = np.concatenate([g[0] for g in groups])
-    weights = np.fromiter((g[2] for g in groups), np.float64, len(groups))
-    mult = np.concatenate([g[1] for g in groups]) * weights[gidx]
-    ulinks, inv = np.unique(all_links, return_inverse=True)
-    full = capacity[ulinks]
-    cap = full.copy()
-    rate = np.zeros(len(groups))
-    frozen = np.zeros(len(groups), dtype=bool)
-    live = np.ones(all_links.size, dtype=bool)
-    while not frozen.all():
-        w = np.bincount(inv[live], weights=mult[live], minlength=ulinks.size)
-        used = w > 0
-        delta = float(np.min(cap[used] / w[used]))
-        rate[~frozen] += delta * weights[~frozen]
-        cap[used] -= delta * w[used]
-        saturated = used & (cap <= 1e-9 * full)
-        cap[saturated] = 0.0
-        frozen[gidx[live & saturated[inv]]] = True
-        live = ~frozen[gidx]
-    return rate
-
-
-__all__ = ["P2pComm", "max_min_rates"]
+__all__ = ["P2pComm"]

@@ -13,7 +13,7 @@ The latency and the bytes are NCCL's grouped p2p model, the same as ``Collective
 and each flow carries its bytes times its inflation (LL's flags, the connection's channel
 cap against the rate it gets when all the matrix's flows run), computed here per matrix
 with this module's max-min solver (which gives the rates ``Collectives`` gets from
-:func:`lina_sim.network.nccl_p2p.max_min_rates`). ``flat`` (and ``direct`` on a GPU NCCL's
+:func:`lina_sim.network.fluid.max_min_rates`). ``flat`` (and ``direct`` on a GPU NCCL's
 model cannot place) keeps the pre-NCCL terms: the largest path latency, the bytes as sent.
 
 :class:`AllToAllTimer` computes exactly that, but for a whole stack of send matrices in
