@@ -309,3 +309,22 @@ def test_sanity_against_measured_nccl(capsys):
             assert 1 / 3 < t / measured[size] < 3
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+def test_corrections_change_the_time_not_nccls_choice():
+    """A calibrated profile's latency corrections (NcclSpec) make the chosen pair slower,
+    but NCCL still chooses with its own constants; Simple's scale leaves LL alone."""
+    base = load_preset("dgx-h100", nodes=2)
+    slow = dataclasses.replace(
+        base, nccl=dataclasses.replace(base.nccl, intra_latency_scale=5.0, simple_latency_scale=3.0)
+    )
+    by_node = [np.arange(8), np.arange(8, 16)]
+    m0, _ = nccl.model_for(Topology(base), by_node)
+    m1, _ = nccl.model_for(Topology(slow), by_node)
+    for size in (4 << 10, 1 << 20, 64 << 20, 1 << 30):
+        pair = m0.choose(size)
+        assert m1.choose(size) == pair
+        assert m1.time(*pair, size) > m0.time(*pair, size)
+    ll = m0.latency("ring", "LL", 4096), m1.latency("ring", "LL", 4096)
+    simple = m0.latency("ring", "Simple", 4096), m1.latency("ring", "Simple", 4096)
+    assert simple[1] / simple[0] > ll[1] / ll[0]  # Simple scaled by both factors

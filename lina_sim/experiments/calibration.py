@@ -49,6 +49,9 @@ from lina_sim.results.tables import ERROR_COLUMN, ROWS_COLUMN
 # time (NCCL's ring/Simple latency on 2 x 8 H100 is ~130 µs, 8 MiB at ~90 GB/s ~90 µs).
 MIN_IDENTIFYING_ROWS = 3
 LATENCY_BOUND_BYTES = 8 * MB
+# Sizes above 1 MiB and up to this identify the Simple protocol's latency (its pipeline
+# fill): NCCL runs Simple there, and the fill is still a visible part of the time.
+SIMPLE_BOUND_BYTES = 64 * MB
 DEFAULT_MAX_ROWS = 24
 
 
@@ -279,6 +282,11 @@ def _nvls_table(cluster: ClusterSpec, t: FitTable) -> bool:
     return CommShape.of(cluster, c.ranks, 1).nvls
 
 
+def _rows_in(tables: Sequence[FitTable], low: float, high: float) -> int:
+    """Rows the loss sees with ``low < size <= high`` bytes, over ``tables``."""
+    return sum(int(((t.fit_rows["size_bytes"] > low) & (t.fit_rows["size_bytes"] <= high)).sum()) for t in tables)
+
+
 def stages(cluster: ClusterSpec, tables: Sequence[FitTable]) -> list[tuple[str, list[Knob], list[FitTable], bool]]:
     """The fit's stages, in order, each with its knobs, its tables and whether their
     small sizes identify a latency:
@@ -289,25 +297,33 @@ def stages(cluster: ClusterSpec, tables: Sequence[FitTable]) -> list[tuple[str, 
       ``nvlink`` stage uses them only when no other one-node table exists);
     - ``nic``: multi-node tables move the NIC's effective bandwidth and NCCL's network
       latency scale, NVLink held at its fitted value.
+
+    The Simple protocol's latency scale moves in the first stage whose tables have at
+    least :data:`MIN_IDENTIFYING_ROWS` sizes in (1 MiB, :data:`SIMPLE_BOUND_BYTES`].
     """
     one = [t for t in tables if t.config.nodes == 1]
     nvls = [t for t in one if _nvls_table(cluster, t)]
     plain = [t for t in one if t not in nvls] or one
     multi = [t for t in tables if t.config.nodes > 1]
+    planned: list[tuple[str, list[Knob], list[FitTable], bool]] = []
+    if plain:
+        planned.append(("nvlink", [bandwidth_knob("nvlink")], plain, "intra_latency_scale"))
+    if nvls and plain is not one:
+        planned.append(("nvls", [nccl_knob("nvls_efficiency", math.log(0.8), 1.0)], nvls, ""))
+    if multi:
+        planned.append(("nic", [bandwidth_knob("nic")], multi, "net_latency_scale"))
     out = []
-    for stage, mine, latency_knob in (
-        ("nvlink", plain, "intra_latency_scale"),
-        ("nic", multi, "net_latency_scale"),
-    ):
-        if not mine:
-            continue
-        small = sum(int((t.fit_rows["size_bytes"] <= LATENCY_BOUND_BYTES).sum()) for t in mine)
-        identified = small >= MIN_IDENTIFYING_ROWS
+    simple_fitted = False
+    for stage, knobs, mine, latency_knob in planned:
+        identified = bool(latency_knob) and _rows_in(mine, 0, LATENCY_BOUND_BYTES) >= MIN_IDENTIFYING_ROWS
         # First step x3 on a latency scale: NCCL's constants are lower bounds more often.
-        knobs = [bandwidth_knob(stage)] + ([nccl_knob(latency_knob, math.log(3.0))] if identified else [])
+        knobs = knobs + ([nccl_knob(latency_knob, math.log(3.0))] if identified else [])
+        # Simple's pipeline fill shows at medium sizes: fitted once, by the first stage
+        # whose tables have enough of them.
+        if not simple_fitted and _rows_in(mine, MB, SIMPLE_BOUND_BYTES) >= MIN_IDENTIFYING_ROWS:
+            knobs.append(nccl_knob("simple_latency_scale", math.log(3.0)))
+            simple_fitted = True
         out.append((stage, knobs, mine, identified))
-        if stage == "nvlink" and nvls and plain is not one:
-            out.append(("nvls", [nccl_knob("nvls_efficiency", math.log(0.8), 1.0)], nvls, False))
     return out
 
 

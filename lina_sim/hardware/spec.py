@@ -107,6 +107,13 @@ class NcclSpec:
       overhead per ring step (dimensionless).
     - ``nvls_efficiency``: NVLink SHARP's fraction of the switch ports' bandwidth, in place
       of NCCL's per-architecture ``nvlsEfficiency`` (``None``: NCCL's).
+    - ``simple_latency_scale``: multiplies the latency of the Simple protocol on top of
+      the scales above (dimensionless): Simple moves data in large pipelined chunks, and
+      a measured cluster shows how much more than NCCL's estimate filling that pipeline
+      costs, which the LL protocols (small sizes) do not identify.
+
+    NCCL still *chooses* an algorithm and protocol with its own constants; these
+    corrections change how long the chosen pair takes.
     """
 
     intra_latency_scale: float = declare(
@@ -117,6 +124,9 @@ class NcclSpec:
     )
     nvls_efficiency: float | None = declare(
         Field(float, None, allow_none=True, **_EFFICIENCY, help="NVLS efficiency (0, 1] (absent: NCCL's)")
+    )
+    simple_latency_scale: float = declare(
+        Field(float, 1.0, minimum=0, exclusive_minimum=True, help="factor on the Simple protocol's latencies")
     )
 
 

@@ -75,6 +75,7 @@ Units: seconds, bytes, bytes/s in the API; the NCCL tables keep NCCL's µs and G
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -200,11 +201,18 @@ class CommShape:
     intra_scale: float = 1.0
     net_scale: float = 1.0
     nvls_efficiency: float | None = None
+    simple_scale: float = 1.0
     pci: frozenset[str] = frozenset()
 
     @property
     def per_node(self) -> int:
         return self.ranks // self.nodes
+
+    @property
+    def nominal(self) -> CommShape:
+        """The same communicator without the cluster's measured corrections: what NCCL's
+        own table, which makes the choice, sees."""
+        return dataclasses.replace(self, intra_scale=1.0, net_scale=1.0, nvls_efficiency=None, simple_scale=1.0)
 
     @property
     def scale(self) -> int:
@@ -225,6 +233,7 @@ class CommShape:
             intra_scale=cluster.nccl.intra_latency_scale,
             net_scale=cluster.nccl.net_latency_scale,
             nvls_efficiency=cluster.nccl.nvls_efficiency,
+            simple_scale=cluster.nccl.simple_latency_scale,
             pci=pci,
         )
 
@@ -253,11 +262,14 @@ class NcclModel:
     raw: dict[str, float]
     channels: float
     costs: dict[tuple[str, str], PairCost] = field(default_factory=dict)
+    nominal: NcclModel | None = None  # NCCL's own table, when corrections make this one differ
 
     @classmethod
     def tune(cls, shape: CommShape, raw: dict[str, float], channels: float) -> NcclModel:
-        """Fill the table as ``tuning.cc: ncclTopoTuneModel`` does for AllReduce."""
-        model = cls(shape, dict(raw), channels)
+        """Fill the table as ``tuning.cc: ncclTopoTuneModel`` does for AllReduce; with
+        measured corrections, also NCCL's uncorrected table, which :meth:`choose` ranks by."""
+        nominal = None if shape.nominal == shape else cls.tune(shape.nominal, raw, channels)
+        model = cls(shape, dict(raw), channels, nominal=nominal)
         for algo in ALGOS:
             for proto in PROTOS:
                 cost = model._pair(algo, proto)
@@ -315,6 +327,10 @@ class NcclModel:
         return 2 * eff * port * (g - 1) / g
 
     def _latency(self, algo: str, p: int) -> float:
+        """Latency of a pair in µs, with the cluster's Simple-protocol correction."""
+        return self._nccl_latency(algo, p) * (self.shape.simple_scale if p == 2 else 1.0)
+
+    def _nccl_latency(self, algo: str, p: int) -> float:
         """Latency of a pair in µs (tuning.cc:384-435, AllReduce branches); intra-node hops
         at NCCL's NVLink latencies, or its PCI ones for algorithms in ``shape.pci``."""
         s = self.shape
@@ -384,7 +400,9 @@ class NcclModel:
             raise ConfigError(
                 "proto", f"NCCL protocol {proto!r} is not available for {algo or 'any algorithm'}", allowed
             )
-        return min(candidates, key=lambda pair: self.time(*pair, nbytes))  # first of equal times
+        # NCCL ranks by its own table; measured corrections change only how long it takes.
+        ranker = self.nominal or self
+        return min(candidates, key=lambda pair: ranker.time(*pair, nbytes))  # first of equal times
 
     def _where(self) -> str:
         s = self.shape

@@ -162,6 +162,7 @@ class P2pComm:
     amd_host: bool
     intra_scale: float = 1.0
     net_scale: float = 1.0
+    simple_scale: float = 1.0
 
     @classmethod
     def of(cls, topo: Topology, by_node: list[np.ndarray]) -> P2pComm:
@@ -195,7 +196,18 @@ class P2pComm:
             chunk = P2P_NET_CHUNK
         else:
             chunk = P2P_NVL_CHUNK if topo.intra_all_nvlink else P2P_PCI_CHUNK
-        return cls(ranks, nodes, channels, pp, chunk, shape.arch, shape.amd_host, shape.intra_scale, shape.net_scale)
+        return cls(
+            ranks,
+            nodes,
+            channels,
+            pp,
+            chunk,
+            shape.arch,
+            shape.amd_host,
+            shape.intra_scale,
+            shape.net_scale,
+            shape.simple_scale,
+        )
 
     # -- per message --------------------------------------------------------------------
     @property
@@ -283,7 +295,8 @@ class P2pComm:
             hw = nccl.HW_LAT_US[HW_OF_KIND[int(kind)]]["ring"]
             hw_scale = self.net_scale if kind == NIC else self.intra_scale  # the cluster's measured corrections
             for p in np.unique(np.where(ll[kinds == kind], 0, 2)):
-                lat = max(lat, nccl.BASE_LAT_US["ring"][p] * self.intra_scale + batches * hw[p] * hw_scale)
+                one = nccl.BASE_LAT_US["ring"][p] * self.intra_scale + batches * hw[p] * hw_scale
+                lat = max(lat, one * (self.simple_scale if p == 2 else 1.0))
         net = kinds == NIC
         remote = int(np.bincount(src[net]).max()) if net.any() else 0
         overhead = nccl.NET_OVERHEAD_US["amd" if self.amd_host else "intel"] * self.net_scale

@@ -194,7 +194,7 @@ class _StepModel:
         for code, row in nccl_p2p.HW_OF_KIND.items():
             scale = comm.net_scale if code == nccl_p2p.NIC else comm.intra_scale
             hw[code] = np.array(nccl.HW_LAT_US[row]["ring"]) * scale
-        per_flow = base + batches[:, None] * hw[kinds[None, :], p]
+        per_flow = (base + batches[:, None] * hw[kinds[None, :], p]) * np.where(p == 2, comm.simple_scale, 1.0)
         remote = ((active & (kinds == nccl_p2p.NIC)[None, :]) @ onehot).max(axis=1)
         overhead = nccl.NET_OVERHEAD_US["amd" if comm.amd_host else "intel"] * comm.net_scale
         lat = (np.where(active, per_flow, 0.0).max(axis=1) + remote * overhead) * nccl_p2p.US

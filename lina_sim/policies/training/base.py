@@ -143,7 +143,25 @@ class TrainingPolicy:
         errors name ``<_where>.<param>`` and what is allowed.
         """
         where = _where or f"policies.{name}"
-        return cls(name=name, **check_fields(params, cls.PARAMS, where, what=f"parameter of policy {name!r}"))
+        policy = cls(name=name, **check_fields(params, cls.PARAMS, where, what=f"parameter of policy {name!r}"))
+        policy.check_combination(where)
+        return policy
+
+    def check_combination(self, where: str) -> None:
+        """Cross-parameter rules, checked after each parameter passed its ``Field``
+        (default: none); a violation is a ConfigError naming ``<where>.<param>``."""
+
+    def only_with(self, where: str, param: str, switch: str, values: Sequence[str]) -> None:
+        """A ConfigError naming ``<where>.<param>`` if ``param`` is set away from its
+        default while ``switch`` is not one of ``values`` (where ``param`` is ignored)."""
+        if getattr(self, switch) in values or getattr(self, param) == self.PARAMS[param].default:
+            return
+        raise ConfigError(
+            f"{where}.{param}",
+            f"got {getattr(self, param)!r}, but it is only used with {switch}: {' or '.join(values)} "
+            f"(here {switch}: {getattr(self, switch)})",
+            f"{self.PARAMS[param].default!r} (the default) with {switch}: {getattr(self, switch)}",
+        )
 
     def describe(self) -> dict[str, Any]:
         """Name and parameters, for result tables."""

@@ -26,6 +26,12 @@
     then overlap the dispatch. ``hold = "a2a"`` drops that clause and lets allreduce
     fill the expert-FFN gap. (``hold`` has no effect on a plan, which sizes gaps from
     estimates.)
+- What is cut (``partition_of``): ``"tensor"`` (default) cuts each gradient tensor on its
+  own (:func:`~lina_sim.policies.training.base.cut_requests`); ``"bucket"`` first builds
+  the buckets the underlying framework (``framework``) would reduce, then cuts each
+  bucket into equal micro-ops, each ready when its bucket is
+  (:func:`~lina_sim.policies.training.grad_sync.partition_buckets`). Lina's source is not
+  public, so which one it does is not known (docs/gradient-sync-research.md, section 3).
 - The all-to-all and expert FFN are pipelined in ``pipeline_degree`` chunks.
 - Experts are packed onto devices (1, 2, 4, ...) while one FFN micro-op is still shorter
   than one all-to-all micro-op.
@@ -50,10 +56,12 @@ from lina_sim.policies.training.base import (
     submission_order,
 )
 from lina_sim.policies.training.deepspeed import DeepSpeedPolicy
+from lina_sim.policies.training.grad_sync import FRAMEWORKS, framework_buckets, partition_buckets
 from lina_sim.workload.comm import MB, GradRequest, MicroOp
 
 HOLDS = ("moe-block", "a2a")
 LAUNCHES = ("planned", "local")
+PARTITIONS = ("tensor", "bucket")
 
 
 class LinaPolicy(TrainingPolicy):
@@ -84,10 +92,30 @@ class LinaPolicy(TrainingPolicy):
             0.0,
             minimum=0,
             allowed="a number of MB >= 0",
-            help="fuse consecutive tensors smaller than this into one micro-op, MB (0: never)",
+            help="with partition_of: tensor, fuse consecutive tensors smaller than this into one micro-op, "
+            "MB (0: never)",
+        ),
+        "partition_of": Field(
+            str,
+            "tensor",
+            choices=PARTITIONS,
+            help="what is cut into micro-ops: each gradient tensor, or each bucket of the framework's",
+        ),
+        # With partition_of: bucket, whose buckets: ddp-25mb matches the deepspeed
+        # policy's default (so Lina partitions exactly the buckets that baseline reduces,
+        # launched during backward); zero (DeepSpeed's real default) makes every bucket
+        # ready only after backward, when no all-to-all is left to give way to.
+        "framework": Field(
+            str,
+            "ddp-25mb",
+            choices=FRAMEWORKS,
+            help="with partition_of: bucket, the buckets partitioned: ddp-25mb (25 MB, during backward), "
+            "zero (DeepSpeed ZeRO 0/1, 5e8 elements, after backward) or ddp (PyTorch DDP, 1 MiB then 25 MiB)",
         ),
     }
     micro_op_mb: float
+    partition_of: str
+    framework: str
     fuse_below_mb: float
     packing: bool
     max_experts_per_device: int
@@ -100,7 +128,14 @@ class LinaPolicy(TrainingPolicy):
 
     # How gradients are cut; the ablations override only this.
     def partition_gradients(self, requests: Sequence[GradRequest]) -> tuple[MicroOp, ...]:
+        if self.partition_of == "bucket":
+            return partition_buckets(framework_buckets(requests, self.framework), self.micro_op_mb * MB)
         return cut_requests(requests, self.micro_op_mb * MB, self.fuse_below_mb * MB)
+
+    def check_combination(self, where: str) -> None:
+        if "partition_of" in self.PARAMS:
+            self.only_with(where, "framework", "partition_of", ("bucket",))
+            self.only_with(where, "fuse_below_mb", "partition_of", ("tensor",))
 
     def allreduce_blocked(self, view: RankView) -> bool:
         """True while no allreduce micro-op may launch on this rank."""
