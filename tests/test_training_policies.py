@@ -11,7 +11,7 @@ from lina_sim.network.alone import AloneTimes
 from lina_sim.policies.registry import TRAINING_POLICIES, make_training_policy, training_policy_class
 from lina_sim.policies.training.base import RankScheduler, RankView, check_selection, owed_per_gap
 from lina_sim.training.launch_plan import planned_micro_ops
-from lina_sim.workload.comm import ALL_TO_ALL, ALLREDUCE, MB, GradRequest, MicroOp
+from lina_sim.workload.comm import ALL_TO_ALL, ALLREDUCE, MB, GradRequest, MicroOp, PackingEstimate
 from lina_sim.workload.graph import build_training_graph
 from lina_sim.workload.model import model_preset
 
@@ -44,7 +44,7 @@ def test_registry_and_defaults():
         ("tutel", {"pipeline_degree": 1.5}, "policies.tutel.pipeline_degree", ">= 1"),
         ("lina", {"hold": "never"}, "policies.lina.hold", "moe-block"),
         ("lina", {"launch": "global"}, "policies.lina.launch", "planned, local"),
-        ("lina", {"packing": "yes"}, "policies.lina.packing", "true"),
+        ("lina", {"packing": "yes"}, "policies.lina.packing", "cost, paper, off"),
         ("lina-priority", {"micro_op_mb": 30}, "policies.lina-priority.micro_op_mb", "bucket_mb"),
     ],
 )
@@ -271,15 +271,45 @@ def test_scheduler_launches_each_communicator_in_order_identically_on_all_ranks(
 
 
 # -- expert packing ------------------------------------------------------------------------------
-def test_lina_doubles_packing_while_ffn_micro_op_is_shorter_than_a2a_micro_op():
-    lina = make_training_policy("lina")
-    est = {1: (1.0, 4.0), 2: (1.1, 2.0), 4: (1.2, 1.0), 8: (1.3, 0.5)}
+def test_lina_paper_rule_doubles_packing_while_ffn_micro_op_is_shorter_than_a2a_micro_op():
+    lina = make_training_policy("lina", packing="paper")
+    est = {
+        k: PackingEstimate(f, a) for k, (f, a) in {1: (1.0, 4.0), 2: (1.1, 2.0), 4: (1.2, 1.0), 8: (1.3, 0.5)}.items()
+    }
     assert lina.experts_per_device([1, 2, 4, 8], est) == 4
-    assert lina.experts_per_device([1, 2, 4, 8], {**est, 1: (5.0, 4.0)}) == 1
-    assert make_training_policy("lina", max_experts_per_device=2).experts_per_device([1, 2, 4, 8], est) == 2
+    assert lina.experts_per_device([1, 2, 4, 8], {**est, 1: PackingEstimate(5.0, 4.0)}) == 1
+    paper2 = make_training_policy("lina", packing="paper", max_experts_per_device=2)
+    assert paper2.experts_per_device([1, 2, 4, 8], est) == 2
     for name in ("deepspeed", "tutel", "lina-priority", "lina-partition", "no-contention"):
         assert make_training_policy(name).experts_per_device([1, 2, 4, 8], est) == 1
     assert make_training_policy("deepspeed").experts_per_device([2, 4]) == 2
+    assert make_training_policy("lina", packing=False).experts_per_device([1, 2, 4, 8], est) == 1
+
+
+def test_lina_cost_rule_counts_the_expert_gradient_allreduce():
+    """The default packing takes the lowest estimated step: a cheaper all-to-all is not
+    worth an expert-gradient allreduce the backward compute cannot hide."""
+    lina = make_training_policy("lina")
+    assert lina.packing_rule == "cost" and make_training_policy("lina", packing=True).packing_rule == "cost"
+
+    def est(a2a_s: float, expert_allreduce_s: float) -> PackingEstimate:
+        return PackingEstimate(
+            1.0,
+            2.0,
+            compute_s=10.0,
+            backward_compute_s=6.0,
+            a2a_s=a2a_s,
+            dense_allreduce_s=1.0,
+            expert_allreduce_s=expert_allreduce_s,
+        )
+
+    cheap_a2a = {1: est(8.0, 0.0), 2: est(5.0, 1.0), 4: est(4.0, 9.0)}
+    assert [cheap_a2a[k].step_s for k in (1, 2, 4)] == [18.0, 15.0, 18.0]
+    assert lina.experts_per_device([1, 2, 4], cheap_a2a) == 2
+    # The paper's rule packs on: FFN micro-op (1 s) shorter than the all-to-all one (2 s).
+    assert make_training_policy("lina", packing="paper").experts_per_device([1, 2, 4], cheap_a2a) == 4
+    # Ties go to fewer experts per device.
+    assert lina.experts_per_device([1, 2], {1: est(8.0, 0.0), 2: est(8.0, 0.0)}) == 1
 
 
 @pytest.mark.parametrize("hold,launches_in_ffn_gap", [("moe-block", False), ("a2a", True)])

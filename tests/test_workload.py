@@ -172,9 +172,14 @@ def test_micro_op_estimates_cover_every_packing():
         2,
         ffn_time=lambda op: op.flops,
         a2a_time=lambda op, comm: op.bytes * comm.size,
+        allreduce_time=lambda nbytes, comm: nbytes * comm.size,
     )
     assert sorted(est) == [1, 2, 4, 8]
-    assert est[1][1] == 8 * est[8][1]
+    assert est[1].a2a_micro_op_s == 8 * est[8].a2a_micro_op_s
+    # One expert per device on 8 GPUs with 8 experts: no expert replicas, no expert allreduce.
+    assert est[1].expert_allreduce_s == 0 and est[8].expert_allreduce_s > 0
+    assert est[1].dense_allreduce_s == est[8].dense_allreduce_s > 0
+    assert all(e.compute_s > e.backward_compute_s > 0 and e.a2a_s > 0 for e in est.values())
 
 
 # -- specs and errors -------------------------------------------------------------------------
@@ -259,9 +264,13 @@ def test_graph_for_policy_applies_pipelining_and_packing():
     g = graph_for_policy(m, 8, make_training_policy("tutel"))
     assert (g.pipeline_degree, g.experts_per_device) == (2, 1)
     # A2A time that falls as the ep group shrinks; FFN time flat: lina packs until FFN >= a2a.
+    paper = make_training_policy("lina", packing="paper")
+    g = graph_for_policy(m, 8, paper, ffn_time=lambda op: 1.0, a2a_time=lambda op, comm: comm.size / 3)
+    assert (g.pipeline_degree, g.experts_per_device) == (2, 4)  # a2a: 8/3, 4/3, 2/3 -> stop at k=4
+    # The cost rule, with no allreduce to pay for packing, takes the cheapest all-to-all.
     g = graph_for_policy(
         m, 8, make_training_policy("lina"), ffn_time=lambda op: 1.0, a2a_time=lambda op, comm: comm.size / 3
     )
-    assert (g.pipeline_degree, g.experts_per_device) == (2, 4)  # a2a: 8/3, 4/3, 2/3 -> stop at k=4
+    assert g.experts_per_device == 8
     with pytest.raises(ValueError):
         graph_for_policy(m, 8, make_training_policy("lina"))

@@ -57,3 +57,18 @@ class AloneTimes:
             sim.env.run()
             self._cache[key] = p.value.duration
         return self._cache[key]
+
+    def concurrent(self, op: str, nbytes: float, groups: tuple[tuple[int, ...], ...]) -> float:
+        """The time (s) until every group of a communicator has finished ``op`` on
+        ``nbytes`` when all of them run at once, as a step runs them (strided groups,
+        such as the replicas of each expert, share NICs); nothing else on the network."""
+        key = (op, round(nbytes, 3), groups)
+        if key not in self._cache:
+            sim = SimCluster(self.cluster, self.topology)
+            if op == "all_to_all":
+                procs = [sim.start(op, self.algos.all_to_all, g, nbytes) for g in groups]
+            else:
+                procs = [sim.start(op, self.algos.algo, g, nbytes, proto=self.algos.proto) for g in groups]
+            sim.env.run()
+            self._cache[key] = max(p.value.duration for p in procs)
+        return self._cache[key]

@@ -177,6 +177,7 @@ def choose_shape(setup: TrainingSetup, entry: PolicyEntry, alone: AloneTimes) ->
         r,
         ffn_time=setup.compute.op_time,
         a2a_time=lambda op, comm: alone("all_to_all", op.bytes, comm.groups[0]),
+        allreduce_time=lambda nbytes, comm: alone.concurrent("allreduce", nbytes, comm.groups),
     )
     return policy, policy.experts_per_device(cands, estimates), r
 

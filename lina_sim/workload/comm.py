@@ -1,12 +1,13 @@
 """The communication a training step asks for, as plain data: gradient allreduce requests
-and the collectives (micro-ops) that carry them and the all-to-alls.
+and the collectives (micro-ops) that carry them and the all-to-alls; and what a packing
+of experts costs (:class:`PackingEstimate`).
 
 The workload layer produces these (:mod:`lina_sim.workload.graph`); training policies
 partition and order them (:mod:`lina_sim.policies.training.base`); the simulator's engine
 and the torch.distributed runtime execute them. Frozen dataclasses only, so policies stay
 free of simpy and torch (docs/ARCHITECTURE.md, "pure policies").
 
-Units: bytes.
+Units: bytes, seconds.
 """
 
 from __future__ import annotations
@@ -79,3 +80,35 @@ class MicroOp:
     @property
     def is_a2a(self) -> bool:
         return self.kind == ALL_TO_ALL
+
+
+@dataclass(frozen=True)
+class PackingEstimate:
+    """What one packing k costs, from the caller's timing functions (s), each op or
+    collective timed alone:
+
+    - ``ffn_micro_op_s`` / ``a2a_micro_op_s``: one forward expert-FFN micro-op and one
+      dispatch all-to-all micro-op (what the paper's packing rule compares);
+    - per step: ``compute_s`` (every compute op), ``backward_compute_s`` (those of the
+      backward), ``a2a_s`` (every all-to-all, one after another), ``dense_allreduce_s``
+      and ``expert_allreduce_s`` (each communicator's gradients as one allreduce; 0 where
+      the communicator has one rank).
+    """
+
+    ffn_micro_op_s: float
+    a2a_micro_op_s: float
+    compute_s: float = 0.0
+    backward_compute_s: float = 0.0
+    a2a_s: float = 0.0
+    dense_allreduce_s: float = 0.0
+    expert_allreduce_s: float = 0.0
+
+    @property
+    def step_s(self) -> float:
+        """The step time of a schedule that never runs an allreduce beside an all-to-all
+        (Lina's) and hides allreduce behind backward compute where it can: compute, then
+        all-to-all, then the allreduce the backward compute cannot cover (s). An
+        estimate for comparing packings, not a prediction: pipelining's overlap of
+        all-to-all and FFN is left out (it is the same r for every k)."""
+        allreduce = self.dense_allreduce_s + self.expert_allreduce_s
+        return self.compute_s + self.a2a_s + max(0.0, allreduce - self.backward_compute_s)

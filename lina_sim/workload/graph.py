@@ -27,7 +27,7 @@ from typing import Any
 
 from lina_sim.config.fields import Field
 from lina_sim.errors import ConfigError
-from lina_sim.workload.comm import ALL_TO_ALL, GradRequest, MicroOp
+from lina_sim.workload.comm import ALL_TO_ALL, GradRequest, MicroOp, PackingEstimate
 from lina_sim.workload.model import ModelSpec
 
 COMPUTE, ALLREDUCE = "compute", "allreduce"
@@ -632,10 +632,12 @@ def micro_op_estimates(
     pipeline_degree: int,
     ffn_time: Callable[[Op], float],
     a2a_time: Callable[[Op, Communicator], float],
-) -> dict[int, tuple[float, float]]:
-    """For every valid packing k: (one forward expert-FFN micro-op's time, one dispatch
-    all-to-all micro-op's time run alone), from the caller's timing functions (a compute
-    model and the network). Feed it to ``policy.experts_per_device``."""
+    allreduce_time: Callable[[float, Communicator], float] | None = None,
+) -> dict[int, PackingEstimate]:
+    """For every valid packing k, its :class:`PackingEstimate` from the caller's timing
+    functions (a compute model for every compute op, and the network for an all-to-all
+    op and, with ``allreduce_time(bytes, communicator)``, a gradient allreduce, each run
+    alone). Feed it to ``policy.experts_per_device``."""
     n = _world(cluster)
     out = {}
     model = model.resolve(n)
@@ -644,8 +646,35 @@ def micro_op_estimates(
     for k in packing_candidates(model, n):
         g = build_training_graph(model, n, k, pipeline_degree)
         ffn = next(o for o in g.ops if o.role == "ffn" and o.phase == FWD and model.is_moe(o.layer))
-        a2a = next(o for o in g.ops if o.kind == ALL_TO_ALL)
-        out[k] = (ffn_time(ffn), a2a_time(a2a, g.communicators["ep"]))
+        ep = g.communicators["ep"]
+        a2a_by_bytes: dict[float, float] = {}
+        a2a_s = 0.0
+        compute_s = backward_s = 0.0
+        for o in g.ops:
+            if o.kind == ALL_TO_ALL:
+                if o.bytes not in a2a_by_bytes:
+                    a2a_by_bytes[o.bytes] = a2a_time(o, ep)
+                a2a_s += a2a_by_bytes[o.bytes]
+            else:
+                t = ffn_time(o)
+                compute_s += t
+                backward_s += t if o.phase == BWD else 0.0
+        allreduce = {"dp": 0.0, "expert_dp": 0.0}
+        if allreduce_time is not None:
+            for name in allreduce:
+                nbytes = sum(r.nbytes for r in g.grad_requests if r.communicator == name)
+                comm = g.communicators[name]
+                allreduce[name] = allreduce_time(nbytes, comm) if nbytes > 0 and comm.size > 1 else 0.0
+        first_a2a = next(o for o in g.ops if o.kind == ALL_TO_ALL)
+        out[k] = PackingEstimate(
+            ffn_time(ffn),
+            a2a_by_bytes[first_a2a.bytes],
+            compute_s,
+            backward_s,
+            a2a_s,
+            allreduce["dp"],
+            allreduce["expert_dp"],
+        )
     return out
 
 
@@ -655,17 +684,19 @@ def graph_for_policy(
     policy: Any,
     ffn_time: Callable[[Op], float] | None = None,
     a2a_time: Callable[[Op, Communicator], float] | None = None,
+    allreduce_time: Callable[[float, Communicator], float] | None = None,
 ) -> TrainingGraph:
     """The step graph shaped by ``policy``: its pipelining degree and its packing.
 
     A policy that packs experts (``lina``) needs ``ffn_time`` (e.g. a compute model's
-    ``op_time``) and ``a2a_time`` (an all-to-all op run alone on its communicator, from
-    the network) to estimate one FFN and one all-to-all micro-op per packing.
+    ``op_time``, used for every compute op) and ``a2a_time`` (an all-to-all op run alone
+    on its communicator, from the network), and ``allreduce_time`` (bytes on a
+    communicator, alone) for its cost rule to see the gradient allreduces.
     """
     n = _world(cluster)
     model = model.resolve(n)
     estimates = None
     if ffn_time is not None and a2a_time is not None:
-        estimates = micro_op_estimates(model, n, policy.pipeline_degree, ffn_time, a2a_time)
+        estimates = micro_op_estimates(model, n, policy.pipeline_degree, ffn_time, a2a_time, allreduce_time)
     k = policy.experts_per_device(packing_candidates(model, n), estimates)
     return build_training_graph(model, n, k, policy.pipeline_degree)

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 from lina_sim.config.fields import Field, check_fields
 from lina_sim.errors import ConfigError
-from lina_sim.workload.comm import ALL_TO_ALL, ALLREDUCE, GradRequest, MicroOp
+from lina_sim.workload.comm import ALL_TO_ALL, ALLREDUCE, GradRequest, MicroOp, PackingEstimate
 
 NO_GAP = 2**62  # RankView.first_owed_gap when no planned micro-op is owed
 
@@ -189,14 +189,15 @@ class TrainingPolicy:
         return tuple(micro_ops)
 
     def experts_per_device(
-        self, candidates: Sequence[int], estimates: Mapping[int, tuple[float, float]] | None = None
+        self, candidates: Sequence[int], estimates: Mapping[int, PackingEstimate] | None = None
     ) -> int:
         """Experts per device to use, among the valid ``candidates`` (ascending).
 
-        ``estimates[k] = (ffn_micro_op_s, a2a_micro_op_s)`` for packing ``k``: the caller's
-        estimate of one expert-FFN micro-op and one all-to-all micro-op run alone. The
-        default takes the smallest valid packing (one expert per device when experts =
-        GPUs) and ignores the estimates.
+        ``estimates[k]``: the caller's :class:`lina_sim.workload.comm.PackingEstimate` of
+        packing ``k`` (one expert-FFN and one all-to-all micro-op, and the step's compute,
+        all-to-all and gradient allreduce, each alone). The default takes the smallest
+        valid packing (one expert per device when experts = GPUs) and ignores the
+        estimates.
         """
         if not candidates:
             raise ConfigError("experts_per_device", "no valid packing for this model and cluster")

@@ -33,8 +33,13 @@
   (:func:`~lina_sim.policies.training.grad_sync.partition_buckets`). Lina's source is not
   public, so which one it does is not known (docs/gradient-sync-research.md, section 3).
 - The all-to-all and expert FFN are pipelined in ``pipeline_degree`` chunks.
-- Experts are packed onto devices (1, 2, 4, ...) while one FFN micro-op is still shorter
-  than one all-to-all micro-op.
+- Experts per device (``packing``): ``cost`` (default) takes the valid packing with the
+  lowest estimated step time (:class:`lina_sim.workload.graph.PackingEstimate`: compute,
+  all-to-all and the allreduce backward compute cannot cover, expert-gradient
+  allreduces among the replicas packing creates included); ``paper`` doubles the packing
+  (1, 2, 4, ...) while one FFN micro-op is still shorter than one all-to-all micro-op,
+  the paper's rule, which ignores the expert-gradient allreduce; ``off`` keeps one
+  expert per device.
 
 Pure: no simpy, no torch.
 """
@@ -57,9 +62,10 @@ from lina_sim.policies.training.base import (
 )
 from lina_sim.policies.training.deepspeed import DeepSpeedPolicy
 from lina_sim.policies.training.grad_sync import FRAMEWORKS, framework_buckets, partition_buckets
-from lina_sim.workload.comm import MB, GradRequest, MicroOp
+from lina_sim.workload.comm import MB, GradRequest, MicroOp, PackingEstimate
 
 HOLDS = ("moe-block", "a2a")
+PACKINGS = ("cost", "paper", "off")
 LAUNCHES = ("planned", "local")
 PARTITIONS = ("tensor", "bucket")
 
@@ -79,7 +85,11 @@ class LinaPolicy(TrainingPolicy):
         ),
         "pipeline_degree": pipeline_param(2),
         "packing": Field(
-            bool, True, help="pack experts onto devices while an FFN micro-op is shorter than an all-to-all micro-op"
+            object,
+            "cost",
+            predicate=lambda v: v in PACKINGS or isinstance(v, bool),
+            allowed=f"{', '.join(PACKINGS)} (true: cost, false: off)",
+            help="how experts per device are chosen: estimated step cost, the paper's rule, or one per device",
         ),
         "max_experts_per_device": Field(int, 16, minimum=1, help="most experts packing puts on one device"),
         "hold": Field(str, "moe-block", choices=HOLDS, help="with launch: local, what holds allreduce back"),
@@ -117,7 +127,7 @@ class LinaPolicy(TrainingPolicy):
     partition_of: str
     framework: str
     fuse_below_mb: float
-    packing: bool
+    packing: str | bool
     max_experts_per_device: int
     hold: str
     launch: str
@@ -196,28 +206,36 @@ class LinaPolicy(TrainingPolicy):
             gaps[m.id] = gap
         return tuple(dataclasses.replace(m, gap=gaps[m.id]) if m.id in gaps else m for m in micro_ops)
 
+    @property
+    def packing_rule(self) -> str:
+        """``packing`` as one of :data:`PACKINGS` (``true`` is ``cost``, ``false`` ``off``)."""
+        if isinstance(self.packing, bool):
+            return "cost" if self.packing else "off"
+        return self.packing
+
     def experts_per_device(
-        self, candidates: Sequence[int], estimates: Mapping[int, tuple[float, float]] | None = None
+        self, candidates: Sequence[int], estimates: Mapping[int, PackingEstimate] | None = None
     ) -> int:
-        """Double the packing while one FFN micro-op is shorter than one all-to-all
-        micro-op (both from the caller's ``estimates``), staying within ``candidates``
-        and ``max_experts_per_device``."""
+        """Experts per device by ``packing`` (see the module docstring), among
+        ``candidates`` up to ``max_experts_per_device``, from the caller's ``estimates``."""
         k = super().experts_per_device(candidates)
-        if not self.packing:
+        rule = self.packing_rule
+        if rule == "off":
             return k
         if estimates is None:
-            raise ValueError("lina needs estimates {k: (ffn_micro_op_s, a2a_micro_op_s)} to choose a packing")
-        valid = set(candidates)
-        while 2 * k in valid and 2 * k <= self.max_experts_per_device:
-            ffn_s, a2a_s = estimates[k]
-            if not ffn_s < a2a_s:
+            raise ValueError("lina needs estimates {k: PackingEstimate} to choose a packing")
+        valid = [c for c in candidates if c <= self.max_experts_per_device] or [k]
+        if rule == "cost":
+            return min(valid, key=lambda c: (estimates[c].step_s, c))
+        while 2 * k in valid:
+            if not estimates[k].ffn_micro_op_s < estimates[k].a2a_micro_op_s:
                 break
             k *= 2
         return k
 
 
 # The ablations turn packing off by default (it can still be turned on).
-_no_packing = dataclasses.replace(LinaPolicy.PARAMS["packing"], default=False)
+_no_packing = dataclasses.replace(LinaPolicy.PARAMS["packing"], default="off")
 
 
 class LinaPriorityPolicy(LinaPolicy):
