@@ -214,7 +214,7 @@ def ranking_summary(j) -> str:
     first = j.groupby("point").first()
     k = int(first["ranking_match"].sum())
     return (
-        f"ranking {'matches' if k == len(first) else 'differs'} at {k}/{len(first)} points; pairs of policies "
+        f"strict order of the policies the same at {k} of {len(first)} point(s); pairs of policies "
         f"the measurement resolves (> 2 s.e. apart) ordered alike: {int(first['pairs_agree'].sum())}/"
         f"{int(first['pairs_resolved'].sum())}"
     )
