@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from lina_sim.errors import ConfigError
@@ -23,14 +24,22 @@ _UNITS = {
 }
 
 
+# The largest size accepted: 1 PiB per rank, far beyond any accelerator's memory; beyond
+# it a typo (``99999999T``) would run for ever rather than fail.
+MAX_BYTES = 1 << 50
+# The most sizes one range may expand to (nccl-tests' -f 1.000001 would never finish).
+MAX_SIZES = 1000
+_SIZE_WORDS = f"a number >= 0 with an optional unit B, K, M, G, T (e.g. 64M, 1e6), at most {MAX_BYTES >> 40}T"
+
+
 def parse_size(text: str, field: str = "size") -> int:
-    """'64M' → 67108864 bytes (binary units, as nccl-tests)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    """'64M' → 67108864 bytes (binary units, as nccl-tests); '1e6' → 1000000."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).upper() not in _UNITS:
-        raise ConfigError(
-            field, f"cannot parse size {text!r}", "a non-negative number with an optional unit B, K, M, G, T (e.g. 64M)"
-        )
+        raise ConfigError(field, f"cannot parse size {text!r}", _SIZE_WORDS)
     value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not value <= MAX_BYTES:
+        raise ConfigError(field, f"size {text!r} is {value:.3g} bytes", _SIZE_WORDS)
     return int(value)
 
 
@@ -52,6 +61,9 @@ def parse_size_range(text: str, field: str = "--sizes") -> list[int]:
             raise ConfigError(field, f"factor must be a number > 1, got {parts[2]!r}")
     if lo <= 0 or hi < lo:
         raise ConfigError(field, f"need 0 < MIN <= MAX, got {text!r}")
+    count = int(math.floor(math.log(hi / lo) / math.log(factor) + 1e-9)) + 1
+    if count > MAX_SIZES:
+        raise ConfigError(field, f"{text!r} gives {count} sizes", f"at most {MAX_SIZES} sizes (a larger FACTOR)")
     sizes, s = [], float(lo)
     while s <= hi * (1 + 1e-12):
         sizes.append(int(s))
