@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -117,3 +118,17 @@ def test_run_command_bad_input_is_one_line(tmp_path):
         timeout=120,
     )
     assert r.returncode == 2 and "file not found" in r.stderr
+
+
+def test_profile_and_trace_paths_resolve_beside_the_scenario_from_any_directory(tmp_path, monkeypatch):
+    """A scenario's profile (cluster.preset) and traces are found as written from the
+    working directory, else beside the scenario file or one level up."""
+    from lina_sim.config.scenario import load_yaml
+    from lina_sim.serving.setup import resolve_inference
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    for name, resolve in (("testbed-training.yaml", resolve_training), ("testbed-inference.yaml", resolve_inference)):
+        path = root / "scenarios" / name
+        (sc,) = expand(load_yaml(path), source=str(path))
+        assert resolve(sc).cluster.name  # the profile was found from tmp_path

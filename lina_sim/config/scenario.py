@@ -83,6 +83,22 @@ class Scenario:
     def seed(self) -> int:
         return int(self.data.get("seed", 0))
 
+    def find(self, written: str) -> Path:
+        """A file a scenario names (a trace, a profile) as :func:`beside`."""
+        return beside(written, self.source)
+
+
+def beside(written: str, source: str) -> Path:
+    """A relative path as a scenario file writes it: from the working directory if it
+    exists there; else beside the scenario file ``source``, or one level up
+    (``scenarios/`` sits beside ``traces/`` in the repository), so that a scenario runs
+    from any directory. The path as written when none exists (its reader then names it)."""
+    path = Path(written)
+    if path.is_absolute() or path.exists() or source in ("<memory>", ""):
+        return path
+    here = Path(source).resolve().parent
+    return next((c for c in (here / written, here.parent / written) if c.exists()), path)
+
 
 # -- field paths ----------------------------------------------------------------------
 def _split(path: str) -> list[tuple[str, str | None]]:

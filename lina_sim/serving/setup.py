@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from lina_sim.config.fields import Field, check_fields, check_mapping, declared
-from lina_sim.config.scenario import Scenario
+from lina_sim.config.scenario import Scenario, beside
 from lina_sim.errors import ConfigError, RoutingTraceError
 from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.network.collectives import ALGORITHMS, algorithm_field
@@ -159,16 +159,7 @@ class InferenceSetup:
 
 
 def _trace_paths(v: str | list[str], source: str) -> tuple[Path, ...]:
-    out = []
-    for p in v if isinstance(v, list) else [v]:
-        path = Path(p)
-        if not path.is_absolute() and not path.exists() and source not in ("<memory>", ""):
-            # Relative to the working directory first; else beside the scenario file or
-            # one level up (scenarios/ sits beside traces/ in the repository).
-            here = Path(source).resolve().parent
-            path = next((c for c in (here / p, here.parent / p) if c.exists()), path)
-        out.append(path)
-    return tuple(out)
+    return tuple(beside(p, source) for p in (v if isinstance(v, list) else [v]))
 
 
 def _load_traces(paths: tuple[Path, ...]) -> RoutingTrace:
@@ -198,7 +189,7 @@ def resolve_inference(sc: Scenario) -> InferenceSetup:
     for key in ("steps",):
         if key in d:
             raise ConfigError(key, "only allowed in a training scenario (kind: training)")
-    cluster, model = resolve_cluster_and_model(d)
+    cluster, model = resolve_cluster_and_model(d, sc.source)
     policies = parse_placement_policies(d.get("policies"))
 
     if d.get("compute") is not None:

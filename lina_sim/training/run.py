@@ -133,7 +133,7 @@ def _algos(block: Any, cluster: ClusterSpec | None = None) -> CollectiveAlgos:
 def resolve_training(sc: Scenario) -> TrainingSetup:
     """Validate every field of a training scenario, naming the YAML path of any error."""
     d = sc.data
-    cluster, model = resolve_cluster_and_model(d)
+    cluster, model = resolve_cluster_and_model(d, sc.source)
     policies = parse_policies(d.get("policies"))
     steps = STEPS.get(d, "steps", "")
     for key in ("serving",):
