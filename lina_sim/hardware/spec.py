@@ -107,10 +107,11 @@ class NcclSpec:
       overhead per ring step (dimensionless).
     - ``nvls_efficiency``: NVLink SHARP's fraction of the switch ports' bandwidth, in place
       of NCCL's per-architecture ``nvlsEfficiency`` (``None``: NCCL's).
-    - ``simple_latency_scale``: multiplies the latency of the Simple protocol on top of
-      the scales above (dimensionless): Simple moves data in large pipelined chunks, and
-      a measured cluster shows how much more than NCCL's estimate filling that pipeline
-      costs, which the LL protocols (small sizes) do not identify.
+    - ``simple_latency_scale``: multiplies the intra-node latencies (base and NVLink/PCI
+      hops) of the Simple protocol on top of ``intra_latency_scale`` (dimensionless):
+      Simple moves data in large pipelined chunks, and a measured cluster shows how much
+      more than NCCL's estimate filling that pipeline costs, which the LL protocols
+      (small sizes) do not identify.
 
     NCCL still *chooses* an algorithm and protocol with its own constants; these
     corrections change how long the chosen pair takes.

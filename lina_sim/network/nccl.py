@@ -327,19 +327,18 @@ class NcclModel:
         return 2 * eff * port * (g - 1) / g
 
     def _latency(self, algo: str, p: int) -> float:
-        """Latency of a pair in µs, with the cluster's Simple-protocol correction."""
-        return self._nccl_latency(algo, p) * (self.shape.simple_scale if p == 2 else 1.0)
-
-    def _nccl_latency(self, algo: str, p: int) -> float:
         """Latency of a pair in µs (tuning.cc:384-435, AllReduce branches); intra-node hops
-        at NCCL's NVLink latencies, or its PCI ones for algorithms in ``shape.pci``."""
+        at NCCL's NVLink latencies, or its PCI ones for algorithms in ``shape.pci``; with
+        the cluster's corrections: every intra-node term (base and hops) scaled by
+        ``intra_scale`` and, for Simple, ``simple_scale``; network hops by ``net_scale``."""
         s = self.shape
-        intra = HW_LAT_US["pci" if algo in s.pci else "nvlink"][algo][p] * s.intra_scale
+        local = s.intra_scale * (s.simple_scale if p == 2 else 1.0)
+        intra = HW_LAT_US["pci" if algo in s.pci else "nvlink"][algo][p] * local
         # A lone GPU per node talks to the network at the tree's latency (2.23+).
         inter = HW_LAT_US["net"]["tree" if s.per_node == 1 else algo][p] * s.net_scale
         if algo == "nvls":
             return intra + (inter if s.nodes > 1 else 0.0)
-        lat = BASE_LAT_US[algo][p] * s.intra_scale
+        lat = BASE_LAT_US[algo][p] * local
         if algo == "tree":
             return lat + 2 * ((s.per_node - 1) * intra + log2i(s.nodes) * inter)
         n = s.ranks

@@ -293,10 +293,12 @@ class P2pComm:
         lat = 0.0
         for kind in np.unique(kinds):
             hw = nccl.HW_LAT_US[HW_OF_KIND[int(kind)]]["ring"]
-            hw_scale = self.net_scale if kind == NIC else self.intra_scale  # the cluster's measured corrections
             for p in np.unique(np.where(ll[kinds == kind], 0, 2)):
-                one = nccl.BASE_LAT_US["ring"][p] * self.intra_scale + batches * hw[p] * hw_scale
-                lat = max(lat, one * (self.simple_scale if p == 2 else 1.0))
+                # The cluster's measured corrections: intra-node terms by intra (and, for
+                # Simple, simple) scale, network hops by the network scale.
+                local = self.intra_scale * (self.simple_scale if p == 2 else 1.0)
+                hw_scale = self.net_scale if kind == NIC else local
+                lat = max(lat, nccl.BASE_LAT_US["ring"][p] * local + batches * hw[p] * hw_scale)
         net = kinds == NIC
         remote = int(np.bincount(src[net]).max()) if net.any() else 0
         overhead = nccl.NET_OVERHEAD_US["amd" if self.amd_host else "intel"] * self.net_scale

@@ -189,12 +189,13 @@ class _StepModel:
         batches = np.maximum(1.0, np.ceil(ops / nccl_p2p.P2P_PER_BATCH))
         ll = comm.is_ll(nbytes, nch, kinds[None, :]) & active
         p = np.where(ll, 0, 2)
-        base = np.array(nccl.BASE_LAT_US["ring"])[p] * comm.intra_scale
+        local = comm.intra_scale * np.where(p == 2, comm.simple_scale, 1.0)  # per flow, as P2pComm.latency
+        base = np.array(nccl.BASE_LAT_US["ring"])[p] * local
         hw = np.zeros((4, 3))
         for code, row in nccl_p2p.HW_OF_KIND.items():
-            scale = comm.net_scale if code == nccl_p2p.NIC else comm.intra_scale
-            hw[code] = np.array(nccl.HW_LAT_US[row]["ring"]) * scale
-        per_flow = (base + batches[:, None] * hw[kinds[None, :], p]) * np.where(p == 2, comm.simple_scale, 1.0)
+            hw[code] = nccl.HW_LAT_US[row]["ring"]
+        hw_scale = np.where((kinds == nccl_p2p.NIC)[None, :], comm.net_scale, local)
+        per_flow = base + batches[:, None] * hw[kinds[None, :], p] * hw_scale
         remote = ((active & (kinds == nccl_p2p.NIC)[None, :]) @ onehot).max(axis=1)
         overhead = nccl.NET_OVERHEAD_US["amd" if comm.amd_host else "intel"] * comm.net_scale
         lat = (np.where(active, per_flow, 0.0).max(axis=1) + remote * overhead) * nccl_p2p.US
