@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lina_sim.experiments.calibration import algo_for, calibrate
-from lina_sim.experiments.measured import measured_tables, read_measured, table_config
-from lina_sim.experiments.microbench import MB, compare_measured, shape_for
+from lina_sim.experiments.calibration import DEFAULT_MAX_ROWS, calibrate, compare_all, fit_tables
+from lina_sim.experiments.measured import measured_tables, read_measured
+from lina_sim.experiments.microbench import MB
 from lina_sim.hardware.spec import ClusterSpec, load_preset
 
 KB = 1 << 10
@@ -134,11 +134,9 @@ def band_errors(comparison: pd.DataFrame) -> pd.DataFrame:
 
 
 def _compare(cluster: ClusterSpec, tables: Sequence[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
-    frames = []
-    for label, t in tables:
-        config = table_config(label, t)
-        frames.append(compare_measured(shape_for(cluster, config, algo=algo_for(config.collective, None)), t))
-    return pd.concat(frames, ignore_index=True)
+    """Every table simulated on ``cluster`` with its collective's default algorithm (or
+    the one its run forced), all rows."""
+    return compare_all(cluster, fit_tables(tables, cluster, None, DEFAULT_MAX_ROWS))
 
 
 def cluster_accuracy(root: Path, mc: MeasuredCluster) -> pd.DataFrame:

@@ -47,16 +47,8 @@ class AloneTimes:
         self._cache: dict[tuple, float] = {}
 
     def __call__(self, op: str, nbytes: float, group: tuple[int, ...]) -> float:
-        key = (op, round(nbytes, 3), group)
-        if key not in self._cache:
-            sim = SimCluster(self.cluster, self.topology)
-            if op == "all_to_all":
-                p = sim.start(op, self.algos.all_to_all, group, nbytes)
-            else:
-                p = sim.start(op, self.algos.algo, group, nbytes, proto=self.algos.proto)
-            sim.env.run()
-            self._cache[key] = p.value.duration
-        return self._cache[key]
+        """``op`` on ``nbytes`` over one ``group`` (s)."""
+        return self.concurrent(op, nbytes, (tuple(group),))
 
     def concurrent(self, op: str, nbytes: float, groups: tuple[tuple[int, ...], ...]) -> float:
         """The time (s) until every group of a communicator has finished ``op`` on

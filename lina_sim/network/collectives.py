@@ -219,6 +219,11 @@ class Collectives:
         self._checked: dict[tuple, np.ndarray] = {}
         # ranks -> NCCL's cost table, and per algorithm its flow step and bytes per payload byte
         self._nccl: dict[bytes, tuple[nccl.NcclModel, dict[str, tuple[StepPattern, float]]]] = {}
+        # Whether NCCL's models apply (else ``auto`` and ``direct`` run the flat models),
+        # NCCL's p2p parameters per communicator, and each p2p call's step, by its shape.
+        self._nccl_gpu = nccl.knows_gpu(self.topo.cluster)
+        self._p2p_comms: dict[bytes, nccl_p2p.P2pComm] = {}
+        self._p2p_steps: dict[tuple, StepPattern] = {}
 
     # -- public API ----------------------------------------------------------------------
     def allreduce(
@@ -273,7 +278,7 @@ class Collectives:
         if algo not in NCCL_ALLREDUCE:
             return r, None
         forced = NCCL_ALLREDUCE[algo]
-        if forced is None and proto == "auto" and not self._nccl_knows_gpu():
+        if forced is None and proto == "auto" and not self._nccl_gpu:
             return r, None  # auto on a GPU NCCL's model cannot place: the flat ring
         return r, self._nccl_choice(r, nbytes, forced, None if proto == "auto" else proto)
 
@@ -451,17 +456,6 @@ class Collectives:
         except ConfigError as e:
             raise _in_our_names(e) from None
 
-    def _nccl_knows_gpu(self) -> bool:
-        """Whether NCCL's model can tell the cluster's GPU architecture (a CPU testbed's
-        cannot: there the runtime runs gloo, and ``auto`` the flat ring)."""
-        if not hasattr(self, "_nccl_gpu_known"):
-            try:
-                nccl.gpu_arch(self.topo.cluster)
-                self._nccl_gpu_known = True
-            except ConfigError:
-                self._nccl_gpu_known = False
-        return self._nccl_gpu_known
-
     def _nccl_allreduce(self, ranks: np.ndarray, nbytes: float, res: CollectiveResult, pair):
         """One step: the pair's modelled latency, then its layout's flows, each carrying
         ``share x S x inflation`` bytes (the protocol's overheads as extra bytes)."""
@@ -476,7 +470,7 @@ class Collectives:
     def _send_recv(self, ranks: np.ndarray, nbytes: float, res: CollectiveResult, flat: bool = False):
         if nbytes == 0:
             return
-        if flat or not self._nccl_knows_gpu():
+        if flat or not self._nccl_gpu:
             pat = self._pattern(("sendrecv", ranks.tobytes()), ranks, np.roll(ranks, -1))
             yield from self._step(pat, nbytes, res)
             return
@@ -489,11 +483,10 @@ class Collectives:
 
     def _p2p_comm(self, ranks: np.ndarray) -> nccl_p2p.P2pComm:
         """NCCL's p2p parameters of this communicator (cached)."""
-        cache = self.__dict__.setdefault("_p2p_comms", {})
         key = ranks.tobytes()
-        if key not in cache:
-            cache[key] = nccl_p2p.P2pComm.of(self.topo, _group_by_node(self.topo, ranks))
-        return cache[key]
+        if key not in self._p2p_comms:
+            self._p2p_comms[key] = nccl_p2p.P2pComm.of(self.topo, _group_by_node(self.topo, ranks))
+        return self._p2p_comms[key]
 
     def _p2p_step(self, key: tuple, ranks: np.ndarray, src_i, dst_i, nbytes, res: CollectiveResult, full=False):
         """One grouped NCCL p2p call: messages ``ranks[src_i] -> ranks[dst_i]`` of ``nbytes``
@@ -509,7 +502,7 @@ class Collectives:
         uniform = bool(on.all()) and bool(np.all(nbytes == unit))
         pairs = b"full" if full else np.stack([src_i, dst_i]).tobytes()
         wkey = b"" if uniform else np.round(nbytes / unit, 9).tobytes()
-        cache = self.__dict__.setdefault("_p2p_steps", {})
+        cache = self._p2p_steps
         ckey = key + (ranks.tobytes(), pairs, wkey, unit)
         if ckey not in cache:
             if not uniform:
@@ -536,7 +529,7 @@ class Collectives:
         yield from self._matrix_step(("a2a",), ranks, matrix, res)
 
     def _direct_a2a(self, ranks: np.ndarray, matrix: np.ndarray, res: CollectiveResult, key: tuple = ("a2a-p2p",)):
-        if not self._nccl_knows_gpu():
+        if not self._nccl_gpu:
             yield from self._matrix_step(key, ranks, matrix, res)
             return
         n = ranks.size

@@ -169,6 +169,16 @@ def gpu_arch(cluster: ClusterSpec) -> int:
     )
 
 
+def knows_gpu(cluster: ClusterSpec) -> bool:
+    """Whether the model can place the cluster's GPU (:func:`gpu_arch`); a CPU testbed's
+    cannot: there the runtime runs gloo, and lina-sim's flat models stand in."""
+    try:
+        gpu_arch(cluster)
+    except ConfigError:
+        return False
+    return True
+
+
 def log2i(x: int) -> int:
     """Floor of log2 for x >= 1, -1 for x <= 0 (NCCL's ``log2i``)."""
     return int(x).bit_length() - 1 if x > 0 else -1

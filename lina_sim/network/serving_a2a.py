@@ -328,7 +328,7 @@ class AllToAllTimer:
         self.n = n
         self.algo = algo
         p2p = None
-        if algo != "flat" and _nccl_knows(self.topology.cluster):
+        if algo != "flat" and nccl.knows_gpu(self.topology.cluster):
             nodes = self.topology.node_of(self.ranks)
             by_node = [self.ranks[nodes == k] for k in np.unique(nodes)]
             p2p = nccl_p2p.P2pComm.of(self.topology, by_node)
@@ -403,15 +403,6 @@ class AllToAllTimer:
             p2[:, :, l, :, l] = across[:, :, :, l]
         intra, inter = self._hier
         return intra.times(p1.reshape(I, n, n)) + inter.times(p2.reshape(I, n, n))
-
-
-def _nccl_knows(cluster: ClusterSpec) -> bool:
-    """Whether NCCL's model can place the cluster's GPU (as ``Collectives`` checks)."""
-    try:
-        nccl.gpu_arch(cluster)
-    except ConfigError:
-        return False
-    return True
 
 
 __all__ = ["AllToAllTimer"]

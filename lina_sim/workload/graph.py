@@ -178,6 +178,26 @@ class _GraphBuilder:
         self.expert_dp_size = world_size // self.ep_size
 
     # -- op creation --------------------------------------------------------------------
+    def expert_ffn_chunks(self, phase: str, l: int, inputs: list[int], rows: float, shape: str) -> list[int]:
+        """Layer ``l``'s expert FFN in ``r`` chunks, chunk c after ``inputs[c]`` (its
+        dispatch all-to-all forward, its combine backward)."""
+        r = len(inputs)
+        return [
+            self.compute(
+                f"L{l}.{phase}.ffn.c{c}",
+                "ffn",
+                phase,
+                l,
+                self.ffn_kernels(rows, self.k),
+                [inputs[c]],
+                rows,
+                shape,
+                chunk=c,
+                chunks=r,
+            )
+            for c in range(r)
+        ]
+
     def compute(
         self,
         name: str,
@@ -378,21 +398,7 @@ class _GraphBuilder:
                 # combine chunks: the a2a stream runs in program order, so chunk c+1's
                 # dispatch must precede chunk c's combine for FFN c to overlap it.
                 xs = [self.a2a(f"L{l}.fwd.dispatch.c{c}", "dispatch", FWD, l, [g], c) for c in range(r)]
-                fs = [
-                    self.compute(
-                        f"L{l}.fwd.ffn.c{c}",
-                        "ffn",
-                        FWD,
-                        l,
-                        self.ffn_kernels(rows, self.k),
-                        [xs[c]],
-                        rows,
-                        ffn_shape,
-                        chunk=c,
-                        chunks=r,
-                    )
-                    for c in range(r)
-                ]
+                fs = self.expert_ffn_chunks(FWD, l, xs, rows, ffn_shape)
                 outs = [self.a2a(f"L{l}.fwd.combine.c{c}", "combine", FWD, l, [fs[c]], c) for c in range(r)]
                 prev_out = outs
             else:
@@ -421,21 +427,7 @@ class _GraphBuilder:
             if m.is_moe(l):
                 rows = T * m.top_k * m.capacity_factor / r
                 xs = [self.a2a(f"L{l}.bwd.combine.c{c}", "combine", BWD, l, [last], c) for c in range(r)]
-                fs = [
-                    self.compute(
-                        f"L{l}.bwd.ffn.c{c}",
-                        "ffn",
-                        BWD,
-                        l,
-                        self.ffn_kernels(rows, self.k),
-                        [xs[c]],
-                        rows,
-                        ffn_shape,
-                        chunk=c,
-                        chunks=r,
-                    )
-                    for c in range(r)
-                ]
+                fs = self.expert_ffn_chunks(BWD, l, xs, rows, ffn_shape)
                 dispatch = [self.a2a(f"L{l}.bwd.dispatch.c{c}", "dispatch", BWD, l, [fs[c]], c) for c in range(r)]
                 # Expert weight gradients accumulate over chunks: ready after the last one.
                 self.grad(by_module.get((l, "expert"), []), fs[-1])

@@ -42,6 +42,19 @@ BUCKET_MB = Field(
 )
 
 
+def grad_sync_field(real: str, says: str) -> Field:
+    """A baseline's ``grad_sync`` parameter: ``ddp-25mb`` (the default: 25 MB buckets
+    during backward, as the Lina comparison assumed) or ``real``, the system's own path,
+    described by ``says``."""
+    return Field(
+        str,
+        "ddp-25mb",
+        choices=("ddp-25mb", real),
+        help=f"how gradients are reduced: ddp-25mb (25 MB buckets during backward, as the Lina comparison "
+        f"assumed) or {says}",
+    )
+
+
 class DeepSpeedPolicy(TrainingPolicy):
     """DeepSpeed-MoE. No pipelining (r = 1), one expert per device. Gradients, by
     ``grad_sync``:
@@ -60,16 +73,9 @@ class DeepSpeedPolicy(TrainingPolicy):
       (:func:`~lina_sim.policies.training.grad_sync.zero_buckets`).
     """
 
-    GRAD_SYNCS: ClassVar[tuple[str, ...]] = ("ddp-25mb", "zero")
     PARAMS: ClassVar[dict[str, Field]] = {
         "bucket_mb": BUCKET_MB,
-        "grad_sync": Field(
-            str,
-            "ddp-25mb",
-            choices=GRAD_SYNCS,
-            help="how gradients are reduced: ddp-25mb (buckets during backward, as the Lina comparison "
-            "assumed) or zero (DeepSpeed's default: ZeRO 0/1 buckets after backward)",
-        ),
+        "grad_sync": grad_sync_field("zero", "zero (DeepSpeed's default: ZeRO 0/1 buckets after backward)"),
         "bucket_elems": Field(
             float,
             DS_BUCKET_ELEMS,
@@ -127,15 +133,8 @@ class TutelPolicy(DeepSpeedPolicy):
       same DDP buckets on their own communicator, as a second reducer would.
     """
 
-    GRAD_SYNCS: ClassVar[tuple[str, ...]] = ("ddp-25mb", "ddp")
     PARAMS: ClassVar[dict[str, Field]] = {
         "bucket_mb": BUCKET_MB,
-        "grad_sync": Field(
-            str,
-            "ddp-25mb",
-            choices=GRAD_SYNCS,
-            help="how gradients are reduced: ddp-25mb (25 MB buckets, as the Lina comparison assumed) or ddp "
-            "(PyTorch DDP: 1 MiB first bucket, 25 MiB after, in-order launches)",
-        ),
+        "grad_sync": grad_sync_field("ddp", "ddp (PyTorch DDP: 1 MiB first bucket, 25 MiB after, in-order launches)"),
         "pipeline_degree": pipeline_param(2),
     }
