@@ -32,7 +32,7 @@ import torch.distributed as dist
 from lina_sim.errors import LinaSimError
 from lina_sim.policies.training.base import RankScheduler, TrainingPolicy, owed_per_gap, submission_order
 from lina_sim.results.timeline import Event
-from lina_sim.workload.comm import MicroOp
+from lina_sim.workload.comm import MicroOp, piece_ranges
 from lina_sim.workload.graph import Op, TrainingGraph
 
 WAIT_TIMEOUT_S = 120.0  # one collective; a dead peer surfaces as gloo's own error first
@@ -319,6 +319,7 @@ class GradSync:
     ):
         self.sched, self.tensors, self.groups, self.expected = sched, tensors, groups, expected
         self.mops = submission_order(mops)
+        self._ranges = piece_ranges(self.mops)
         self.hooks = []
         users: dict[torch.nn.Parameter, list[int]] = collections.defaultdict(list)
         self._need = []
@@ -353,13 +354,14 @@ class GradSync:
             self._next += 1
 
     def _segments(self, m: MicroOp) -> list[torch.Tensor]:
-        """Flat views of the gradient elements micro-op ``m`` carries, in order: a
-        piece is a whole tensor, or slice ``chunk`` of ``chunks`` of one."""
+        """Flat views of the gradient elements micro-op ``m`` carries, in order: for each
+        piece, the range of its tensor that :func:`lina_sim.workload.comm.piece_ranges`
+        gives (a whole tensor, a chunk of one, or part of a framework bucket)."""
         segs = []
-        for name, _ in m.pieces:
+        for name, lo_f, hi_f in self._ranges[m.id]:
             flat = [p.grad.view(-1) for p in self.tensors[name]]
             total = sum(f.numel() for f in flat)
-            lo, hi = (m.chunk * total // m.chunks, (m.chunk + 1) * total // m.chunks) if m.chunks > 1 else (0, total)
+            lo, hi = round(lo_f * total), round(hi_f * total)
             off = 0
             for f in flat:
                 a, b = max(lo - off, 0), min(hi - off, f.numel())

@@ -32,6 +32,8 @@ ALL_POLICIES = [
     "lina-priority",
     "lina-partition",
     {"name": "lina", "micro_op_mb": 0.002},
+    # Micro-ops cut across the framework's bucket: pieces start and end inside tensors.
+    {"name": "lina", "label": "lina-bucket", "micro_op_mb": 0.002, "partition_of": "bucket"},
     "no-contention",
 ]
 

@@ -16,7 +16,7 @@ from lina_sim.policies.training.grad_sync import (
     zero_buckets,
 )
 from lina_sim.training.engine import TrainingEngine
-from lina_sim.workload.comm import MB, GradRequest
+from lina_sim.workload.comm import MB, GradRequest, piece_ranges
 from lina_sim.workload.graph import build_training_graph
 from lina_sim.workload.model import PRESETS, model_preset
 
@@ -73,6 +73,23 @@ def test_partitioning_never_changes_the_volume(name, params, preset):
     # seq numbers every communicator 0..n-1 in submission order
     for comm in want:
         assert [m.seq for m in mops if m.communicator == comm] == list(range(sum(m.communicator == comm for m in mops)))
+
+
+@pytest.mark.parametrize("name,params", OPTIONS + [("lina", {"partition_of": "bucket", "micro_op_mb": 7})])
+def test_piece_ranges_tile_every_tensor_once(name, params):
+    """What the executor reduces (piece_ranges): every tensor's [0, 1) split into
+    consecutive ranges with no gap or overlap, however the micro-ops cut it (a 7 MB cut
+    of 25 MB buckets starts and ends inside tensors)."""
+    g = _graph("gpt2-moe")
+    mops = make_training_policy(name, **params).partition_gradients(g.grad_requests)
+    spans = defaultdict(list)
+    for m in sorted(mops, key=lambda m: (m.communicator, m.seq)):
+        for t, lo, hi in piece_ranges(mops)[m.id]:
+            spans[t].append((lo, hi))
+    assert set(spans) == {r.name for r in g.grad_requests}
+    for t, ranges in spans.items():
+        assert ranges[0][0] == 0.0 and ranges[-1][1] == pytest.approx(1.0, abs=1e-12), t
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), t
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

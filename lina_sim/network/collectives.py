@@ -44,6 +44,8 @@ Units: bytes, seconds.
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
@@ -214,16 +216,21 @@ class Collectives:
         self.pipelined = pipelined
         self.env: simpy.Environment = net.env
         self.topo = net.topology
-        self._pattern_cache: dict[tuple, StepPattern] = {}
-        self._rings: dict[bytes, tuple[StepPattern, int]] = {}  # ranks -> (step pattern, channels)
-        self._checked: dict[tuple, np.ndarray] = {}
+        # Everything below depends on the topology alone, so every Collectives on one
+        # Topology (each policy's step, each alone-time measurement) shares it: a 1024-rank
+        # all-to-all's routes are worked out once, not once per simulation.
+        c = _shared_caches(self.topo)
+        self._pattern_cache: dict[tuple, StepPattern] = c["patterns"]
+        self._rings: dict[bytes, tuple[StepPattern, int]] = c["rings"]  # ranks -> (step pattern, channels)
+        self._checked: dict[tuple, np.ndarray] = c["checked"]
         # ranks -> NCCL's cost table, and per algorithm its flow step and bytes per payload byte
-        self._nccl: dict[bytes, tuple[nccl.NcclModel, dict[str, tuple[StepPattern, float]]]] = {}
+        self._nccl: dict[bytes, tuple[nccl.NcclModel, dict[str, tuple[StepPattern, float]]]] = c["nccl"]
         # Whether NCCL's models apply (else ``auto`` and ``direct`` run the flat models),
         # NCCL's p2p parameters per communicator, and each p2p call's step, by its shape.
         self._nccl_gpu = nccl.knows_gpu(self.topo.cluster)
-        self._p2p_comms: dict[bytes, nccl_p2p.P2pComm] = {}
-        self._p2p_steps: dict[tuple, StepPattern] = {}
+        self._p2p_comms: dict[bytes, nccl_p2p.P2pComm] = c["p2p_comms"]
+        self._p2p_steps: dict[tuple, StepPattern] = c["p2p_steps"]
+        self._choices: dict[tuple, tuple[str, str]] = c["choices"]  # (ranks, bytes, forced) -> NCCL's pair
 
     # -- public API ----------------------------------------------------------------------
     def allreduce(
@@ -288,6 +295,13 @@ class Collectives:
         in ``all_to_all_single``) or an [n, n] matrix of bytes from rank i to rank j."""
         check_algo("all_to_all", algo)
         r = self._ranks(ranks)
+        if algo == "direct" and self._nccl_gpu and np.isscalar(send):
+            # Even split, the training step's case: no [n, n] matrix (8 MB at 1024 ranks).
+            total = float(send)
+            if not total >= 0:
+                raise ConfigError("size", f"must be >= 0 bytes, got {send}")
+            res = CollectiveResult("all_to_all", algo, r, total, self.env.now, tag=tag)
+            return self.env.process(self._run(self._p2p_step(("a2a-p2p",), r, None, None, total / r.size, res), res))
         matrix = send_matrix(send, r.size)
         if algo == "hierarchical":
             _equal_per_node(_group_by_node(self.topo, r), "hierarchical all_to_all")
@@ -451,10 +465,13 @@ class Collectives:
         if ranks.size == 1 or nbytes == 0:
             nccl.check_names(algo, proto)
             return None
-        try:
-            return self._nccl_tables(ranks)[0].choose(nbytes, algo, proto)
-        except ConfigError as e:
-            raise _in_our_names(e) from None
+        key = (ranks.tobytes(), nbytes, algo, proto)
+        if key not in self._choices:  # a step asks again for every micro-op of a size
+            try:
+                self._choices[key] = self._nccl_tables(ranks)[0].choose(nbytes, algo, proto)
+            except ConfigError as e:
+                raise _in_our_names(e) from None
+        return self._choices[key]
 
     def _nccl_allreduce(self, ranks: np.ndarray, nbytes: float, res: CollectiveResult, pair):
         """One step: the pair's modelled latency, then its layout's flows, each carrying
@@ -494,17 +511,25 @@ class Collectives:
         p2p model's latency; each flow group carries its bytes times its inflation
         (:func:`lina_sim.network.nccl_p2p.P2pComm.inflation`, with the rate the group gets
         when every flow of the call runs)."""
-        nbytes = np.asarray(nbytes, dtype=np.float64)
-        on = nbytes > 0
-        if not on.any():
-            return
-        unit = float(nbytes.max())
-        uniform = bool(on.all()) and bool(np.all(nbytes == unit))
+        if src_i is None:  # every ordered pair, each ``nbytes`` (a number)
+            unit, uniform, full = float(nbytes), True, True
+            if not unit > 0 or ranks.size < 2:
+                return
+        else:
+            nbytes = np.asarray(nbytes, dtype=np.float64)
+            on = nbytes > 0
+            if not on.any():
+                return
+            unit = float(nbytes.max())
+            uniform = bool(on.all()) and bool(np.all(nbytes == unit))
         pairs = b"full" if full else np.stack([src_i, dst_i]).tobytes()
         wkey = b"" if uniform else np.round(nbytes / unit, 9).tobytes()
         cache = self._p2p_steps
         ckey = key + (ranks.tobytes(), pairs, wkey, unit)
         if ckey not in cache:
+            if src_i is None:
+                src_i, dst_i = _off_diagonal(ranks.size)
+                nbytes = np.full(src_i.size, unit)
             if not uniform:
                 src_i, dst_i, nbytes = src_i[on], dst_i[on], nbytes[on]
             weight = None if uniform else nbytes / unit
@@ -532,8 +557,7 @@ class Collectives:
         if not self._nccl_gpu:
             yield from self._matrix_step(key, ranks, matrix, res)
             return
-        n = ranks.size
-        src_i, dst_i = np.nonzero(~np.eye(n, dtype=bool))
+        src_i, dst_i = _off_diagonal(ranks.size)
         yield from self._p2p_step(key, ranks, src_i, dst_i, matrix[src_i, dst_i], res, full=True)
 
     def _matrix_step(self, key: tuple, ranks: np.ndarray, matrix: np.ndarray, res: CollectiveResult):
@@ -591,6 +615,25 @@ def send_matrix(send, n: int) -> np.ndarray:
     if not np.all(np.isfinite(m)) or (m < 0).any():
         raise ConfigError("send_matrix", "entries must be finite and >= 0 bytes")
     return m
+
+
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _shared_caches(topo) -> dict[str, dict]:
+    """The pattern, ring, NCCL and p2p caches of ``topo``, alive as long as it is."""
+    if topo not in _CACHES:
+        _CACHES[topo] = {k: {} for k in ("patterns", "rings", "checked", "nccl", "p2p_comms", "p2p_steps", "choices")}
+    return _CACHES[topo]
+
+
+@functools.lru_cache(maxsize=16)
+def _off_diagonal(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every ordered pair (i, j), i != j, of ``n`` ranks in ``np.nonzero(~eye)`` order
+    (read-only; a 1024-rank all-to-all would otherwise rebuild its million pairs per call)."""
+    src, dst = np.nonzero(~np.eye(n, dtype=bool))
+    src.flags.writeable = dst.flags.writeable = False
+    return src, dst
 
 
 def _group_by_node(topo, ranks: np.ndarray) -> list[np.ndarray]:

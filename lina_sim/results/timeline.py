@@ -9,6 +9,7 @@ Plots, breakdowns, Chrome traces and the sim-vs-real comparison read only this t
 from __future__ import annotations
 
 import json
+import operator
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -73,7 +74,8 @@ class Timeline:
 
 def events_to_frame(events: Iterable[Event]) -> pd.DataFrame:
     names = [f.name for f in fields(Event)]
-    rows = [tuple(getattr(e, n) for n in names) for e in events]
+    row = operator.attrgetter(*names)  # one C call per event: a 1024-GPU step has ~10^6
+    rows = [row(e) for e in events]
     df = pd.DataFrame.from_records(rows, columns=names)
     return df[list(COLUMNS)].astype(DTYPES)
 

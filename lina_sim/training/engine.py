@@ -173,6 +173,8 @@ class _StepRun:
                 st.grads_done.succeed()
         self.ops = g.ops
         self.compute_ops = [o for o in self.ops if o.kind == "compute"]
+        # Every rank runs the same op for the same time: price each op once, not per rank.
+        self.compute_times = [self.op_time(o) for o in self.compute_ops]
         # (micro-op id, group) -> ranks whose stream has that collective at its head.
         self.arrivals: dict[tuple[str, tuple[int, ...]], list[int]] = {}
 
@@ -276,8 +278,8 @@ class _StepRun:
         """Process: the rank's compute stream, running every compute op in program order
         once its dependencies (and, for the optimizer step, every gradient) are done;
         an op takes ``op_time(op)`` s, on the shared host cores if there are any."""
-        env, cores, tl, op_time = self.env, self.cores, self.timeline, self.op_time
-        for op in self.compute_ops:
+        env, cores, tl = self.env, self.cores, self.timeline
+        for op, dur in zip(self.compute_ops, self.compute_times):
             for d in op.deps:
                 ev = st.done_event(d)
                 if not ev.processed:
@@ -285,7 +287,6 @@ class _StepRun:
             if op.waits_for_gradients and not st.grads_done.processed:
                 yield st.grads_done
             start = env.now
-            dur = op_time(op)
             if dur > 0:
                 yield cores.run(dur) if cores is not None else env.timeout(dur)
             tl.add(Event(st.rank, "compute", op.name, "compute", start, env.now, op.layer, op.chunk, 0.0))

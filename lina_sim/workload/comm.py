@@ -12,6 +12,7 @@ Units: bytes, seconds.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 ALL_TO_ALL = "all_to_all"
@@ -80,6 +81,32 @@ class MicroOp:
     @property
     def is_a2a(self) -> bool:
         return self.kind == ALL_TO_ALL
+
+
+def piece_ranges(mops: Iterable[MicroOp]) -> dict[str, tuple[tuple[str, float, float], ...]]:
+    """Per allreduce micro-op id, the part of each tensor it carries, as fractions
+    ``(name, lo, hi)`` of that tensor's elements: a piece of ``b`` bytes is the next ``b``
+    bytes of its tensor after what the micro-ops before it (per communicator, in ``seq``
+    order) carried. One rule for every cut: a whole tensor, chunk i of one tensor, a
+    fused run of small tensors, or a byte range of a framework bucket that starts or ends
+    inside a tensor. Fractions, not bytes, so an executor whose gradients have another
+    dtype than the graph's still covers each tensor exactly once."""
+    mops = sorted((m for m in mops if not m.is_a2a), key=lambda m: (m.communicator, m.seq))
+    total: dict[str, float] = {}
+    for m in mops:
+        for name, b in m.pieces:
+            total[name] = total.get(name, 0.0) + b
+    done: dict[str, float] = {}
+    out = {}
+    for m in mops:
+        ranges = []
+        for name, b in m.pieces:
+            lo = done.get(name, 0.0)
+            done[name] = lo + b
+            whole = total[name]
+            ranges.append((name, lo / whole if whole else 0.0, min(done[name] / whole, 1.0) if whole else 1.0))
+        out[m.id] = tuple(ranges)
+    return out
 
 
 @dataclass(frozen=True)

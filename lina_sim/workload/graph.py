@@ -21,6 +21,7 @@ Modelling choices (each one a comment where it is made):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -107,10 +108,12 @@ class Communicator:
         return len(self.groups[0])
 
     def group_of(self, rank: int) -> tuple[int, ...]:
-        for g in self.groups:
-            if rank in g:
-                return g
-        raise KeyError(rank)
+        return self._group_by_rank[rank]
+
+    @functools.cached_property
+    def _group_by_rank(self) -> dict[int, tuple[int, ...]]:
+        # Built once: the engine asks per rank and micro-op, and a group can hold 1024 ranks.
+        return {r: g for g in self.groups for r in g}
 
 
 # -- kernel cost helpers: a forward kernel and the kernels of its backward ---------------
@@ -599,6 +602,14 @@ def build_training_graph(
             "experts_per_device", f"{k} experts per device do not fit {model.experts} experts on {n} GPUs", cands
         )
     pipeline_degree = PIPELINE_DEGREE.check(pipeline_degree, "pipeline_degree")
+    return _built_graph(model, n, k, pipeline_degree)
+
+
+@functools.lru_cache(maxsize=8)
+def _built_graph(model: ModelSpec, n: int, k: int, pipeline_degree: int) -> TrainingGraph:
+    """The graph of a checked shape, kept: the packing estimates build every candidate k
+    and the engine then builds the chosen one again (seconds each at 1024 GPUs). The
+    graph is immutable, so sharing it is safe."""
     b = _GraphBuilder(model, n, k, pipeline_degree)
     b.build()
     ep = b.ep_size
@@ -668,6 +679,30 @@ def micro_op_estimates(
             allreduce["expert_dp"],
         )
     return out
+
+
+class LazyEstimates(Mapping):
+    """:func:`micro_op_estimates` computed on first look: a policy that never reads its
+    estimates (every one but a packing ``lina``) costs no graph builds and no alone-time
+    simulations, which at 1024 GPUs are seconds per packing candidate."""
+
+    def __init__(self, compute: Callable[[], dict[int, PackingEstimate]]):
+        self._compute = compute
+        self._value: dict[int, PackingEstimate] | None = None
+
+    def _get(self) -> dict[int, PackingEstimate]:
+        if self._value is None:
+            self._value = self._compute()
+        return self._value
+
+    def __getitem__(self, k: int) -> PackingEstimate:
+        return self._get()[k]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
 
 
 def graph_for_policy(
