@@ -113,6 +113,7 @@ def init(
         device_id=device if backend == "nccl" else None,
     )
     _barrier_or_fail(world, connect_timeout_s)
+    _mark_up(rank)
     return DistInfo(rank, world, local_rank, local_world, backend, device)
 
 
@@ -125,11 +126,21 @@ def check_world_size(world: int, expected: int, what: str = "the run") -> None:
         )
 
 
-def _connect_store(addr: str, port: int, rank: int, world: int, timeout_s: float) -> dist.TCPStore:
-    """Rank 0 hosts the rendezvous store, the others connect, all within ``timeout_s``.
-    (``wait_for_workers`` on every rank: clients check in, the master waits for all.)"""
+def _connect_store(addr: str, port: int, rank: int, world: int, timeout_s: float) -> dist.Store:
+    """The rendezvous store, reached by every rank within ``timeout_s``.
+
+    Under torch's elastic launcher (``torchrun``, which ``lina-run`` uses) the node-0
+    agent already serves a TCPStore at ``MASTER_ADDR:MASTER_PORT``
+    (``TORCHELASTIC_USE_AGENT_STORE=True``, torch/distributed/rendezvous.py does the
+    same): every rank is a client and checks in on a counter. Otherwise rank 0 hosts it.
+    """
     t0 = time.monotonic()
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
     try:
+        if agent_store:
+            store = dist.TCPStore(addr, port, world_size=world, is_master=False, timeout=timedelta(seconds=timeout_s))
+            _wait_for_all(store, world, t0 + timeout_s)
+            return store
         return dist.TCPStore(
             addr,
             port,
@@ -140,7 +151,7 @@ def _connect_store(addr: str, port: int, rank: int, world: int, timeout_s: float
         )
     except Exception as e:  # DistNetworkError / DistStoreError / RuntimeError, by torch version
         waited = time.monotonic() - t0
-        if rank == 0:
+        if isinstance(e, TimeoutError) or (rank == 0 and not agent_store):
             what = f"not all {world} ranks joined the master at {addr}:{port} within {waited:.0f} s"
         else:
             what = (
@@ -148,6 +159,29 @@ def _connect_store(addr: str, port: int, rank: int, world: int, timeout_s: float
                 "(is rank 0 running and MASTER_ADDR reachable?)"
             )
         raise DistError(f"dist: rank {rank}: {what} [{type(e).__name__}: {str(e).splitlines()[0][:160]}]") from None
+
+
+def _wait_for_all(store: dist.Store, world: int, deadline: float) -> None:
+    """Check in on the agent's store and wait until all ``world`` ranks have."""
+    # The agent store outlives one attempt; the restart count keeps attempts apart.
+    key = f"lina/joined/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    joined = store.add(key, 1)
+    while joined < world:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{joined} of {world} ranks checked in")
+        time.sleep(0.02)
+        joined = store.add(key, 0)
+
+
+def _mark_up(rank: int) -> None:
+    """Tell the launcher this rank is through rendezvous (a file in ``LINA_UP_DIR``; its
+    progress display counts them)."""
+    up_dir = os.environ.get("LINA_UP_DIR")
+    if up_dir:
+        try:
+            open(os.path.join(up_dir, f"up.{rank}"), "w").close()
+        except OSError:
+            pass  # progress only: never fail a rank for it
 
 
 def _barrier_or_fail(world: int, timeout_s: float) -> None:

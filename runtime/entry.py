@@ -70,13 +70,14 @@ def finisher(mode: str) -> Callable[[list, list[str]], int] | None:
 
 
 def _die_with_launcher() -> None:
-    """Belt and braces for ``setpriv --pdeathsig``: exit if the launcher is already gone."""
+    """Belt and braces for ``setpriv --pdeathsig``: die with the torchrun agent that
+    started this rank, and exit now if ``lina-run`` (``LINA_LAUNCHER_PID``) is already gone."""
     launcher = os.environ.get("LINA_LAUNCHER_PID")
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    if launcher and os.getppid() != int(launcher):
+    if launcher and (os.getppid() == 1 or not os.path.exists(f"/proc/{launcher}")):
         os._exit(3)
 
 

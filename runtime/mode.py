@@ -32,7 +32,7 @@ Timelines = dict[tuple[int, str], pd.DataFrame]
 class Mode(abc.ABC):
     """One scenario kind, run for real. ``setups`` are :meth:`resolve`'s, one per point
     of the scenario's sweep; ``results`` are the ranks' :meth:`rank_main` values, by rank;
-    ``args`` are the scenario run's arguments (``runtime.scenario.scenario_args``)."""
+    ``args`` are the scenario run's arguments (``runtime.context.scenario_args``)."""
 
     kind: ClassVar[str]  # the scenario's ``kind:`` this mode runs
 

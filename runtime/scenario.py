@@ -15,7 +15,6 @@ Each looks the scenario's kind up in :data:`MODES`, the one registry of scenario
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,40 +25,13 @@ import pandas as pd
 from lina_sim.config.scenario import Scenario, load_scenarios
 from lina_sim.errors import ConfigError, LinaSimError
 from lina_sim.hardware.spec import ClusterSpec
-from runtime.context import RankContext
+from runtime.context import RankContext, scenario_args
 from runtime.dist import DistInfo, check_world_size
 from runtime.infer import InferenceMode
 from runtime.mode import Mode, Timelines
 from runtime.train import TrainingMode
 
 MODES: dict[str, Mode] = {mode.kind: mode for mode in (TrainingMode(), InferenceMode())}
-
-
-def scenario_args(argv: Sequence[str]) -> argparse.Namespace:
-    """The scenario mode's arguments (the same on the rank side and in the launcher)."""
-    p = argparse.ArgumentParser(prog="lina-run SCENARIO.yaml", exit_on_error=False)
-    p.add_argument("scenario")
-    p.add_argument("--out", default=None, help="results directory (default results/<name>-measured)")
-    p.add_argument("--steps", type=int, default=None, help="measured steps per policy (default: the scenario's)")
-    p.add_argument("--warmup", type=int, default=1, help="steps run first and not measured")
-    p.add_argument("--dispatch", default="padded", choices=("padded", "uneven"))
-    p.add_argument("--policies", default=None, help="comma-separated labels to run (default: all)")
-    p.add_argument("--keep-grads", action="store_true", help="return step-0 reduced gradients (tests)")
-    p.add_argument(
-        "--profile-compute",
-        default=None,
-        metavar="OUT.yaml",
-        help="instead of the policies: time every compute op without the network (calibration)",
-    )
-    try:
-        a = p.parse_args(list(argv))
-    except (argparse.ArgumentError, SystemExit) as e:
-        raise ConfigError("lina-run", str(e) or "bad arguments") from None
-    if a.steps is not None and a.steps < 1:
-        raise ConfigError("--steps", f"must be >= 1, got {a.steps}")
-    if a.warmup < 0:
-        raise ConfigError("--warmup", f"must be >= 0, got {a.warmup}")
-    return a
 
 
 def mode_of(points: Sequence[Scenario]) -> Mode:

@@ -31,10 +31,12 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from lina_sim.errors import ConfigError, LinaSimError
 
 PREFIX = "lina-"
+MAX_NODES = 250  # node addresses .1 .. .250 of the /24 subnet
 GSO_MAX_SEGS = 4  # TCP segments per GSO super-packet on a node link
 SUBNET = "10.77.0"  # /24, private, exists only inside the testbed's namespaces
 IFNAME = "eth0"  # each node's NIC, inside its namespace
@@ -62,11 +64,19 @@ class TestbedError(LinaSimError):
     __test__ = False  # not a pytest test class
 
 
+class TestbedTimeout(TestbedError):
+    """Building the testbed ran past the run's deadline (a failed run, not bad input)."""
+
+    __test__ = False
+
+
 def parse_topology(text: str) -> tuple[int, int]:
     """``"2x4"`` -> (nodes, ranks_per_node)."""
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
     if not m or int(m[1]) < 1 or int(m[2]) < 1:
         raise ConfigError("--testbed", f"bad NODESxRANKS {text!r}", "e.g. 2x2, 4x1 (both >= 1)")
+    if int(m[1]) > MAX_NODES:
+        raise ConfigError("--testbed", f"{m[1]} nodes do not fit the testbed's /24 subnet", f"1..{MAX_NODES} nodes")
     return int(m[1]), int(m[2])
 
 
@@ -194,17 +204,28 @@ class Testbed:
 
     __test__ = False
 
-    def __init__(self, spec: TestbedSpec, prefix: str | None = None):
+    def __init__(
+        self,
+        spec: TestbedSpec,
+        prefix: str | None = None,
+        *,
+        deadline: float | None = None,
+        progress: Any = None,
+    ):
+        """``deadline`` (``time.monotonic()`` s): give up building past it (the run's one
+        deadline covers start-up); ``progress``: a bar with ``stage``/``set``, one step per node."""
         if spec.nodes < 1 or spec.ranks_per_node < 1 or not spec.nic_bps > 0:
             raise ConfigError("testbed", f"bad spec {spec}")
-        if spec.nodes > 250:
-            raise ConfigError("testbed.nodes", f"{spec.nodes} nodes do not fit the /24 subnet", "1..250")
+        if spec.nodes > MAX_NODES:
+            raise ConfigError("testbed.nodes", f"{spec.nodes} nodes do not fit the /24 subnet", f"1..{MAX_NODES}")
         self.spec = spec
         self.prefix = prefix or f"{PREFIX}{os.getpid()}-{next(_RUN_IDS)}"
         self.switch_ns = f"{self.prefix}-sw"
         self._created: list[str] = []
         self._lock = threading.Lock()
         self._old_handlers: dict[int, object] = {}
+        self.deadline = deadline
+        self.progress = progress
 
     # -- naming --------------------------------------------------------------------------
     def node_ns(self, node: int) -> str:
@@ -248,7 +269,13 @@ class Testbed:
         self._add_ns(sw)
         _sh("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
         _sh("ip", "-n", sw, "link", "set", "br0", "up")
+        if self.progress is not None:
+            self.progress.stage("testbed nodes built", total=self.spec.nodes)
         for i in range(self.spec.nodes):
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                raise TestbedTimeout(f"timed out while building the testbed ({i} of {self.spec.nodes} nodes up)")
+            if self.progress is not None:
+                self.progress.set(i)
             ns, port = self.node_ns(i), f"p{i}"
             self._add_ns(ns)
             # Both veth ends are born inside our namespaces: the host namespace never sees them.

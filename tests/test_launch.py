@@ -30,9 +30,10 @@ def _wait_for_ranks(proc: subprocess.Popen, n: int, timeout: float = 60) -> list
     return rank_pids(proc.pid)
 
 
-def _rank_of(pid: int) -> int:
+def _rank_of(pid: int) -> int | None:
+    """The rank a process runs as; None for a node's torchrun agent (no RANK)."""
     env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-    return int(next(e for e in env if e.startswith(b"RANK="))[5:])
+    return next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 
@@ -10,6 +11,7 @@ from lina_sim.errors import ConfigError
 from runtime.testbed import (
     Testbed,
     TestbedSpec,
+    TestbedTimeout,
     cleanup_stale,
     list_namespaces,
     parse_delay,
@@ -133,3 +135,12 @@ def test_bad_testbed_input_is_one_line_exit_2():
             [PY, "-m", "runtime.cli", "selftest", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
         )
         assert p.returncode == 2 and needle in p.stderr and p.stderr.strip().count("\n") == 0, p.stderr
+
+
+@needs_netns
+def test_building_past_the_deadline_stops_and_removes_what_was_built(no_leftovers):  # noqa: F811 (the fixture)
+    tb = Testbed(TestbedSpec(3, 1, 100e6), deadline=time.monotonic() - 1.0)
+    with pytest.raises(TestbedTimeout, match=r"timed out while building the testbed \(0 of 3 nodes up\)"):
+        with tb:
+            pass
+    assert not set(tb.namespaces) & set(list_namespaces())

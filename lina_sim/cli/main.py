@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from lina_sim.errors import LinaSimError
 
@@ -33,11 +33,20 @@ def command_modules() -> list[str]:
     return list(dict.fromkeys(COMMAND_MODULES + [ep.module for ep in plugins]))
 
 
+def package_version() -> str:
+    """The installed package's version (``lina-sim --version``)."""
+    try:
+        return version("lina-sim")
+    except PackageNotFoundError:
+        return "unknown (lina-sim is not installed; pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lina-sim",
         description="Simulate MoE communication scheduling and expert placement on GPU clusters.",
     )
+    parser.add_argument("--version", action="version", version=f"lina-sim {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in command_modules():
