@@ -171,24 +171,33 @@ def test_partition_buckets_slices_tensors_across_micro_ops():
     assert [m.pieces for m in mops] == [(("t2", 3.0), ("t1", 1.5)), (("t1", 1.5), ("t0", 3.0))]
 
 
-def test_defaults_are_unchanged():
+def test_defaults():
+    """deepspeed: the Lina comparison's 25 MB buckets (a named assumption, not DeepSpeed's
+    own default); tutel: PyTorch DDP as Tutel's examples run it; lina: the deepspeed
+    baseline's buckets, each cut into micro-ops of at most 30 MB."""
     g = _graph()
-    from lina_sim.policies.training.base import bucket_requests, cut_requests
+    from lina_sim.policies.training.base import bucket_requests
 
     assert make_training_policy("deepspeed").partition_gradients(g.grad_requests) == bucket_requests(
         g.grad_requests, 25 * MB
     )
-    assert make_training_policy("tutel").partition_gradients(g.grad_requests) == bucket_requests(
-        g.grad_requests, 25 * MB
+    assert make_training_policy("tutel").partition_gradients(g.grad_requests) == ddp_buckets(g.grad_requests)
+    assert make_training_policy("lina").partition_gradients(g.grad_requests) == partition_buckets(
+        bucket_requests(g.grad_requests, 25 * MB), 30 * MB
     )
-    assert make_training_policy("lina").partition_gradients(g.grad_requests) == cut_requests(g.grad_requests, 30 * MB)
     for name, param, default in [
         ("deepspeed", "grad_sync", "ddp-25mb"),
-        ("tutel", "grad_sync", "ddp-25mb"),
-        ("lina", "partition_of", "tensor"),
+        ("tutel", "grad_sync", "ddp"),
+        ("lina", "partition_of", "bucket"),
         ("lina", "framework", "ddp-25mb"),
     ]:
         assert make_training_policy(name).describe()[param] == default
+
+
+def test_micro_op_below_one_kb_is_refused():
+    with pytest.raises(ConfigError) as e:
+        make_training_policy("lina", micro_op_mb=1e-9)
+    assert e.value.field == "policies.lina.micro_op_mb" and "1 KB" in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -205,7 +214,7 @@ def test_defaults_are_unchanged():
         ("deepspeed", {"grad_sync": "zero", "bucket_mb": 10}, "policies.deepspeed.bucket_mb", "25.0"),
         ("deepspeed", {"bucket_elems": 1e6}, "policies.deepspeed.bucket_elems", "500000000.0"),
         ("tutel", {"grad_sync": "ddp", "bucket_mb": 10}, "policies.tutel.bucket_mb", "25.0"),
-        ("lina", {"framework": "zero"}, "policies.lina.framework", "ddp-25mb"),
+        ("lina", {"partition_of": "tensor", "framework": "zero"}, "policies.lina.framework", "ddp-25mb"),
         ("lina", {"partition_of": "bucket", "fuse_below_mb": 1}, "policies.lina.fuse_below_mb", "0.0"),
     ],
 )

@@ -124,7 +124,7 @@ def test_deepspeed_buckets_fill_to_the_cap_in_ready_order():
 
 def test_lina_cuts_equal_micro_ops_without_mixing_tensors():
     rs = reqs(SIZES)
-    mops = make_training_policy("lina").partition_gradients(rs)
+    mops = make_training_policy("lina", partition_of="tensor").partition_gradients(rs)
     assert all(len(m.pieces) == 1 and m.nbytes <= 30 * MB + 1e-6 for m in mops)
     assert per_tensor_bytes(mops) == pytest.approx({r.name: r.nbytes for r in rs})
     t7 = [m for m in mops if m.pieces[0][0] == "t7"]
@@ -132,7 +132,7 @@ def test_lina_cuts_equal_micro_ops_without_mixing_tensors():
     assert len([m for m in mops if m.pieces[0][0] == "t2"]) == 1  # exactly 30 MB stays whole
     assert [m.seq for m in mops] == list(range(len(mops)))
     small = reqs([0.001, 0.002, 5, 0.001, 0.001, 0.6, 0.6, 0.6])
-    fused = make_training_policy("lina", fuse_below_mb=1).partition_gradients(small)
+    fused = make_training_policy("lina", partition_of="tensor", fuse_below_mb=1).partition_gradients(small)
     assert [[n for n, _ in m.pieces] for m in fused] == [["t0", "t1"], ["t2"], ["t3", "t4", "t5", "t6"], ["t7"]]
     assert per_tensor_bytes(fused) == pytest.approx({r.name: r.nbytes for r in small})
 

@@ -42,13 +42,13 @@ BUCKET_MB = Field(
 )
 
 
-def grad_sync_field(real: str, says: str) -> Field:
-    """A baseline's ``grad_sync`` parameter: ``ddp-25mb`` (the default: 25 MB buckets
-    during backward, as the Lina comparison assumed) or ``real``, the system's own path,
-    described by ``says``."""
+def grad_sync_field(real: str, says: str, default: str = "ddp-25mb") -> Field:
+    """A baseline's ``grad_sync`` parameter: ``ddp-25mb`` (25 MB buckets during backward,
+    as the Lina comparison assumed) or ``real``, the system's own path, described by
+    ``says``; ``default`` is one of the two."""
     return Field(
         str,
-        "ddp-25mb",
+        default,
         choices=("ddp-25mb", real),
         help=f"how gradients are reduced: ddp-25mb (25 MB buckets during backward, as the Lina comparison "
         f"assumed) or {says}",
@@ -116,9 +116,7 @@ class TutelPolicy(DeepSpeedPolicy):
     dispatch all-to-all, expert FFN and combine all-to-all is split into r chunks along
     tokens so chunk i's FFN overlaps chunk i+1's all-to-all. Gradients, by ``grad_sync``:
 
-    - ``"ddp-25mb"`` (default; today's behaviour): DeepSpeed's ``ddp-25mb`` buckets of
-      ``bucket_mb`` MB, launched during backward.
-    - ``"ddp"``: PyTorch DDP as Tutel's examples wrap the model
+    - ``"ddp"`` (default): PyTorch DDP as Tutel's examples wrap the model
       (``tutel/examples/helloworld_ddp.py``; ``torch/csrc/distributed/c10d/reducer.cpp``
       ``compute_bucket_assignment_by_size``, ``Reducer::rebuild_buckets``,
       ``Reducer::mark_bucket_ready``): steady-state buckets in gradient-ready order, the
@@ -131,10 +129,14 @@ class TutelPolicy(DeepSpeedPolicy):
       configuration does give experts replicas (an ``expert_dp`` communicator of more
       than one rank, which real Tutel would shard instead), they are reduced with the
       same DDP buckets on their own communicator, as a second reducer would.
+    - ``"ddp-25mb"``: the ``deepspeed`` baseline's buckets of ``bucket_mb`` MB, launched
+      during backward (what every baseline used before; kept to compare).
     """
 
     PARAMS: ClassVar[dict[str, Field]] = {
         "bucket_mb": BUCKET_MB,
-        "grad_sync": grad_sync_field("ddp", "ddp (PyTorch DDP: 1 MiB first bucket, 25 MiB after, in-order launches)"),
+        "grad_sync": grad_sync_field(
+            "ddp", "ddp (PyTorch DDP: 1 MiB first bucket, 25 MiB after, in-order launches)", default="ddp"
+        ),
         "pipeline_degree": pipeline_param(2),
     }

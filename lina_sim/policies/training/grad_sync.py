@@ -217,13 +217,16 @@ def partition_buckets(buckets: Sequence[MicroOp], micro_op_bytes: float) -> tupl
     return submission_order(out)
 
 
-def framework_buckets(requests: Sequence[GradRequest], framework: str) -> tuple[MicroOp, ...]:
-    """The buckets ``framework`` reduces, with its default sizes: ``"ddp-25mb"``
-    (:func:`~lina_sim.policies.training.base.bucket_requests`, 25 MB = 25·10^6 B, the
-    configuration the Lina comparison assumed), ``"zero"`` (:func:`zero_buckets`,
-    5e8 elements of 2 B) or ``"ddp"`` (:func:`ddp_buckets`, 1 MiB then 25 MiB)."""
+def framework_buckets(
+    requests: Sequence[GradRequest], framework: str, bucket_bytes: float = 25 * MB
+) -> tuple[MicroOp, ...]:
+    """The buckets ``framework`` reduces: ``"ddp-25mb"``
+    (:func:`~lina_sim.policies.training.base.bucket_requests` of ``bucket_bytes``, by
+    default 25 MB = 25·10^6 B, the configuration the Lina comparison assumed), ``"zero"``
+    (:func:`zero_buckets`, 5e8 elements of 2 B) or ``"ddp"`` (:func:`ddp_buckets`, 1 MiB
+    then 25 MiB)."""
     if framework == "ddp-25mb":
-        return bucket_requests(requests, 25 * MB)
+        return bucket_requests(requests, bucket_bytes)
     if framework == "zero":
         return zero_buckets(requests)
     if framework == "ddp":

@@ -26,12 +26,15 @@
     then overlap the dispatch. ``hold = "a2a"`` drops that clause and lets allreduce
     fill the expert-FFN gap. (``hold`` has no effect on a plan, which sizes gaps from
     estimates.)
-- What is cut (``partition_of``): ``"tensor"`` (default) cuts each gradient tensor on its
-  own (:func:`~lina_sim.policies.training.base.cut_requests`); ``"bucket"`` first builds
-  the buckets the underlying framework (``framework``) would reduce, then cuts each
-  bucket into equal micro-ops, each ready when its bucket is
-  (:func:`~lina_sim.policies.training.grad_sync.partition_buckets`). Lina's source is not
-  public, so which one it does is not known (docs/gradient-sync-research.md, section 3).
+- What is cut (``partition_of``): ``"bucket"`` (default) first builds the buckets the
+  underlying framework (``framework``, default the ``deepspeed`` baseline's 25 MB
+  buckets) would reduce, then cuts each bucket into equal micro-ops, each ready when its
+  bucket is (:func:`~lina_sim.policies.training.grad_sync.partition_buckets`): Lina is
+  built on DeepSpeed-MoE and partitions what it launches. ``"tensor"`` cuts each
+  gradient tensor on its own (:func:`~lina_sim.policies.training.base.cut_requests`).
+  Lina's source is not public, so which one it does is not known
+  (docs/gradient-sync-research.md, section 3). With ``bucket``, a micro-op size at or
+  above the bucket size cuts nothing.
 - The all-to-all and expert FFN are pipelined in ``pipeline_degree`` chunks.
 - Experts per device (``packing``): ``cost`` (default) takes the valid packing with the
   lowest estimated step time (:class:`lina_sim.workload.graph.PackingEstimate`: compute,
@@ -60,7 +63,7 @@ from lina_sim.policies.training.base import (
     pipeline_param,
     submission_order,
 )
-from lina_sim.policies.training.deepspeed import DeepSpeedPolicy
+from lina_sim.policies.training.deepspeed import BUCKET_MB, DeepSpeedPolicy
 from lina_sim.policies.training.grad_sync import FRAMEWORKS, framework_buckets, partition_buckets
 from lina_sim.workload.comm import MB, GradRequest, MicroOp, PackingEstimate
 
@@ -68,6 +71,7 @@ HOLDS = ("moe-block", "a2a")
 PACKINGS = ("cost", "paper", "off")
 LAUNCHES = ("planned", "local")
 PARTITIONS = ("tensor", "bucket")
+MIN_MICRO_OP_MB = 0.001  # 1 KB (10^3 bytes)
 
 
 class LinaPolicy(TrainingPolicy):
@@ -75,12 +79,14 @@ class LinaPolicy(TrainingPolicy):
     expert packing. Sizes in MB (10^6 bytes)."""
 
     PARAMS: ClassVar[dict[str, Field]] = {
+        # At least 1 KB: below that an allreduce is pure launch and protocol latency (NCCL's
+        # LL protocol floor, ~10 us on any size up to a few KB in nccl-tests), so smaller
+        # micro-ops add only collectives, and their count grows without bound.
         "micro_op_mb": Field(
             float,
             30.0,
-            minimum=0,
-            exclusive_minimum=True,
-            allowed="a number of MB > 0",
+            minimum=MIN_MICRO_OP_MB,
+            allowed=f"a number of MB >= {MIN_MICRO_OP_MB} (1 KB)",
             help="largest allreduce micro-op, MB (10^6 bytes)",
         ),
         "pipeline_degree": pipeline_param(2),
@@ -107,7 +113,7 @@ class LinaPolicy(TrainingPolicy):
         ),
         "partition_of": Field(
             str,
-            "tensor",
+            "bucket",
             choices=PARTITIONS,
             help="what is cut into micro-ops: each gradient tensor, or each bucket of the framework's",
         ),
@@ -122,10 +128,15 @@ class LinaPolicy(TrainingPolicy):
             help="with partition_of: bucket, the buckets partitioned: ddp-25mb (25 MB, during backward), "
             "zero (DeepSpeed ZeRO 0/1, 5e8 elements, after backward) or ddp (PyTorch DDP, 1 MiB then 25 MiB)",
         ),
+        # The deepspeed baseline's bucket_mb, so Lina cuts the very buckets it reduces.
+        "bucket_mb": dataclasses.replace(
+            BUCKET_MB, help="with framework: ddp-25mb, the size of the buckets cut, MB (as deepspeed's bucket_mb)"
+        ),
     }
     micro_op_mb: float
     partition_of: str
     framework: str
+    bucket_mb: float
     fuse_below_mb: float
     packing: str | bool
     max_experts_per_device: int
@@ -139,12 +150,15 @@ class LinaPolicy(TrainingPolicy):
     # How gradients are cut; the ablations override only this.
     def partition_gradients(self, requests: Sequence[GradRequest]) -> tuple[MicroOp, ...]:
         if self.partition_of == "bucket":
-            return partition_buckets(framework_buckets(requests, self.framework), self.micro_op_mb * MB)
+            buckets = framework_buckets(requests, self.framework, self.bucket_mb * MB)
+            return partition_buckets(buckets, self.micro_op_mb * MB)
         return cut_requests(requests, self.micro_op_mb * MB, self.fuse_below_mb * MB)
 
     def check_combination(self, where: str) -> None:
         if "partition_of" in self.PARAMS:
             self.only_with(where, "framework", "partition_of", ("bucket",))
+            self.only_with(where, "bucket_mb", "partition_of", ("bucket",))
+            self.only_with(where, "bucket_mb", "framework", ("ddp-25mb",))
             self.only_with(where, "fuse_below_mb", "partition_of", ("tensor",))
 
     def allreduce_blocked(self, view: RankView) -> bool:
