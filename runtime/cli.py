@@ -28,9 +28,9 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from lina_sim import __version__
 from lina_sim.config.fields import check_known
 from lina_sim.errors import ConfigError, LinaSimError
 from runtime import entry
@@ -48,14 +48,6 @@ from runtime.launch import (
 from runtime.testbed import TestbedSpec, cleanup_stale, parse_topology, require_netns
 
 SUBCOMMANDS = ("run", "module", "calibrate", "selftest", "cleanup")
-
-
-def package_version() -> str:
-    """The installed lina-sim's version (``lina-run --version``, ``lina-sim --version``)."""
-    try:
-        return version("lina-sim")
-    except PackageNotFoundError:
-        return "unknown (lina-sim is not installed; pip install -e .)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,7 +92,7 @@ def build_parser() -> tuple[_Parser, dict[str, _Parser], list[argparse.Action]]:
         description="Launch real ranks with torchrun, plainly or inside an emulated testbed.",
         allow_abbrev=False,
     )
-    top.add_argument("--version", action="version", version=f"lina-run (lina-sim) {package_version()}")
+    top.add_argument("--version", action="version", version=f"lina-run (lina-sim) {__version__}")
     sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subs: dict[str, _Parser] = {}
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from importlib.metadata import PackageNotFoundError, entry_points, version
+from importlib.metadata import entry_points
 
+from lina_sim import __version__
 from lina_sim.errors import LinaSimError
 
 # Command modules, in the order their commands appear in --help.
@@ -33,20 +34,12 @@ def command_modules() -> list[str]:
     return list(dict.fromkeys(COMMAND_MODULES + [ep.module for ep in plugins]))
 
 
-def package_version() -> str:
-    """The installed package's version (``lina-sim --version``)."""
-    try:
-        return version("lina-sim")
-    except PackageNotFoundError:
-        return "unknown (lina-sim is not installed; pip install -e .)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lina-sim",
         description="Simulate MoE communication scheduling and expert placement on GPU clusters.",
     )
-    parser.add_argument("--version", action="version", version=f"lina-sim {package_version()}")
+    parser.add_argument("--version", action="version", version=f"lina-sim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in command_modules():
