@@ -199,14 +199,78 @@ def test_failing_point_is_recorded_and_the_rest_go_on(tmp_path, monkeypatch):
     assert (again.ran, again.cached, again.failed) == (1, 2, [])
 
 
-def test_progress_line_counts_and_eta():
-    p = Progress(10, cached=2, enabled=False)
-    p.t0 -= 4.0
-    for ok in (True, True, False):
-        p.update(ok)
-    line = p.line()
-    assert "5/10 points" in line and "2 cached" in line and "1 failed" in line and "ETA" in line
-    assert 0 < p.eta_s() < 10
+def _sized_pty(columns: int = 120) -> tuple[int, int]:
+    """(master, slave) of a real pseudo-terminal of ``columns`` columns."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    return master, slave
+
+
+def _drain(fd: int) -> str:
+    import select
+
+    out = b""
+    while select.select([fd], [], [], 0.2)[0]:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out.decode(errors="replace")
+
+
+@pytest.mark.parametrize("columns", [120, 0])  # 0: a terminal that does not say its width
+def test_progress_bar_on_a_terminal_counts_cached_and_failed(columns):
+    master, slave = _sized_pty(columns)
+    with os.fdopen(slave, "w") as term:
+        p = Progress(10, cached=2, stream=term)
+        for ok in (True, True, False):
+            p.update(ok)
+        p.close()
+        text = _drain(master)
+    os.close(master)
+    assert "5/10" in text and "2 cached, 1 failed" in text and "sweep:" in text, text
+
+
+def test_progress_bar_is_off_when_not_a_terminal_or_quiet(tmp_path):
+    with open(tmp_path / "log", "w") as log:
+        p = Progress(3, stream=log)
+        p.show()
+        p.update()
+        p.close()
+    master, slave = _sized_pty()
+    with os.fdopen(slave, "w") as term:
+        q = Progress(3, stream=term, enabled=False)
+        q.update()
+        q.close()
+        quiet = _drain(master)
+    os.close(master)
+    assert (tmp_path / "log").read_text() == "" and quiet == ""
+
+
+def test_run_draws_a_bar_over_points_on_a_terminal_only(tmp_path):
+    """`lina-sim run` with stderr on a real (sized) terminal: a bar over its 2 points,
+    the tables on stdout; --quiet draws nothing."""
+    sc = write(tmp_path, {**BASE, "sweep": {"grid": {"policies[lina].micro_op_mb": [10, 30]}}})
+    drawn = {}
+    for quiet in (False, True):
+        master, slave = _sized_pty()
+        cmd = [sys.executable, "-m", "lina_sim.cli.main", "run", str(sc), "--out", str(tmp_path / "r")]
+        proc = subprocess.Popen(cmd + ["--quiet"] * quiet, cwd=ROOT, stdout=subprocess.PIPE, stderr=slave, text=True)
+        os.close(slave)
+        out, _ = proc.communicate(timeout=120)
+        drawn[quiet] = _drain(master)
+        os.close(master)
+        assert proc.returncode == 0 and out.count("# t:") == 2, out
+    assert "run: 100%" in drawn[False] and "2/2" in drawn[False], drawn[False]
+    assert drawn[True] == ""
 
 
 # ---- resume after a real kill -----------------------------------------------------------------

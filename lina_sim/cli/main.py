@@ -54,15 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
+    command = "lina-sim"
+    try:  # building the parser imports every command (pandas, ...): Ctrl-C may land there too
+        args = build_parser().parse_args(argv)
+        command = f"lina-sim {args.command}"
         return int(args.func(args) or 0)
     except LinaSimError as e:
-        print(f"lina-sim {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lina-sim {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -38,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--cache", default=None, help="cache directory (default: results/.cache/points)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--dry-run", action="store_true", help="validate and list the points, run nothing")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
     p.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser(
@@ -69,7 +69,17 @@ def register(sub) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lina_sim.experiments.sweep import DEFAULT_CACHE, Cache, load_plan, make_backend, run_sweep, write_parquet
+    import sys
+
+    from lina_sim.experiments.sweep import (
+        DEFAULT_CACHE,
+        Cache,
+        SweepInterrupted,
+        load_plan,
+        make_backend,
+        run_sweep,
+        write_parquet,
+    )
     from lina_sim.results.tables import format_failures, format_sweep_plan
 
     name, points = load_plan(args.scenario)  # every point resolved before anything runs
@@ -81,6 +91,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     backend = make_backend(args.backend, args.workers, args.address)
     try:
         res = run_sweep(points, backend, cache, progress=not args.quiet)
+    except SweepInterrupted as e:
+        # The table of an interrupted sweep would be partial: --out is left as it was,
+        # and the finished points wait in the cache for the re-run.
+        print(f"lina-sim sweep: {e.summary(cache.root if cache else None)}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports Ctrl-C
     finally:
         backend.close()
     write_parquet(res.table, out)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Protocol
 
 from lina_sim.errors import ConfigError
+from lina_sim.experiments.sweep.lifeline import die_with_parent, sigint_blocked
 from lina_sim.experiments.sweep.plan import SweepError, SweepPoint
 from lina_sim.experiments.sweep.worker import Outcome, execute_safely
 
@@ -47,30 +48,61 @@ class LocalBackend:
             return
         import multiprocessing as mp
 
-        # forkserver: workers fork from a clean server with the simulator preloaded, so
-        # they start fast and never inherit a parent's threads (Ray, progress output).
-        # The worker module imports every kind's simulator (through the kind registry).
-        # A preload module that fails to import is skipped by multiprocessing.
-        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        if ctx.get_start_method() == "forkserver":
-            ctx.set_forkserver_preload([execute_safely.__module__])
-        with ProcessPoolExecutor(min(self.workers, len(points)), mp_context=ctx) as pool:
-            futures = {pool.submit(execute_safely, p.scenario): p.index for p in points}
+        # spawn, not forkserver: a spawned worker is a child of this process, so the
+        # kernel's parent-death signal (see .lifeline) ends it when this process dies,
+        # however it dies. A fork-server worker is a child of the fork server, which
+        # itself lives as long as its workers hold its pipe: after a SIGKILL all of them
+        # stayed. The price is each worker importing the simulator itself (about 1 s of
+        # CPU each, in parallel), where the fork server imported it once.
+        ctx = mp.get_context("spawn")
+        pool = ProcessPoolExecutor(
+            min(self.workers, len(points)), mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),)
+        )
+        finished = False
+        try:
+            with sigint_blocked():  # the workers start inside submit(); see .lifeline
+                futures = {pool.submit(execute_safely, p.scenario): p.index for p in points}
             pending = set(futures)
-            try:
-                while pending:
+            while pending:
+                try:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        try:
+                except KeyboardInterrupt:
+                    # Points that finished while we waited are handed on before the
+                    # interrupt is, so the caller keeps them (caches them).
+                    _kill_workers(pool)
+                    for f in pending:
+                        if f.done() and not f.cancelled() and f.exception() is None:
                             yield futures[f], f.result()
-                        except Exception as e:  # noqa: BLE001 - a worker died (OOM kill, segfault)
-                            yield futures[f], Outcome(None, f"worker process failed: {type(e).__name__}: {e}", 0.0)
-            finally:
-                for f in pending:
-                    f.cancel()
+                    raise
+                for f in done:
+                    try:
+                        yield futures[f], f.result()
+                    except Exception as e:  # noqa: BLE001 - a worker died (OOM kill, segfault)
+                        yield futures[f], Outcome(None, f"worker process failed: {type(e).__name__}: {e}", 0.0)
+            finished = True
+        finally:
+            # Interrupted (Ctrl-C, an error, the caller stopped early): the running points
+            # are abandoned at once rather than waited for.
+            if not finished:
+                _kill_workers(pool)
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
         pass
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGKILL a process pool's workers and reap them (they hold no state worth saving:
+    every finished point is already in the parent)."""
+    kill = getattr(pool, "kill_workers", None)  # Python 3.14+
+    if kill is not None:
+        kill()
+        return
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # before 3.14: no public way
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.join(timeout=5)
 
 
 def _probe_ray_address(address: str, timeout_s: float) -> None:

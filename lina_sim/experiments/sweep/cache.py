@@ -1,8 +1,10 @@
-"""The sweep cache: a point's key (a content hash of its resolved scenario and the
-package version) and finished points stored as ``DIR/<key>.parquet``."""
+"""The sweep cache: a point's key (a content hash of its resolved scenario, the package
+version and the package's source code) and finished points stored as
+``DIR/<key>.parquet``."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -16,6 +18,9 @@ import lina_sim
 from lina_sim.results.files import atomic_write_bytes
 
 DEFAULT_CACHE = Path("results/.cache/points")
+# The simulator's code and data: what a point's rows depend on besides its scenario.
+PACKAGE_ROOT = Path(lina_sim.__file__).resolve().parent
+SOURCE_SUFFIXES = (".py", ".yaml")
 
 
 def package_version() -> str:
@@ -28,11 +33,37 @@ def package_version() -> str:
     return version("lina-sim")
 
 
-def describe_key(described: Any, version: str | None = None) -> str:
-    """Content hash (hex SHA-256) of a resolved scenario's plain-data description and the
-    package version: equal keys mean the simulator would compute the same rows."""
+def source_hash(root: Path | None = None) -> str:
+    """Hex SHA-256 of every ``.py`` and ``.yaml`` file under ``root`` (default:
+    :data:`PACKAGE_ROOT`, the lina_sim package: its modules and the preset YAMLs), names
+    and contents, in name order; ``__pycache__`` is left out. Computed once per process
+    and root: about 10 ms for lina_sim's ~90 files (860 KB) on a warm page cache."""
+    return _tree_hash(Path(root or PACKAGE_ROOT).resolve())
+
+
+@functools.lru_cache(maxsize=8)
+def _tree_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(
+        p.relative_to(root)
+        for p in root.rglob("*")
+        if p.suffix in SOURCE_SUFFIXES and "__pycache__" not in p.relative_to(root).parts and p.is_file()
+    )
+    for rel in files:
+        # Length-prefixed, so moving bytes between a name and a content changes the hash.
+        name, data = rel.as_posix().encode(), (root / rel).read_bytes()
+        h.update(len(name).to_bytes(8, "little") + name + len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
+def describe_key(described: Any, version: str | None = None, code: str | None = None) -> str:
+    """Content hash (hex SHA-256) of a resolved scenario's plain-data description, the
+    package version and the package's source (``code``, default :func:`source_hash`):
+    equal keys mean the same code would compute the same rows. Hashing the source, not
+    only the version, keeps a sweep from reusing points an edited simulator would
+    compute differently."""
     blob = json.dumps(
-        {"version": version or package_version(), "scenario": described},
+        {"version": version or package_version(), "code": code or source_hash(), "scenario": described},
         sort_keys=True,
         default=repr,
         separators=(",", ":"),

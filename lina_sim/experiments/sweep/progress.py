@@ -1,26 +1,34 @@
-"""The sweep's one-line progress bar: points done, cached, failed, elapsed time and ETA."""
+"""The progress bar over points (tqdm): points done, cached, failed, elapsed time and ETA.
+
+Drawn only on a terminal: when the stream (stderr by default) is a file or a pipe, or
+when the caller turned it off (``--quiet``), nothing is drawn, so logs hold no
+carriage-return noise.
+"""
 
 from __future__ import annotations
 
-import math
+import os
 import sys
-import time
-from typing import TextIO
+from typing import Any, TextIO
+
+FALLBACK_COLUMNS, FALLBACK_ROWS = 80, 24
 
 
-def _fmt_s(s: float) -> str:
-    """Seconds as ``M:SS`` (``H:MM:SS`` from an hour), ``?`` when unknown."""
-    if not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+def _columns(stream: TextIO) -> int:
+    """The terminal's width, 0 when it does not say (a pty nobody sized, e.g. under
+    ``script``), where tqdm would draw nothing at all."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 class Progress:
-    """A one-line progress bar on ``stream`` (stderr): points done, cached, failed, ETA.
+    """A progress bar over ``total`` points on ``stream`` (default: stderr).
 
-    On a terminal the line is redrawn in place; otherwise a line is printed at most every
-    ``every_s`` seconds, and at the end.
+    ``cached`` points count as done from the start; ETA is extrapolated from the points
+    run since (tqdm's rate excludes the initial count). Use :meth:`write` for text that
+    must not tear the bar, and :meth:`close` at the end (``show(final=True)`` too).
     """
 
     def __init__(
@@ -28,51 +36,66 @@ class Progress:
         total: int,
         cached: int = 0,
         stream: TextIO | None = None,
-        every_s: float = 5.0,
         label: str = "sweep",
         enabled: bool = True,
     ):
         self.total, self.cached, self.failed, self.done = total, cached, 0, cached
         self.stream = stream or sys.stderr
-        self.every_s, self.label, self.enabled = every_s, label, enabled
-        self.t0 = time.monotonic()
-        self._last, self._last_done = -math.inf, -1
-        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.label = label
+        self.enabled = enabled and bool(getattr(self.stream, "isatty", lambda: False)())
+        self._bar = None  # opened on first use, so a fully cached run draws nothing early
 
-    def eta_s(self) -> float:
-        """Seconds left, extrapolated from the points run so far (cached ones excluded)."""
-        ran = self.done - self.cached
-        if ran <= 0:
-            return math.inf
-        return (time.monotonic() - self.t0) / ran * (self.total - self.done)
+    def _open(self) -> Any:
+        """The tqdm bar, opened on first use; None when drawing is off."""
+        if self._bar is None and self.enabled:
+            from tqdm import tqdm  # here: `lina-sim --help` and non-terminal runs never import it
 
-    def line(self) -> str:
-        width = 24
-        fill = int(width * self.done / self.total) if self.total else width
-        extra = ", ".join(
-            x
-            for x in (f"{self.cached} cached" if self.cached else "", f"{self.failed} failed" if self.failed else "")
-            if x
-        )
-        return (
-            f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} points"
-            + (f" ({extra})" if extra else "")
-            + f"  elapsed {_fmt_s(time.monotonic() - self.t0)}"
-            + f"  ETA {_fmt_s(self.eta_s()) if self.done < self.total else '0:00'}"
-        )
+            width = _columns(self.stream)
+            self._bar = tqdm(
+                total=self.total,
+                initial=self.done,
+                desc=self.label,
+                unit="pt",
+                file=self.stream,
+                dynamic_ncols=width > 0,  # follows the window as it is resized
+                ncols=None if width > 0 else FALLBACK_COLUMNS,
+                nrows=None if width > 0 else FALLBACK_ROWS,  # 0 rows: tqdm hides the bar
+            )
+            self._postfix()
+        return self._bar
+
+    def _postfix(self) -> None:
+        extra = [f"{self.cached} cached" if self.cached else "", f"{self.failed} failed" if self.failed else ""]
+        if self._bar is not None and any(extra):
+            self._bar.set_postfix_str(", ".join(x for x in extra if x), refresh=False)
 
     def update(self, ok: bool = True) -> None:
+        """One more point done (``ok=False``: it failed)."""
+        bar = self._open()  # before counting: the bar starts from the points done so far
         self.done += 1
         self.failed += not ok
-        self.show()
+        if bar is not None:
+            self._postfix()
+            bar.update(1)
 
     def show(self, final: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if self._tty:
-            self.stream.write("\r" + self.line() + ("\n" if final else ""))
-        elif (final and self._last_done != self.done) or now - self._last >= self.every_s:
-            self.stream.write(self.line() + "\n")
-            self._last, self._last_done = now, self.done
-        self.stream.flush()
+        """Draw the bar now; ``final`` closes it."""
+        bar = self._open()
+        if bar is not None:
+            bar.refresh()
+        if final:
+            self.close()
+
+    def write(self, text: str, file: TextIO | None = None) -> None:
+        """Print ``text`` (to stdout by default) above the bar, without tearing it."""
+        if self._bar is not None:
+            self._bar.write(text, file=file or sys.stdout)
+        else:
+            print(text, file=file or sys.stdout, flush=True)
+
+    def close(self) -> None:
+        """Leave the bar as it stands (idempotent)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+            self.enabled = False  # closed for good: a later update must not open a new bar

@@ -3,8 +3,10 @@ the result is one table with a row per (point, policy)."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -30,6 +32,27 @@ class SweepResult:
     failed: list[tuple[int, str]] = field(default_factory=list)
     wall_s: float = 0.0
     cpu_s: float = 0.0  # CPU seconds of the points run (all workers)
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep, after the running points were abandoned.
+
+    A KeyboardInterrupt, so a caller that does not know it still stops. ``finished``
+    points (``ran`` of them run here, the rest read from the cache) of ``total`` are
+    in the cache when ``kept``, so the same command run again resumes after them.
+    """
+
+    def __init__(self, finished: int, ran: int, total: int, kept: bool):
+        self.finished, self.ran, self.total, self.kept = finished, ran, total, kept
+        super().__init__(f"{finished} of {total} points finished")
+
+    def summary(self, cache_dir: str | os.PathLike | None = None) -> str:
+        """One line: what finished, where it is kept and how to resume."""
+        head = f"interrupted: {self.finished} of {self.total} points finished ({self.ran} in this run)"
+        if not self.kept:
+            return head + "; not kept (no cache), so a re-run starts over"
+        where = f" {cache_dir}" if cache_dir else ""
+        return head + f", kept in the cache{where}; run the same command again to resume"
 
 
 def _point_rows(
@@ -87,20 +110,31 @@ def run_sweep(
     unique = [group[0] for group in by_key.values()]
     key_of = {p.index: p.key for p in unique}
     cpu_s = 0.0
-    for index, outcome in backend.run(unique):
-        key = key_of[index]
-        cpu_s += outcome.cpu_s
-        for p in by_key[key]:
-            if outcome.error is None:
-                frames[p.index] = outcome.frame
-            else:
-                errors[p.index] = outcome.error
-            progress.update(outcome.error is None)
-        if outcome.error is None and cache is not None:
-            cache.put(key, outcome.frame)  # at once: a killed sweep keeps every finished point
-        if on_point:
-            on_point(index, outcome)
-    progress.show(final=True)
+    ran = 0
+    try:
+        # closing(): if this loop stops early (Ctrl-C while writing the cache), the
+        # backend's generator is closed now, and abandons its running points at once.
+        with closing(backend.run(unique)) as outcomes:
+            for index, outcome in outcomes:
+                key = key_of[index]
+                cpu_s += outcome.cpu_s
+                for p in by_key[key]:
+                    if outcome.error is None:
+                        frames[p.index] = outcome.frame
+                    else:
+                        errors[p.index] = outcome.error
+                    progress.update(outcome.error is None)
+                if outcome.error is None and cache is not None:
+                    cache.put(key, outcome.frame)  # at once: a killed sweep keeps every finished point
+                if outcome.error is None:
+                    ran += len(by_key[key])
+                if on_point:
+                    on_point(index, outcome)
+    except KeyboardInterrupt:
+        cached = len(points) - len(todo)
+        raise SweepInterrupted(cached + ran, ran, len(points), kept=cache is not None) from None
+    finally:
+        progress.close()  # the bar stays as it stood; what the caller prints goes below it
     table = assemble(points, frames, errors)
     return SweepResult(
         table, len(points), len(points) - len(todo), len(todo), sorted(errors.items()), time.perf_counter() - t0, cpu_s
