@@ -158,7 +158,7 @@ def test_malformed_jsonl_and_npy(tmp_path):
     messages = {
         "trunc.jsonl": "line 2: invalid JSON",
         "nolayer.jsonl": "missing field layer",
-        "missing.jsonl": "no record for layer 1",
+        "missing.jsonl": "ragged trace: 1 of 2 tokens lack a record .* at layer 1",
         "k.jsonl": "earlier records have 1",
         "empty.jsonl": "no records",
     }

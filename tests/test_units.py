@@ -19,7 +19,7 @@ def test_units_and_scientific_notation():
 @pytest.mark.parametrize(
     "text, words",
     [
-        ("99999999T", "at most 1024T"),
+        ("99999999T", "to 1024T"),
         ("1K:1G:1.000001", f"at most {MAX_SIZES} sizes"),
         ("1K:1G:1", "factor must be a number > 1"),
         ("lots", "cannot parse size"),

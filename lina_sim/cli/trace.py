@@ -11,10 +11,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "trace-stats",
         help="statistics of an expert-routing trace (skew, affinity, path estimation, locality)",
-        description="Print load skew, inter-layer affinity, path-based estimation accuracy and "
-        "token repeat rate of a trace (.npz, or .jsonl/.npy imported on the fly).",
+        description="Print load skew, inter-layer affinity, path-based estimation accuracy (fit on "
+        "some sequences, scored on the others and in sample) and token repeat rate of a trace "
+        "(.npz, or JSON lines / a JSON array / .npy imported on the fly; any of them gzipped).",
     )
-    p.add_argument("file", help="routing-trace file (.npz, .jsonl, .npy)")
+    p.add_argument("file", help="routing-trace file (.npz, .jsonl, .json, .npy, or any of them .gz)")
+    p.add_argument(
+        "--experts",
+        type=int,
+        default=None,
+        help="the model's expert count: imported ids must lie below it (default: the trace's metadata; "
+        "an import without it infers largest id + 1)",
+    )
+    p.add_argument("--model", default=None, help="model name to record for an imported trace (default: unknown)")
+    p.add_argument(
+        "--seq-field",
+        default=None,
+        metavar="FIELD",
+        help="JSON record field holding the sequence id (default: the first present of problem_id, seq_id, "
+        "sequence_id, request_id, sample_id, doc_id; none: one sequence)",
+    )
+    p.add_argument(
+        "--drop-incomplete",
+        action="store_true",
+        help="drop JSON tokens that lack a record at some layer (a ragged dump) and report how many",
+    )
     p.add_argument("--plot", metavar="PNG", help="write skew bars and transition heatmaps here")
     p.add_argument(
         "--compare-real", action="store_true", help="put the trace beside the real OLMoE/Mixtral routing counts"
@@ -22,6 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--real", metavar="JSON", help="routing_counts.json (default: ../shared/data/olmoe-routing)")
     p.add_argument("--batch-tokens", type=int, default=256, help="batch size for path-based estimation")
     p.add_argument("--path-lengths", type=int, nargs="+", default=[0, 1, 3, 6])
+    p.add_argument(
+        "--train-fraction",
+        type=float,
+        default=0.5,
+        help="share of the sequences the path estimator is fit on; the rest score it (0..1, exclusive)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw of training sequences")
     p.add_argument("--json", metavar="OUT", help="also write the statistics as JSON")
     p.set_defaults(func=run_stats)
 
@@ -57,15 +85,21 @@ def run_stats(args: argparse.Namespace) -> int:
     from lina_sim.routing import stats as ts
     from lina_sim.routing import traces as tr
 
-    trace = tr.load(args.file)
-    if args.batch_tokens < 1:
-        raise ConfigError("--batch-tokens", f"must be >= 1, got {args.batch_tokens}")
-    stats = ts.compute(trace, args.path_lengths, args.batch_tokens)
+    _check_stats_args(args)
+    trace = tr.load(
+        args.file,
+        num_experts=args.experts,
+        seq_field=args.seq_field,
+        metadata={"model": args.model} if args.model else None,
+        drop_incomplete=args.drop_incomplete,
+    )
+    if args.compare_real:  # read before the statistics so a bad file fails fast
+        real = ts.real_rows(ts.load_real(args.real), args.real or str(ts.DEFAULT_REAL))
+    stats = ts.compute(trace, args.path_lengths, args.batch_tokens, args.train_fraction, args.seed)
     print(tables.format_stats(stats))
     if args.compare_real:
-        rows = ts.real_rows(ts.load_real(args.real), args.real or "routing_counts.json")
         print()
-        print(tables.format_comparison([ts.trace_row(trace)] + rows))
+        print(tables.format_comparison(ts.comparison_rows(trace, real)))
     if args.json:
         import json
 
@@ -77,6 +111,21 @@ def run_stats(args: argparse.Namespace) -> int:
 
         print(f"\nwrote {plot_trace_stats(stats, args.plot)}")
     return 0
+
+
+def _check_stats_args(args: argparse.Namespace) -> None:
+    """One line naming the option, before any file is read."""
+    if args.experts is not None and args.experts < 1:
+        raise ConfigError("--experts", f"must be >= 1, got {args.experts}")
+    if args.batch_tokens < 1:
+        raise ConfigError("--batch-tokens", f"must be >= 1, got {args.batch_tokens}")
+    if not 0 < args.train_fraction < 1:
+        raise ConfigError("--train-fraction", f"must lie strictly between 0 and 1, got {args.train_fraction}")
+    bad = [m for m in args.path_lengths if m < 0]
+    if bad:
+        raise ConfigError("--path-lengths", f"must be >= 0, got {bad[0]}")
+    if args.seq_field is not None and not args.seq_field:
+        raise ConfigError("--seq-field", "must name a JSON field, got an empty string")
 
 
 def run_gen(args: argparse.Namespace) -> int:

@@ -167,6 +167,12 @@ def _coerce(value: Any, kind: type) -> Any:
 
 
 def _non_finite(value: Any) -> bool:
+    """Whether ``value`` is a NaN or an infinity, as a number or as text (``nan`` in a CSV)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return False
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value)
 
 
@@ -238,6 +244,28 @@ def check_declared(obj: Any, where: str) -> None:
         f.check(getattr(obj, name), f"{where}.{name}" if where else name)
 
 
+def read_text(path: str | Path, what: str = "file") -> str:
+    """The UTF-8 text of ``path``; a missing file, a directory, an unreadable or binary
+    file is one ConfigError naming it (``what`` says what the file should be)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(str(path), f"is a directory, not a {what} file", f"the path of a {what} file")
+    if not path.is_file():
+        raise ConfigError(what, f"file not found: {path}")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read: {e.strerror or e}") from None
+    # A NUL byte never occurs in text: the file is binary (an archive, a pickle, an image).
+    bad = raw.find(b"\0")
+    if bad < 0:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad = e.start
+    raise ConfigError(str(path), f"not a text file: binary data at byte {bad}", f"a {what} file in UTF-8 text")
+
+
 def load_yaml(
     path: str | Path, what: str = "file", allowed: str | Iterable[str] | None = None, *, lists: bool = False
 ) -> dict[str, Any] | list[Any]:
@@ -245,14 +273,11 @@ def load_yaml(
     file, invalid YAML or a document of another kind is one ConfigError naming the file;
     ``what`` says what the file should be (``scenario``, ``preset``, ``profile``)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(what, f"file not found: {path}")
+    text = read_text(path, what)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(str(path), f"cannot read: {e}") from None
     if not (isinstance(data, dict) or lists and isinstance(data, list)):
         raise ConfigError(str(path), f"a {what} must be a YAML mapping{' or list' if lists else ''}", allowed)
     return data

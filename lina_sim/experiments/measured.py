@@ -55,7 +55,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from lina_sim.config.fields import Field
+from lina_sim.config.fields import Field, read_text
 from lina_sim.errors import ConfigError
 
 MEASURED_COLUMNS = (
@@ -622,13 +622,9 @@ def read_measured(path: str | Path, fmt: str | None = None) -> pd.DataFrame:
     """The tidy frame (:data:`MEASURED_COLUMNS`) of one measured file; ``fmt`` forces a
     format of :data:`READERS`, else the first whose sniff accepts the file's head."""
     name = str(path)
-    p = Path(path)
-    if not p.is_file():
+    if not Path(path).exists():
         raise ConfigError(name, "file not found", "a measured table: " + _FORMATS)
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(name, f"cannot read: {e}") from None
+    text = read_text(path, "measured table")
     if not text.strip():
         raise ConfigError(f"{name}:1", "empty file", _FORMATS)
     if fmt is not None:

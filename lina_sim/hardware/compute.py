@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import bisect
 import csv
+import io
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from lina_sim.config.fields import Field, check_declared, check_fields, check_mapping, load_yaml
+from lina_sim.config.fields import Field, check_declared, check_fields, check_mapping, load_yaml, read_text
 from lina_sim.errors import ConfigError
 from lina_sim.hardware.spec import ClusterSpec, ComputeSpec, GPUSpec
 
@@ -111,8 +112,7 @@ class ProfileComputeModel:
         if not path.exists():
             raise ConfigError(str(path), "profile file not found")
         if path.suffix == ".csv":
-            with path.open(newline="") as fh:
-                records = list(csv.DictReader(fh))
+            records = list(csv.DictReader(io.StringIO(read_text(path, "profile"), newline="")))
         elif path.suffix in (".yaml", ".yml"):
             data = load_yaml(
                 path, "profile", "{rows: [{op, shape, tokens, seconds}, ...]} or a list of rows", lists=True

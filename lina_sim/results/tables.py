@@ -7,7 +7,7 @@ in ms (µs for collectives) as each header says.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +30,69 @@ def point_title(setup: Any) -> str:
     )
 
 
+def _missing(v: Any) -> bool:
+    """None, NaN or an infinity: a value a table shows as ``-``."""
+    return v is None or (isinstance(v, (float, int)) and not isinstance(v, bool) and not math.isfinite(v))
+
+
+def aligned(
+    columns: dict[str, tuple[Sequence[Any], Callable[[Any], str]]], left: Iterable[str] = (), indent: str = "  "
+) -> str:
+    """A text table laid out by pandas (``DataFrame.to_string``), so that a column is as
+    wide as its widest value or header, however wide: ``columns`` maps each header to its
+    values and the format of one value; a missing value (None, NaN, an infinity) shows as
+    ``-``. Columns are right-aligned, those in ``left`` left-aligned; every line starts
+    with ``indent``. No rows: the header line alone."""
+    left = set(left)
+    cells: dict[str, list[str]] = {}
+    space: dict[str, int] = {}
+    for i, (name, (values, fmt)) in enumerate(columns.items()):
+        col = ["-" if _missing(v) else fmt(v) for v in values]
+        w = max(len(name), *map(len, col)) if col else len(name)
+        if name in left:  # pandas right-aligns text: pad it to the column's width first
+            col, name = [c.ljust(w) for c in col], name.ljust(w)
+        cells[name] = col
+        space[name] = w + (1 if i else 0)  # two spaces between columns (pandas puts one)
+    if not any(cells.values()):
+        return (indent + "  ".join(cells)).rstrip()
+    text = pd.DataFrame(cells).to_string(index=False, col_space=space)
+    return "\n".join((indent + line).rstrip() for line in text.splitlines())
+
+
+def _slowdowns(r: Any) -> str:
+    """Median / p95 / max of a row's backward all-to-all slowdowns, ``-`` for a missing one
+    (no backward all-to-all crossed ranks, or a measured row that has none)."""
+    vals = (r.bwd_a2a_slowdown_median, r.bwd_a2a_slowdown_p95, r.bwd_a2a_slowdown_max)
+    return "-" if all(_missing(v) for v in vals) else " / ".join("-" if _missing(v) else f"{v:.2f}" for v in vals)
+
+
 def format_training_table(df, title: str) -> str:
-    lines = [
-        f"# {title}",
-        f"  {'policy':<16} {'step(ms)':>9} {'speedup':>8} {'compute':>8} {'exp.a2a':>8} {'exp.AR':>8} "
-        f"{'idle':>7} {'k':>3} {'r':>3}  bwd a2a slowdown med/p95/max",
-    ]
-    for r in df.itertuples():
-        lines.append(
-            f"  {r.policy:<16} {r.step_time_s * 1e3:>9.2f} {r.speedup:>7.2f}x {r.compute_s * 1e3:>8.2f} "
-            f"{r.exposed_a2a_s * 1e3:>8.2f} {r.exposed_allreduce_s * 1e3:>8.2f} {r.idle_s * 1e3:>7.2f} "
-            f"{r.experts_per_device:>3d} {r.pipeline_degree:>3d}  "
-            f"{r.bwd_a2a_slowdown_median:.2f} / {r.bwd_a2a_slowdown_p95:.2f} / {r.bwd_a2a_slowdown_max:.2f}"
-        )
-    lines.append("  (times in ms per step; k = experts per device, r = all-to-all/FFN pipelining degree)")
-    return "\n".join(lines)
+    """Per policy: step time, speedup over the first policy, the breakdown (ms), the
+    packing k and pipelining r, and the backward all-to-all slowdown (median / p95 / max)."""
+    ms = lambda v: f"{v * 1e3:.2f}"  # noqa: E731
+    rows = list(df.itertuples())
+    table = aligned(
+        {
+            "policy": ([r.policy for r in rows], str),
+            "step(ms)": ([r.step_time_s for r in rows], ms),
+            "speedup": ([r.speedup for r in rows], lambda v: f"{v:.2f}x"),
+            "compute": ([r.compute_s for r in rows], ms),
+            "exp.a2a": ([r.exposed_a2a_s for r in rows], ms),
+            "exp.AR": ([r.exposed_allreduce_s for r in rows], ms),
+            "idle": ([r.idle_s for r in rows], ms),
+            "k": ([r.experts_per_device for r in rows], lambda v: f"{int(v)}"),
+            "r": ([r.pipeline_degree for r in rows], lambda v: f"{int(v)}"),
+            "bwd a2a slowdown med/p95/max": ([_slowdowns(r) for r in rows], str),
+        },
+        left=("policy", "bwd a2a slowdown med/p95/max"),
+    )
+    return "\n".join(
+        [
+            f"# {title}",
+            table,
+            "  (times in ms per step; k = experts per device, r = all-to-all/FFN pipelining degree)",
+        ]
+    )
 
 
 def _ms(x: float) -> str:
@@ -56,30 +104,43 @@ def _ratio(x: float) -> str:
 
 
 def format_inference_table(df, title: str) -> str:
-    """Per policy: p50/p95/p99 latency with ratios to static, and the serving details."""
+    """Per policy (and per served domain, when a run serves several): p50/p95/p99 latency
+    with ratios to static, the batches' skew beside them, and the serving details."""
     lines = [
         f"# {title}",
         f"  {'policy':<17} {'p50(ms)':>8} {'p95(ms)':>8} {'p99(ms)':>8}  {'p50/st':>6} {'p95/st':>6} "
-        f"{'p99/st':>6}  {'batch':>7} {'moeL95':>7} {'a2a95':>7} {'swapX':>7} {'imbal':>5} {'ph2':>5}",
+        f"{'p99/st':>6}  {'skew':>5} {'tok/GPU':>7}  {'batch':>7} {'moeL95':>7} {'a2a95':>7} {'swapX':>7} "
+        f"{'imbal':>5} {'ph2':>5}",
     ]
-    for r in df.itertuples():
-        lines.append(
-            f"  {r.policy:<17} {_ms(r.latency_p50_s)} {_ms(r.latency_p95_s)} {_ms(r.latency_p99_s)}  "
-            f"{_ratio(r.latency_p50_vs_static)} {_ratio(r.latency_p95_vs_static)} {_ratio(r.latency_p99_vs_static)}  "
-            f"{r.batch_time_mean_s * 1e3:7.2f} {r.moe_layer_p95_s * 1e3:7.3f} {r.a2a_p95_s * 1e3:7.3f} "
-            f"{r.exposed_swap_per_batch_s * 1e3:7.3f} {r.load_imbalance_mean:5.2f} {r.phase2_rate:5.2f}"
-        )
+    domains = list(dict.fromkeys(df["domain"])) if "domain" in df.columns else [None]
+    for domain in domains:
+        part = df if domain is None else df[df["domain"] == domain]
+        if len(domains) > 1:
+            lines.append(f"  [{domain}]")
+        for r in part.itertuples():
+            skew = getattr(r, "batch_skew_mean", float("nan"))
+            per_gpu = getattr(r, "batch_tokens_per_gpu_mean", float("nan"))
+            lines.append(
+                f"  {r.policy:<17} {_ms(r.latency_p50_s)} {_ms(r.latency_p95_s)} {_ms(r.latency_p99_s)}  "
+                f"{_ratio(r.latency_p50_vs_static)} {_ratio(r.latency_p95_vs_static)} "
+                f"{_ratio(r.latency_p99_vs_static)}  {skew:5.2f} {per_gpu:7.1f}  "
+                f"{r.batch_time_mean_s * 1e3:7.2f} {r.moe_layer_p95_s * 1e3:7.3f} {r.a2a_p95_s * 1e3:7.3f} "
+                f"{r.exposed_swap_per_batch_s * 1e3:7.3f} {r.load_imbalance_mean:5.2f} {r.phase2_rate:5.2f}"
+            )
     first = df.iloc[0]
     arrival = (
         f"poisson {first.arrival_rate:g} req/s"
         if first.arrival == "poisson"
         else f"closed loop, {int(first.concurrency)} in flight"
     )
+    domain = "" if len(domains) > 1 or domains[0] is None else f", domain {domains[0]}"
     lines.append(
-        f"  ({int(first.requests)} requests, {arrival}, token budget {int(first.token_budget)}, "
-        f"timeout {first.timeout_s * 1e3:g} ms. batch = mean batch time (ms); moeL95 = p95 MoE-layer "
-        f"time (ms); a2a95 = p95 dispatch+combine per layer (ms); swapX = exposed swap per batch (ms); "
-        f"imbal = busiest GPU's expert tokens / mean; ph2 = phase-2 re-plan rate)"
+        f"  ({int(first.requests)} requests{domain}, {arrival}, token budget {int(first.token_budget)}, "
+        f"timeout {first.timeout_s * 1e3:g} ms. skew = busiest expert's tokens / uniform share (T*k/E) per "
+        f"batch and layer, mean over batches and layers; tok/GPU = mean batch tokens per GPU; batch = mean "
+        f"batch time (ms); moeL95 = p95 MoE-layer time (ms); a2a95 = p95 dispatch+combine per layer (ms); "
+        f"swapX = exposed swap per batch (ms); imbal = busiest GPU's expert tokens / mean; ph2 = phase-2 "
+        f"re-plan rate)"
     )
     return "\n".join(lines)
 
@@ -90,18 +151,30 @@ def format_collective_table(df, op: str, algo: str, cluster, proto: str = "auto"
     ``-`` where there is none) when the frame has them."""
     asked = f"{algo}, proto {proto}" if op == "allreduce" and proto != "auto" else algo
     has = "algo" in getattr(df, "columns", ())
-    lines = [
-        f"# {op} ({asked}) on {cluster.name}: {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs "
-        f"= {cluster.world_size} ranks",
-        f"#{'size':>13} {'count':>12} {'type':>6} {'time(us)':>11} {'algbw(GB/s)':>12} {'busbw(GB/s)':>12}"
-        + (f"  {'algo':<12} proto" if has else ""),
-    ]
-    for r in df.itertuples():
-        lines.append(
-            f"{r.size:>14d} {r.count:>12d} {r.type:>6} {r.time_us:>11.2f} {r.algbw_GBps:>12.2f} {r.busbw_GBps:>12.2f}"
-            + (f"  {r.algo:<12} {r.proto}" if has else "")
-        )
-    return "\n".join(lines)
+    rows = list(df.itertuples())
+    num = lambda v: f"{v:.2f}"  # noqa: E731
+    columns: dict[str, tuple[Sequence[Any], Callable[[Any], str]]] = {
+        # The header line starts with "#" (as nccl-tests' does, so that the measured-table
+        # reader can read this table back): a space for it to replace.
+        " size": ([r.size for r in rows], lambda v: f"{int(v)}"),
+        "count": ([r.count for r in rows], lambda v: f"{int(v)}"),
+        "type": ([r.type for r in rows], str),
+        "time(us)": ([r.time_us for r in rows], num),
+        "algbw(GB/s)": ([r.algbw_GBps for r in rows], num),
+        "busbw(GB/s)": ([r.busbw_GBps for r in rows], num),
+    }
+    if has:
+        columns["algo"] = ([r.algo for r in rows], str)
+        columns["proto"] = ([r.proto for r in rows], str)
+    header, *body = aligned(columns, left=("algo", "proto"), indent="").splitlines()
+    return "\n".join(
+        [
+            f"# {op} ({asked}) on {cluster.name}: {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs "
+            f"= {cluster.world_size} ranks",
+            "#" + header[1:],
+            *body,
+        ]
+    )
 
 
 def format_contention(res, cluster, a2a_bytes: int, ar_bytes: int, a2a_algo: str, ar_algo: str, top: int) -> str:
@@ -113,14 +186,21 @@ def format_contention(res, cluster, a2a_bytes: int, ar_bytes: int, a2a_algo: str
         f"  allreduce alone           {res.allreduce_alone_s * 1e3:10.3f} ms",
         f"  allreduce + all-to-all    {res.allreduce_shared_s * 1e3:10.3f} ms",
         "  bottleneck links while the all-to-all ran (load = bytes / capacity):",
-        f"    {'link':<22} {'kind':<7} {'GB/s':>7} {'MB':>10} {'load(ms)':>9} {'util':>6}",
     ]
-    for r in res.links.head(top).itertuples():
-        lines.append(
-            f"    {r.link:<22} {r.kind:<7} {r.capacity_Bps / 1e9:>7.2f} {r.bytes / 1e6:>10.2f} "
-            f"{r.load_s * 1e3:>9.3f} {r.utilisation:>6.2f}"
-        )
-    return "\n".join(lines)
+    links = res.links.head(top)
+    table = aligned(
+        {
+            "link": (links["link"].tolist(), str),
+            "kind": (links["kind"].tolist(), str),
+            "GB/s": (links["capacity_Bps"].tolist(), lambda v: f"{v / 1e9:.2f}"),
+            "MB": (links["bytes"].tolist(), lambda v: f"{v / 1e6:.2f}"),
+            "load(ms)": (links["load_s"].tolist(), lambda v: f"{v * 1e3:.3f}"),
+            "util": (links["utilisation"].tolist(), lambda v: f"{v:.2f}"),
+        },
+        left=("link", "kind"),
+        indent="    ",
+    )
+    return "\n".join([*lines, table])
 
 
 def format_sweep_plan(points) -> str:
@@ -153,15 +233,17 @@ def format_side_by_side(table: pd.DataFrame, metric: str, sources) -> str:
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        if math.isnan(v):
-            return ""
+        if not math.isfinite(v):
+            return "-"  # as in every other table: no value, not "nan"
         return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
     return str(v)
 
 
 def text_table(df: pd.DataFrame, max_rows: int = 40) -> str:
     """A plain-text table for the terminal (3 significant digits for floats)."""
-    body = df.head(max_rows).to_string(index=False, formatters={c: _fmt for c in df.columns if df[c].dtype.kind == "f"})
+    body = df.head(max_rows).to_string(
+        index=False, na_rep="-", formatters={c: _fmt for c in df.columns if df[c].dtype.kind == "f"}
+    )
     more = f"\n  ... {len(df) - max_rows} more rows in REPORT.md" if len(df) > max_rows else ""
     return "\n".join("  " + line for line in body.splitlines()) + more
 
@@ -225,23 +307,36 @@ def _median_abs_error(j) -> str:
     return f"  median |error| {float(j['error_pct'].abs().median()):.1f}% (target <= 10%); " + ranking_summary(j)
 
 
+def _same(match: Any) -> str:
+    return "same" if match else "DIFFERS"
+
+
 def format_validation_table(j, title: str) -> str:
     """Predicted against measured step time (ms; measured min..max) per point and
     policy, the error and whether the ranking holds."""
-    lines = [
-        f"# {title}",
-        f"  {'pt':>2} {'policy':<12} {'k':>2} {'r':>2} {'predicted ms':>12} {'measured ms':>12} "
-        f"{'(min..max)':>15} {'error':>8}  ranking",
+    rows = list(j.itertuples())
+    ms = lambda v: f"{v * 1e3:.1f}"  # noqa: E731
+    spread = [
+        None
+        if _missing(r.step_time_min_s) or _missing(r.step_time_max_s)
+        else f"({r.step_time_min_s * 1e3:.0f}..{r.step_time_max_s * 1e3:.0f})"
+        for r in rows
     ]
-    for r in j.itertuples():
-        lines.append(
-            f"  {r.point:>2} {r.policy:<12} {r.experts_per_device_meas:>2} {r.pipeline_degree_meas:>2} "
-            f"{r.step_time_s_pred * 1e3:>12.1f} {r.step_time_s_meas * 1e3:>12.1f} "
-            f"{f'({r.step_time_min_s * 1e3:.0f}..{r.step_time_max_s * 1e3:.0f})':>15} "
-            f"{r.error_pct:>+7.1f}%  {'same' if r.ranking_match else 'DIFFERS'}"
-        )
-    lines.append(_median_abs_error(j))
-    return "\n".join(lines)
+    table = aligned(
+        {
+            "pt": ([r.point for r in rows], str),
+            "policy": ([r.policy for r in rows], str),
+            "k": ([r.experts_per_device_meas for r in rows], lambda v: f"{int(v)}"),
+            "r": ([r.pipeline_degree_meas for r in rows], lambda v: f"{int(v)}"),
+            "predicted ms": ([r.step_time_s_pred for r in rows], ms),
+            "measured ms": ([r.step_time_s_meas for r in rows], ms),
+            "(min..max)": (spread, str),
+            "error": ([r.error_pct for r in rows], lambda v: f"{v:+.1f}%"),
+            "ranking": ([r.ranking_match for r in rows], _same),
+        },
+        left=("policy", "ranking"),
+    )
+    return "\n".join([f"# {title}", table, _median_abs_error(j)])
 
 
 def format_validation_scheduler(j) -> str:
@@ -257,15 +352,20 @@ def format_validation_scheduler(j) -> str:
 def format_inference_validation_table(j, title: str) -> str:
     """Predicted against measured mean batch time (ms) per point and policy, the error
     and whether the ranking holds."""
-    lines = [f"# {title}", f"  {'pt':>2} {'policy':<18} {'predicted ms':>12} {'measured ms':>12} {'error':>8}  ranking"]
-    for r in j.itertuples():
-        lines.append(
-            f"  {r.point:>2} {r.policy:<18} {r.batch_time_mean_s_pred * 1e3:>12.2f} "
-            f"{r.batch_time_mean_s_meas * 1e3:>12.2f} {r.error_pct:>+7.1f}%  "
-            f"{'same' if r.ranking_match else 'DIFFERS'}"
-        )
-    lines.append(_median_abs_error(j))
-    return "\n".join(lines)
+    rows = list(j.itertuples())
+    ms = lambda v: f"{v * 1e3:.2f}"  # noqa: E731
+    table = aligned(
+        {
+            "pt": ([r.point for r in rows], str),
+            "policy": ([r.policy for r in rows], str),
+            "predicted ms": ([r.batch_time_mean_s_pred for r in rows], ms),
+            "measured ms": ([r.batch_time_mean_s_meas for r in rows], ms),
+            "error": ([r.error_pct for r in rows], lambda v: f"{v:+.1f}%"),
+            "ranking": ([r.ranking_match for r in rows], _same),
+        },
+        left=("policy", "ranking"),
+    )
+    return "\n".join([f"# {title}", table, _median_abs_error(j)])
 
 
 COMPONENTS = ("compute fwd", "compute bwd+opt", "a2a fwd", "a2a bwd", "allreduce", "step", "a2a skew", "a2a xfer")
@@ -291,21 +391,32 @@ def format_stats(s: Any) -> str:
     """``lina-sim trace-stats``: skew, repeat rate, affinity and path-estimation accuracy
     of one routing trace (a :class:`~lina_sim.routing.stats.RoutingStats`)."""
     m = s.summary
+    notes = ""
+    if m.get("experts_inferred"):
+        notes += " (expert count inferred as largest id + 1: pass --experts to check the ids)"
+    if m.get("dropped_incomplete") is not None:
+        notes += f"; dropped {m['dropped_incomplete']} incomplete tokens"
+    top = f"top-{s.skew.top_fraction * 100:g}% share"
     out = [
         f"{m['file']}: {m['model']} on {m['dataset']}: {m['tokens']} tokens in {m['sequences']} sequences, "
-        f"{m['layers']} layers, top-{m['top_k']} of {m['experts']} experts",
+        f"{m['layers']} layers, top-{m['top_k']} of {m['experts']} experts{notes}",
         "",
-        f"layer  busiest/uniform  CV    top-{s.skew.top_experts} share   (all {m['top_k']} choices)   repeat  (chance)",
+        f"skew over all {m['top_k']} choices per token; {top}: share of (token, choice) pairs taken by the "
+        f"busiest {s.skew.top_experts} of {m['experts']} experts; repeat: consecutive tokens of a sequence "
+        "with the same first choice",
+        f"layer  busiest/uniform    CV  {top}  repeat  (chance)",
     ]
+    w = len(top)
     for i, l in enumerate(s.skew.layers):
         out.append(
-            f"{l:5d}  {s.skew.max_over_uniform[i]:15.2f}  {s.skew.cv[i]:4.2f}  {s.skew.top_share[i]:11.3f}"
-            f"   {'':21s}{s.repeat.rate[i]:6.3f}  ({s.repeat.chance[i]:.3f})"
+            f"{l:5d}  {s.skew.max_over_uniform[i]:15.2f}  {s.skew.cv[i]:4.2f}  {s.skew.top_share[i]:{w}.3f}"
+            f"  {s.repeat.rate[i]:6.3f}  ({s.repeat.chance[i]:.3f})"
         )
     mean, mean1 = s.skew.mean(), s.skew_top1.mean()
+    out.append(f" mean  {mean['max_over_uniform']:15.2f}  {mean['cv']:4.2f}  {mean['top_share']:{w}.3f}")
     out.append(
-        f" mean  {mean['max_over_uniform']:15.2f}  {mean['cv']:4.2f}  {mean['top_share']:11.3f}"
-        f"   top-1 only: {mean1['max_over_uniform']:.2f} / {mean1['cv']:.2f} / {mean1['top_share']:.3f}"
+        f"first choices only, mean: busiest/uniform {mean1['max_over_uniform']:.2f}, CV {mean1['cv']:.2f}, "
+        f"{top} {mean1['top_share']:.3f}"
     )
     if s.affinity.pairs:
         a = s.affinity
@@ -318,25 +429,34 @@ def format_stats(s: Any) -> str:
         p = s.path
         out += [
             "",
-            f"path-based estimation: batches of {p.batch_tokens} held-out tokens ({p.batches} batches, "
-            f"layers {p.first_layer}+, trained on {p.train_tokens} tokens); estimated top-{p.set_size} set == actual",
-            "path length  exact  mean overlap",
+            f"path-based estimation: fit on {p.train_sequences} sequences ({p.train_tokens} tokens; split "
+            f"{p.split}, seed {p.seed}); scored on batches of {p.batch_tokens} tokens of the other "
+            f"{p.test_sequences} sequences (held out: {p.batches} batches) and of the training tokens "
+            f"(in sample: {p.batches_in_sample} batches), layers {p.first_layer}+; "
+            f"share of cases whose estimated top-{p.set_size} set == actual",
+            f"{'path length':>14s}  exact held-out  exact in-sample  overlap held-out  overlap in-sample",
         ]
-        for L, e, o in zip(p.lengths, p.exact, p.overlap):
+        for L, e, ei, o, oi in zip(p.lengths, p.exact, p.exact_in_sample, p.overlap, p.overlap_in_sample):
             label = f"{L}" if L else "0 (popularity)"
-            out.append(f"{label:>11s}  {e:5.3f}  {o:12.3f}")
+            out.append(f"{label:>14s}  {e:14.3f}  {ei:15.3f}  {o:16.3f}  {oi:17.3f}")
+    elif getattr(s, "path_skipped", ""):
+        out += ["", f"path-based estimation: skipped ({s.path_skipped})"]
     return "\n".join(out)
 
 
 def format_comparison(rows: Sequence[Any]) -> str:
     """``trace-stats --compare-real``, one line per :class:`~lina_sim.routing.stats.RealRow`:
-    skew at the first recorded layer, mean skew, cross-layer affinity."""
+    the layers compared, skew at the first of them, mean skew, cross-layer affinity."""
+    pct = f"{rows[0].skew.top_fraction * 100:g}%" if rows else "12.5%"
+    top = f"top-{pct} share"
     out = [
-        "side by side with real routing at the recorded layers (a trace: the layers at the same "
-        "relative depth). Skew over all k choices, averaged over those layers except the first "
-        "column; affinity from top-1 choices across the non-adjacent layer pairs",
-        f"{'model':28s} {'domain':10s} {'E':>3s} {'k':>2s}  {'max/unif L0':>11s} {'mean':>5s}  "
-        f"{'CV mean':>7s}  {'top12.5% share':>14s}  {'affinity (chance) per pair':s}",
+        "side by side with real routing at the recorded layers (l/L: layer l of L MoE layers; a trace "
+        "row: the trace's layers at the same relative depth as the real rows below it). Skew over all "
+        "k choices, averaged over those layers except the first column; "
+        f"{top}: share of (token, choice) pairs taken by the busiest {pct} of experts (rounded up); "
+        "affinity from top-1 choices across the non-adjacent layer pairs",
+        f"{'model':28s} {'domain':10s} {'E':>3s} {'k':>2s}  {'layers':>10s}  {'max/unif 1st':>12s} {'mean':>5s}  "
+        f"{'CV mean':>7s}  {top:>15s}  {'affinity (chance) per pair':s}",
     ]
     for r in rows:
         aff = "  ".join(
@@ -344,10 +464,11 @@ def format_comparison(rows: Sequence[Any]) -> str:
             for (a, b), acc, ch in zip(r.affinity.pairs, r.affinity.accuracy, r.affinity.chance)
         )
         sm = r.skew.mean()
+        where = ",".join(map(str, r.layers)) + f"/{r.num_layers}"
         out.append(
-            f"{r.name[:28]:28s} {r.domain[:10]:10s} {r.experts:3d} {r.top_k:2d}  "
-            f"{r.skew.max_over_uniform[0]:11.2f} {sm['max_over_uniform']:5.2f}  {sm['cv']:7.2f}  "
-            f"{sm['top_share']:14.3f}  {aff}"
+            f"{r.name[:28]:28s} {r.domain[:10]:10s} {r.experts:3d} {r.top_k:2d}  {where:>10s}  "
+            f"{r.skew.max_over_uniform[0]:12.2f} {sm['max_over_uniform']:5.2f}  {sm['cv']:7.2f}  "
+            f"{sm['top_share']:15.3f}  {aff}"
         )
     return "\n".join(out)
 
@@ -356,10 +477,6 @@ def format_comparison(rows: Sequence[Any]) -> str:
 # The comparison summary's columns per size class: ERROR_COLUMN + label (median |error|, %)
 # and ROWS_COLUMN + label (rows in the class); lina_sim.experiments.microbench writes them.
 ERROR_COLUMN, ROWS_COLUMN = "median_abs_error_pct:", "rows:"
-
-
-def _error(x: float) -> str:
-    return f"{x:+8.1f}%" if math.isfinite(x) else f"{'-':>9}"
 
 
 def _size_classes(summary_row: pd.Series) -> list[tuple[str, float, int]]:
@@ -384,14 +501,25 @@ def format_measured_comparison(t: pd.DataFrame, summary_row: pd.Series) -> str:
         f"# {first['table']}: {first['collective']}, {first['ranks']} ranks = {first['nodes']} node(s) x "
         f"{first['ranks_per_node']}{f' ({detail})' if detail else ''}; simulated on {first['preset']} "
         f"{first['sim_nodes']}x{first['sim_gpus_per_node']}  [{first['source']}]",
-        f"#{'size(B)':>13} {'measured(us)':>13} {'predicted(us)':>14} {'error':>9}  algo",
     ]
-    for r in t.itertuples():
+    rows = list(t.itertuples())
+    shown = []
+    for r in rows:
         run = getattr(r, "ran", "")  # what ran at this size (NCCL's choice), when it says more
-        shown = f"{r.algo} ({run})" if isinstance(run, str) and run and run != f"{r.algo} -" else r.algo
-        lines.append(
-            f"{r.size_bytes:>14d} {r.time_s * 1e6:>13.2f} {r.predicted_s * 1e6:>14.2f} {_error(r.error_pct)}  {shown}"
-        )
+        shown.append(f"{r.algo} ({run})" if isinstance(run, str) and run and run != f"{r.algo} -" else r.algo)
+    us = lambda v: f"{v * 1e6:.2f}"  # noqa: E731
+    header, *body = aligned(
+        {
+            "size(B)": ([r.size_bytes for r in rows], lambda v: f"{int(v)}"),
+            "measured(us)": ([r.time_s for r in rows], us),
+            "predicted(us)": ([r.predicted_s for r in rows], us),
+            "error": ([r.error_pct for r in rows], lambda v: f"{v:+.1f}%"),
+            "algo": (shown, str),
+        },
+        left=("algo",),
+        indent=" ",
+    ).splitlines()
+    lines += ["#" + header[1:], *body]  # a "#" header line, as nccl-tests prints one
     classes = ", ".join(
         f"{label} {err:.1f}% ({n})" if n else f"{label} -" for label, err, n in _size_classes(summary_row)
     )
@@ -406,20 +534,21 @@ def format_comparison_summary(summary: pd.DataFrame) -> str:
     if "proto" in summary.columns:  # a forced allreduce protocol beside its algorithm: ring/LL128
         pairs = zip(summary["algo"], summary["proto"])
         summary = summary.assign(algo=[a if p in ("auto", "-") or pd.isna(p) else f"{a}/{p}" for a, p in pairs])
-    w = {c: max([len(c), *(len(str(x)) for x in summary[c])]) for c in ("table", "collective", "preset", "algo")}
-    lines = [
-        "# simulated against measured: median |error| (rows) per size class; error = predicted / measured - 1",
-        f"  {'table':<{w['table']}} {'collective':<{w['collective']}} {'shape':>6} {'preset':<{w['preset']}} "
-        f"{'algo':<{w['algo']}}" + "".join(f" {label:>14}" for label in classes),
-    ]
-    for _, r in summary.iterrows():
-        cells = "".join(f" {f'{err:.1f}% ({n})' if n else '-':>14}" for _, err, n in _size_classes(r))
-        shape = f"{r['nodes']}x{r['ranks_per_node']}"
-        lines.append(
-            f"  {r['table']:<{w['table']}} {r['collective']:<{w['collective']}} {shape:>6} "
-            f"{r['preset']:<{w['preset']}} {r['algo']:<{w['algo']}}{cells}"
-        )
-    return "\n".join(lines)
+    rows = [r for _, r in summary.iterrows()]
+    columns: dict[str, tuple[Sequence[Any], Callable[[Any], str]]] = {
+        "table": ([r["table"] for r in rows], str),
+        "collective": ([r["collective"] for r in rows], str),
+        "shape": ([f"{r['nodes']}x{r['ranks_per_node']}" for r in rows], str),
+        "preset": ([r["preset"] for r in rows], str),
+        "algo": ([r["algo"] for r in rows], str),
+    }
+    for i, label in enumerate(classes):
+        cells = [_size_classes(r)[i] for r in rows]
+        columns[label] = ([f"{err:.1f}% ({n})" if n else "-" for _, err, n in cells], str)
+    table = aligned(columns, left=("table", "collective", "preset", "algo"))
+    return "\n".join(
+        ["# simulated against measured: median |error| (rows) per size class; error = predicted / measured - 1", table]
+    )
 
 
 def format_calibration(fits: Sequence[Any]) -> str:

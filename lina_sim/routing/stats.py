@@ -8,9 +8,11 @@ routing counts so that a trace can be put beside them.
   from its top-1 at an earlier one with the best conditional predictor on the data
   (argmax of the joint counts), beside chance (always the most popular later expert)
   and uniform 1/E.
-- **Path-based estimation accuracy**: for batches of held-out tokens, how often the
-  top-2k experts by :class:`~lina_sim.policies.path_estimator.PathEstimator` estimate equal
-  the actual top-2k (Lina's phase-2 trigger), per path length.
+- **Path-based estimation accuracy**: the
+  :class:`~lina_sim.policies.path_estimator.PathEstimator` is fit on a seeded draw of
+  whole sequences; for batches of the other sequences (out of sample) and of its own
+  training tokens (in sample), how often its top-2k experts equal the actual top-2k
+  (Lina's phase-2 trigger), per path length.
 - **Token-to-token repeat rate**: how often consecutive tokens of a sequence pick the
   same top-1 expert at a layer, beside the rate two independent tokens would match.
 - **Transition heatmaps** P(expert at l+1 | expert at l).
@@ -43,8 +45,9 @@ class SkewStats:
     layers: list[int]
     max_over_uniform: list[float]  # busiest expert's count / (total / E)
     cv: list[float]  # std / mean of per-expert counts (population std)
-    top_share: list[float]  # share of all counts taken by the top ceil(E/8) experts
-    top_experts: int  # how many experts "top 12.5%" is
+    top_share: list[float]  # share of all counts taken by the busiest ceil(E * top_fraction) experts
+    top_experts: int  # how many experts that is
+    top_fraction: float = TOP_FRACTION  # of the experts, before rounding up
 
     def mean(self) -> dict[str, float]:
         return {k: float(np.mean(getattr(self, k))) for k in ("max_over_uniform", "cv", "top_share")}
@@ -146,7 +149,11 @@ def repeat_rate(trace: RoutingTrace) -> RepeatStats:
 class PathAccuracy:
     """Share of (batch, layer) cases whose estimated top-2k expert set equals the actual one.
 
-    ``overlap`` is the mean fraction of the actual top-2k set that the estimate got.
+    The estimator is fit on the training sequences only. ``exact``/``overlap`` score it out
+    of sample, on batches of the held-out sequences; ``exact_in_sample``/
+    ``overlap_in_sample`` score it on batches of its own training tokens, the optimistic
+    number an evaluation on the fitted data would report (NaN: fewer training tokens than
+    one batch). ``overlap`` is the mean fraction of the actual top-2k set the estimate got.
     Every path length is scored on the same layers (from ``first_layer`` on), so rows
     compare fairly; path length 0 is popularity alone (no path).
     """
@@ -154,11 +161,77 @@ class PathAccuracy:
     lengths: list[int]
     exact: list[float]
     overlap: list[float]
+    exact_in_sample: list[float]
+    overlap_in_sample: list[float]
     batch_tokens: int
-    batches: int
+    batches: int  # held-out batches
+    batches_in_sample: int
     first_layer: int
     set_size: int
     train_tokens: int
+    test_tokens: int
+    train_sequences: int
+    test_sequences: int
+    seed: int
+    split: str  # how train and test were cut: "by sequence", or by token position for 1 sequence
+
+
+@dataclass
+class SequenceSplit:
+    """Token rows that fit an estimator (``train``) and rows that score it (``test``)."""
+
+    train: np.ndarray  # int64 row indices, in trace order
+    test: np.ndarray
+    train_sequences: int
+    test_sequences: int
+    how: str
+
+
+def split_sequences(seq_ids: np.ndarray, train_fraction: float = 0.5, seed: int = 0) -> SequenceSplit:
+    """Whole sequences drawn at random (deterministic with ``seed``) for training, about
+    ``train_fraction`` of them, the rest for testing: no sequence lends tokens to both.
+
+    A single-sequence trace cannot be split so; it is cut at ``train_fraction`` of its
+    tokens instead, and ``how`` says so.
+    """
+    if not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction must lie in (0, 1), got {train_fraction}")
+    seq_ids = np.asarray(seq_ids)
+    uniq = np.unique(seq_ids)
+    if uniq.size < 2:
+        cut = min(max(1, int(round(seq_ids.size * train_fraction))), max(1, seq_ids.size - 1))
+        rows = np.arange(seq_ids.size)
+        return SequenceSplit(rows[:cut], rows[cut:], 1, 1, "1 sequence: cut at a token position")
+    n_train = min(max(1, int(round(uniq.size * train_fraction))), uniq.size - 1)
+    chosen = np.random.default_rng(seed).permutation(uniq)[:n_train]
+    in_train = np.isin(seq_ids, chosen)
+    return SequenceSplit(
+        np.flatnonzero(in_train), np.flatnonzero(~in_train), n_train, uniq.size - n_train, "by sequence"
+    )
+
+
+def score_batches(
+    est: PathEstimator, experts: np.ndarray, layers: Sequence[int], set_size: int, batch_tokens: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Exact and overlap shares per layer over consecutive batches of ``batch_tokens`` rows
+    of ``experts`` [tokens, layers, k] (a partial last batch is left out), and the number
+    of batches. No batch: NaN shares."""
+    n_batches = experts.shape[0] // batch_tokens
+    exact = np.zeros(len(layers))
+    overlap = np.zeros(len(layers))
+    if n_batches == 0:
+        return exact * np.nan, overlap * np.nan, 0
+    E = int(est.num_experts or 0)
+    for b in range(n_batches):
+        chunk = experts[b * batch_tokens : (b + 1) * batch_tokens]
+        actual = expert_counts(chunk, E)
+        for i, layer in enumerate(layers):
+            estimate = est.estimate(layer, PathEstimator.paths_for(chunk[:, :, 0], layer, est.path_length))
+            want = top_experts(actual[layer], set_size)
+            got = top_experts(estimate, set_size)
+            exact[i] += got == want
+            overlap[i] += len(got & want) / set_size
+    return exact / n_batches, overlap / n_batches, n_batches
 
 
 def path_accuracy(
@@ -167,45 +240,88 @@ def path_accuracy(
     batch_tokens: int = 256,
     train_fraction: float = 0.5,
     min_count: int = 2,
+    seed: int = 0,
 ) -> PathAccuracy:
-    """Fit on the first ``train_fraction`` of sequences, score batches of the rest."""
+    """Fit on ``train_fraction`` of the sequences (seeded draw), score batches of the
+    others (out of sample) and of the training tokens themselves (in sample)."""
     if trace.num_layers < 2:
         raise RoutingTraceError(trace.origin, "path accuracy needs at least 2 layers")
-    split = _sequence_split(trace.seq_ids, train_fraction)
-    if split == 0 or trace.num_tokens - split < batch_tokens:
+    split = split_sequences(trace.seq_ids, train_fraction, seed)
+    if split.train.size == 0 or split.test.size < batch_tokens:
         raise RoutingTraceError(
-            trace.origin, f"too few tokens ({trace.num_tokens}) for a train slice and one batch of {batch_tokens}"
+            trace.origin,
+            f"too few held-out tokens ({split.test.size} of {trace.num_tokens}) for one batch of {batch_tokens}",
         )
-    train, test = trace.experts[:split], trace.experts[split:]
+    train, test = trace.experts[split.train], trace.experts[split.test]
     first = min(max(lengths), trace.num_layers - 1) if max(lengths) else 1
+    layers = list(range(first, trace.num_layers))
     set_size = min(2 * trace.top_k, trace.num_experts)
-    n_batches = test.shape[0] // batch_tokens
-    exact, overlap = [], []
+    exact, overlap, exact_in, overlap_in = [], [], [], []
+    n_test = n_train = 0
     for m in lengths:
         est = PathEstimator(m, trace.num_experts, min_count).fit(train)
-        hits, share = 0, 0.0
-        for b in range(n_batches):
-            chunk = test[b * batch_tokens : (b + 1) * batch_tokens]
-            actual_counts = expert_counts(chunk, trace.num_experts)
-            for layer in range(first, trace.num_layers):
-                estimate = est.estimate(layer, PathEstimator.paths_for(chunk[:, :, 0], layer, m))
-                want = top_experts(actual_counts[layer], set_size)
-                got = top_experts(estimate, set_size)
-                hits += got == want
-                share += len(got & want) / set_size
-        cases = n_batches * (trace.num_layers - first)
-        exact.append(hits / cases)
-        overlap.append(share / cases)
-    return PathAccuracy(list(lengths), exact, overlap, batch_tokens, n_batches, first, set_size, split)
+        e, o, n_test = score_batches(est, test, layers, set_size, batch_tokens)
+        ei, oi, n_train = score_batches(est, train, layers, set_size, batch_tokens)
+        exact.append(float(e.mean()))
+        overlap.append(float(o.mean()))
+        exact_in.append(float(ei.mean()))
+        overlap_in.append(float(oi.mean()))
+    return PathAccuracy(
+        list(lengths),
+        exact,
+        overlap,
+        exact_in,
+        overlap_in,
+        batch_tokens,
+        n_test,
+        n_train,
+        first,
+        set_size,
+        int(split.train.size),
+        int(split.test.size),
+        split.train_sequences,
+        split.test_sequences,
+        seed,
+        split.how,
+    )
 
 
-def _sequence_split(seq_ids: np.ndarray, fraction: float) -> int:
-    """Token index nearest ``fraction`` of the trace that starts a new sequence."""
-    target = int(round(len(seq_ids) * fraction))
-    starts = np.flatnonzero(np.r_[True, seq_ids[1:] != seq_ids[:-1]])
-    if starts.size <= 1:
-        return target  # one sequence: split it
-    return int(starts[np.argmin(np.abs(starts - target))])
+def estimation_accuracy_rows(
+    train: np.ndarray,
+    test: np.ndarray,
+    num_experts: int,
+    top_k: int,
+    batch_tokens: int,
+    lengths: Sequence[int],
+    min_count: int = 2,
+) -> list[dict[str, Any]]:
+    """Per path length m and layer >= m (the layers Lina schedules): the estimator fit on
+    ``train`` [tokens, layers, k] and scored on batches of ``test`` (``exact``,
+    ``overlap``, ``batches``: out of sample) and on batches of ``train`` itself
+    (``exact_in_sample``, ``overlap_in_sample``, ``batches_in_sample``). A batch is
+    ``batch_tokens`` rows, or all of them if there are fewer."""
+    set_size = min(2 * top_k, num_experts)
+    num_layers = train.shape[1]
+    rows = []
+    for m in lengths:
+        est = PathEstimator(m, num_experts, min_count).fit(train)
+        layers = list(range(m, num_layers))
+        e, o, n = score_batches(est, test, layers, set_size, max(1, min(batch_tokens, test.shape[0])))
+        ei, oi, ni = score_batches(est, train, layers, set_size, max(1, min(batch_tokens, train.shape[0])))
+        for i, layer in enumerate(layers):
+            rows.append(
+                {
+                    "path_length": m,
+                    "layer": layer,
+                    "exact": float(e[i]),
+                    "overlap": float(o[i]),
+                    "batches": n,
+                    "exact_in_sample": float(ei[i]),
+                    "overlap_in_sample": float(oi[i]),
+                    "batches_in_sample": ni,
+                }
+            )
+    return rows
 
 
 # ---- everything for one trace -----------------------------------------------------------------
@@ -220,21 +336,32 @@ class RoutingStats:
     repeat: RepeatStats
     path: PathAccuracy | None
     transitions: np.ndarray = field(repr=False)
+    path_skipped: str = ""  # why ``path`` is None
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: asdict(getattr(self, k)) for k in ("skew", "skew_top1", "affinity", "repeat")}
         d["path"] = asdict(self.path) if self.path else None
+        d["path_skipped"] = self.path_skipped or None
         d["summary"] = self.summary
         return d
 
 
-def compute(trace: RoutingTrace, path_lengths: Sequence[int] = (0, 1, 3, 6), batch_tokens: int = 256) -> RoutingStats:
+def compute(
+    trace: RoutingTrace,
+    path_lengths: Sequence[int] = (0, 1, 3, 6),
+    batch_tokens: int = 256,
+    train_fraction: float = 0.5,
+    seed: int = 0,
+) -> RoutingStats:
+    """Every statistic of ``trace``; path estimation is fit on ``train_fraction`` of the
+    sequences (drawn with ``seed``) and scored both on the others and in sample."""
     counts = expert_counts(trace.experts, trace.num_experts)
     counts1 = expert_counts(trace.experts[:, :, :1], trace.num_experts)
+    path, skipped = None, ""
     try:
-        path = path_accuracy(trace, path_lengths, batch_tokens)
-    except RoutingTraceError:
-        path = None  # too small a trace for held-out batches; the rest still applies
+        path = path_accuracy(trace, path_lengths, batch_tokens, train_fraction, seed=seed)
+    except RoutingTraceError as e:
+        skipped = e.problem  # too small a trace for held-out batches; the rest still applies
     m = trace.metadata
     summary = {
         "file": trace.origin,
@@ -245,6 +372,8 @@ def compute(trace: RoutingTrace, path_lengths: Sequence[int] = (0, 1, 3, 6), bat
         "experts": trace.num_experts,
         "top_k": trace.top_k,
         "sequences": int(np.unique(trace.seq_ids).size),
+        "experts_inferred": bool(m.get("num_experts_inferred", False)),
+        "dropped_incomplete": m.get("dropped_incomplete"),
     }
     return RoutingStats(
         summary=summary,
@@ -254,6 +383,7 @@ def compute(trace: RoutingTrace, path_lengths: Sequence[int] = (0, 1, 3, 6), bat
         repeat=repeat_rate(trace),
         path=path,
         transitions=transition_matrices(trace),
+        path_skipped=skipped,
     )
 
 
@@ -267,6 +397,7 @@ class RealRow:
     experts: int
     top_k: int
     layers: list[int]  # the recorded layers (a trace: the layers at the same relative depth)
+    num_layers: int  # MoE layers of the model the ``layers`` are counted in
     skew: SkewStats
     skew_top1: SkewStats
     affinity: AffinityStats  # top-1 across the non-adjacent pairs
@@ -300,6 +431,7 @@ def real_rows(data: dict[str, Any], source: str = "routing_counts.json") -> list
                         experts=model["experts"],
                         top_k=model["top_k"],
                         layers=layers,
+                        num_layers=int(model["num_layers"]),
                         skew=skew_from_counts(np.array(d["expert_counts"]), layers),
                         skew_top1=skew_from_counts(np.array(d["expert_counts_top1"]), layers),
                         affinity=affinity_from_joint(np.array(d["expert_counts_crosslayer_top1"]), pairs),
@@ -312,23 +444,41 @@ def real_rows(data: dict[str, Any], source: str = "routing_counts.json") -> list
     return rows
 
 
-def trace_row(trace: RoutingTrace, real_layers: Sequence[int] = (0, 7, 15), real_depth: int = 16) -> RealRow:
-    """The trace's statistics at the layers of the same relative depth as the real ones.
+def trace_row(
+    trace: RoutingTrace, real_layers: Sequence[int] = (0, 7, 15), real_depth: int = 16, name: str | None = None
+) -> RealRow:
+    """The trace's statistics at the layers of the same relative depth as ``real_layers``
+    of a ``real_depth``-layer model: layer l maps to round(l * (L - 1) / (real_depth - 1)).
 
-    OLMoE records layers 0, 7, 15 of 16; a 12-layer trace maps them to 0, 5, 11.
+    OLMoE records layers 0, 7, 15 of 16 (a 12-layer trace: 0, 5, 11); Mixtral records
+    0, 7, 15 of 32 (a 32-layer trace: the same 0, 7, 15).
     """
     L = trace.num_layers
-    layers = sorted({int(round(l * (L - 1) / (real_depth - 1))) for l in real_layers})
+    scale = (L - 1) / (real_depth - 1) if real_depth > 1 else 0.0
+    layers = sorted({int(round(l * scale)) for l in real_layers})
     pairs = list(zip(layers[:-1], layers[1:]))
     counts = expert_counts(trace.experts, trace.num_experts)[layers]
     counts1 = expert_counts(trace.experts[:, :, :1], trace.num_experts)[layers]
     return RealRow(
-        name=str(trace.metadata.get("model")),
+        name=name or str(trace.metadata.get("model")),
         domain=str(trace.metadata.get("dataset")),
         experts=trace.num_experts,
         top_k=trace.top_k,
         layers=layers,
+        num_layers=L,
         skew=skew_from_counts(counts, layers),
         skew_top1=skew_from_counts(counts1, layers),
-        affinity=affinity(trace, pairs),
+        affinity=affinity(trace, pairs) if pairs else AffinityStats([], [], [], 1 / trace.num_experts),
     )
+
+
+def comparison_rows(trace: RoutingTrace, real: Sequence[RealRow]) -> list[RealRow]:
+    """The real rows grouped by model, each group led by the trace at that model's relative
+    depth (models of different depth record different relative layers)."""
+    out: list[RealRow] = []
+    for model in dict.fromkeys(r.name for r in real):
+        group = [r for r in real if r.name == model]
+        first = group[0]
+        out.append(trace_row(trace, first.layers, first.num_layers, name=f"trace at {model}'s depth"))
+        out += group
+    return out

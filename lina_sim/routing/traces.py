@@ -10,13 +10,15 @@ layer. It is stored as one ``.npz`` (see ``traces/README.md``):
 - ``metadata`` a 0-d unicode array holding JSON (no pickles, so loading is safe).
 
 Every constructor validates, so a ``RoutingTrace`` that exists is well formed; anything wrong
-raises :class:`lina_sim.errors.TraceError` naming the file and the problem.
+raises :class:`lina_sim.errors.RoutingTraceError` naming the file and the problem.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -38,6 +40,10 @@ REQUIRED_METADATA = ("model", "dataset", "num_experts", "top_k", "source", "lice
 SEQ_ID_FIELDS = ("problem_id", "seq_id", "sequence_id", "request_id", "sample_id", "doc_id")
 
 MEMORY = "<memory>"
+
+#: Gate probabilities are softmax outputs in [0, 1]; float16 storage and float32 dumps
+#: may round a little past 1, so allow that much.
+PROB_TOLERANCE = 1e-3
 
 
 @dataclass(eq=False)
@@ -216,6 +222,22 @@ def check_trace(trace: RoutingTrace, source: str) -> None:
                 f"expert id {int(ex[tuple(bad)])} out of range [0, {meta['num_experts']}) "
                 f"at token {bad[0]}, layer {bad[1]}",
             )
+    if ex.shape[2] > 1 and ex.size:
+        ordered = np.sort(ex, axis=2)
+        twice = (ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=2)
+        if twice.any():
+            t, layer = np.argwhere(twice)[0]
+            raise RoutingTraceError(
+                source, f"token {t}, layer {layer}: the same expert chosen twice ({ex[t, layer].tolist()})"
+            )
+    if probs is not None and probs.size:
+        p = probs.astype(np.float32)
+        wrong = ~np.isfinite(p) | (p < 0) | (p > 1 + PROB_TOLERANCE)
+        if wrong.any():
+            t, layer, j = np.argwhere(wrong)[0]
+            raise RoutingTraceError(
+                source, f"token {t}, layer {layer}: gate probability {float(p[t, layer, j])} not in [0, 1]"
+            )
 
 
 def _dtype(a: Any) -> str:
@@ -232,19 +254,94 @@ def check_num_experts(trace: RoutingTrace, expected: int, what: str = "the scena
 
 
 # ---- load / save ---------------------------------------------------------------------------
-def load(path: str | os.PathLike) -> RoutingTrace:
-    """Load a ``.npz`` trace, or import ``.jsonl``/``.json`` and ``.npy`` by extension."""
+#: What ``load`` reads, by the name's last suffix(es) once a ``.gz`` is taken off.
+FORMATS = ".npz, .jsonl, .json (JSON lines or a JSON array of records), .npy; any of them gzipped (.gz)"
+_JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def load(
+    path: str | os.PathLike,
+    num_experts: int | None = None,
+    seq_field: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    drop_incomplete: bool = False,
+) -> RoutingTrace:
+    """Load a ``.npz`` trace, or import JSON lines / a JSON array / ``.npy``, gzipped or not.
+
+    ``num_experts`` is the known expert count: an imported id at or above it is an error,
+    and a ``.npz`` whose metadata says otherwise is refused. ``seq_field`` names the
+    sequence id of JSON records; ``metadata`` overrides metadata keys (e.g. ``model``);
+    ``drop_incomplete`` drops JSON tokens that lack a record at some layer (see
+    :func:`import_jsonl`).
+    """
     path = Path(path)
     name = str(path)
     if not path.exists():
         raise RoutingTraceError(name, "no such file")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return import_jsonl(path)
-    if suffix == ".npy":
-        return import_npy(path)
+    kind = _format_of(path)
+    if seq_field is not None and kind != "json":
+        raise RoutingTraceError(name, f"a sequence-id field ({seq_field!r}) applies only to JSON records, not {kind}")
+    if kind == "json":
+        return import_jsonl(path, num_experts, seq_field, metadata, drop_incomplete)
+    if kind == "npy":
+        return import_npy(path, num_experts, metadata=metadata)
+    trace = _load_npz(path)
+    if num_experts is not None and num_experts != trace.num_experts:
+        raise RoutingTraceError(
+            name, f"given {num_experts} experts but the trace's metadata says num_experts={trace.num_experts}"
+        )
+    if metadata:
+        meta = dict(trace.metadata)
+        meta.update(metadata)
+        trace = RoutingTrace(trace.experts, trace.seq_ids, meta, trace.probs, origin=name)
+    return trace
+
+
+def _format_of(path: Path) -> str:
+    """ "npz", "json" or "npy", from the suffix under any ``.gz``, else from the first bytes."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    last = suffixes[-1] if suffixes else ""
+    if last in _JSON_SUFFIXES:
+        return "json"
+    if last in (".npy", ".npz"):
+        return last[1:]
+    head = _read_bytes(path)[:8]
+    if head.startswith(b"PK"):
+        return "npz"
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "json"
+    raise RoutingTraceError(str(path), f"unknown trace format (allowed: {FORMATS})")
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when it is gzip (by content, whatever its name)."""
+    name = str(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RoutingTraceError(name, f"cannot read ({e.strerror})") from None
+    if not data.startswith(_GZIP_MAGIC):
+        if path.suffix.lower() == ".gz":
+            raise RoutingTraceError(name, "named .gz but not gzip-compressed")
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:
+        raise RoutingTraceError(name, f"truncated or corrupt gzip ({type(e).__name__}: {e})") from None
+
+
+def _load_npz(path: Path) -> RoutingTrace:
+    name = str(path)
+    data = _read_bytes(path)
+    if not data.startswith(b"PK"):  # else numpy guesses a pickle and blames that
+        raise RoutingTraceError(name, "truncated or corrupt .npz (not a zip archive)")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
             names = set(z.files)
             for need in ("experts", "seq_ids", "metadata"):
                 if need not in names:
@@ -301,9 +398,10 @@ def concatenate(traces: Sequence[RoutingTrace], dataset: str | None = None) -> R
 
 # ---- importers -----------------------------------------------------------------------------
 def _import_metadata(path: Path, importer: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    stem = path.name.removesuffix(".gz").removesuffix(".GZ")
     meta: dict[str, Any] = {
         "model": "unknown",
-        "dataset": path.stem,
+        "dataset": Path(stem).stem,
         "source": str(path),
         "license": "unknown",
         "made_by": f"lina_sim.routing.traces.{importer}({path.name})",
@@ -317,38 +415,32 @@ def import_jsonl(
     num_experts: int | None = None,
     seq_field: str | None = None,
     metadata: dict[str, Any] | None = None,
+    drop_incomplete: bool = False,
 ) -> RoutingTrace:
-    """Import JSON-lines routing records, one per token per layer.
+    """Import JSON routing records, one per token per layer: JSON lines, or one JSON array
+    of record objects; either may be gzipped.
 
     Each record has ``layer``, ``token_idx`` (or ``token_pos``), ``experts`` (a list of k
-    ids, best first) and optionally ``gating_probs``; a sequence id comes from
-    ``seq_field`` or the first of :data:`SEQ_ID_FIELDS` present (none: one sequence).
-    Every (sequence, token) must have a record for every layer that appears in the file.
+    distinct ids, best first) and optionally ``gating_probs`` (k numbers in [0, 1]); a
+    sequence id comes from ``seq_field`` or the first of :data:`SEQ_ID_FIELDS` present
+    (none: one sequence). Layers must run 0, 1, ... with none missing. A token that lacks
+    a record at some layer (a ragged dump) is an error unless ``drop_incomplete``: then
+    such tokens are dropped and their count is kept in metadata ``dropped_incomplete``.
+    ``num_experts`` (or ``metadata["num_experts"]``) bounds the ids; without it the
+    count is inferred as the largest id + 1 and metadata ``num_experts_inferred`` says so.
     """
     path = Path(path)
     name = str(path)
+    known = num_experts if num_experts is not None else (metadata or {}).get("num_experts")
+    if known is not None and (not _is_int(known) or known < 1):
+        raise RoutingTraceError(name, f"the expert count must be a positive integer, got {known!r}")
     records: dict[tuple[int, int, int], tuple[list[int], list[float] | None]] = {}
     seq_index: dict[Any, int] = {}
+    seq_label: dict[int, Any] = {}
     layers: set[int] = set()
     k: int | None = None
     has_probs: bool | None = None
-    try:
-        fh = open(path, encoding="utf-8")
-    except OSError as e:
-        raise RoutingTraceError(name, f"cannot read ({e.strerror})") from None
-    with fh:
-        try:
-            lines = list(fh)
-        except UnicodeDecodeError as e:
-            raise RoutingTraceError(name, f"not UTF-8 text ({e.reason})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"line {lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RoutingTraceError(name, f"{where}: invalid JSON, truncated or corrupt ({e.msg})") from None
+    for where, rec in _json_records(path):
         if not isinstance(rec, dict):
             raise RoutingTraceError(name, f"{where}: a record must be a JSON object")
         tok_key = "token_idx" if "token_idx" in rec else "token_pos" if "token_pos" in rec else None
@@ -362,10 +454,11 @@ def import_jsonl(
         layer, tok, experts = rec["layer"], rec[tok_key], rec["experts"]
         if not _is_int(layer) or not _is_int(tok) or layer < 0 or tok < 0:
             raise RoutingTraceError(name, f"{where}: layer and {tok_key} must be non-negative integers")
-        if isinstance(experts, int):
+        if _is_int(experts):
             experts = [experts]
         if not isinstance(experts, list) or not experts or not all(_is_int(e) for e in experts):
             raise RoutingTraceError(name, f"{where}: experts must be a non-empty list of integer ids")
+        _check_ids(name, where, experts, known)
         if k is None:
             k = len(experts)
         elif len(experts) != k:
@@ -376,15 +469,13 @@ def import_jsonl(
         if (probs is not None) != has_probs:
             raise RoutingTraceError(name, f"{where}: gating_probs present in some records but not others")
         if probs is not None:
-            if isinstance(probs, (int, float)):
-                probs = [probs]
-            if not isinstance(probs, list) or len(probs) != k or not all(isinstance(p, (int, float)) for p in probs):
-                raise RoutingTraceError(name, f"{where}: gating_probs must be a list of {k} numbers")
-        field_name = seq_field or next((f for f in SEQ_ID_FIELDS if f in rec), None)
+            probs = _check_probs(name, where, probs, k)
         if seq_field and seq_field not in rec:
             raise RoutingTraceError(name, f"{where}: missing sequence id field {seq_field!r}")
+        field_name = seq_field or next((f for f in SEQ_ID_FIELDS if f in rec), None)
         seq_raw = rec[field_name] if field_name else 0
         seq = seq_index.setdefault(_hashable(seq_raw), len(seq_index))
+        seq_label.setdefault(seq, seq_raw)
         key = (seq, tok, layer)
         if key in records:
             raise RoutingTraceError(
@@ -392,34 +483,105 @@ def import_jsonl(
             )
         records[key] = (experts, probs)
         layers.add(layer)
-    if not records:
+    if not records or k is None:
         raise RoutingTraceError(name, "no records (empty or truncated file)")
-    layer_list = sorted(layers)
-    layer_pos = {l: i for i, l in enumerate(layer_list)}
-    tokens = sorted({(s, t) for s, t, _ in records})
+    L = max(layers) + 1
+    missing_layers = sorted(set(range(L)) - layers)
+    if missing_layers:
+        # Renumbering the layers that are there would shift every later one (4->5 read as 4->6).
+        raise RoutingTraceError(
+            name,
+            f"layer {missing_layers[0]} has no records ({len(missing_layers)} of layers 0..{L - 1} missing); "
+            "a trace needs every MoE layer from 0, numbered consecutively",
+        )
+    per_token: dict[tuple[int, int], int] = {}
+    for s, t, _ in records:
+        per_token[(s, t)] = per_token.get((s, t), 0) + 1
+    incomplete = sorted(st for st, n in per_token.items() if n < L)
+    if incomplete and not drop_incomplete:
+        s, t = incomplete[0]
+        lacking = next(layer for layer in range(L) if (s, t, layer) not in records)
+        raise RoutingTraceError(
+            name,
+            f"ragged trace: {len(incomplete)} of {len(per_token)} tokens lack a record at some layer "
+            f"(first: token {t} of sequence {seq_label[s]!r} at layer {lacking}); "
+            "drop them with --drop-incomplete (trace-stats) or serving.drop_incomplete: true",
+        )
+    dropped = set(incomplete)
+    tokens = sorted(st for st in per_token if st not in dropped)
+    if not tokens:
+        raise RoutingTraceError(name, f"every one of the {len(per_token)} tokens lacks a record at some layer")
     tok_pos = {st: i for i, st in enumerate(tokens)}
-    n, L = len(tokens), len(layer_list)
-    if len(records) != n * L:
-        for s, t in tokens:
-            for l in layer_list:
-                if (s, t, l) not in records:
-                    raise RoutingTraceError(
-                        name, f"token {t} of sequence #{s} has no record for layer {l} (truncated file?)"
-                    )
+    n = len(tokens)
     experts_arr = np.empty((n, L, k), dtype=np.int64)
     probs_arr = np.empty((n, L, k), dtype=np.float32) if has_probs else None
-    for (s, t, l), (e, p) in records.items():
-        i, j = tok_pos[(s, t)], layer_pos[l]
-        experts_arr[i, j] = e
+    for (s, t, layer), (e, p) in records.items():
+        i = tok_pos.get((s, t))
+        if i is None:
+            continue
+        experts_arr[i, layer] = e
         if probs_arr is not None:
-            probs_arr[i, j] = p
+            probs_arr[i, layer] = p
     seq_ids = np.array([s for s, _ in tokens], dtype=np.int32)
     meta = _import_metadata(path, "import_jsonl", metadata)
-    if num_experts is not None:
-        meta["num_experts"] = num_experts
-    if layer_list != list(range(L)):
-        meta["layer_ids"] = layer_list
+    if known is not None:
+        meta["num_experts"] = known
+    else:
+        meta["num_experts_inferred"] = True
+    if drop_incomplete:
+        meta["dropped_incomplete"] = len(dropped)
     return make_trace(experts_arr, meta, seq_ids=seq_ids, probs=probs_arr, origin=name)
+
+
+def _json_records(path: Path) -> list[tuple[str, Any]]:
+    """(where, record) of every record: ``line N`` of JSON lines, ``record N`` of an array."""
+    name = str(path)
+    try:
+        text = _read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RoutingTraceError(name, f"not UTF-8 text ({e.reason})") from None
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RoutingTraceError(
+                name, f"line {e.lineno}: invalid JSON array, truncated or corrupt ({e.msg})"
+            ) from None
+        if not isinstance(items, list):  # "[1] [2]" and the like fail to parse above
+            raise RoutingTraceError(name, "expected a JSON array of records")
+        return [(f"record {i}", rec) for i, rec in enumerate(items, 1)]
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"line {lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise RoutingTraceError(name, f"line {lineno}: invalid JSON, truncated or corrupt ({e.msg})") from None
+    return out
+
+
+def _check_ids(name: str, where: str, experts: list[int], known: int | None) -> None:
+    """One record's expert ids: non-negative, below the known count, no expert twice."""
+    for e in experts:
+        if e < 0 or (known is not None and e >= known):
+            allowed = f"[0, {known})" if known is not None else "non-negative"
+            raise RoutingTraceError(name, f"{where}: expert id {e} out of range (allowed: {allowed})")
+    if len(set(experts)) != len(experts):
+        twice = next(e for e in experts if experts.count(e) > 1)
+        raise RoutingTraceError(name, f"{where}: expert {twice} chosen twice for one token ({experts})")
+
+
+def _check_probs(name: str, where: str, probs: Any, k: int) -> list[float]:
+    """One record's gate probabilities: k finite numbers in [0, 1]."""
+    if _is_number(probs):
+        probs = [probs]
+    if not isinstance(probs, list) or len(probs) != k or not all(_is_number(p) for p in probs):
+        raise RoutingTraceError(name, f"{where}: gating_probs must be a list of {k} numbers")
+    bad = next((p for p in probs if not (math.isfinite(p) and 0 <= p <= 1 + PROB_TOLERANCE)), None)
+    if bad is not None:
+        raise RoutingTraceError(name, f"{where}: gate probability {bad} not in [0, 1]")
+    return probs
 
 
 def import_npy(
@@ -435,10 +597,10 @@ def import_npy(
     """
     path = Path(path)
     name = str(path)
+    if not path.exists():
+        raise RoutingTraceError(name, "no such file")
     try:
-        arr = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise RoutingTraceError(name, "no such file") from None
+        arr = np.load(io.BytesIO(_read_bytes(path)), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise RoutingTraceError(name, f"truncated or corrupt .npy ({e})") from None
     if not isinstance(arr, np.ndarray):
@@ -453,11 +615,17 @@ def import_npy(
     meta = _import_metadata(path, "import_npy", metadata)
     if num_experts is not None:
         meta["num_experts"] = num_experts
+    elif "num_experts" not in meta:
+        meta["num_experts_inferred"] = True
     return make_trace(arr, meta, seq_ids=seq_ids, origin=name)
 
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _hashable(x: Any) -> Any:

@@ -27,6 +27,7 @@ from lina_sim.hardware.compute import ProfileComputeModel, RooflineComputeModel
 from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.network.alone import AloneTimes
 from lina_sim.network.collectives import (
+    ALGORITHMS,
     COLLECTIVES_ALLOWED,
     CollectiveAlgos,
     algorithm_field,
@@ -131,7 +132,10 @@ def _algos(block: Any, cluster: ClusterSpec | None = None) -> CollectiveAlgos:
 
 
 def resolve_training(sc: Scenario) -> TrainingSetup:
-    """Validate every field of a training scenario, naming the YAML path of any error."""
+    """Validate every field of a training scenario, naming the YAML path of any error:
+    each block, then what ties them together before anything runs (the collectives on
+    every communicator a step may use, the model in the GPU's memory, the simulation in
+    this machine's memory)."""
     d = sc.data
     cluster, model = resolve_cluster_and_model(d, sc.source)
     policies = parse_policies(d.get("policies"))
@@ -139,14 +143,227 @@ def resolve_training(sc: Scenario) -> TrainingSetup:
     for key in ("serving",):
         if key in d:
             raise ConfigError(key, "only allowed in an inference scenario (kind: inference)")
+    algos = _algos(d.get("collectives"), cluster)
+    check_layouts(cluster, model, algos)
+    check_gpu_memory(cluster, model)
+    check_host_memory(cluster, model, policies)
     return TrainingSetup(
         sc,
         cluster,
         model,
         policies,
-        _algos(d.get("collectives"), cluster),
+        algos,
         _compute_model(d.get("compute"), cluster, model.dtype),
         steps,
+    )
+
+
+# -- what the blocks must satisfy together ------------------------------------------------
+def _groups(n: int, ep: int, strided: bool, period: int) -> list[np.ndarray]:
+    """The first groups of a step's ``ep`` (``strided=False``: ``ep`` consecutive ranks) or
+    ``expert_dp`` (rank i, i + ep, ...) communicator, as built by
+    :func:`lina_sim.workload.graph.build_training_graph`. Only the first ``period`` are
+    listed: shifting a group by a whole node (``period`` = GPUs per node) moves every rank
+    to the next node, so the later groups have the same ranks-per-node counts."""
+    if strided:
+        return [np.arange(i, n, ep) for i in range(min(ep, period))]
+    return [np.arange(g * ep, (g + 1) * ep) for g in range(min(n // ep, period))]
+
+
+def _per_node(group: np.ndarray, gpus_per_node: int) -> list[int]:
+    """Ranks of ``group`` on each node it spans (ranks ascending, so nodes are too)."""
+    return np.unique(group // gpus_per_node, return_counts=True)[1].tolist()
+
+
+def check_layouts(cluster: ClusterSpec, model: ModelSpec, algos: CollectiveAlgos) -> None:
+    """Every communicator a training step may use runs the scenario's collectives.
+
+    ``hierarchical`` (all-to-all, allreduce) needs the same number of ranks on every node
+    a group spans. Every policy's shape is chosen from estimates of *every* packing k
+    (:func:`choose_shape`), so every k's expert-parallel groups (``experts / k``
+    consecutive ranks) and expert replicas (stride ``experts / k``) must pass; else the
+    run would fail for every policy. A ConfigError on ``collectives.<field>`` naming the
+    group, its ranks per node and what runs here."""
+    n, gpn = cluster.world_size, cluster.gpus_per_node
+    wanted = [("all_to_all", algos.all_to_all, (False,)), ("algo", algos.algo, (False, True))]
+    for fld, algo, kinds in wanted:
+        if algo != "hierarchical" or cluster.nodes == 1:
+            continue
+        op = "all_to_all" if fld == "all_to_all" else "allreduce"
+        for k in packing_candidates(model, n):
+            ep = model.experts // k
+            for strided in kinds if op == "allreduce" else (False,):
+                size = n // ep if strided else ep
+                for grp in _groups(n, ep, strided, gpn) if size > 1 else ():
+                    counts = _per_node(grp, gpn)
+                    if len(set(counts)) > 1:
+                        what = "expert replicas" if strided else "expert-parallel group"
+                        ranks = f"{grp[0]}, {grp[1]}, ..., {grp[-1]}" if strided else f"{grp[0]}..{grp[-1]}"
+                        others = [a for a in ALGORITHMS[op] if a != "hierarchical" and _runs(cluster, op, a)]
+                        raise ConfigError(
+                            f"collectives.{fld}",
+                            f"hierarchical {op} needs the same number of ranks on every node of a group, but "
+                            f"with {gpn} GPUs per node the {what} of {size} ranks at {k} experts per device "
+                            f"(ranks {ranks}) sit {counts} per node",
+                            f"{', '.join(others)}; or hierarchical on a layout whose groups of "
+                            f"{', '.join(map(str, _group_sizes(model, n, op)))} ranks sit evenly on nodes of "
+                            f"gpus_per_node GPUs (each size a divisor or a multiple of it)",
+                        )
+
+
+def _runs(cluster: ClusterSpec, op: str, algo: str) -> bool:
+    """Whether ``algo`` exists for ``op`` on this hardware (``nvls`` needs NVSwitch and Hopper)."""
+    if op != "allreduce":
+        return True
+    try:
+        check_nccl_hardware(cluster, algo)
+    except ConfigError:
+        return False
+    return True
+
+
+def _group_sizes(model: ModelSpec, n: int, op: str) -> list[int]:
+    """The group sizes a hierarchical ``op`` runs on over every packing, largest first."""
+    eps = {model.experts // k for k in packing_candidates(model, n)}
+    sizes = eps | ({n // ep for ep in eps} if op == "allreduce" else set())
+    return sorted((s for s in sizes if s > 1), reverse=True)
+
+
+def check_gpu_memory(cluster: ClusterSpec, model: ModelSpec) -> None:
+    """The model's training memory per GPU (:meth:`ModelSpec.training_memory` at the
+    smallest packing, what every policy but a packing one runs) fits the GPU's
+    ``memory_bytes``; else a ConfigError on ``model.micro_batch`` (with the largest that
+    fits) or, when even the parameters' state does not fit, on ``model``. A scenario that
+    sets ``model.check_memory: false`` is not checked (e.g. to study a step that would
+    need activation recomputation or ZeRO)."""
+    if not model.check_memory:
+        return
+    k = packing_candidates(model, cluster.world_size)[0]
+    mem = model.training_memory(k)
+    have = cluster.gpu.memory_bytes
+    if mem.total <= have:
+        return
+    need = (
+        f"{_gb(mem.total)} per GPU ({_gb(mem.states)} of weights, gradients and Adam state: 16 B x "
+        f"{mem.params / 1e6:.1f}M local parameters; {_gb(mem.activations)} of activations for micro_batch "
+        f"{model.micro_batch}) but {cluster.gpu.name} has {_gb(have)} (cluster.gpu.memory_bytes)"
+    )
+    per_sequence = mem.activations / model.micro_batch
+    fits = int((have - mem.states) // per_sequence) if have > mem.states else 0
+    if fits >= 1:
+        raise ConfigError(
+            "model.micro_batch", f"training needs {need}", f"micro_batch <= {fits}, or model.check_memory: false"
+        )
+    raise ConfigError(
+        "model",
+        f"training needs {need}",
+        "a smaller model (layers, d_model, d_ff, vocab), or model.check_memory: false",
+    )
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.3g} GB" if nbytes < 1e12 else f"{nbytes / 1e12:.3g} TB"
+
+
+# What one simulated training step holds in host memory, per item of the structures it
+# builds, measured with ru_maxrss (above the interpreter with lina_sim imported) and
+# tracemalloc on dgx-a100, transformer-xl-12 (223 rank-ops per GPU), one policy:
+#
+#   GPUs  experts  rank-ops  a2a flows  peak RSS  tracemalloc peak
+#      8        8     1784         56    10.8 MB        -
+#     32       32     7136        992    14.2 MB        -
+#    128       16    28544        240    27.3 MB       9.9 MB
+#    256       16    57088        240    37.2 MB      26.2 MB
+#    256      256    57088      65280    38.3 MB        -
+#    512 (one all-to-all alone)  261632       -       58.5 MB
+#
+# A rank-op (a compute op, all-to-all or gradient tensor of the step on one rank: its
+# simpy events, scheduler entries and timeline row) costs 350-570 B, and a flow of the
+# largest all-to-all 235 B while its paths are built; the constants round up.
+HOST_FIXED_BYTES = 20e6
+HOST_BYTES_PER_RANK_OP = 600.0
+HOST_BYTES_PER_FLOW = 240.0
+# What a finished policy's run keeps (its timeline) until the scenario's table prints.
+HOST_KEPT_PER_RANK_OP = 60.0
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """The host memory one training scenario point needs to simulate, from the sizes of
+    what it builds: ``rank_ops`` (GPUs x the step's ops and gradient tensors per rank),
+    ``flows`` (the largest all-to-all's rank pairs, whose paths are built at once) and
+    the ``policies`` run one after another."""
+
+    gpus: int
+    rank_ops: int
+    flows: int
+    policies: int
+
+    @property
+    def total(self) -> float:
+        """Bytes: fixed + per rank-op (one policy's peak, plus what the others keep) + per flow."""
+        kept = HOST_KEPT_PER_RANK_OP * (self.policies - 1)
+        return HOST_FIXED_BYTES + self.rank_ops * (HOST_BYTES_PER_RANK_OP + kept) + self.flows * HOST_BYTES_PER_FLOW
+
+
+def host_memory(n: int, model: ModelSpec, policies: int, per_rank: int) -> HostMemory:
+    """:class:`HostMemory` of simulating ``model`` (experts resolved) on ``n`` GPUs with
+    ``policies`` policies and ``per_rank`` ops and gradient tensors per rank; counts only,
+    so it answers in microseconds at any scale."""
+    ep = max(model.experts // k for k in packing_candidates(model, n))
+    return HostMemory(n, n * per_rank, ep * (ep - 1), policies)
+
+
+def available_memory() -> float | None:
+    """This machine's available memory, bytes (``MemAvailable`` of /proc/meminfo); None
+    where it cannot be read (not Linux), and then nothing is refused."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_host_memory(cluster: ClusterSpec, model: ModelSpec, policies: list[PolicyEntry]) -> None:
+    """Refuse, before anything is built, a point whose simulation would not fit in this
+    machine's available memory (:func:`host_memory`): a ConfigError on ``cluster.nodes``
+    saying how big it would be and how many nodes of this model would fit."""
+    have = available_memory()
+    if have is None:
+        return
+    r = max((make_training_policy(e.name, **e.params).pipeline_degree for e in policies), default=1)
+    # The step's program is the same on every rank: one rank's ops and gradient tensors,
+    # at the smallest packing (the largest expert-parallel group) and the deepest pipelining.
+    g = build_training_graph(model, cluster.world_size, None, r)
+    per_rank = len(g.ops) + len(g.grad_requests)
+
+    def need(nodes: int) -> HostMemory:
+        n = nodes * cluster.gpus_per_node
+        # One expert per GPU (experts unset) grows with the cluster; a fixed count stays.
+        experts = n if model.experts == cluster.world_size else model.experts
+        if experts % n and n % experts:
+            experts = model.experts
+        m = dataclasses.replace(model, experts=experts)
+        return host_memory(n, m, len(policies), per_rank)
+
+    est = need(cluster.nodes)
+    if est.total <= have:
+        return
+    lo, hi = 0, cluster.nodes  # the largest node count that fits, by bisection
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(mid).total <= have else (lo, mid - 1)
+    fits = f"cluster.nodes <= {lo} ({lo * cluster.gpus_per_node} GPUs) for this model" if lo else "none"
+    raise ConfigError(
+        "cluster.nodes",
+        f"simulating {est.gpus} GPUs ({model.experts} experts, {len(policies)} "
+        f"{'policy' if len(policies) == 1 else 'policies'}) needs about "
+        f"{_gb(est.total)} of memory ({est.rank_ops:,} rank-ops, an all-to-all of {est.flows:,} flows); "
+        f"this machine has {_gb(have)} available",
+        fits,
     )
 
 

@@ -636,73 +636,87 @@ def micro_op_estimates(
     ffn_time: Callable[[Op], float],
     a2a_time: Callable[[Op, Communicator], float],
     allreduce_time: Callable[[float, Communicator], float] | None = None,
-) -> dict[int, PackingEstimate]:
+) -> Mapping[int, PackingEstimate]:
     """For every valid packing k, its :class:`PackingEstimate` from the caller's timing
     functions (a compute model for every compute op, and the network for an all-to-all
     op and, with ``allreduce_time(bytes, communicator)``, a gradient allreduce, each run
-    alone). Feed it to ``policy.experts_per_device``."""
+    alone). Feed it to ``policy.experts_per_device``. Each k is worked out when first
+    looked up (:class:`LazyEstimates`)."""
     n = _world(cluster)
-    out = {}
     model = model.resolve(n)
     if not model.moe_layer_ids:
         raise ConfigError("model.moe_layers", "no MoE layer: nothing to pack", "at least one layer index")
-    for k in packing_candidates(model, n):
-        g = build_training_graph(model, n, k, pipeline_degree)
-        ffn = next(o for o in g.ops if o.role == "ffn" and o.phase == FWD and model.is_moe(o.layer))
-        ep = g.communicators["ep"]
-        a2a_by_bytes: dict[float, float] = {}
-        a2a_s = 0.0
-        compute_s = backward_s = 0.0
-        for o in g.ops:
-            if o.kind == ALL_TO_ALL:
-                if o.bytes not in a2a_by_bytes:
-                    a2a_by_bytes[o.bytes] = a2a_time(o, ep)
-                a2a_s += a2a_by_bytes[o.bytes]
-            else:
-                t = ffn_time(o)
-                compute_s += t
-                backward_s += t if o.phase == BWD else 0.0
-        allreduce = {"dp": 0.0, "expert_dp": 0.0}
-        if allreduce_time is not None:
-            for name in allreduce:
-                nbytes = sum(r.nbytes for r in g.grad_requests if r.communicator == name)
-                comm = g.communicators[name]
-                allreduce[name] = allreduce_time(nbytes, comm) if nbytes > 0 and comm.size > 1 else 0.0
-        first_a2a = next(o for o in g.ops if o.kind == ALL_TO_ALL)
-        out[k] = PackingEstimate(
-            ffn_time(ffn),
-            a2a_by_bytes[first_a2a.bytes],
-            compute_s,
-            backward_s,
-            a2a_s,
-            allreduce["dp"],
-            allreduce["expert_dp"],
-        )
-    return out
+    return LazyEstimates(
+        packing_candidates(model, n),
+        lambda k: _packing_estimate(model, n, k, pipeline_degree, ffn_time, a2a_time, allreduce_time),
+    )
+
+
+def _packing_estimate(
+    model: ModelSpec,
+    n: int,
+    k: int,
+    pipeline_degree: int,
+    ffn_time: Callable[[Op], float],
+    a2a_time: Callable[[Op, Communicator], float],
+    allreduce_time: Callable[[float, Communicator], float] | None,
+) -> PackingEstimate:
+    g = build_training_graph(model, n, k, pipeline_degree)
+    ffn = next(o for o in g.ops if o.role == "ffn" and o.phase == FWD and model.is_moe(o.layer))
+    ep = g.communicators["ep"]
+    a2a_by_bytes: dict[float, float] = {}
+    a2a_s = 0.0
+    compute_s = backward_s = 0.0
+    for o in g.ops:
+        if o.kind == ALL_TO_ALL:
+            if o.bytes not in a2a_by_bytes:
+                a2a_by_bytes[o.bytes] = a2a_time(o, ep)
+            a2a_s += a2a_by_bytes[o.bytes]
+        else:
+            t = ffn_time(o)
+            compute_s += t
+            backward_s += t if o.phase == BWD else 0.0
+    allreduce = {"dp": 0.0, "expert_dp": 0.0}
+    if allreduce_time is not None:
+        for name in allreduce:
+            nbytes = sum(r.nbytes for r in g.grad_requests if r.communicator == name)
+            comm = g.communicators[name]
+            allreduce[name] = allreduce_time(nbytes, comm) if nbytes > 0 and comm.size > 1 else 0.0
+    first_a2a = next(o for o in g.ops if o.kind == ALL_TO_ALL)
+    return PackingEstimate(
+        ffn_time(ffn),
+        a2a_by_bytes[first_a2a.bytes],
+        compute_s,
+        backward_s,
+        a2a_s,
+        allreduce["dp"],
+        allreduce["expert_dp"],
+    )
 
 
 class LazyEstimates(Mapping):
-    """:func:`micro_op_estimates` computed on first look: a policy that never reads its
-    estimates (every one but a packing ``lina``) costs no graph builds and no alone-time
-    simulations, which at 1024 GPUs are seconds per packing candidate."""
+    """Packing estimates keyed by k, each computed on first look: a policy that never
+    reads them (every one but a packing ``lina``) or reads only the k it may choose
+    (``max_experts_per_device``) costs no graph builds and no alone-time simulations for
+    the rest, which at 1024 GPUs are seconds per packing candidate."""
 
-    def __init__(self, compute: Callable[[], dict[int, PackingEstimate]]):
+    def __init__(self, keys: Sequence[int], compute: Callable[[int], PackingEstimate]):
+        self._keys = tuple(keys)
         self._compute = compute
-        self._value: dict[int, PackingEstimate] | None = None
-
-    def _get(self) -> dict[int, PackingEstimate]:
-        if self._value is None:
-            self._value = self._compute()
-        return self._value
+        self._done: dict[int, PackingEstimate] = {}
 
     def __getitem__(self, k: int) -> PackingEstimate:
-        return self._get()[k]
+        if k not in self._keys:
+            raise KeyError(k)
+        if k not in self._done:
+            self._done[k] = self._compute(k)
+        return self._done[k]
 
     def __iter__(self):
-        return iter(self._get())
+        return iter(self._keys)
 
     def __len__(self) -> int:
-        return len(self._get())
+        return len(self._keys)
 
 
 def graph_for_policy(

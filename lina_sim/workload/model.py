@@ -89,6 +89,14 @@ class ModelSpec:
     tie_embeddings: bool = declare(Field(bool, True, help="the LM head shares the decoder embedding"))
     learned_positions: bool = declare(Field(bool, True, help="a learned table of seq_len positions per stack"))
     relative_position: bool = declare(Field(bool, False, help="Transformer-XL relative-position attention"))
+    check_memory: bool = declare(
+        Field(
+            bool,
+            True,
+            help="refuse a training scenario whose per-GPU training state and activations "
+            "(ModelSpec.training_memory) exceed the GPU's memory_bytes; false simulates it anyway",
+        )
+    )
 
     # -- derived -----------------------------------------------------------------------
     @property
@@ -207,6 +215,53 @@ class ModelSpec:
         expert = sum(n for _, n, is_e, _ in ts if is_e)
         non_expert = sum(n for _, n, is_e, _ in ts if not is_e)
         return ParamCounts(total=expert + non_expert, expert=expert, non_expert=non_expert)
+
+    # -- memory ----------------------------------------------------------------------
+    def training_memory(self, experts_per_device: int) -> TrainingMemory:
+        """Bytes one GPU holds to train this model with ``experts_per_device`` local experts
+        (no activation recomputation, no ZeRO partitioning, as DeepSpeed-MoE's defaults):
+
+        - ``states``: 16 bytes per local parameter: mixed-precision Adam keeps an fp16
+          weight and gradient (2 + 2 bytes) and fp32 master weight, momentum and variance
+          (4 + 4 + 4), ZeRO (Rajbhandari et al., SC'20, section 3.1) "16Ψ"; fp32 training
+          (4 + 4 + 4 + 4) is the same 16 bytes.
+        - ``activations``: per layer, Korthikanti et al. (MLSys'23, "Reducing Activation
+          Recomputation", eq. 1) for 16-bit activations: ``s b h (34 + 5 a s / h)`` bytes,
+          of which the FFN's ``19 s b h`` is written ``s b (3 h + 4 d_ff)`` so that any FFN
+          width counts; an MoE FFN holds its expert buffer of ``capacity_factor x top_k``
+          times the tokens; a decoder layer with cross-attention adds another attention
+          block; then the logits (``dtype`` and fp32 for the loss) of ``s b vocab``.
+          Scaled by ``dtype_bytes / 2``. Units: bytes; s = seq_len, b = micro_batch,
+          h = d_model, a = heads.
+        """
+        s, b, h, a, f = self.seq_len, self.micro_batch, self.d_model, self.heads, self.d_ff
+        attention = s * b * h * 15 + 5 * a * s * s * b  # 11 sbh + 5 a s^2 b, and 4 sbh of layer norms
+        ffn = s * b * (3 * h + 4 * f)
+        rows = self.capacity_factor * self.top_k
+        per_layer = [
+            attention * (2 if self.has_cross_attention(l) else 1) + ffn * (rows if self.is_moe(l) else 1.0)
+            for l in range(self.total_layers)
+        ]
+        logits = s * b * self.vocab * (self.dtype_bytes + 4)
+        activations = sum(per_layer) * self.dtype_bytes / 2 + logits
+        params = self.param_counts(experts_per_device).total
+        return TrainingMemory(params=params, states=16.0 * params, activations=float(activations))
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    """One GPU's training memory (:meth:`ModelSpec.training_memory`): local parameters
+    (elements), their weights, gradients and optimizer state, and the activations one
+    micro-batch keeps for the backward pass (bytes)."""
+
+    params: int
+    states: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        """Bytes: states + activations."""
+        return self.states + self.activations
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,119 @@
+"""The simulator refuses, at validation, what cannot run: a scenario whose simulation would
+not fit this machine's memory (within a second, with the estimate and what would fit),
+and a model whose training state and activations do not fit its GPU (unless the scenario
+sets ``model.check_memory: false``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lina_sim.cli.main import main
+from lina_sim.config.scenario import expand, load_scenarios
+from lina_sim.errors import ConfigError
+from lina_sim.training import run as training_run
+from lina_sim.training.run import HOST_BYTES_PER_RANK_OP, host_memory, resolve_training
+from lina_sim.workload.model import model_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+HUGE = {
+    "name": "huge",
+    "cluster": {"preset": "dgx-a100", "nodes": 12500},  # 100,000 GPUs, one expert each
+    "model": {"preset": "transformer-xl-12"},
+    "policies": ["deepspeed", "lina"],
+}
+
+
+def test_a_100000_gpu_scenario_is_refused_in_a_second(tmp_path, capsys):
+    path = tmp_path / "huge.yaml"
+    path.write_text(yaml.safe_dump(HUGE))
+    start = time.perf_counter()
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    took = time.perf_counter() - start
+    line = capsys.readouterr().err.strip()
+    assert took < 5.0, took  # about 0.1 s; generous for a loaded machine
+    assert line.startswith("lina-sim run: error: cluster.nodes: simulating 100000 GPUs"), line
+    assert "TB of memory" in line and "available" in line  # how big it would be, and what there is
+    assert "allowed: cluster.nodes <= " in line  # what fits
+    assert not (tmp_path / "out").exists()
+
+
+def test_what_fits_is_accepted(monkeypatch):
+    """The node count the refusal offers passes the same check."""
+    monkeypatch.setattr(training_run, "available_memory", lambda: 8e9)  # an 8 GB machine
+    with pytest.raises(ConfigError) as e:
+        resolve_training(expand(HUGE)[0])
+    fits = int(e.value.allowed.split("<= ")[1].split()[0])
+    assert fits >= 1
+    setup = resolve_training(expand({**HUGE, "cluster": {"preset": "dgx-a100", "nodes": fits}})[0])
+    assert setup.cluster.nodes == fits
+    with pytest.raises(ConfigError, match="cluster.nodes"):
+        resolve_training(expand({**HUGE, "cluster": {"preset": "dgx-a100", "nodes": fits + 1}})[0])
+
+
+def test_the_estimate_grows_with_what_the_simulator_builds():
+    m = model_preset("transformer-xl-12").resolve(1024)  # one expert per GPU
+    small = host_memory(1024, m, 1, 223)
+    big = host_memory(2048, model_preset("transformer-xl-12").resolve(2048), 1, 223)
+    assert big.rank_ops == 2 * small.rank_ops  # every rank runs the step
+    assert big.flows == 2048 * 2047  # the all-to-all over one expert per GPU: every ordered pair
+    assert big.total > 2 * small.total
+    assert host_memory(1024, m, 6, 223).total > small.total  # finished policies keep their timelines
+    assert small.total >= small.rank_ops * HOST_BYTES_PER_RANK_OP
+
+
+def test_shipped_scenarios_pass_both_checks():
+    for path in sorted((ROOT / "scenarios").glob("paper-training.yaml")) + [ROOT / "scenarios/default.yaml"]:
+        for point in load_scenarios(path):
+            resolve_training(point)
+
+
+TOO_BIG = {
+    "name": "too-big",
+    "cluster": {"preset": "paper-testbed", "nodes": 1},
+    "model": {"preset": "gpt2-moe", "layers": 2, "micro_batch": 200},  # ~100 GB of activations
+    "policies": ["deepspeed"],
+}
+
+
+def test_a_model_too_large_for_the_gpu_is_refused_and_the_override_accepts_it():
+    with pytest.raises(ConfigError) as e:
+        resolve_training(expand(TOO_BIG)[0])
+    assert e.value.field == "model.micro_batch"
+    assert "GB per GPU" in e.value.problem and "cluster.gpu.memory_bytes" in e.value.problem
+    largest = int(e.value.allowed.split("micro_batch <= ")[1].split(",")[0])
+    assert 1 <= largest < 200
+    fits = {**TOO_BIG, "model": {**TOO_BIG["model"], "micro_batch": largest}}
+    assert resolve_training(expand(fits)[0]).model.micro_batch == largest
+    over = {**TOO_BIG, "model": {**TOO_BIG["model"], "check_memory": False}}
+    assert resolve_training(expand(over)[0]).model.micro_batch == 200
+
+
+def test_parameters_alone_too_large_name_the_model():
+    big = {**TOO_BIG, "model": {"preset": "gpt2-moe", "d_model": 16384, "d_ff": 65536, "heads": 128, "micro_batch": 1}}
+    with pytest.raises(ConfigError) as e:
+        resolve_training(expand(big)[0])
+    assert e.value.field == "model" and "check_memory: false" in e.value.allowed
+
+
+def test_training_memory_follows_the_zero_formula():
+    m = model_preset("gpt2-moe").resolve(16)
+    mem = m.training_memory(1)
+    assert mem.states == 16 * m.param_counts(1).total  # 2 + 2 + 4 + 4 + 4 bytes per parameter
+    double = dataclasses.replace(m, micro_batch=2 * m.micro_batch).training_memory(1)
+    assert double.activations == pytest.approx(2 * mem.activations)  # activations per micro_batch
+    assert double.states == mem.states
+
+
+@pytest.mark.parametrize("command", [["collective", "--op", "all_to_all", "--sizes", "1M"], ["contention"]])
+def test_a_100000_rank_all_to_all_is_refused_before_it_is_built(capsys, command):
+    start = time.perf_counter()
+    assert main([*command, "--preset", "dgx-a100", "--nodes", "12500"]) == 2
+    assert time.perf_counter() - start < 5.0
+    line = capsys.readouterr().err.strip()
+    assert "--nodes: all_to_all (direct) over 100000 ranks builds 9,999,900,000 flows" in line, line
+    assert "available (allowed: --nodes <= " in line
