@@ -66,20 +66,53 @@ def _slowdowns(r: Any) -> str:
     return "-" if all(_missing(v) for v in vals) else " / ".join("-" if _missing(v) else f"{v:.2f}" for v in vals)
 
 
+# Shares of the step (%): (label, breakdown column). Totals count a collective whenever it
+# runs, hidden or not; exposed ones only while nothing above it in the list runs.
+STEP_SHARES = (
+    ("compute", "compute_s"),
+    ("a2a", "total_a2a_s"),
+    ("exposed a2a", "exposed_a2a_s"),
+    ("allreduce", "total_allreduce_s"),
+    ("exposed allreduce", "exposed_allreduce_s"),
+    ("idle", "idle_s"),
+)
+
+
+def step_shares(df: pd.DataFrame) -> pd.DataFrame:
+    """Each :data:`STEP_SHARES` column of a training result table as a percentage of the
+    row's step time (NaN where a table, e.g. an older measured one, lacks the column)."""
+    step = df["step_time_s"]
+    return pd.DataFrame(
+        {f"{label} %": 100 * df[col] / step if col in df.columns else float("nan") for label, col in STEP_SHARES},
+        index=df.index,
+    )
+
+
 def format_training_table(df, title: str) -> str:
-    """Per policy: step time, speedup over the first policy, the breakdown (ms), the
-    packing k and pipelining r, and the backward all-to-all slowdown (median / p95 / max)."""
+    """Per policy: step time, speedup over the first policy, where the step went as shares
+    of it (compute; all-to-all and allreduce, all of their time / the part nothing hides;
+    idle), the packing k and pipelining r, and the backward all-to-all slowdown (median /
+    p95 / max)."""
     ms = lambda v: f"{v * 1e3:.2f}"  # noqa: E731
+    pct = lambda v: f"{v:.1f}"  # noqa: E731
     rows = list(df.itertuples())
+    sh = step_shares(df)
+
+    def pair(total: str, exposed: str) -> list[str]:
+        return [
+            "-" if _missing(a) and _missing(b) else f"{'-' if _missing(a) else pct(a)} / {pct(b)}"
+            for a, b in zip(sh[f"{total} %"], sh[f"{exposed} %"])
+        ]
+
     table = aligned(
         {
             "policy": ([r.policy for r in rows], str),
             "step(ms)": ([r.step_time_s for r in rows], ms),
             "speedup": ([r.speedup for r in rows], lambda v: f"{v:.2f}x"),
-            "compute": ([r.compute_s for r in rows], ms),
-            "exp.a2a": ([r.exposed_a2a_s for r in rows], ms),
-            "exp.AR": ([r.exposed_allreduce_s for r in rows], ms),
-            "idle": ([r.idle_s for r in rows], ms),
+            "compute%": (list(sh["compute %"]), pct),
+            "a2a% all/exp": (pair("a2a", "exposed a2a"), str),
+            "AR% all/exp": (pair("allreduce", "exposed allreduce"), str),
+            "idle%": (list(sh["idle %"]), pct),
             "k": ([r.experts_per_device for r in rows], lambda v: f"{int(v)}"),
             "r": ([r.pipeline_degree for r in rows], lambda v: f"{int(v)}"),
             "bwd a2a slowdown med/p95/max": ([_slowdowns(r) for r in rows], str),
@@ -90,7 +123,8 @@ def format_training_table(df, title: str) -> str:
         [
             f"# {title}",
             table,
-            "  (times in ms per step; k = experts per device, r = all-to-all/FFN pipelining degree)",
+            "  (shares of the step, %: compute, idle, and each collective's whole time / the part no compute or "
+            "all-to-all hides; k = experts per device, r = all-to-all/FFN pipelining degree)",
         ]
     )
 
