@@ -184,6 +184,23 @@ def _mark_up(rank: int) -> None:
             pass  # progress only: never fail a rank for it
 
 
+def report_progress(rank: int, done: int, total: int, what: str) -> None:
+    """Rank 0 tells the launcher how far the run is (``done`` of ``total`` units of
+    ``what``, e.g. training steps): one small file in ``LINA_UP_DIR`` replaced
+    atomically, which the launcher's progress line reads. Other ranks, and runs without
+    a launcher, do nothing."""
+    up_dir = os.environ.get("LINA_UP_DIR")
+    if rank != 0 or not up_dir:
+        return
+    try:
+        tmp = os.path.join(up_dir, ".progress.tmp")
+        with open(tmp, "w") as f:
+            f.write(f"{done} {total} {what}")
+        os.replace(tmp, os.path.join(up_dir, "progress"))
+    except OSError:
+        pass  # progress only: never fail a rank for it
+
+
 def _barrier_or_fail(world: int, timeout_s: float) -> None:
     """A first collective, so that a broken data path (not just the store) fails here."""
     try:

@@ -396,7 +396,7 @@ def _failure_error(agents: Sequence[Agent], logs: Sequence[RankLog]) -> LaunchEr
 
 def _ranks_up(up_dir: Path) -> int:
     try:
-        return sum(1 for _ in up_dir.iterdir())
+        return sum(1 for _ in up_dir.glob("up.*"))  # not rank 0's progress report beside them
     except OSError:
         return 0
 
@@ -435,7 +435,11 @@ def _monitor(
             return [0] * layout.world
         up = _ranks_up(up_dir)
         if progress is not None:
-            progress.set(up, "running, ranks up" if up == layout.world else None)
+            done = _reported(up_dir) if up == layout.world else None
+            if done is None:
+                progress.set(up, "running, ranks up" if up == layout.world else None)
+            else:
+                progress.follow(*done)
         if now > deadline:
             what = (
                 f"with {up} of {layout.world} ranks through rendezvous"
@@ -444,6 +448,15 @@ def _monitor(
             )
             raise LaunchError(f"timed out after {timeout_s:g} s {what}; killed all ranks")
         time.sleep(0.05)
+
+
+def _reported(up_dir: Path) -> tuple[int, int, str] | None:
+    """What rank 0 last reported (:func:`runtime.dist.report_progress`): done, total, what."""
+    try:
+        done, total, what = (up_dir / "progress").read_text().split(" ", 2)
+        return int(done), int(total), what
+    except (OSError, ValueError):
+        return None
 
 
 def _tagged_pids(tag: str) -> list[int]:
@@ -561,7 +574,7 @@ class Progress:
         self.enabled = enabled and sys.stderr.isatty()
         self._bar: Any = None
 
-    def stage(self, desc: str, total: int) -> None:
+    def stage(self, desc: str, total: int, delay: float = DELAY_S) -> None:
         if not self.enabled:
             return
         # Here, not at the top: only a terminal run draws a bar.
@@ -573,7 +586,7 @@ class Progress:
             desc=f"lina-run: {desc}",
             file=sys.stderr,
             leave=False,
-            delay=self.DELAY_S,
+            delay=delay,
             bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}]",
         )
 
@@ -583,6 +596,14 @@ class Progress:
         if desc and self._bar.desc != f"lina-run: {desc}":
             self._bar.set_description_str(f"lina-run: {desc}", refresh=False)
         self._bar.update(n - self._bar.n)  # also 0: redraws the elapsed time once the delay passed
+
+    def follow(self, done: int, total: int, what: str) -> None:
+        """Show the run's own count (rank 0's report), switching the line to it once."""
+        if not self.enabled:
+            return
+        if self._bar is None or self._bar.total != total or not self._bar.desc.endswith(what):
+            self.stage(what, total, delay=0.0)  # the run is already past start-up's delay
+        self.set(done)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -51,6 +51,7 @@ from lina_sim.workload.graph import build_training_graph
 from runtime.comm import Clock, CommScheduler, GradSync, RankExchange, comm_groups
 from runtime.compute_profile import profile_compute_rank, write_compute_profile
 from runtime.context import RankContext
+from runtime.dist import report_progress
 from runtime.ep_moe import TORCH_DTYPES, EPTransformer, Layout, batch
 from runtime.mode import Mode, Timelines, median_span, span_timeline
 
@@ -203,6 +204,7 @@ def train_policies(
         for step in range(steps):
             for runner in runners:
                 runner.step(step)
+            report_progress(ctx.info.rank, step + 1, steps, "training steps (every policy)")
     finally:
         for runner in runners:
             runner.close()

@@ -145,3 +145,20 @@ def test_unknown_mode_and_missing_scenario_are_one_line_exit_2(tmp_path):
     for args, needle in cases:
         p = subprocess.run([PY, "-m", "runtime.cli", *args], capture_output=True, text=True, timeout=60)
         assert p.returncode == 2 and needle in p.stderr and p.stderr.strip().count("\n") == 0, p.stderr
+
+
+def test_rank_zero_reports_steps_and_the_launcher_reads_them(tmp_path, monkeypatch):
+    """What lina-run's progress line shows once ranks are up: rank 0's own count, read
+    from the run's folder (other ranks write nothing), and the up-count ignores it."""
+    from runtime.dist import report_progress
+    from runtime.launch import _ranks_up, _reported
+
+    monkeypatch.setenv("LINA_UP_DIR", str(tmp_path))
+    for r in range(2):
+        (tmp_path / f"up.{r}").touch()
+    assert _reported(tmp_path) is None
+    report_progress(1, 3, 10, "training steps")
+    assert _reported(tmp_path) is None
+    report_progress(0, 3, 10, "training steps (every policy)")
+    assert _reported(tmp_path) == (3, 10, "training steps (every policy)")
+    assert _ranks_up(tmp_path) == 2
