@@ -57,14 +57,17 @@ def latency_cdf(runs, path: str | Path, title: str = "") -> Path:
 
 
 def p95_bars(results: pd.DataFrame, path: str | Path) -> Path:
-    """p95 request latency per policy (ms), one panel per scenario point (three per row),
-    labelled with the ratio to ``static``."""
-    points = list(dict.fromkeys(results["point"])) if "point" in results else [0]
+    """p95 request latency per policy (ms), one panel per scenario point and served
+    domain (three per row), labelled with the ratio to ``static``; the panel title gives
+    the domain's batch skew (busiest expert's tokens / uniform share)."""
+    point = results["point"] if "point" in results else pd.Series(0, index=results.index)
+    domain = results["domain"] if "domain" in results else pd.Series("mixed", index=results.index)
+    points = list(dict.fromkeys(zip(point, domain)))  # one panel per point and served domain
     ncols = min(3, len(points))
     nrows = -(-len(points) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False)
-    for ax, pt in zip(axes.ravel(), points):
-        d = results[results["point"] == pt] if "point" in results else results
+    for ax, (pt, dom) in zip(axes.ravel(), points):
+        d = results[(point == pt) & (domain == dom)]
         x = np.arange(len(d))
         vals = d["latency_p95_s"].to_numpy() * 1e3
         ax.bar(x, vals, color=[_color(n) or "#777777" for n in d["policy_name"]])
@@ -74,7 +77,8 @@ def p95_bars(results: pd.DataFrame, path: str | Path) -> Path:
         ax.set_xticks(x, d["policy"], rotation=40, ha="right", fontsize=7)
         first = d.iloc[0]
         slots = f", {int(first['expert_slots'])} slots/GPU/layer" if "expert_slots" in d else ""
-        ax.set_title(f"{int(first['gpus'])} GPUs, {int(first['experts'])} experts{slots}", fontsize=9)
+        skew = f"\n{dom}, skew {first['batch_skew_mean']:.2f}" if "batch_skew_mean" in d else ""
+        ax.set_title(f"{int(first['gpus'])} GPUs, {int(first['experts'])} experts{slots}{skew}", fontsize=9)
         ax.set_ylabel("p95 latency (ms)")
         ax.grid(axis="y", alpha=0.3)
     for ax in axes.ravel()[len(points) :]:

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from lina_sim.results.tables import step_shares  # noqa: E402
 from plots.training import save_figure, speedup_vs_experts  # noqa: E402
 
 BASELINE = "deepspeed"
@@ -64,20 +65,9 @@ def training_ablation(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     save_figure(fig, path)
     t = d.assign(step_ms=d["step_time_s"] * 1e3)[
-        [
-            "model",
-            "policy",
-            "step_ms",
-            "speedup",
-            "experts_per_device",
-            "pipeline_degree",
-            "exposed_a2a_s",
-            "exposed_allreduce_s",
-        ]
+        ["model", "policy", "step_ms", "speedup", "experts_per_device", "pipeline_degree"]
     ]
-    return t.assign(
-        exposed_a2a_ms=t.pop("exposed_a2a_s") * 1e3, exposed_allreduce_ms=t.pop("exposed_allreduce_s") * 1e3
-    )
+    return pd.concat([t, step_shares(d).round(1)], axis=1)
 
 
 def microop_size(df: pd.DataFrame, path: str | Path, size_col: str = "policies[lina].micro_op_mb") -> pd.DataFrame:
@@ -96,7 +86,7 @@ def microop_size(df: pd.DataFrame, path: str | Path, size_col: str = "policies[l
             else:
                 ax.plot(p["micro_op_mb"], p["step_ms"], marker="o", label=policy)
         ax.set_xscale("log")
-        ax.set_xticks([10, 20, 50, 100, 200], ["10", "20", "50", "100", "200"])
+        ax.set_xticks([2, 5, 10, 20, 50, 100, 200], ["2", "5", "10", "20", "50", "100", "200"])
         ax.set_xlabel("micro-op size (MB)")
         ax.set_title(model)
     axes[0][0].set_ylabel("step time (ms)")
@@ -176,16 +166,23 @@ def _setting_labels(d: pd.DataFrame, size: list[str]) -> pd.Series:
     return text[extra].apply(lambda r: ", ".join(f"{c.split('.')[-1]}={v}" for c, v in r.items()), axis=1)
 
 
+def _domains(d: pd.DataFrame) -> pd.Series:
+    """Each row's served domain (``mixed`` for tables from before ``serving.domain``)."""
+    return d["domain"].astype(str) if "domain" in d.columns else pd.Series("mixed", index=d.index)
+
+
 def inference_latency(df: pd.DataFrame, path: str | Path, reference: str = "ideal") -> pd.DataFrame:
     """p50 and p95 latency per placement policy normalised to ``reference`` (ideal) of the
-    same point; one panel per point: cluster sizes across, other swept settings down."""
+    same point and served domain; one panel per cluster size and other swept setting
+    (rows) and domain (columns), with the batches' skew in the panel title."""
     d = _ok(df).copy()
     p50, p95 = latency_column(d, "p50"), latency_column(d, "p95")
-    d["setting"] = _setting_labels(d, ["gpus", "experts"])
+    d["domain"] = _domains(d)
+    d["setting"] = _setting_labels(d.drop(columns=[c for c in d.columns if c.endswith(".domain")]), ["gpus", "experts"])
     name = d["policy_name"] if "policy_name" in d.columns else d["policy"]
     points = d["point"] if "point" in d.columns else pd.Series(0, index=d.index)
     rows = []
-    for _, g in d.groupby(points, sort=False):
+    for _, g in d.groupby([points, d["domain"]], sort=False):
         ref = g[name.loc[g.index] == reference]
         if ref.empty:
             continue
@@ -195,6 +192,8 @@ def inference_latency(df: pd.DataFrame, path: str | Path, reference: str = "idea
                     "gpus": r.gpus,
                     "experts": r.experts,
                     "setting": r.setting,
+                    "domain": r.domain,
+                    "skew": getattr(r, "batch_skew_mean", float("nan")),
                     "policy": r.policy,
                     "p50_ms": getattr(r, p50) * 1e3,
                     "p95_ms": getattr(r, p95) * 1e3,
@@ -203,24 +202,84 @@ def inference_latency(df: pd.DataFrame, path: str | Path, reference: str = "idea
                 }
             )
     t = pd.DataFrame(rows)
-    cols = list(dict.fromkeys(zip(t["gpus"], t["experts"])))
-    settings = list(dict.fromkeys(t["setting"]))
+    panels = list(dict.fromkeys(zip(t["gpus"], t["experts"], t["setting"])))
+    domains = list(dict.fromkeys(t["domain"]))
     width = max(4.5, 0.55 * t["policy"].nunique() + 1)
     fig, axes = plt.subplots(
-        len(settings), len(cols), figsize=(width * len(cols), 3.3 * len(settings)), squeeze=False, sharey=True
+        len(panels), len(domains), figsize=(width * len(domains), 3.3 * len(panels)), squeeze=False, sharey=True
     )
-    for i, setting in enumerate(settings):
-        for j, (gpus, experts) in enumerate(cols):
+    for i, (gpus, experts, setting) in enumerate(panels):
+        for j, domain in enumerate(domains):
             ax = axes[i][j]
-            g = t[(t["gpus"] == gpus) & (t["experts"] == experts) & (t["setting"] == setting)]
+            g = t[(t["gpus"] == gpus) & (t["experts"] == experts) & (t["setting"] == setting) & (t["domain"] == domain)]
+            if g.empty:
+                ax.set_visible(False)
+                continue
             x = np.arange(len(g))
             ax.bar(x - 0.2, g["p50_vs_ideal"], 0.4, label="p50")
             ax.bar(x + 0.2, g["p95_vs_ideal"], 0.4, label="p95")
             ax.set_xticks(x, g["policy"], rotation=35, ha="right", fontsize=7)
             ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-            ax.set_title(f"{gpus} GPUs, {experts} experts" + (f"; {setting}" if setting else ""), fontsize=9)
+            title = f"{gpus} GPUs, {experts} experts, {domain} (skew {g['skew'].iloc[0]:.2f})"
+            ax.set_title(title + (f"; {setting}" if setting else ""), fontsize=8)
         axes[i][0].set_ylabel(f"latency / {reference}")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    drop = [c for c in ("setting", "domain") if not (t[c].astype(bool).any() and t[c].nunique() > 1)]
+    return t.drop(columns=drop)
+
+
+def domain_ratios(df: pd.DataFrame, path: str | Path, baseline: str = "static") -> pd.DataFrame:
+    """p50 and p95 latency of each policy over ``baseline``'s (static) per served domain,
+    with the skew of the domain's batches (busiest expert's tokens over the uniform
+    share, mean over batches and layers; ``baseline``'s batches). The table covers every
+    point; the figure the largest cluster, one row of panels (p50, p95) per other setting."""
+    d = _ok(df).copy()
+    p50, p95 = latency_column(d, "p50"), latency_column(d, "p95")
+    d["domain"] = _domains(d)
+    d["setting"] = _setting_labels(d.drop(columns=[c for c in d.columns if c.endswith(".domain")]), ["gpus", "experts"])
+    name = d["policy_name"] if "policy_name" in d.columns else d["policy"]
+    points = d["point"] if "point" in d.columns else pd.Series(0, index=d.index)
+    rows = []
+    for _, g in d.groupby([points, d["domain"]], sort=False):
+        base = g[name.loc[g.index] == baseline]
+        if base.empty:
+            continue
+        b = base.iloc[0]
+        row = {
+            "gpus": b["gpus"],
+            "experts": b["experts"],
+            "setting": b["setting"],
+            "domain": b["domain"],
+            "skew": b.get("batch_skew_mean", float("nan")),
+        }
+        for r in g.itertuples():
+            if r.policy == b["policy"]:
+                continue
+            row[f"{r.policy} p50"] = getattr(r, p50) / b[p50]
+            row[f"{r.policy} p95"] = getattr(r, p95) / b[p95]
+        rows.append(row)
+    t = pd.DataFrame(rows)
+    big = t[t["gpus"] == t["gpus"].max()]
+    settings = list(dict.fromkeys(big["setting"]))
+    policies = [c[: -len(" p50")] for c in t.columns if c.endswith(" p50")]
+    fig, axes = plt.subplots(len(settings), 2, figsize=(4 + 1.1 * len(big["domain"].unique()) * 2, 3.2 * len(settings)))
+    axes = np.atleast_2d(axes)
+    w = 0.8 / max(1, len(policies))
+    for i, setting in enumerate(settings):
+        g = big[big["setting"] == setting]
+        labels = [f"{dom}\nskew {sk:.2f}" for dom, sk in zip(g["domain"], g["skew"])]
+        for j, q in enumerate(("p50", "p95")):
+            ax = axes[i][j]
+            for k, pol in enumerate(policies):
+                x = np.arange(len(g)) + (k - (len(policies) - 1) / 2) * w
+                ax.bar(x, g[f"{pol} {q}"], w, label=pol)
+            ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+            ax.set_xticks(np.arange(len(g)), labels, fontsize=7)
+            ax.set_ylabel(f"{q} latency / {baseline}")
+            ax.set_title(f"{q}, {int(g['gpus'].iloc[0])} GPUs" + (f"; {setting}" if setting else ""), fontsize=9)
+    axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     save_figure(fig, path)
     return t if t["setting"].astype(bool).any() else t.drop(columns="setting")

@@ -19,6 +19,7 @@ from lina_sim.policies.placement import (
     token_sources,
     uniform_counts_by_source,
 )
+from lina_sim.policies.placement.charge import spread_counts
 from lina_sim.policies.placement.packing import eplb_pack, eplb_replicate, first_fit_decreasing, lina_units
 from lina_sim.policies.registry import PLACEMENT_POLICIES, make_placement_policy
 
@@ -304,14 +305,34 @@ def test_lina_no_estimate_plans_from_previous_batch() -> None:
     assert len(p.devices[0]) >= 2  # the popular expert is replicated
 
 
-def test_oracle_plans_from_actual_counts() -> None:
+def test_oracle_plans_from_actual_counts_and_never_dearer() -> None:
     pol = make("oracle", 4, 4)
     counts = np.array([40, 4, 4, 0])
-    d = decide_layer(pol, 0, None, np.tile(counts // 4, (4, 1)))
+    cbs = np.tile(counts // 4, (4, 1))
+    d = decide_layer(pol, 0, None, cbs)
     assert d.estimate.tolist() == counts.tolist() and not d.replanned
-    assert len(d.final.devices[0]) == 3  # round(4 * 40/48)
-    loads = d.final.device_loads(d.counts)
-    assert loads.max() <= 14
+    # Against its charge (here the pure proxy), no rival's plan from the exact counts is
+    # cheaper: Lina's allocation, EPLB's rebalance, FasterMoE's shadows, static.
+    rivals = [pol.balanced(counts, "lina", None)] + [r.plan_exact(counts) for r in pol.rivals]
+    t = pol.charge.exact([(0, [d.final, *rivals], cbs)])[0]
+    assert t[0] <= t.min() * (1 + 1e-12)
+    assert {r.name for r in pol.rivals} == set(ALL) - {"oracle", "ideal"}
+
+
+def test_lina_cost_keeps_linas_phases_and_weighs_the_charge() -> None:
+    E, N = 8, 4
+    pol = make("lina-cost", E, N)
+    est = np.array([60, 2, 2, 2, 2, 2, 2, 2], dtype=float)
+    planned = pol.plan(3, est)
+    # Against the charge (here the pure proxy) it is no dearer than Lina's plan or static.
+    spread = spread_counts(est, N)
+    t = pol.charge.quick(3, [planned, pol.static_placement(), make("lina", E, N).plan(3, est)], spread)
+    assert t[0] <= t.min() * (1 + 1e-12)
+    # Phase 2 still fires exactly when the estimated top-2k set is wrong.
+    actual = np.array([2, 2, 60, 2, 2, 2, 2, 2])
+    final = pol.refine(3, planned, actual)
+    assert pol.phase2_checks == 1 and pol.phase2_fired == 1 and final is not planned
+    assert final.origin == "phase2"
 
 
 # ---------------------------------------------------------------------- baselines

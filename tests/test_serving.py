@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -20,7 +22,7 @@ from lina_sim.network.serving_a2a import AllToAllTimer
 from lina_sim.policies.placement import Placement
 from lina_sim.routing.generator import RoutingTraceGenerator
 from lina_sim.serving.requests import Batcher, BatchingSpec, ClosedLoopArrivals, Request
-from lina_sim.serving.run import run_inference
+from lina_sim.serving.run import batch_skew, run_inference, serve_policies
 from lina_sim.serving.server import ExpertCache
 from lina_sim.serving.setup import resolve_inference
 
@@ -89,6 +91,21 @@ def test_a2a_timer_matches_simulated_network(preset, nodes, algo):
         assert g == pytest.approx(p.value.duration, rel=1e-9)
     assert timer.times(np.zeros((n, n))) == 0.0
     assert timer.times(ms[0]) == got[0] and timer.hits == 1  # exact repeats come from the cache
+
+
+def test_a2a_timer_stack_equals_one_at_a_time():
+    """A matrix's time does not depend on what else is in the stack (matrices whose flows
+    end early stay as idle columns while the others run on), beyond the last bit."""
+    cluster = load_preset("paper-testbed", 4)
+    n = cluster.world_size
+    rng = np.random.default_rng(11)
+    ms = rng.integers(0, 400, size=(24, n, n)).astype(float) * 2048
+    ms[::3][rng.random((8, n, n)) < 0.8] = 0.0  # sparse ones finish after few events
+    ms[5] = 0.0
+    stacked = AllToAllTimer(cluster).times(ms)
+    alone = [AllToAllTimer(cluster).times(m) for m in ms]
+    np.testing.assert_allclose(stacked, alone, rtol=1e-14, atol=0)
+    assert stacked[5] == 0.0 and (stacked[np.arange(24) != 5] > 0).all()
 
 
 # -- requests and batching --------------------------------------------------------------------
@@ -339,6 +356,98 @@ def test_cli_run_prints_table_and_writes_results(trace16, tmp_path):
     out = tmp_path / "out"
     p = run_cli("run", str(path), "--out", str(out), "--plots")
     assert p.returncode == 0, p.stderr
-    assert "p95/st" in p.stdout and "lina" in p.stdout
+    assert "p95/st" in p.stdout and "skew" in p.stdout and "lina" in p.stdout
+    assert "batch_skew_mean" in (out / "results.csv").read_text().splitlines()[0]
     assert (out / "results.csv").exists() and (out / "latency_cdf.png").exists()
     assert (out / "p95_per_policy.png").exists()
+
+
+# -- serving domains, batch skew, batch size per GPU ------------------------------------------
+SHIPPED = Path(__file__).resolve().parents[1] / "traces"
+DOMAINS = ["arxiv", "c4", "github", "wikipedia"]
+
+
+def shipped(domain="mixed", requests=120, policies=("static", "ideal"), **serving_over):
+    """The 16-GPU point of paper-inference.yaml on the shipped traces, few requests."""
+    data = scenario(SHIPPED / "moe12-top1-arxiv.npz", nodes=4, experts=16, policies=policies)
+    sv = data["serving"]
+    sv.update(trace=[str(SHIPPED / f"moe12-top1-{d}.npz") for d in DOMAINS], requests=requests, domain=domain)
+    sv.update(arrival={"process": "poisson", "rate": 6800.0}, batching={"token_budget": 8192, "timeout": 0.002})
+    sv.update(serving_over)
+    return data
+
+
+@pytest.mark.parametrize("value", ["news", "Arxiv", "all"])
+def test_bad_domain_is_one_line_naming_the_field_and_the_domains(value):
+    with pytest.raises(ConfigError) as e:
+        setup_of(shipped(domain=value))
+    msg = str(e.value)
+    assert e.value.field == "serving.domain" and "\n" not in msg
+    for allowed in ["mixed", "each", *DOMAINS]:
+        assert allowed in msg
+
+
+def test_one_domain_at_a_time_is_more_skewed_than_mixed(tmp_path):
+    """The issue's finding: one domain's batches put 2.3-3.4x the uniform share on the
+    busiest expert, a mix of four domains far less; the skew column shows it."""
+    mixed, _ = run_inference(setup_of(shipped("mixed")))
+    each, runs = run_inference(setup_of(shipped("each")))
+    assert list(dict.fromkeys(each["domain"])) == DOMAINS and (mixed["domain"] == "mixed").all()
+    skew_mixed = mixed.set_index("policy").loc["static", "batch_skew_mean"]
+    per_domain = each[each["policy"] == "static"].set_index("domain")["batch_skew_mean"]
+    assert 1.0 < skew_mixed < per_domain.min(), (skew_mixed, per_domain.to_dict())
+    assert (per_domain > 1.25 * skew_mixed).all()
+    # Ratios are within a domain; runs are labelled by domain so timelines stay apart.
+    assert (each[each["policy"] == "static"]["latency_p95_vs_static"] == 1.0).all()
+    assert len({r.entry.label for r in runs}) == len(runs) == 8
+    # The reproduction's per-domain table: ratios over static beside each domain's skew.
+    import plots.reproduce as figs
+
+    table = pd.concat([each.assign(point=0), mixed.assign(point=1)], ignore_index=True)
+    t = figs.domain_ratios(table.assign(status="ok"), tmp_path / "domains.png")
+    assert list(t["domain"]) == [*DOMAINS, "mixed"] and (tmp_path / "domains.png").exists()
+    np.testing.assert_allclose(t["skew"], [*per_domain[DOMAINS], skew_mixed])
+    ideal = each[each["policy"] == "ideal"].set_index("domain")["latency_p95_vs_static"]
+    np.testing.assert_allclose(t["ideal p95"].iloc[:4], ideal[DOMAINS])
+    # One domain alone serves only that domain's sequences.
+    one, _ = run_inference(setup_of(shipped("github")))
+    assert (one["domain"] == "github").all()
+    assert one.set_index("policy").loc["static", "batch_skew_mean"] == pytest.approx(per_domain["github"], rel=0.2)
+
+
+def test_batch_skew_is_busiest_expert_over_uniform_share(trace16):
+    setup = setup_of(scenario(trace16, nodes=4, experts=16, policies=["static"]))
+    shared = serving.serving_inputs(setup)
+    (run,) = serve_policies(setup, shared)
+    skew = batch_skew(run, shared, 16)
+    assert skew.shape == (len(run.batches), 12)
+    # By hand for the first batch: its requests' tokens, their experts per layer.
+    seqs = [r.seq for r in run.requests if r.batch == 0]
+    ex = shared.serve_experts[shared.pool.token_index(seqs)][:, :, 0]
+    want = [np.bincount(ex[:, l], minlength=16).max() / (ex.shape[0] / 16) for l in range(12)]
+    np.testing.assert_allclose(skew[0], want)
+    assert (skew >= 1.0).all() and (skew <= 16).all()
+
+
+def test_domains_deterministic_for_a_seed():
+    data = shipped("github", requests=40, policies=("static", "lina"))
+    a, _ = run_inference(setup_of(data))
+    b, _ = run_inference(setup_of(data))
+    cols = [c for c in a.columns if c != "sim_wall_s"]
+    assert a[cols].equals(b[cols])
+
+
+def test_tokens_per_gpu_sets_the_budget_and_sweeps(trace16):
+    data = scenario(trace16, nodes=2, experts=8, policies=["static"])
+    data["serving"]["batching"] = {"tokens_per_gpu": 96, "timeout": 0.0005}
+    data["sweep"] = {"grid": {"serving.batching.tokens_per_gpu": [64, 128]}}
+    points = expand(data)
+    budgets = [resolve_inference(p).serving.batching.token_budget for p in points]
+    assert budgets == [64 * 8, 128 * 8]
+    df, _ = run_inference(resolve_inference(points[0]))
+    assert df["tokens_per_gpu"].iloc[0] == 64 and df["batch_tokens_per_gpu_mean"].iloc[0] <= 64
+    data.pop("sweep")
+    data["serving"]["batching"]["token_budget"] = 1024
+    with pytest.raises(ConfigError) as e:
+        setup_of(data)
+    assert e.value.field == "serving.batching.tokens_per_gpu" and "token_budget" in str(e.value)

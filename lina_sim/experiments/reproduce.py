@@ -32,10 +32,9 @@ from lina_sim.experiments.sweep import (
     plan_points,
     run_sweep,
 )
-from lina_sim.policies.path_estimator import PathEstimator, top_experts
 from lina_sim.results.files import atomic_write_text
 from lina_sim.results.tables import markdown_table, text_table
-from lina_sim.routing.stats import expert_counts
+from lina_sim.routing.stats import estimation_accuracy_rows
 from lina_sim.serving.server import serving_inputs
 from lina_sim.serving.setup import resolve_inference
 
@@ -78,10 +77,10 @@ def _keep(field: str, values: list) -> Callable[[dict], dict]:
 
 
 def _quick_microop(data: dict) -> dict:
-    # GPT-2: its 77 MB embedding gradient is the tensor that micro-op sizes actually cut
-    # (Transformer-XL's tensors are all under 10 MB, so its curve is flat).
+    # GPT-2: besides the 25 MB buckets, its 77 MB embedding gradient is a bucket of its
+    # own, so sizes up to 77 MB still cut something.
     data = _keep("model.preset", ["gpt2-moe"])(data)
-    keep = [10, 30, 50, 100, 200]
+    keep = [2, 10, 30, 100, 200]
     for path, values in data["sweep"]["zip"].items():
         data["sweep"]["zip"][path] = [v for v in values if v in keep]
     return data
@@ -158,34 +157,15 @@ def estimation_accuracy(setup: Any, lengths: tuple[int, ...] = PATH_LENGTHS) -> 
     expert set equals the actual one, and the mean share of the actual set the estimate
     got. The estimator is fit on the scenario's training slice of the trace and scored on
     batches of ``token_budget`` tokens of the served slice, at the layers Lina schedules
-    (``layer >= path length``)."""
+    (``layer >= path length``): out of sample; the ``*_in_sample`` columns score it on
+    its own training slice, for contrast
+    (:func:`lina_sim.routing.stats.estimation_accuracy_rows`)."""
     sh = serving_inputs(setup)
-    E = setup.model.experts
     # ``serve_experts`` is the whole trace; score on the served pool's rows only.
     serve = sh.serve_experts[sh.pool.token_index(list(range(len(sh.pool))))]
-    set_size = min(2 * setup.top_k, E)
-    batch = min(setup.serving.batching.token_budget, serve.shape[0])
-    chunks = [serve[i : i + batch] for i in range(0, serve.shape[0] - batch + 1, batch)]
-    counts = [expert_counts(chunk, E) for chunk in chunks]  # [layers, E] per chunk
-    rows = []
-    for m in lengths:
-        est = PathEstimator(m, E).fit(sh.train_experts)
-        for layer in range(m, sh.layers):
-            exact = overlap = 0.0
-            for chunk, cnt in zip(chunks, counts):
-                want = top_experts(cnt[layer], set_size)
-                got = top_experts(est.estimate(layer, PathEstimator.paths_for(chunk[:, :, 0], layer, m)), set_size)
-                exact += got == want
-                overlap += len(got & want) / set_size
-            rows.append(
-                {
-                    "path_length": m,
-                    "layer": layer,
-                    "exact": exact / len(chunks),
-                    "overlap": overlap / len(chunks),
-                    "batches": len(chunks),
-                }
-            )
+    rows = estimation_accuracy_rows(
+        sh.train_experts, serve, setup.model.experts, setup.top_k, setup.serving.batching.token_budget, lengths
+    )
     return pd.DataFrame(rows)
 
 
@@ -210,9 +190,22 @@ INFERENCE_FIGURES = [
         "inference_latency.png",
         _draw("inference_latency"),
         "Request latency percentiles of each placement policy divided by those of `ideal` (tokens spread "
-        "perfectly evenly) at the same point: cluster sizes across, any other swept setting (e.g. "
+        "perfectly evenly) at the same point and served domain: domains across (each served on its own, "
+        "and `mixed`: all four in one request stream), cluster sizes and any other swept setting (e.g. "
         "`expert_slots`: None = the default few slots per GPU with swaps over PCIe) down. The gate replays "
-        "recorded expert choices (`scenarios/paper-inference.yaml`).",
+        "recorded expert choices (`scenarios/paper-inference.yaml`); skew = the busiest expert's tokens "
+        "over the uniform share, mean over batches and layers.",
+    ),
+    Figure(
+        "domains",
+        "Inference: p50 and p95 latency over static per domain, with the batches' skew",
+        "inference",
+        "inference_domains.png",
+        _draw("domain_ratios"),
+        "Each policy's p50 and p95 request latency divided by `static`'s, per served domain (one domain "
+        "per request stream, as an inference benchmark runs, and `mixed`), beside the skew of `static`'s "
+        "batches there: the busiest expert's tokens over the uniform share (T*k/E), mean over batches and "
+        "layers. The figure shows the 16-GPU points; the table every point.",
     ),
     Figure(
         "pathlength",

@@ -28,6 +28,7 @@ PLACEMENT_POLICIES: dict[str, str] = {
     "lina": "lina_sim.policies.placement.lina:LinaPlacement",
     "lina-no-estimate": "lina_sim.policies.placement.lina:LinaNoEstimate",
     "lina-no-finetune": "lina_sim.policies.placement.lina:LinaNoFinetune",
+    "lina-cost": "lina_sim.policies.placement.lina:LinaCostPlacement",
     "oracle": "lina_sim.policies.placement.lina:OraclePlacement",
     "ideal": "lina_sim.policies.placement.static:IdealPlacement",
 }

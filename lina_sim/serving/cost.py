@@ -16,8 +16,25 @@ sum over those tokens of their sequence's length, i.e. the attention keys they s
   (``2*S*d``) and projection (``2*T*d*d``, an upper bound: one position row per token);
 - gate: layer norm, ``T x E`` gate GEMM, top-k softmax, scatter of ``k*T`` rows;
 - combine-out: gather each token's ``k`` expert outputs and add the residual;
-- expert FFN, per (device, expert) with ``r`` tokens: ``r x f x d`` and ``r x d x f``
-  GEMMs and a GELU; the expert's weights are read once per kernel;
+- expert FFN of a device, as the serving implementation runs it (``ffn``, see
+  :data:`FFN_KERNELS`):
+
+  - ``grouped`` (default; vLLM's fused MoE, MegaBlocks, SGLang): one launch per kernel
+    for all of the device's experts. Following vLLM's
+    ``vllm/model_executor/layers/fused_moe/fused_moe.py``: ``fused_experts_impl`` runs
+    ``moe_align_block_size`` (sorts the rows by expert and pads each expert's row count
+    up to a multiple of ``BLOCK_SIZE_M``), then ``invoke_fused_moe_kernel`` for ``w1``
+    (``fused_moe_kernel``: one program per ``BLOCK_SIZE_M`` rows of one expert, so a
+    padded tile costs the FLOP of a full one), the activation, and
+    ``invoke_fused_moe_kernel`` for ``w2``. ``BLOCK_SIZE_M`` is what
+    ``get_default_config`` picks for an unquantized dtype: 16 when the device's tokens
+    ``M <= E`` (its experts), else 64 (:func:`block_size_m`). Each expert with tokens
+    has its weights read from HBM once per GEMM (its ``N x K`` tiles, reused across its
+    row blocks through L2); an expert without tokens launches no program and reads
+    nothing. The top-k sum (``moe_sum``) is part of combine-out below;
+  - ``per-expert`` (DeepSpeed-MoE era): a loop over the device's experts, each with
+    ``r > 0`` tokens running its own ``r x f x d`` GEMM, GELU and ``r x d x f`` GEMM
+    (three launches, weights read once per GEMM, no padding);
 - head: the embedding lookup before layer 0; final norm and LM-head GEMM after the last.
 
 Each kernel takes :meth:`RooflineComputeModel.kernel_time`, launch overhead included.
@@ -29,13 +46,57 @@ Units: seconds, bytes, FLOP.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from lina_sim.errors import ConfigError
 from lina_sim.hardware.compute import RooflineComputeModel
 from lina_sim.hardware.spec import ClusterSpec
+from lina_sim.network.serving_a2a import AllToAllTimer
+from lina_sim.policies.placement import Placement
 from lina_sim.workload.model import ModelSpec
+
+# How a device runs its experts' FFN (module docstring).
+FFN_KERNELS: tuple[str, ...] = ("grouped", "per-expert")
+# vLLM fused_moe.py, get_default_config (unquantized): BLOCK_SIZE_M 16 when M <= E, else 64.
+_BLOCK_M_FEW_TOKENS, _BLOCK_M = 16, 64
+# moe_align_block_size reads each row's expert id and writes its sorted row index (int32).
+_ALIGN_BYTES_PER_ROW = 8
+
+
+def block_size_m(tokens: np.ndarray, experts: np.ndarray) -> np.ndarray:
+    """vLLM's default ``BLOCK_SIZE_M`` for a device with ``tokens`` rows over ``experts``
+    local experts (fused_moe.py, ``get_default_config``, unquantized): 16 if
+    ``tokens <= experts`` else 64."""
+    return np.where(np.asarray(tokens) <= np.asarray(experts), _BLOCK_M_FEW_TOKENS, _BLOCK_M)
+
+
+def padded_rows(rows: np.ndarray, block: np.ndarray) -> np.ndarray:
+    """``rows [..., experts]`` → ``[...]``: rows after ``moe_align_block_size`` pads each
+    expert's count up to a multiple of ``block`` (``[...]``, one block size per device)."""
+    r = np.asarray(rows, dtype=np.float64)
+    b = np.asarray(block, dtype=np.float64)[..., None]
+    return (np.ceil(r / b) * b).sum(axis=-1)
+
+
+def grouped_gemm_time(
+    roofline: RooflineComputeModel, rows: np.ndarray, k_in: int, n_out: int, dtype_bytes: int, bias: bool = True
+) -> np.ndarray:
+    """Seconds of one grouped GEMM (vLLM's ``fused_moe_kernel``, one launch) over
+    ``rows [..., experts]`` tokens per expert, each expert an ``[n_out, k_in]`` weight
+    (plus a bias row if ``bias``): FLOP on the padded rows, HBM bytes of the real rows'
+    activations in and out plus the weights of every expert with rows. ``[...]`` s;
+    zero where no expert has rows."""
+    r = np.asarray(rows, dtype=np.float64)
+    total = r.sum(axis=-1)
+    active = (r > 0).sum(axis=-1)
+    padded = padded_rows(r, block_size_m(total, active))
+    flops = 2.0 * k_in * n_out * padded
+    nbytes = (total * (k_in + n_out) + active * (k_in * n_out + (n_out if bias else 0))) * dtype_bytes
+    t = np.maximum(flops / roofline.flops_per_s, nbytes / roofline.bytes_per_s) + roofline.launch_s
+    return np.where(total > 0, t, 0.0)
 
 
 @dataclass(frozen=True)
@@ -51,9 +112,13 @@ class _LinearKernel:
 
 
 class InferenceCostModel:
-    """Per-device compute times (s) of one inference batch for ``model`` on ``cluster``."""
+    """Per-device compute times (s) of one inference batch for ``model`` on ``cluster``;
+    ``ffn`` is how a device runs its experts (:data:`FFN_KERNELS`, module docstring)."""
 
-    def __init__(self, model: ModelSpec, cluster: ClusterSpec, top_k: int):
+    def __init__(self, model: ModelSpec, cluster: ClusterSpec, top_k: int, ffn: str = "grouped"):
+        if ffn not in FFN_KERNELS:
+            raise ConfigError("serving.ffn", f"unknown expert FFN implementation {ffn!r}", FFN_KERNELS)
+        self.ffn = ffn
         self.model = model
         self.roofline = RooflineComputeModel.from_cluster(cluster, model.dtype)
         self.top_k = top_k
@@ -92,7 +157,7 @@ class InferenceCostModel:
             _LinearKernel(bt=2 * d * b),  # final norm
             _LinearKernel(ft=2 * d * m.vocab, bt=(d + m.vocab) * b, b0=d * m.vocab * b),
         ]
-        # Expert FFN per (device, expert): affine in its rows r.
+        # Per-expert FFN, per (device, expert): affine in its rows r.
         self._ffn = [
             _LinearKernel(ft=2 * d * f, bt=(d + f) * b, b0=(d * f + f) * b),  # w1
             _LinearKernel(bt=2 * f * b),  # GELU
@@ -129,10 +194,125 @@ class InferenceCostModel:
 
     def expert_ffn(self, rows: np.ndarray) -> np.ndarray:
         """``rows [..., experts, devices]`` tokens each (expert, device) computes →
-        ``[..., devices]`` s of expert FFN, a device's experts run one after another."""
-        return self._time(self._ffn, rows).sum(axis=-2)
+        ``[..., devices]`` s of expert FFN, run as :attr:`ffn` says (module docstring)."""
+        if self.ffn == "per-expert":
+            return self._time(self._ffn, rows).sum(axis=-2)
+        r = np.swapaxes(np.asarray(rows, dtype=np.float64), -1, -2)  # [..., devices, experts]
+        m, b = self.model, self.model.dtype_bytes
+        total = r.sum(axis=-1)
+        w1 = grouped_gemm_time(self.roofline, r, m.d_model, m.d_ff, b)
+        w2 = grouped_gemm_time(self.roofline, r, m.d_ff, m.d_model, b)
+        align = self._time([_LinearKernel(bt=_ALIGN_BYTES_PER_ROW)], total)
+        act = self._time([_LinearKernel(bt=2 * m.d_ff * b)], total)
+        return align + w1 + act + w2
 
     def swap_time(self, experts: np.ndarray) -> np.ndarray:
         """``[devices]`` s to load ``experts`` expert weight sets each over PCIe."""
         n = np.asarray(experts, dtype=np.float64)
         return np.where(n > 0, n * (self.expert_bytes / self.pcie_bandwidth + self.pcie_latency), 0.0)
+
+
+class ServingCharge:
+    """What the serving simulator charges one MoE layer of one batch under a candidate
+    placement (the :class:`~lina_sim.policies.placement.charge.LayerCharge` it binds to
+    its policies), in seconds:
+
+    ``dispatch + max_d(wait_d + ffn_d) + combine``, as :class:`~lina_sim.serving.server.
+    PolicyServer` times a layer: the dispatch and combine all-to-alls of the placement's
+    send matrix timed alone on the simulated network (``exact``: the same
+    :class:`~lina_sim.network.serving_a2a.AllToAllTimer` the server uses), each device's
+    expert FFN from :meth:`InferenceCostModel.expert_ffn` (on a shared host, processor
+    sharing of its cores, as the server applies), and ``wait_d``: the PCIe time of the
+    experts ``missing(layer, placement)`` says device ``d`` must load, less what hides
+    behind it before the layer's dispatch ends: :attr:`window` (s per layer, set per
+    batch by the server: the compute and the earlier layers between the swap's issue and
+    the layer's gate) and the dispatch. The swap term is a proxy (the server queues swaps
+    on one PCIe link per device, and times earlier layers as they run); with every
+    expert resident it is zero and the charge is exact.
+
+    ``quick`` ranks candidates in a search: fractional token splits (each expert's
+    tokens times its shares) for the FFN instead of whole ones, and instead of the timer
+    a bound of the all-to-all: per step the busiest GPU's intra-node bytes over its
+    NVLink bandwidth or the busiest node's inter-node bytes over its NICs, whichever is
+    longer, plus the link latency.
+    """
+
+    def __init__(
+        self,
+        cost: InferenceCostModel,
+        cluster: ClusterSpec,
+        timer: AllToAllTimer,
+        missing: Callable[[int, Placement], np.ndarray] | None = None,
+        on_host: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        self.cost, self.cluster, self.timer = cost, cluster, timer
+        self.missing = missing
+        self.on_host = on_host
+        # s per layer from a swap's issue to the layer's gate (scalar: the same for all).
+        self.window: float | np.ndarray = 0.0
+        n = cluster.world_size
+        node = np.arange(n) // cluster.gpus_per_node
+        self._intra = (node[:, None] == node[None, :]) & ~np.eye(n, dtype=bool)
+        self._node_of = np.eye(cluster.nodes)[node]  # [N, nodes] one-hot
+        self._nic_bw = cluster.nic.effective_bandwidth * cluster.nics_per_node
+        self._nvl_bw = cluster.nvlink.effective_bandwidth
+
+    def _after_dispatch(self, layer: int, placements: Sequence[Placement], cbs: np.ndarray, dispatch: np.ndarray):
+        """``[candidates, devices]`` s from the dispatch's end to each device's FFN end:
+        ``wait_d + ffn_d`` (class docstring), for dispatch times ``[candidates]``."""
+        counts = np.asarray(cbs).sum(axis=0)
+        ffn = self.cost.expert_ffn(np.stack([p.assign(counts) for p in placements]))  # [C, N]
+        if self.on_host is not None:
+            ffn = np.stack([self.on_host(f) for f in ffn])
+        if self.missing is None:
+            return ffn
+        swap = np.stack([self.cost.swap_time(self.missing(layer, p)) for p in placements])
+        return ffn + np.maximum(swap - self._window(layer) - dispatch[:, None], 0.0)
+
+    def _window(self, layer: int) -> float:
+        w = np.asarray(self.window, dtype=np.float64)
+        return float(w) if w.ndim == 0 else float(w[layer])
+
+    def _sends(self, placements: Sequence[Placement], cbs: np.ndarray) -> np.ndarray:
+        return np.stack([p.send_matrix(cbs) for p in placements]).astype(np.float64) * self.cost.token_bytes
+
+    def _quick_a2a(self, sent: np.ndarray) -> np.ndarray:
+        """``[C]`` s: the bound in the class docstring for byte matrices ``[C, N, N]``."""
+        s = sent * (1.0 - np.eye(sent.shape[-1]))
+        intra = s * self._intra
+        inter = s - intra
+        gpu = np.maximum(intra.sum(axis=2), intra.sum(axis=1)).max(axis=1) / self._nvl_bw
+        node_out = np.einsum("cij,in->cn", inter, self._node_of)
+        node_in = np.einsum("cij,jn->cn", inter, self._node_of)
+        nic = np.maximum(node_out, node_in).max(axis=1) / self._nic_bw
+        lat = np.where(inter.sum(axis=(1, 2)) > 0, self.cluster.nic.latency, self.cluster.nvlink.latency)
+        return np.where(s.sum(axis=(1, 2)) > 0, np.maximum(gpu, nic) + lat, 0.0)
+
+    def quick(self, layer: int, placements: Sequence[Placement], counts_by_source: np.ndarray) -> np.ndarray:
+        cbs = np.asarray(counts_by_source, dtype=np.float64)
+        share = np.stack([p.share_matrix for p in placements])  # [C, E, N]
+        quota = cbs.sum(axis=0)[None, :, None] * share  # fractional tokens per replica
+        sent = self._sends(placements, counts_by_source)
+        d = self._quick_a2a(sent)
+        c = self._quick_a2a(np.swapaxes(sent, 1, 2))
+        ffn = self.cost.expert_ffn(quota)
+        if self.on_host is not None:
+            ffn = np.stack([self.on_host(f) for f in ffn])
+        if self.missing is not None:
+            swap = np.stack([self.cost.swap_time(self.missing(layer, p)) for p in placements])
+            ffn = ffn + np.maximum(swap - self._window(layer) - d[:, None], 0.0)
+        return d + ffn.max(axis=1) + c
+
+    def exact(self, items: Sequence[tuple[int, Sequence[Placement], np.ndarray]]) -> list[np.ndarray]:
+        sends = [self._sends(p, c) for _, p, c in items]
+        if not sends:
+            return []
+        stack = np.concatenate([np.concatenate([s, np.swapaxes(s, 1, 2)]) for s in sends])
+        times = self.timer.times(stack)
+        out, at = [], 0
+        for layer, placements, cbs in items:
+            k = len(placements)
+            d, c = times[at : at + k], times[at + k : at + 2 * k]
+            at += 2 * k
+            out.append(d + self._after_dispatch(layer, placements, cbs, d).max(axis=1) + c)
+        return out

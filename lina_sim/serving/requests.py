@@ -17,6 +17,7 @@ Units: seconds, tokens.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -64,10 +65,22 @@ class ArrivalSpec:
 class BatchingSpec:
     """Dynamic batching: at most ``token_budget`` tokens per batch, and no request waits
     more than ``timeout`` seconds for its batch to fill (it may wait longer for the
-    server to become free)."""
+    server to become free). ``tokens_per_gpu``, when set, is the budget per GPU instead
+    (the resolved spec's ``token_budget`` is then that times the GPUs), so that one sweep
+    over it means the same batch per GPU on every cluster size."""
 
     token_budget: int = declare(Field(int, 8192, minimum=1, help="most tokens in one batch"))
     timeout: float = declare(Field(float, 0.01, minimum=0, help="longest a request waits for its batch to fill, s"))
+    tokens_per_gpu: int | None = declare(
+        Field(int, None, minimum=1, allow_none=True, help="most tokens per GPU in one batch (instead of token_budget)")
+    )
+
+    def per_gpu(self, gpus: int) -> BatchingSpec:
+        """This spec with ``token_budget`` resolved for ``gpus`` GPUs (unchanged when
+        ``tokens_per_gpu`` is not set)."""
+        if self.tokens_per_gpu is None:
+            return self
+        return dataclasses.replace(self, token_budget=self.tokens_per_gpu * gpus)
 
 
 @dataclass

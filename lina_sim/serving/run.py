@@ -1,10 +1,12 @@
 """Serving a scenario: every placement policy serves the same request stream in
 lockstep (:func:`serve_policies`), and the per-policy latency table
-(:func:`run_inference`). Units: seconds.
+(:func:`run_inference`), one request stream per served domain (``serving.domain``).
+Units: seconds, tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -13,16 +15,17 @@ import pandas as pd
 
 from lina_sim.network.serving_a2a import AllToAllTimer
 from lina_sim.results.rows import point_columns
-from lina_sim.serving.server import PolicyServer, PolicyServing, serving_inputs
+from lina_sim.serving.server import PolicyServer, PolicyServing, ServingInputs, serving_inputs
 from lina_sim.serving.setup import InferenceSetup, setup_slots
 
 
 # ---------------------------------------------------------------------------------------
 # Running a scenario
 # ---------------------------------------------------------------------------------------
-def serve_policies(setup: InferenceSetup) -> list[PolicyServing]:
-    """Serve the request stream with every policy, in lockstep (see module docstring)."""
-    shared = serving_inputs(setup)
+def serve_policies(setup: InferenceSetup, shared: ServingInputs | None = None) -> list[PolicyServing]:
+    """Serve the request stream with every policy, in lockstep (see module docstring);
+    ``shared`` is :func:`serving_inputs` of ``setup`` when the caller already has it."""
+    shared = shared or serving_inputs(setup)
     timer = AllToAllTimer(setup.cluster, algo=setup.a2a_algo)
     servers = [PolicyServer(setup, e, shared) for e in setup.policies]
     token_bytes = shared.cost.token_bytes
@@ -46,22 +49,65 @@ def _pct(a: np.ndarray, q: float) -> float:
     return float(np.percentile(a, q)) if a.size else float("nan")
 
 
+def batch_skew(run: PolicyServing, shared: ServingInputs, experts: int) -> np.ndarray:
+    """``[batches, layers]`` skew of each batch the policy served: at layer ``l``, the
+    busiest expert's tokens over the uniform share, ``max_e c[l, e] / (T * k / E)``, where
+    ``c[l, e]`` counts the batch's ``T`` tokens whose recorded gate picks expert ``e``
+    at ``l`` (each of a token's ``k`` choices counts once) and ``E`` is the model's
+    experts. 1.0 is perfectly even; ``E`` is every token on one expert. It is a property
+    of the batches' tokens, before any placement (``ideal`` serves the same tokens with a
+    uniform gate; its skew is still the trace's)."""
+    by_batch: list[list[int]] = [[] for _ in run.batches]
+    for r in run.requests:
+        by_batch[r.batch].append(r.seq)
+    out = np.empty((len(run.batches), shared.layers))
+    for b, seqs in enumerate(by_batch):
+        ex = shared.serve_experts[shared.pool.token_index(seqs)]  # [T, L, k]
+        T, L, k = ex.shape
+        counts = np.bincount((np.arange(L)[None, :, None] * experts + ex).ravel(), minlength=L * experts)
+        out[b] = counts.reshape(L, experts).max(axis=1) / (T * k / experts)
+    return out
+
+
 def run_inference(setup: InferenceSetup) -> tuple[pd.DataFrame, list[PolicyServing]]:
-    """Serve the scenario's requests with every placement policy; one row per policy.
+    """Serve the scenario's requests with every placement policy; one row per policy and
+    served domain (``serving.domain``: ``mixed``, one domain, or ``each`` domain on its
+    own, each a separate request stream with its estimators fit on its own training
+    slice). With several domains the runs' labels carry the domain (``static [c4]``).
 
     Columns: scenario, policy, policy_name, cluster, nodes, gpus, model, experts, top_k,
-    expert_slots (per GPU per layer), trace, requests, batches, arrival, arrival_rate,
-    concurrency, token_budget, timeout_s,
-    latency_{mean,p50,p95,p99}_s, their ratios ``latency_{p50,p95,p99}_vs_static`` (NaN
-    without a ``static`` entry) and ``latency_p95_vs_ideal``, batch_time_{mean,p50,p95}_s,
-    batch_tokens_mean, moe_layer_p95_s, a2a_p95_s (dispatch + combine of one layer, p95
-    over batches and layers), a2a_tail_layer_max_s (the worst layer's p95), ffn_p95_s,
-    exposed_swap_per_batch_s, swapped_experts_per_batch, load_imbalance_mean (busiest
-    device's expert tokens over the mean), phase2_checks, phase2_fired, phase2_rate,
-    throughput_rps, makespan_s, sim_wall_s, and the swept fields.
+    expert_slots (per GPU per layer), trace, domain, requests, batches, arrival,
+    arrival_rate, concurrency, token_budget, tokens_per_gpu (the budget per GPU),
+    timeout_s, latency_{mean,p50,p95,p99}_s, their ratios ``latency_{p50,p95,p99}_vs_static``
+    (NaN without a ``static`` entry) and ``latency_p95_vs_ideal`` (both within the same
+    domain), batch_time_{mean,p50,p95}_s, batch_tokens_mean, batch_tokens_per_gpu_mean,
+    batch_skew_mean (the busiest expert's tokens over the uniform share, mean over the
+    policy's batches and the layers: :func:`batch_skew`), moe_layer_p95_s, a2a_p95_s
+    (dispatch + combine of one layer, p95 over batches and layers), a2a_tail_layer_max_s
+    (the worst layer's p95), ffn_p95_s, exposed_swap_per_batch_s,
+    swapped_experts_per_batch, load_imbalance_mean (busiest device's expert tokens over
+    the mean), phase2_checks, phase2_fired, phase2_rate, throughput_rps, makespan_s,
+    sim_wall_s, and the swept fields.
     """
-    runs = serve_policies(setup)
+    domains = setup.served_domains()
+    frames, all_runs = [], []
+    for domain in domains:
+        sub = setup.for_domain(domain)
+        df, runs = _run_domain(sub)
+        frames.append(df)
+        if len(domains) > 1:  # timelines and figures are keyed by label: keep them apart
+            for run in runs:
+                run.entry = dataclasses.replace(run.entry, label=f"{run.entry.label} [{domain}]")
+        all_runs += runs
+    return pd.concat(frames, ignore_index=True), all_runs
+
+
+def _run_domain(setup: InferenceSetup) -> tuple[pd.DataFrame, list[PolicyServing]]:
+    """:func:`run_inference` of one request stream (``setup.serving.domain``)."""
+    shared = serving_inputs(setup)
+    runs = serve_policies(setup, shared)
     s = setup.serving
+    gpus = setup.cluster.world_size
     rows = []
     for run in runs:
         lat = run.latencies()
@@ -70,18 +116,21 @@ def run_inference(setup: InferenceSetup) -> tuple[pd.DataFrame, list[PolicyServi
         moe = np.concatenate([r.layer_moe for r in b])
         a2a = np.stack([r.dispatch + r.combine for r in b])  # [batches, layers]
         makespan = max(r.end for r in b)
+        tokens = np.array([r.tokens for r in b], dtype=np.float64)
         rows.append(
             {
                 **point_columns(setup, run.entry.label, run.entry.name),
                 "top_k": setup.top_k,
                 "expert_slots": setup_slots(setup),
                 "trace": "+".join(Path(p).stem for p in s.trace_paths),
+                "domain": s.domain,
                 "requests": len(run.requests),
                 "batches": len(b),
                 "arrival": s.arrival.process,
                 "arrival_rate": s.arrival.rate,
                 "concurrency": s.arrival.concurrency,
                 "token_budget": s.batching.token_budget,
+                "tokens_per_gpu": s.batching.token_budget / gpus,
                 "timeout_s": s.batching.timeout,
                 "latency_mean_s": float(lat.mean()),
                 "latency_p50_s": _pct(lat, 50),
@@ -90,7 +139,9 @@ def run_inference(setup: InferenceSetup) -> tuple[pd.DataFrame, list[PolicyServi
                 "batch_time_mean_s": float(bt.mean()),
                 "batch_time_p50_s": _pct(bt, 50),
                 "batch_time_p95_s": _pct(bt, 95),
-                "batch_tokens_mean": float(np.mean([r.tokens for r in b])),
+                "batch_tokens_mean": float(tokens.mean()),
+                "batch_tokens_per_gpu_mean": float(tokens.mean() / gpus),
+                "batch_skew_mean": float(batch_skew(run, shared, setup.model.experts).mean()),
                 "moe_layer_p95_s": _pct(moe, 95),
                 "a2a_p95_s": _pct(a2a.ravel(), 95),
                 "a2a_tail_layer_max_s": float(layer_a2a_tail(run).max()),

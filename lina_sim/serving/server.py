@@ -9,7 +9,10 @@ Per MoE layer ``l`` (:class:`PolicyServer`):
 2. the gate: per-device, per-expert token counts are the trace's real choices of the
    batch's tokens at ``l`` (``ideal``: spread uniformly, see the placement package);
 3. the placement (:func:`~lina_sim.policies.placement.decide_layer`): planned before the
-   gate, refined after it (Lina's phase 2);
+   gate, refined after it (Lina's phase 2). Every policy is bound the charge this server
+   levies (:class:`~lina_sim.serving.cost.ServingCharge`), which cost-aware policies
+   plan against; ``oracle`` also gets the scenario's other policies as rivals, runs them
+   on its own batches and never picks a plan the charge says is dearer than theirs;
 4. weight swaps: an expert a device must serve but does not hold is loaded from host
    memory over its PCIe link (:class:`ExpertCache`: per layer, ``expert_slots`` experts
    per device, least recently used evicted; one PCIe queue per device). Lina's phase-1
@@ -24,7 +27,9 @@ Per MoE layer ``l`` (:class:`PolicyServer`):
 5. the dispatch all-to-all: bytes ``s -> d`` = tokens ``s`` sends ``d`` under the final
    placement × d_model × dtype bytes, timed alone on the simulated network
    (:class:`~lina_sim.network.serving_a2a.AllToAllTimer`, exact for the fluid network);
-6. expert FFN per device from its token load; the slowest device gates the combine;
+6. expert FFN per device from its experts' token counts, as ``serving.ffn`` runs it
+   (grouped GEMM by default, :mod:`lina_sim.serving.cost`); the slowest device gates the
+   combine;
 7. the combine all-to-all: the transposed matrix.
 
 On a cluster of CPU ranks sharing one host's cores (``cluster.host``), each compute phase
@@ -48,9 +53,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from lina_sim.hardware.processors import shared_finish_times
-from lina_sim.policies.placement import Placement, decide_layer, token_sources
+from lina_sim.network.serving_a2a import AllToAllTimer
+from lina_sim.policies.placement import Placement, PlacementPolicy, decide_layer, token_sources
 from lina_sim.results.timeline import Event, Timeline
-from lina_sim.serving.cost import InferenceCostModel
+from lina_sim.serving.cost import InferenceCostModel, ServingCharge
 from lina_sim.serving.requests import (
     Batcher,
     Request,
@@ -75,6 +81,12 @@ class ExpertCache:
         start = [everything if slots >= initial.num_experts else sorted(r) for r in initial.resident]
         # Per layer, per device: expert ids, least recently used first.
         self._held = [[list(h) for h in start] for _ in range(layers)]
+
+    def missing(self, layer: int, placement: Placement) -> np.ndarray:
+        """``int64 [devices]``: experts of ``placement`` each device does not hold now
+        (what :meth:`load` would swap in), without changing anything."""
+        held = self._held[layer]
+        return np.array([len(need.difference(held[d])) for d, need in enumerate(placement.resident)], dtype=np.int64)
 
     def load(self, layer: int, placement: Placement) -> np.ndarray:
         """Make ``placement``'s experts resident; returns ``int64 [devices]`` experts
@@ -108,6 +120,8 @@ class BatchPlan:
     swap2: np.ndarray  # [layers, N] by phase 2
     replanned: np.ndarray  # [layers] bool
     imbalance: np.ndarray  # [layers] max device load / mean
+    counts_by_source: np.ndarray | None = None  # [layers, N, experts] after the policy's gate
+    placements: list[Placement] | None = None  # [layers] the placement each layer ran with
 
 
 @dataclass
@@ -151,9 +165,16 @@ class PolicyServer:
     def __init__(self, setup: InferenceSetup, entry: PlacementEntry, shared: ServingInputs):
         self.setup, self.entry, self.shared = setup, entry, shared
         self.policy = make_policy(setup, entry)
-        self.policy.fit(shared.train_experts)
         L = shared.layers
         self.cache = ExpertCache(L, self.policy.static_placement(), setup_slots(setup))
+        # On a shared host (an emulated testbed) ranks that compute at once divide its cores.
+        self.host_cores = setup.cluster.host.cores if setup.cluster.shares_cores else None
+        on_host = functools.partial(shared_finish_times, cores=self.host_cores) if self.host_cores else None
+        self.charge = ServingCharge(shared.cost, setup.cluster, shared.a2a, self.cache.missing, on_host)
+        if hasattr(self.policy, "bind_rivals"):
+            self.policy.bind_rivals(rivals(setup, entry))
+        self.policy.bind_charge(self.charge)
+        self.policy.fit(shared.train_experts)
         self.batcher = Batcher(setup.serving.batching)
         self.arrivals = make_arrivals(setup.serving.arrival, setup.serving.requests, setup.scenario.seed)
         self.requests: list[Request] = []
@@ -164,8 +185,6 @@ class PolicyServer:
         self.timeline = Timeline()
         self.within_batch = self.policy.plans_within_batch
         self.wall = 0.0
-        # On a shared host (an emulated testbed) ranks that compute at once divide its cores.
-        self.host_cores = setup.cluster.host.cores if setup.cluster.shares_cores else None
 
     def _admit(self, times: list[float]) -> None:
         new = []
@@ -200,19 +219,45 @@ class PolicyServer:
         swap1 = np.zeros((L, N), dtype=np.int64)
         swap2 = np.zeros((L, N), dtype=np.int64)
         replanned = np.zeros(L, dtype=bool)
+        finals: list[Placement] = []
+        gated = np.zeros_like(cbs_all)
+        self.charge.window = self._swap_windows(tokens, keys, L)
+        if self.policy.plans_on_actual_counts:
+            self.policy.see_batch(ex, cbs_all)
         for l in range(L):
             dec = decide_layer(self.policy, l, ex[:, :l], cbs_all[l])
             swap1[l] = self.cache.load(l, dec.planned)
             if dec.replanned:
                 swap2[l] = self.cache.load(l, dec.final)
                 replanned[l] = True
+            finals.append(dec.final)
+            gated[l] = dec.counts_by_source
             send[l] = dec.final.send_matrix(dec.counts_by_source)
             assign[l] = dec.final.assign(dec.counts)
         load = assign.sum(axis=1)  # [L, N] expert tokens per device
         imbalance = load.max(axis=1) / np.maximum(load.mean(axis=1), 1e-12)
         ffn = sh.cost.expert_ffn(assign)
         self.wall += time.perf_counter() - t0
-        return BatchPlan(len(self.records), start, reqs, tokens, keys, send, ffn, swap1, swap2, replanned, imbalance)
+        return BatchPlan(
+            len(self.records), start, reqs, tokens, keys, send, ffn, swap1, swap2, replanned, imbalance, gated, finals
+        )
+
+    def _swap_windows(self, tokens: np.ndarray, keys: np.ndarray, L: int) -> np.ndarray:
+        """``[layers]`` s a phase-1 swap of each layer has before that layer's gate ends
+        (see :meth:`complete`): within-batch planners issue it at the previous layer's
+        gate (that layer's MoE part and this layer's attention and gate hide it),
+        the others when the batch is formed (everything before the layer hides it).
+        The MoE part of a layer is taken as the previous batch's mean, being unknown
+        until the batch is timed."""
+        cost = self.shared.cost
+        on_host = functools.partial(shared_finish_times, cores=self.host_cores)
+        dense = float(on_host(cost.dense_layer(tokens, keys, first=False)).max())
+        embed = float(on_host(cost.embed(tokens)).max())
+        moe = float(self.records[-1].layer_moe.mean()) if self.records else 0.0
+        l = np.arange(L)
+        if self.within_batch:
+            return dense + np.where(l > 0, moe, embed)
+        return embed + (l + 1) * dense + l * moe
 
     def complete(self, plan: BatchPlan, dispatch: np.ndarray, combine: np.ndarray) -> None:
         """Time the batch given its all-to-all times ``[layers]`` each, and advance."""
@@ -328,6 +373,19 @@ class PolicyServer:
         )
 
 
+def rivals(setup: InferenceSetup, entry: PlacementEntry) -> list[PlacementPolicy]:
+    """Fresh objects of the scenario's other policies that plan from their own estimates
+    (not ``oracle`` itself, not ``ideal``'s uniform gate): what ``oracle`` must beat."""
+    out = []
+    for e in setup.policies:
+        if e is entry:
+            continue
+        p = make_policy(setup, e)
+        if not (p.plans_on_actual_counts or p.uniform_gate):
+            out.append(p)
+    return out
+
+
 def _per_rank(seconds: np.ndarray, start: float, stream: str, op: str, kind: str, layer: int) -> list[Event]:
     return [Event(r, stream, op, kind, start, start + float(s), layer) for r, s in enumerate(seconds)]
 
@@ -348,6 +406,12 @@ class ServingInputs:
     pool: RequestPool
     request_seqs: np.ndarray  # [requests] pool index of each request's sequence
     cost: InferenceCostModel
+    a2a: AllToAllTimer  # for the charge bound to the policies (exact repeats are cached)
+
+
+def ffn_kind(setup: InferenceSetup) -> str:
+    """How the scenario's devices run their experts (``serving.ffn``)."""
+    return setup.serving.ffn
 
 
 def serving_inputs(setup: InferenceSetup) -> ServingInputs:
@@ -374,5 +438,6 @@ def serving_inputs(setup: InferenceSetup) -> ServingInputs:
         seq_len,
         pool,
         request_seqs,
-        InferenceCostModel(setup.model, setup.cluster, setup.top_k),
+        InferenceCostModel(setup.model, setup.cluster, setup.top_k, ffn_kind(setup)),
+        AllToAllTimer(setup.cluster, algo=setup.a2a_algo),
     )

@@ -24,10 +24,13 @@ from lina_sim.policies.placement import PlacementPolicy
 from lina_sim.policies.registry import PolicyEntry, make_placement_policy, policy_entries
 from lina_sim.routing.traces import RoutingTrace, concatenate
 from lina_sim.routing.traces import load as load_trace
-from lina_sim.serving.cost import InferenceCostModel
+from lina_sim.serving.cost import FFN_KERNELS, InferenceCostModel
 from lina_sim.serving.requests import ArrivalSpec, BatchingSpec
 from lina_sim.workload.model import ModelSpec
 from lina_sim.workload.resolve import resolve_cluster_and_model
+
+# ``serving.domain``: every domain in one request stream, or each domain on its own.
+MIXED, EACH = "mixed", "each"
 
 
 def _trace_list(v: Any) -> bool:
@@ -74,6 +77,26 @@ SERVING_FIELDS: dict[str, Field] = {
         help="experts of one layer each GPU can hold (null: the placement default)",
     ),
     "timeline_batches": Field(int, 2, minimum=0, help="batches per policy recorded in the timeline"),
+    "domain": Field(
+        str,
+        MIXED,
+        help="which text domains the requests come from: mixed (every trace's sequences in one "
+        "stream), one domain's name (a trace's dataset), or each (every domain served on its own, "
+        "one result row per domain and policy)",
+    ),
+    "ffn": Field(
+        str,
+        "grouped",
+        choices=FFN_KERNELS,
+        help="how a GPU runs its experts' FFN: grouped (one grouped GEMM per device, vLLM's fused MoE) or "
+        "per-expert (three kernels per expert, DeepSpeed-era)",
+    ),
+    "drop_incomplete": Field(
+        bool,
+        False,
+        help="true: drop the tokens of a JSON trace that lack a record at some layer (the count is kept "
+        "in the trace's metadata); false: refuse such a trace",
+    ),
 }
 # The other blocks of an inference scenario that it reads.
 COMPUTE_FIELDS: dict[str, Field] = {
@@ -102,6 +125,9 @@ class ServingSpec:
     batching: BatchingSpec
     expert_slots: int | None
     timeline_batches: int
+    domain: str = MIXED
+    ffn: str = "grouped"
+    drop_incomplete: bool = False
 
 
 @dataclass
@@ -118,6 +144,9 @@ class InferenceSetup:
     trace: RoutingTrace
     experts: np.ndarray
     a2a_algo: str
+    # The text domain of each token (index into ``domain_names``: each trace's dataset).
+    domain_of_token: np.ndarray | None = None
+    domain_names: tuple[str, ...] = ()
 
     @property
     def top_k(self) -> int:
@@ -152,19 +181,72 @@ class InferenceSetup:
                 "batching": dataclasses.asdict(s.batching),
                 "expert_slots": s.expert_slots,
                 "timeline_batches": s.timeline_batches,
+                "domain": s.domain,
+                "ffn": s.ffn,
+                "drop_incomplete": s.drop_incomplete,
             },
             "collectives": {"all_to_all": self.a2a_algo},
             "compute": "roofline",
         }
+
+    def served_domains(self) -> list[str]:
+        """The domains this scenario serves, one request stream each: ``["mixed"]``, one
+        domain's name, or (``serving.domain: each``) every domain of the traces."""
+        d = self.serving.domain
+        return list(self.domain_names) if d == EACH else [d]
+
+    def for_domain(self, domain: str) -> InferenceSetup:
+        """This setup serving only ``domain``'s sequences (``mixed``: all of them). The
+        estimators are then fit on that domain's own training slice, as a deployment that
+        serves one kind of text would fit them."""
+        if domain == MIXED:
+            return dataclasses.replace(self, serving=dataclasses.replace(self.serving, domain=MIXED))
+        keep = self.domain_of_token == self.domain_names.index(domain)
+        t = self.trace
+        trace = dataclasses.replace(
+            t,
+            experts=t.experts[keep],
+            seq_ids=t.seq_ids[keep],
+            probs=None if t.probs is None else t.probs[keep],
+            metadata={**t.metadata, "dataset": domain},
+        )
+        return dataclasses.replace(
+            self,
+            serving=dataclasses.replace(self.serving, domain=domain),
+            trace=trace,
+            experts=self.experts[keep],
+            domain_of_token=self.domain_of_token[keep],
+        )
 
 
 def _trace_paths(v: str | list[str], source: str) -> tuple[Path, ...]:
     return tuple(beside(p, source) for p in (v if isinstance(v, list) else [v]))
 
 
-def _load_traces(paths: tuple[Path, ...]) -> RoutingTrace:
-    traces = [load_trace(p) for p in paths]  # RoutingTraceError names the file
-    return traces[0] if len(traces) == 1 else concatenate(traces)
+def _load_traces(
+    paths: tuple[Path, ...], drop_incomplete: bool = False
+) -> tuple[RoutingTrace, np.ndarray, tuple[str, ...]]:
+    """The traces concatenated, each token's domain (index into the names) and the
+    domain names: each trace's ``dataset`` metadata, else its file name; traces of the
+    same dataset form one domain. ``drop_incomplete``: see ``serving.drop_incomplete``."""
+    traces = [load_trace(p, drop_incomplete=drop_incomplete) for p in paths]  # RoutingTraceError names the file
+    names = [str(t.metadata.get("dataset") or Path(p).stem) for t, p in zip(traces, paths)]
+    uniq = tuple(dict.fromkeys(names))
+    domain = np.concatenate([np.full(t.num_tokens, uniq.index(n), dtype=np.int64) for t, n in zip(traces, names)])
+    return (traces[0] if len(traces) == 1 else concatenate(traces)), domain, uniq
+
+
+def _check_domain(value: str, names: tuple[str, ...], domain: np.ndarray, seq_ids: np.ndarray) -> None:
+    """``serving.domain`` against the traces' domains; a served domain needs two sequences
+    (one to fit the estimators, one to serve)."""
+    allowed = [MIXED, EACH, *names]
+    if value not in allowed:
+        raise ConfigError("serving.domain", f"got {value!r}: the traces hold domains {', '.join(names)}", allowed)
+    for i, name in enumerate(names):
+        if value in (EACH, name) and np.unique(seq_ids[domain == i]).size < 2:
+            raise ConfigError(
+                "serving.domain", f"domain {name!r} has fewer than 2 sequences (one fits the estimators)", allowed
+            )
 
 
 def parse_placement_policies(entries: Any, where: str = "policies") -> list[PlacementEntry]:
@@ -210,12 +292,20 @@ def resolve_inference(sc: Scenario) -> InferenceSetup:
     sv = check_fields(check_mapping(d["serving"], "serving", sorted(SERVING_FIELDS)), SERVING_FIELDS, "serving")
     fold, train_fraction, requests = sv["fold_experts"], sv["train_fraction"], sv["requests"]
     arrival = ArrivalSpec.from_block(sv["arrival"], "serving.arrival")
-    batching = BatchingSpec(**check_fields(sv["batching"] or {}, declared(BatchingSpec), "serving.batching"))
+    raw_batching = sv["batching"] or {}
+    batching = BatchingSpec(**check_fields(raw_batching, declared(BatchingSpec), "serving.batching"))
+    if batching.tokens_per_gpu is not None and "token_budget" in raw_batching:
+        raise ConfigError(
+            "serving.batching.tokens_per_gpu",
+            "set together with serving.batching.token_budget: give the budget one way",
+            "token_budget (tokens per batch) or tokens_per_gpu (tokens per GPU per batch)",
+        )
+    batching = batching.per_gpu(cluster.world_size)
     slots, tl = sv["expert_slots"], sv["timeline_batches"]
     paths = _trace_paths(sv["trace"], sc.source)
 
     # The trace against the model: layers, experts (folding), top-k.
-    trace = _load_traces(paths)
+    trace, domain_of_token, domain_names = _load_traces(paths, sv["drop_incomplete"])
     origin = trace.origin if len(paths) == 1 else " + ".join(map(str, paths))
     moe_layers = len(model.moe_layer_ids)
     if trace.num_layers != moe_layers:
@@ -255,18 +345,34 @@ def resolve_inference(sc: Scenario) -> InferenceSetup:
             origin, f"trace has {seqs} sequence(s); serving needs at least 2 (one to fit the estimators, one to serve)"
         )
 
+    _check_domain(sv["domain"], domain_names, domain_of_token, trace.seq_ids)
+
     setup = InferenceSetup(
         sc,
         cluster,
         model,
         policies,
-        ServingSpec(tuple(map(str, paths)), fold, train_fraction, requests, arrival, batching, slots, tl),
+        ServingSpec(
+            tuple(map(str, paths)),
+            fold,
+            train_fraction,
+            requests,
+            arrival,
+            batching,
+            slots,
+            tl,
+            sv["domain"],
+            sv["ffn"],
+            sv["drop_incomplete"],
+        ),
         trace,
         experts,
         algo,
+        domain_of_token,
+        domain_names,
     )
     # Memory: the expert slots of every MoE layer must fit the GPU beside the dense weights.
-    cost = InferenceCostModel(model, cluster, trace.top_k)
+    cost = InferenceCostModel(model, cluster, trace.top_k, sv["ffn"])
     slots_eff = setup_slots(setup)
     dense_bytes = model.param_counts(experts_per_device=0).non_expert * model.dtype_bytes
     need = slots_eff * moe_layers * cost.expert_bytes + dense_bytes

@@ -3,7 +3,7 @@
 Pure (numpy only). Policies are looked up by name through
 :func:`lina_sim.policies.registry.make_placement_policy`; each MoE layer of each batch
 goes through :func:`decide_layer`. Names: ``static``, ``fastermoe-shadow``, ``eplb``,
-``lina``, ``lina-no-estimate``, ``lina-no-finetune``, ``oracle``, ``ideal``.
+``lina``, ``lina-no-estimate``, ``lina-no-finetune``, ``lina-cost``, ``oracle``, ``ideal``.
 
 One batch through one MoE layer::
 

@@ -5,7 +5,8 @@ experts and how each expert's tokens are split among its replicas. The serving s
 and the real runtime drive every policy the same way, through :func:`decide_layer`:
 
 1. ``estimate = policy.predict(layer, history)`` before the gate runs (or the actual
-   counts for a policy with ``plans_on_actual_counts``, i.e. ``oracle``);
+   counts for a policy with ``plans_on_actual_counts``, i.e. ``oracle``, which also
+   sees the gate's per-device counts first: :meth:`PlacementPolicy.see_gate`);
 2. ``planned = policy.plan(layer, estimate)``: the phase-1 placement, whose weights are
    swapped in while the previous layer computes;
 3. ``final = policy.refine(layer, planned, counts)`` once the gate's real counts exist;
@@ -26,6 +27,7 @@ import numpy as np
 
 from lina_sim.config.fields import Field, check_fields
 from lina_sim.errors import ConfigError
+from lina_sim.policies.placement.charge import LayerCharge, ProxyCharge
 from lina_sim.policies.placement.layout import Placement, uniform_counts_by_source
 
 
@@ -100,6 +102,7 @@ class PlacementPolicy:
         self.phase2_fired = 0
         self.last_refine_fired = False
         self._static: Placement | None = None
+        self._charge: LayerCharge | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -129,6 +132,11 @@ class PlacementPolicy:
         """Phase 1: the placement for ``layer``, decided before its gate runs."""
         raise NotImplementedError
 
+    def plan_exact(self, counts: np.ndarray) -> Placement:
+        """The placement this policy's rule makes from per-expert ``counts`` known
+        exactly, without touching its state (what the oracle weighs; default: static)."""
+        return self.static_placement()
+
     def refine(self, layer: int, placement: Placement, actual_counts: np.ndarray) -> Placement:
         """Phase 2: after the gate. Returns ``placement`` itself to keep it."""
         self.last_refine_fired = False
@@ -136,6 +144,29 @@ class PlacementPolicy:
 
     def observe(self, layer: int, actual_counts: np.ndarray) -> None:
         """Record the gate's real per-expert counts of this batch at ``layer``."""
+
+    def see_gate(self, layer: int, history: np.ndarray | None, counts_by_source: np.ndarray) -> None:
+        """Only for a policy with :attr:`plans_on_actual_counts` (the oracle): the gate's
+        per-device counts of ``layer``, before :meth:`plan`."""
+
+    def see_batch(self, experts: np.ndarray, counts_by_source: np.ndarray) -> None:
+        """Only for a policy with :attr:`plans_on_actual_counts`: the whole batch's gate
+        at once, ``experts[tokens, layers, k]`` and ``counts_by_source[layers, devices,
+        experts]``, before its layers go through :func:`decide_layer` (so that the oracle
+        can charge every layer's candidates in one call). Optional."""
+
+    # ------------------------------------------------------------------ the cost
+    def bind_charge(self, charge: LayerCharge) -> None:
+        """Use ``charge`` (what the simulator charges a layer, :mod:`.charge`) wherever
+        this policy ranks placements by cost; policies that do not ignore it."""
+        self._charge = charge
+
+    @property
+    def charge(self) -> LayerCharge:
+        """The bound charge, else the pure :class:`~.charge.ProxyCharge`."""
+        if self._charge is None:
+            self._charge = ProxyCharge()
+        return self._charge
 
     def gate(self, counts_by_source: np.ndarray) -> np.ndarray:
         """The per-device, per-expert counts the simulated gate produces: the trace's
@@ -226,7 +257,11 @@ def decide_layer(
     """
     cbs = np.asarray(policy.gate(counts_by_source), dtype=np.int64)
     counts = cbs.sum(axis=0)
-    estimate = counts.astype(np.float64) if policy.plans_on_actual_counts else policy.predict(layer, history)
+    if policy.plans_on_actual_counts:
+        policy.see_gate(layer, history, cbs)
+        estimate = counts.astype(np.float64)
+    else:
+        estimate = policy.predict(layer, history)
     planned = policy.plan(layer, estimate)
     final = policy.refine(layer, planned, counts)
     policy.observe(layer, counts)

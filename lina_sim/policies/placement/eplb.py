@@ -89,6 +89,9 @@ class EPLBPlacement(PlacementPolicy):
         groups = eplb_pack(w, replicas, self.num_devices, self.slots_per_device)
         return self._checked(placement_from_groups(groups, self.num_experts, previous, "eplb"))
 
+    def plan_exact(self, counts: np.ndarray) -> Placement:
+        return self.rebalance(counts, None)
+
     def plan(self, layer: int, estimate: np.ndarray | None) -> Placement:
         current = self._current.get(layer)
         due = self._since.get(layer, 0) >= self.rebalance_interval and estimate is not None

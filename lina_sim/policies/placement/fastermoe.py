@@ -116,12 +116,8 @@ class FasterMoEShadow(PlacementPolicy):
         ffn = float(load.max()) * self.flops_per_token / self.device_flops
         return comm + ffn + new_shadows * self.expert_bytes / self.weight_bandwidth
 
-    def plan(self, layer: int, estimate: np.ndarray | None) -> Placement:
-        if estimate is None:
-            self._shadowed[layer] = frozenset()
-            return self.static_placement()
-        c = self._counts(estimate, "estimate")
-        before = self.shadowed(layer)
+    def _greedy(self, c: np.ndarray, before: frozenset[int]) -> frozenset[int]:
+        """FasterMoE's greedy for per-expert counts ``c`` (class docstring)."""
         chosen: frozenset[int] = frozenset()
         best = self.predicted_time(self.static_placement(), c, 0)
         for e in sorted(range(self.num_experts), key=lambda x: (-c[x], x)):
@@ -135,5 +131,15 @@ class FasterMoEShadow(PlacementPolicy):
             if not t < best:
                 break
             chosen, best = trial, t
+        return chosen
+
+    def plan_exact(self, counts: np.ndarray) -> Placement:
+        return self._checked(self.with_shadows(self._greedy(self._counts(counts, "counts"), frozenset())))
+
+    def plan(self, layer: int, estimate: np.ndarray | None) -> Placement:
+        if estimate is None:
+            self._shadowed[layer] = frozenset()
+            return self.static_placement()
+        chosen = self._greedy(self._counts(estimate, "estimate"), self.shadowed(layer))
         self._shadowed[layer] = chosen
         return self._checked(self.with_shadows(chosen))

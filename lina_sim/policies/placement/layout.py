@@ -22,6 +22,9 @@ from functools import cached_property
 import numpy as np
 
 _SHARE_TOL = 1e-6
+# Results of assign / send_matrix kept per placement: cost-aware policies charge the same
+# candidate for the same batch several times (search, then the exact charge).
+_MEMO_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,17 @@ class Placement:
             shares.append(tuple(weights[d] / total for d in devs) if total > 0 else ())
         return cls(num_devices, tuple(devices), tuple(shares), origin)
 
+    @cached_property
+    def _memo(self) -> dict[tuple[str, bytes], np.ndarray]:
+        return {}
+
+    def _remember(self, key: tuple[str, bytes], value: np.ndarray) -> np.ndarray:
+        if len(self._memo) >= _MEMO_SIZE:
+            del self._memo[next(iter(self._memo))]
+        value.setflags(write=False)
+        self._memo[key] = value
+        return value
+
     # ------------------------------------------------------------------ residency
     @property
     def num_experts(self) -> int:
@@ -130,7 +144,8 @@ class Placement:
 
     # ------------------------------------------------------------------ one batch
     def assign(self, counts: Sequence[int] | np.ndarray) -> np.ndarray:
-        """``int64 [experts, devices]``: tokens of expert e computed on device d.
+        """``int64 [experts, devices]``: tokens of expert e computed on device d
+        (read-only: the result is kept for repeated calls).
 
         Each expert's ``counts[e]`` tokens are split over its devices by share in whole
         tokens with the largest-remainder rule, so each row sums exactly to ``counts[e]``.
@@ -138,6 +153,10 @@ class Placement:
         odd tokens of evenly replicated experts do not all land on device 0.
         """
         c = _as_counts(counts, self.num_experts)
+        key = ("assign", c.tobytes())
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
         n = self.num_devices
         s = self.share_matrix
         exact = c[:, None] * s
@@ -147,13 +166,17 @@ class Placement:
         # Rounded so that equal shares produce exactly equal fractional parts.
         frac = np.round(exact - base, 9)
         frac[s == 0] = -1.0
-        rows = np.repeat(np.arange(self.num_experts), n)
-        rot = (np.tile(np.arange(n), self.num_experts) - rows) % n
-        order = np.lexsort((rot, -frac.ravel(), rows)).reshape(self.num_experts, n) % n
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.arange(n)[None, :].repeat(self.num_experts, 0), axis=1)
-        extra = (rank < remainder[:, None]).astype(np.int64)
-        return base + extra
+        extra = np.zeros_like(base)
+        todo = np.flatnonzero(remainder > 0)
+        if todo.size:
+            rot = (np.arange(n)[None, :] - todo[:, None]) % n
+            # Largest fraction first, ties by rotation: fractions (9 decimals) differ by
+            # >= 1e-9, more than the rotation term ever adds.
+            order = np.argsort(-frac[todo] + rot * (1e-10 / n), axis=1, kind="stable")
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.arange(n)[None, :].repeat(todo.size, 0), axis=1)
+            extra[todo] = rank < remainder[todo, None]
+        return self._remember(key, base + extra)
 
     def device_loads(self, counts: Sequence[int] | np.ndarray) -> np.ndarray:
         """``int64 [devices]``: tokens each device's expert FFNs process for these counts."""
@@ -161,7 +184,7 @@ class Placement:
 
     def send_matrix(self, counts_by_source: np.ndarray) -> np.ndarray:
         """``int64 [devices, devices]``: tokens device s sends to device d in the dispatch
-        all-to-all (the combine all-to-all is its transpose). The diagonal is the tokens a
+        all-to-all (the combine all-to-all is its transpose); read-only, kept for repeats. The diagonal is the tokens a
         device keeps for its own experts (no network transfer).
 
         ``counts_by_source[s, e]`` is the number of tokens sitting on device s that chose
@@ -177,6 +200,10 @@ class Placement:
             raise ValueError(f"counts_by_source has shape {cbs.shape}, expected ({n}, {e_count})")
         if (cbs < 0).any():
             raise ValueError("counts_by_source must be >= 0")
+        key = ("send", cbs.tobytes())
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
         quota = self.assign(cbs.sum(axis=0))  # [E, N]
         src = cbs.T  # [E, N]
         local = np.minimum(src, quota)
@@ -188,7 +215,7 @@ class Placement:
         for lo in range(0, remote.size, step):
             rows = remote[lo : lo + step]
             out += _interval_overlap(src[rows], dst[rows]).sum(axis=0)
-        return out
+        return self._remember(key, out)
 
     def send_bytes(self, counts_by_source: np.ndarray, bytes_per_token: float) -> np.ndarray:
         """``float64 [devices, devices]``: :meth:`send_matrix` times ``bytes_per_token``."""

@@ -1,4 +1,5 @@
-"""Lina's two-phase inference placement, its ablations, and the ``oracle`` bound."""
+"""Lina's two-phase inference placement, its ablations, its cost-aware variant
+``lina-cost``, and the ``oracle`` bound."""
 
 from __future__ import annotations
 
@@ -9,9 +10,16 @@ import numpy as np
 from lina_sim.config.fields import Field
 from lina_sim.errors import ConfigError
 from lina_sim.policies.path_estimator import PathEstimator, top_experts
-from lina_sim.policies.placement.base import PlacementPolicy
+from lina_sim.policies.placement.base import PlacementPolicy, decide_layer
+from lina_sim.policies.placement.charge import spread_counts
 from lina_sim.policies.placement.layout import Placement
 from lina_sim.policies.placement.packing import lina_units, placement_from_groups
+from lina_sim.policies.placement.search import improve
+from lina_sim.policies.registry import PLACEMENT_POLICIES, make_placement_policy
+
+_SEARCH_ROUNDS = Field(
+    int, 2, minimum=0, help="local-search steps from the cheapest candidate under the charge (0: none)"
+)
 
 
 class _BalancedPlanner(PlacementPolicy):
@@ -33,6 +41,9 @@ class _BalancedPlanner(PlacementPolicy):
     def _remember(self, layer: int, placement: Placement) -> Placement:
         self._last[layer] = placement
         return placement
+
+    def plan_exact(self, counts: np.ndarray) -> Placement:
+        return self.balanced(counts, "exact", None)
 
 
 class LinaPlacement(_BalancedPlanner):
@@ -172,19 +183,178 @@ class LinaNoEstimate(LinaPlacement):
         super().__init__(estimator="previous", **kw)
 
 
+class LinaCostPlacement(LinaPlacement):
+    """``lina-cost``: Lina's phases (estimate, replicate and pack, re-plan after the gate
+    when the top-2k set was wrong) with each plan weighed against the cost the simulator
+    charges (:meth:`PlacementPolicy.charge`, quick form) instead of balancing tokens only.
+
+    Wherever Lina computes a placement from loads (phase 1 from the estimate, phase 2
+    from the actual counts), ``lina-cost`` ranks Lina's own allocation, the static
+    layout and the layout its memory holds now, and runs :func:`~.search.improve` from
+    the cheapest, taking whatever is cheapest in the end. The loads stand for a batch
+    spread evenly over the devices (:func:`~.charge.spread_counts`), as the gate's
+    per-device counts are not known before it runs. A grouped-GEMM device pays little for
+    a second expert but a whole weight read, and every replica adds all-to-all
+    destinations: that is what stops it from stacking experts that do not pay.
+    """
+
+    PARAMS: ClassVar[dict[str, Field]] = {**LinaPlacement.PARAMS, "search_rounds": _SEARCH_ROUNDS}
+
+    def __init__(self, *, search_rounds: int = 2, **kw) -> None:
+        super().__init__(**kw)
+        self.search_rounds = search_rounds
+        self._layer = 0
+
+    def plan(self, layer: int, estimate: np.ndarray | None) -> Placement:
+        self._layer = layer  # the charge is per layer (its resident weights)
+        return super().plan(layer, estimate)
+
+    def refine(self, layer: int, placement: Placement, actual_counts: np.ndarray) -> Placement:
+        self._layer = layer
+        return super().refine(layer, placement, actual_counts)
+
+    def balanced(self, loads: np.ndarray, origin: str, previous: Placement | None) -> Placement:
+        lina = super().balanced(loads, origin, previous)
+        w = self._counts(loads, "estimate")
+        if not w.sum() > 0:
+            return lina
+        cbs = spread_counts(w, self.num_devices)
+        counts = cbs.sum(axis=0)
+        cands = [lina, self.static_placement()] + ([previous] if previous is not None else [])
+        layer = self._layer
+
+        def quick(ps):
+            return self.charge.quick(layer, ps, cbs)
+
+        t = quick(cands)
+        start = cands[int(np.argmin(t))]
+        best, _ = improve(start, counts, quick, self.max_experts_per_device, self.search_rounds, origin)
+        if best.origin != origin:  # static or the resident layout won: report it as this phase's plan
+            best = Placement(best.num_devices, best.devices, best.shares, origin)
+        return self._checked(best)
+
+
 class OraclePlacement(_BalancedPlanner):
-    """The bound for Lina: its allocation computed from the batch's *actual* counts
-    before the gate runs (``plans_on_actual_counts = True``: the serving layer passes the
-    actual counts to :meth:`plan`; :func:`~.base.decide_layer` does). Its phase-1
-    placement already fits the real gate, so :meth:`refine` never changes it and its
-    swaps are hidden behind compute like Lina's phase 1. It bounds what a better estimate
-    could give Lina; it is not the optimum over all placements (Lina's rounding of
-    ``n_e`` and its dedicated replica devices remain), so another packing can beat it on
-    some batches."""
+    """The best plan any policy could make from the batch's exact counts, under the very
+    cost the simulator charges (``plans_on_actual_counts = True``: it sees the gate first,
+    :meth:`see_gate`, and :func:`~.base.decide_layer` passes the actual counts to
+    :meth:`plan`).
+
+    Per layer it collects candidates and keeps the one the charge
+    (:meth:`PlacementPolicy.charge`, exact form: FFN per device, the all-to-alls as timed
+    on the simulated network, weight swaps) says is cheapest:
+
+    - its **rivals'** placements for this batch: every other policy (the scenario's, bound
+      by the serving layer with :meth:`bind_rivals`; by default every registered one
+      but itself and ``ideal``, whose gate is not the real one) runs alongside on the
+      same batches, fed the same history, so the oracle holds exactly what each of them
+      would run;
+    - each rival's plan from the **exact counts** (:meth:`PlacementPolicy.plan_exact`:
+      Lina's allocation, EPLB's rebalance, FasterMoE's shadowing, static);
+    - its own **search**: :func:`~.search.improve` (``search_rounds`` steps, quick form
+      of the charge) from the cheapest of those.
+
+    So on the same batches its charged layer time is never above any rival's, and with
+    nothing to swap (every expert resident) neither is its batch time. With swaps the
+    choice is greedy per layer from what its own memory holds. Its phase-1 placement
+    already fits the real gate, so :meth:`refine` never changes it.
+    """
 
     plans_on_actual_counts: ClassVar[bool] = True
+    PARAMS: ClassVar[dict[str, Field]] = {"search_rounds": _SEARCH_ROUNDS}
+
+    def __init__(self, *, search_rounds: int = 2, **kw) -> None:
+        super().__init__(**kw)
+        self.search_rounds = search_rounds
+        self._base = {
+            "num_experts": self.num_experts,
+            "num_devices": self.num_devices,
+            "top_k": self.top_k,
+            "max_experts_per_device": self.max_experts_per_device,
+        }
+        self._rivals: list[PlacementPolicy] | None = None
+        # Per layer: (the gate's counts_by_source as bytes, its per-expert counts, choice).
+        self._chosen: dict[int, tuple[bytes, np.ndarray, Placement]] = {}
+
+    # ------------------------------------------------------------------ rivals
+    def bind_rivals(self, rivals: list[PlacementPolicy]) -> None:
+        """The policies whose placements this oracle must never lose to (fresh objects,
+        fitted by :meth:`fit`). The serving layer passes the scenario's other policies."""
+        bad = [r.name for r in rivals if r.plans_on_actual_counts or r.uniform_gate]
+        if bad:
+            raise ValueError(f"{self.name}: rivals must plan from their own estimates, not {bad}")
+        self._rivals = list(rivals)
+
+    @property
+    def rivals(self) -> list[PlacementPolicy]:
+        if self._rivals is None:
+            self._rivals = []
+            for name in PLACEMENT_POLICIES:
+                rival = make_placement_policy(name, **self._base)
+                if not (rival.plans_on_actual_counts or rival.uniform_gate):
+                    self._rivals.append(rival)
+        return self._rivals
+
+    def fit(self, experts: np.ndarray) -> None:
+        for r in self.rivals:
+            r.fit(experts)
+
+    def bind_charge(self, charge) -> None:
+        super().bind_charge(charge)
+        for r in self.rivals:
+            r.bind_charge(charge)
+
+    # ------------------------------------------------------------------ choosing
+    def _candidates(self, layer: int, history: np.ndarray | None, cbs: np.ndarray) -> list[Placement]:
+        counts = cbs.sum(axis=0)
+        cands = [decide_layer(r, layer, history, cbs).final for r in self.rivals]
+        if counts.sum() > 0:
+            # Rivals of one Lina rule plan alike from exact counts: each rule once.
+            rules: dict[object, PlacementPolicy] = {}
+            for r in (self, *self.rivals):
+                rule = (type(r).balanced, None) if isinstance(r, _BalancedPlanner) else (type(r), id(r))
+                rules.setdefault(rule, r)
+            cands += [self.static_placement()] + [r.plan_exact(counts) for r in rules.values()]
+
+            def quick(ps):
+                return self.charge.quick(layer, ps, cbs)
+
+            t = quick(cands)
+            start = cands[int(np.argmin(t))]
+            best, _ = improve(start, counts, quick, self.max_experts_per_device, self.search_rounds, "oracle")
+            if best is not start:
+                cands.append(best)
+        return list(dict.fromkeys(cands))  # equal placements (origin aside) charged once
+
+    @staticmethod
+    def _key(cbs: np.ndarray) -> bytes:
+        return np.ascontiguousarray(cbs, dtype=np.int64).tobytes()
+
+    def _choose(self, items: list[tuple[int, list[Placement], np.ndarray]]) -> None:
+        for (layer, cands, cbs), t in zip(items, self.charge.exact(items)):
+            self._chosen[layer] = (self._key(cbs), cbs.sum(axis=0), cands[int(np.argmin(t))])
+
+    def see_batch(self, experts: np.ndarray, counts_by_source: np.ndarray) -> None:
+        ex = np.asarray(experts)
+        items = [(l, self._candidates(l, ex[:, :l], cbs), np.asarray(cbs)) for l, cbs in enumerate(counts_by_source)]
+        self._choose(items)
+
+    def see_gate(self, layer: int, history: np.ndarray | None, counts_by_source: np.ndarray) -> None:
+        cbs = np.asarray(counts_by_source, dtype=np.int64)
+        seen = self._chosen.get(layer)
+        if seen is not None and seen[0] == self._key(cbs):
+            return  # see_batch already chose it
+        self._choose([(layer, self._candidates(layer, history, cbs), cbs)])
 
     def plan(self, layer: int, estimate: np.ndarray | None) -> Placement:
         if estimate is None:
             raise ValueError(f"{self.name}: plan() needs the actual counts as its estimate")
-        return self._remember(layer, self.balanced(estimate, "oracle", self._last.get(layer)))
+        counts = self._counts(estimate, "estimate")
+        seen = self._chosen.pop(layer, None)
+        if seen is not None and np.array_equal(seen[1], counts):
+            choice = seen[2]
+        else:  # called without the gate (plan() alone): the counts spread evenly stand for it
+            cbs = spread_counts(counts, self.num_devices)
+            self._choose([(layer, self._candidates(layer, None, cbs), cbs)])
+            choice = self._chosen.pop(layer)[2]
+        return self._remember(layer, self._checked(choice))

@@ -1,0 +1,169 @@
+"""The serving cost model's expert FFN (grouped GEMM and per-expert loop), checked
+against measured GEMM times where ../shared has them, and the charge the server binds to
+its policies, checked against what the server actually charges a served batch."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lina_sim.config.scenario import expand
+from lina_sim.errors import ConfigError
+from lina_sim.hardware.compute import RooflineComputeModel
+from lina_sim.hardware.spec import load_preset
+from lina_sim.policies.placement import Placement
+from lina_sim.routing.generator import RoutingTraceGenerator
+from lina_sim.serving.cost import (
+    FFN_KERNELS,
+    InferenceCostModel,
+    block_size_m,
+    grouped_gemm_time,
+    padded_rows,
+)
+from lina_sim.serving.server import ExpertCache, PolicyServer, serving_inputs
+from lina_sim.serving.setup import resolve_inference
+from lina_sim.workload.model import model_preset
+
+VIDUR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpu-kernels" / "vidur"
+# Vidur's GPU folders -> the cluster presets whose GPU and compute efficiencies they test.
+PRESET_OF = {"a100": "dgx-a100", "h100": "dgx-h100"}
+# Median |error| allowed per (GPU, model, GEMM) over all measured token counts, and over
+# the small ones (<= 512 tokens: launch- and tile-bound, where a roofline is weakest).
+TOL_ALL, TOL_SMALL = 0.15, 0.30
+
+
+def cost_model(ffn: str = "grouped", preset: str = "paper-testbed") -> InferenceCostModel:
+    model = dataclasses.replace(model_preset("transformer-xl-12"), experts=16)
+    return InferenceCostModel(model, load_preset(preset), top_k=1, ffn=ffn)
+
+
+def test_block_size_and_padding_follow_vllm_defaults():
+    # get_default_config: BLOCK_SIZE_M 16 when M <= E, else 64.
+    assert block_size_m(np.array([4, 16, 17, 500]), np.array([16, 16, 16, 2])).tolist() == [16, 16, 64, 64]
+    assert padded_rows(np.array([[1, 64, 65, 0]]), np.array([64])).tolist() == [64 + 64 + 128]
+
+
+def test_grouped_pays_launches_once_and_one_weight_read_per_active_expert():
+    cm = cost_model()
+    rl, m, b = cm.roofline, cm.model, cm.model.dtype_bytes
+    # One token on each of 1..8 experts of one device: memory-bound, so each extra
+    # expert adds its two weight reads and nothing else (no launches).
+    times = []
+    for a in range(1, 9):
+        rows = np.zeros((m.experts, 1))
+        rows[:a, 0] = 1
+        times.append(float(cm.expert_ffn(rows)[0]))
+    weights = ((m.d_model * m.d_ff + m.d_ff) + (m.d_ff * m.d_model + m.d_model)) * b / rl.bytes_per_s
+    steps = np.diff(times)
+    assert np.allclose(steps, steps[0], rtol=1e-6)
+    assert steps[0] == pytest.approx(weights, rel=0.05)
+    # The per-expert loop pays three launches per extra expert on top of that.
+    loop = cost_model("per-expert")
+    t_loop = [float(loop.expert_ffn((np.arange(m.experts)[:, None] < a).astype(float))[0]) for a in (1, 8)]
+    assert t_loop[1] - t_loop[0] == pytest.approx(7 * (weights + 3 * rl.launch_s), rel=0.05)
+    assert times[-1] < t_loop[1]
+
+
+def test_grouped_computes_padded_tiles_and_nothing_without_tokens():
+    cm = cost_model()
+    rl, m = cm.roofline, cm.model
+    # Compute-bound (past ~165 rows on this roofline): 1025 rows pay for 17 tiles of 64.
+    t = grouped_gemm_time(rl, np.array([[1025.0], [1088.0], [1024.0], [0.0]]), 4096, 4096, 2, bias=False)
+    assert t[0] == pytest.approx(t[1], rel=1e-9) and t[0] > t[2]
+    assert t[3] == 0.0
+    assert cm.expert_ffn(np.zeros((m.experts, 3))).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_unknown_ffn_is_one_error_naming_the_field():
+    with pytest.raises(ConfigError) as err:
+        cost_model("fused")
+    assert err.value.field == "serving.ffn"
+    assert all(k in str(err.value) for k in FFN_KERNELS)
+
+
+def _vidur_tables() -> list[Path]:
+    return sorted(VIDUR.glob("*/*/*/mlp.csv")) if VIDUR.is_dir() else []
+
+
+@pytest.mark.skipif(not _vidur_tables(), reason="../shared/data/gpu-kernels (Vidur's measured GEMMs) is absent")
+@pytest.mark.parametrize("table", _vidur_tables(), ids=lambda p: f"{p.parts[-4]}-{p.parts[-2]}")
+def test_grouped_gemm_matches_measured_gemms(table: Path):
+    """One expert holding all ``num_tokens`` rows is the dense GEMM Vidur measured
+    (``mlp_up_proj``: d_model -> d_ff (x2 gated) / TP, ``mlp_down_proj``: back)."""
+    gpu = table.parts[-4]
+    rl = RooflineComputeModel.from_cluster(load_preset(PRESET_OF[gpu]), "fp16")
+    df = pd.read_csv(table)
+    ff = (df.n_expanded_embd // df.num_tensor_parallel_workers).to_numpy()
+    shapes = {
+        "mlp_up_proj": (df.n_embd.to_numpy(), ff * np.where(df.use_gated_mlp, 2, 1)),
+        "mlp_down_proj": (ff, df.n_embd.to_numpy()),
+    }
+    small = df.num_tokens.to_numpy() <= 512
+    for op, (k_in, n_out) in shapes.items():
+        pred = np.array(
+            [
+                grouped_gemm_time(rl, np.array([float(t)]), int(k), int(n), 2, bias=False)
+                for t, k, n in zip(df.num_tokens, k_in, n_out)
+            ]
+        )
+        meas = df[f"time_stats.{op}.median"].to_numpy() * 1e-3
+        err = np.abs(pred - meas) / meas
+        assert np.median(err) <= TOL_ALL, f"{op}: median |error| {np.median(err):.1%}"
+        assert np.median(err[small]) <= TOL_SMALL, f"{op} <= 512 tokens: median |error| {np.median(err[small]):.1%}"
+
+
+@pytest.fixture(scope="module")
+def trace16(tmp_path_factory):
+    gen = RoutingTraceGenerator.synthetic(16, 12, top_k=1, zipf_s=1.2, affinity=0.6, seq_len=64, seed=5)
+    path = tmp_path_factory.mktemp("traces") / "syn16.npz"
+    gen.generate(6400, seed=5).save(path)
+    return path
+
+
+@pytest.mark.parametrize("policy", ["static", "lina", "oracle"])
+def test_charge_is_what_the_server_charges(trace16, policy):
+    """The charge bound to the policies gives each served layer exactly the time the
+    server's timeline charges it (every expert resident: nothing to swap)."""
+    data = {
+        "name": "t",
+        "kind": "inference",
+        "seed": 2,
+        "cluster": {"preset": "paper-testbed", "nodes": 2},
+        "model": {"preset": "transformer-xl-12", "experts": 16, "top_k": 1},
+        "serving": {
+            "trace": str(trace16),
+            "requests": 24,
+            "expert_slots": 16,
+            "arrival": {"process": "closed", "concurrency": 8},
+            "batching": {"token_budget": 1024, "timeout": 0.0005},
+        },
+        "policies": ["static", "lina", "oracle"],
+    }
+    setup = resolve_inference(expand(data)[0])
+    shared = serving_inputs(setup)
+    entry = next(e for e in setup.policies if e.name == policy)
+    server = PolicyServer(setup, entry, shared)
+    for _ in range(3):
+        plan = server.prepare()
+        L = plan.send.shape[0]
+        tb = shared.cost.token_bytes
+        times = shared.a2a.times(np.concatenate([plan.send, plan.send.transpose(0, 2, 1)]).astype(float) * tb)
+        server.complete(plan, times[:L], times[L:])
+        rec = server.records[-1]
+        charged = server.charge.exact([(l, [plan.placements[l]], plan.counts_by_source[l]) for l in range(L)])
+        assert np.allclose([c[0] for c in charged], rec.layer_moe, rtol=1e-9, atol=1e-12)
+
+
+def test_expert_cache_missing_is_what_load_would_swap_without_loading():
+    static = Placement.from_replicas(4, [[0], [1], [2], [3], [0], [1], [2], [3]])
+    cache = ExpertCache(2, static, slots=2)
+    moved = Placement.from_replicas(4, [[1], [0], [2], [3], [0], [1], [2], [3, 0]])
+    before = cache.missing(0, moved)
+    assert before.tolist() == cache.missing(0, moved).tolist()  # nothing changed
+    assert before.tolist() == cache.load(0, moved).tolist() == [2, 1, 0, 0]
+    assert cache.missing(0, moved).tolist() == [0, 0, 0, 0]
+    assert cache.missing(1, moved).tolist() == [2, 1, 0, 0]  # layers are apart
