@@ -6,7 +6,8 @@ Both models answer ``op_time(op) -> seconds`` for a compute :class:`~lina_sim.wo
 - :class:`RooflineComputeModel`: each kernel takes the longer of its tensor-core time
   (FLOP / (peak FLOP/s of the dtype x matmul_efficiency)) and its memory time (HBM bytes
   / (HBM bytes/s x memory_efficiency)), plus ``kernel_launch_s`` per kernel. The factors
-  come from the preset's ``compute:`` section (lina_sim/hardware/spec.py).
+  come from the preset's ``compute:`` section (lina_sim/hardware/spec.py). A GEMM on a
+  GPU whose SM count is known pays for whole tiles in whole waves (:func:`gemm_flops`).
 - :class:`ProfileComputeModel`: measured seconds per op key and shape at several token
   counts (a YAML or CSV profile, e.g. written by a calibration run), interpolated
   linearly in tokens.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import bisect
 import csv
 import io
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,33 @@ from typing import Any, Protocol
 from lina_sim.config.fields import Field, check_declared, check_fields, check_mapping, load_yaml, read_text
 from lina_sim.errors import ConfigError
 from lina_sim.hardware.spec import ClusterSpec, ComputeSpec, GPUSpec
+
+# Thread-block tiles (rows x columns of C) of cuBLAS's tensor-core GEMM kernels, as NVIDIA's
+# "Matrix Multiplication Background User's Guide" (DU-09799-001, section 2.3, "Typical
+# tile dimensions in cuBLAS") lists them.
+GEMM_TILES: tuple[tuple[int, int], ...] = (
+    (256, 128),
+    (128, 256),
+    (128, 128),
+    (256, 64),
+    (64, 256),
+    (128, 64),
+    (64, 128),
+    (64, 64),
+)
+
+
+def gemm_flops(m: float, n: float, k: float, batch: float, sms: int | None) -> float:
+    """The FLOP a GEMM's kernel really spends: C is cut into thread-block tiles, a tile
+    is computed whole even where C ends inside it (tile quantization), and the tiles run
+    in waves of one per SM, the last wave costing as much as a full one (wave
+    quantization; the same guide, section 3). The kernel is taken to use the tile of
+    :data:`GEMM_TILES` that wastes least, as cuBLAS's heuristics aim to. ``sms`` None:
+    the plain ``2 m n k batch``."""
+    if not sms:
+        return 2.0 * m * n * k * batch
+    spent = min(math.ceil(math.ceil(m / a) * math.ceil(n / b) * batch / sms) * sms * a * b for a, b in GEMM_TILES)
+    return 2.0 * k * spent
 
 
 class ComputeModel(Protocol):
@@ -52,6 +81,7 @@ class RooflineComputeModel:
         self.flops_per_s = gpu.flops(dtype) * compute.matmul_efficiency
         self.bytes_per_s = gpu.hbm_bandwidth * compute.memory_efficiency
         self.launch_s = compute.kernel_launch_s
+        self.sms = gpu.sms
 
     @classmethod
     def from_cluster(cls, cluster: ClusterSpec, dtype: str = "fp16") -> RooflineComputeModel:
@@ -61,10 +91,19 @@ class RooflineComputeModel:
         """Seconds for one kernel, launch overhead included."""
         return max(flops / self.flops_per_s, hbm_bytes / self.bytes_per_s) + self.launch_s
 
+    def device_time(
+        self, flops: float, hbm_bytes: float, gemm: tuple[float, float, float, float] | None = None
+    ) -> float:
+        """Seconds a kernel keeps the GPU busy (no launch overhead): what CUDA events around
+        it measure. ``gemm`` ``(m, n, k, batch)``: a GEMM, priced by :func:`gemm_flops`."""
+        if gemm is not None:
+            flops = gemm_flops(*gemm, self.sms)
+        return max(flops / self.flops_per_s, hbm_bytes / self.bytes_per_s)
+
     def op_time(self, op: Any) -> float:
         _require_compute(op)
         if op.kernels:
-            return sum(self.kernel_time(k.flops, k.hbm_bytes) for k in op.kernels)
+            return sum(self.device_time(k.flops, k.hbm_bytes, k.gemm) + self.launch_s for k in op.kernels)
         return self.kernel_time(op.flops, op.hbm_bytes)
 
 

@@ -44,6 +44,11 @@ class GPUSpec:
     peak_flops: Mapping[str, float]  # dtype -> FLOP/s, each checked by PEAK_FLOPS
     hbm_bandwidth: float = declare(Field(float, minimum=0, exclusive_minimum=True, help="HBM bandwidth, bytes/s"))
     memory_bytes: float = declare(Field(float, minimum=0, exclusive_minimum=True, help="device memory, bytes"))
+    # Streaming multiprocessors: GEMM tiles run in waves of this many (tile and wave
+    # quantization, lina_sim.hardware.compute). null: a plain roofline for GEMMs.
+    sms: int | None = declare(
+        Field(int, None, minimum=1, allow_none=True, help="streaming multiprocessors (datasheet), or null")
+    )
 
     def flops(self, dtype: str) -> float:
         if dtype not in self.peak_flops:

@@ -43,11 +43,14 @@ ADAM_BYTES_PER_PARAM = 30.0
 # ---------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Kernel:
-    """One GPU kernel of an op: tensor-core FLOP and HBM bytes read + written."""
+    """One GPU kernel of an op: tensor-core FLOP and HBM bytes read + written; for a GEMM
+    also its shape ``(m, n, k, batch)`` (C[m, n] += A[m, k] B[k, n], ``batch`` times), which
+    a compute model may use for tile and wave quantization."""
 
     name: str
     flops: float
     hbm_bytes: float
+    gemm: tuple[float, float, float, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +169,7 @@ class _Streaming:
 
 
 def _gemm_kernel(name: str, m: float, n: float, k: float, batch: float, db: int) -> Kernel:
-    return Kernel(name, 2.0 * m * n * k * batch, (m * k + k * n + m * n) * batch * db)
+    return Kernel(name, 2.0 * m * n * k * batch, (m * k + k * n + m * n) * batch * db, (m, n, k, batch))
 
 
 class _GraphBuilder:
