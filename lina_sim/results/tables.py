@@ -313,14 +313,22 @@ def format_scheduler_cost(df) -> str:
 def format_measured_inference_table(df, name: str) -> str:
     """Per point and policy of a measured inference run: batch time (mean, median),
     all-to-all time per batch (ms), expert swaps and re-planned layers."""
-    lines = [f"# {name} [measured]: batch time per policy"]
-    for r in df.itertuples():
-        lines.append(
-            f"  {r.point:>2} {r.policy:<18} mean {r.batch_time_mean_s * 1e3:8.2f} ms  median "
-            f"{r.batch_time_p50_s * 1e3:8.2f} ms  a2a/batch {r.a2a_s * 1e3:7.2f} ms  swaps {r.swaps}  "
-            f"re-planned layers {r.replanned_layers}  ({r.batches} batches)"
-        )
-    return "\n".join(lines)
+    rows = list(df.itertuples())
+    ms = lambda v: f"{v * 1e3:.2f}"  # noqa: E731
+    table = aligned(
+        {
+            "pt": ([r.point for r in rows], str),
+            "policy": ([r.policy for r in rows], str),
+            "batch mean ms": ([r.batch_time_mean_s for r in rows], ms),
+            "median ms": ([r.batch_time_p50_s for r in rows], ms),
+            "a2a/batch ms": ([r.a2a_s for r in rows], ms),
+            "swaps": ([r.swaps for r in rows], str),
+            "re-planned layers": ([r.replanned_layers for r in rows], str),
+            "batches": ([r.batches for r in rows], str),
+        },
+        left=("policy",),
+    )
+    return f"# {name} [measured]: batch time per policy\n{table}"
 
 
 def ranking_summary(j) -> str:
@@ -409,16 +417,24 @@ def format_components(classes) -> str:
     """Side by side, per (point, policy): where the predicted and the measured step spend
     time. ``classes`` maps (point, policy) to (predicted, measured) seconds per
     :data:`COMPONENTS` key (``runtime.compare.op_classes``); printed in ms."""
-    lines = [
-        "# per rank and step, ms: predicted / measured (busy time of each stream; overlaps counted in each;"
-        " a2a skew / xfer: mean per all-to-all, last arrival - first arrival / end - last arrival)",
-        f"  {'pt policy':<16}" + "".join(f"{k:>18}" for k in COMPONENTS),
-    ]
-    for key, (p, m) in classes.items():
-        lines.append(
-            f"  {key[0]:<2} {key[1]:<13}" + "".join(f"{p[k] * 1e3:>9.1f} /{m[k] * 1e3:>6.1f} " for k in COMPONENTS)
-        )
-    return "\n".join(lines)
+
+    def pm(p: float, m: float) -> str:
+        return f"{'-' if _missing(p) else f'{p * 1e3:.1f}'} / {'-' if _missing(m) else f'{m * 1e3:.1f}'}"
+
+    keys = list(classes)
+    cols: dict[str, tuple[Sequence[Any], Callable[[Any], str]]] = {
+        "pt": ([k[0] for k in keys], str),
+        "policy": ([k[1] for k in keys], str),
+    }
+    for c in COMPONENTS:
+        cols[c] = ([pm(classes[k][0][c], classes[k][1][c]) for k in keys], str)
+    return "\n".join(
+        [
+            "# per rank and step, ms: predicted / measured (busy time of each stream; overlaps counted in each;"
+            " a2a skew / xfer: mean per all-to-all, last arrival - first arrival / end - last arrival)",
+            aligned(cols, left=("policy",)),
+        ]
+    )
 
 
 def format_stats(s: Any) -> str:
