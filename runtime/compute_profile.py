@@ -62,13 +62,16 @@ def profile_compute_rank(ctx: RankContext, setup: TrainingSetup) -> list[dict]:
 def _profile_ops(ctx: RankContext, setup: TrainingSetup) -> list[dict]:
     spec = setup.model
     k = packing_candidates(spec, setup.cluster.world_size)[0]  # the fewest experts per rank
-    degrees = sorted({make_training_policy(e.name, **e.params).pipeline_degree for e in setup.policies})
-    samples: dict[tuple[str, float], list[float]] = {}
+    policies = [make_training_policy(e.name, **e.params) for e in setup.policies]
+    shapes = sorted({(p.pipeline_degree, p.dispatch_kernels) for p in policies})
+    samples: dict[tuple[str, str, float], list[float]] = {}
     clock = Clock(ctx.now, ctx.info.device)
-    for r in degrees:
-        graph = build_training_graph(spec, setup.cluster, experts_per_device=k, pipeline_degree=r)
+    for r, kernels in shapes:
+        graph = build_training_graph(
+            spec, setup.cluster, experts_per_device=k, pipeline_degree=r, dispatch_kernels=kernels
+        )
         ops = {o.name: o for o in graph.ops}
-        lay = Layout(k=k, ep_size=spec.experts // k, ep_rank=0, r=r, dispatch="padded")
+        lay = Layout(k=k, ep_size=spec.experts // k, ep_rank=0, r=r, dispatch="padded", kernels=kernels)
         model = EPTransformer(spec, lay, setup.scenario.seed).to(ctx.info.device, TORCH_DTYPES[spec.dtype])
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=False)
         for step in range(PROFILE_STEPS):
@@ -88,21 +91,26 @@ def _profile_ops(ctx: RankContext, setup: TrainingSetup) -> list[dict]:
                 per_op[e.op] = per_op.get(e.op, 0.0) + e.end - e.start
             for name, sec in per_op.items():
                 op = ops[name]
-                samples.setdefault((op.profile_key, float(op.tokens)), []).append(sec)
+                # Ops whose kernels depend on the dispatch style keep it in their row.
+                shape = op.shape if "dispatch=" in op.shape else ""
+                samples.setdefault((op.profile_key, shape, float(op.tokens)), []).append(sec)
     return [
-        {"op": key, "shape": "", "tokens": tok, "seconds": statistics.median(v)}
-        for (key, tok), v in sorted(samples.items())
+        {"op": key, "shape": shape, "tokens": tok, "seconds": statistics.median(v)}
+        for (key, shape, tok), v in sorted(samples.items())
     ]
 
 
 def write_compute_profile(results: list[dict], out: str | Path) -> Path:
-    """Median over ranks of each (op, tokens) row of the scenario's first point (the
+    """Median over ranks of each (op, shape, tokens) row of the scenario's first point (the
     only one profiled: all points of a validation share one model shape per run)."""
-    by: dict[tuple[str, float], list[float]] = {}
+    by: dict[tuple[str, str, float], list[float]] = {}
     for res in results:
         for row in res["rows"]:
-            by.setdefault((row["op"], row["tokens"]), []).append(row["seconds"])
-    rows = [{"op": k, "shape": "", "tokens": t, "seconds": statistics.median(v)} for (k, t), v in sorted(by.items())]
+            by.setdefault((row["op"], row["shape"], row["tokens"]), []).append(row["seconds"])
+    rows = [
+        {"op": k, "shape": shape, "tokens": t, "seconds": statistics.median(v)}
+        for (k, shape, t), v in sorted(by.items())
+    ]
     header = (
         "# Compute profile measured by `lina-sim validate` (lina-run --profile-compute): every compute op of\n"
         "# the model on all ranks at once, no network; seconds = median over steps and ranks.\n"

@@ -43,6 +43,7 @@ from torch import nn
 from lina_sim.errors import ConfigError
 from lina_sim.workload.model import ModelSpec
 from runtime.moe import CausalSelfAttention, ExpertFFN, MoEConfig, TopKGate
+from runtime.moe_dispatch import combine, dispatch, route
 
 DISPATCH_MODES = ("padded", "uneven")
 AUX_LOSS_WEIGHT = 0.01
@@ -79,6 +80,7 @@ class Layout:
     ep_rank: int
     r: int
     dispatch: str = "padded"
+    kernels: str = "sparse"  # how tokens enter the capacity buffer: runtime.moe_dispatch
 
 
 def batch(spec: ModelSpec, seed: int, rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,29 +272,16 @@ class EPBlock(nn.Module):
         s, lay = self.spec, self.lay
         shape = h.shape
         h = h.reshape(-1, shape[-1])
-        n, d, k, E, cap = h.shape[0], h.shape[1], s.top_k, s.experts, self.capacity()
+        d, E, cap = h.shape[1], s.experts, self.capacity()
         top_i, top_p, aux = self.gate(h)
-        w = top_p / top_p.sum(-1, keepdim=True) if k > 1 else top_p
-        flat_e, flat_w = top_i.reshape(-1), w.reshape(-1)
-        dev = h.device
-        flat_tok = torch.arange(n, device=dev).repeat_interleave(k)
-        # Slot of each (token, choice) in its expert's queue: first choices queue first.
-        order = torch.argsort(flat_e * k + torch.arange(k, device=dev).repeat(n), stable=True)
-        sorted_e = flat_e[order]
-        counts = torch.bincount(sorted_e, minlength=E)
-        pos = torch.empty_like(order)
-        pos[order] = torch.arange(order.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[sorted_e]
-        keep = pos < cap
-        slot = flat_e[keep] * cap + pos[keep]
-        tok, wk = flat_tok[keep], flat_w[keep].to(h.dtype)
-        buf = h.new_zeros(E * cap, d).index_copy(0, slot, h.index_select(0, tok))
-        fill = torch.clamp(counts, max=cap)
+        routing = route(top_i, top_p, cap, E)
+        buf = dispatch(h, routing, lay.kernels)
+        fill = torch.clamp(routing.counts, max=cap)
         bounds = [c * cap // lay.r for c in range(lay.r + 1)]
         plan, rows = self._plan(fill, bounds, ex)
         outs = ExpertExchange.apply(plan, self, ex, *[buf.index_select(0, rw) for rw in rows])
         out_buf = h.new_zeros(E * cap, d).index_copy(0, torch.cat(rows), torch.cat(outs))
-        y = h.new_zeros(n, d).index_add(0, tok, out_buf.index_select(0, slot) * wk.unsqueeze(1))
-        return y.reshape(shape), aux
+        return combine(out_buf, routing, lay.kernels).reshape(shape), aux
 
     def _plan(self, fill: torch.Tensor, bounds: list[int], ex: Exchange) -> tuple[ChunkPlan, list[torch.Tensor]]:
         """Rows of the capacity buffer each chunk sends (grouped by destination rank,

@@ -99,13 +99,24 @@ class PolicyRunner:
         # k, r and the launch plan.
         alone = AloneTimes(setup.cluster, setup.algos)
         policy, self.k, self.r = choose_shape(setup, entry, alone)
-        graph = build_training_graph(setup.model, setup.cluster, experts_per_device=self.k, pipeline_degree=self.r)
+        graph = build_training_graph(
+            setup.model,
+            setup.cluster,
+            experts_per_device=self.k,
+            pipeline_degree=self.r,
+            dispatch_kernels=policy.dispatch_kernels,
+        )
         ep_comm = graph.communicators["ep"]
         base = ctx.groups(ep_comm.size)
         self.groups = comm_groups(info.rank, graph, base.ep, base.dp)
         ep_group = ep_comm.group_of(info.rank)
         self.lay = Layout(
-            k=self.k, ep_size=ep_comm.size, ep_rank=ep_group.index(info.rank), r=self.r, dispatch=dispatch
+            k=self.k,
+            ep_size=ep_comm.size,
+            ep_rank=ep_group.index(info.rank),
+            r=self.r,
+            dispatch=dispatch,
+            kernels=policy.dispatch_kernels,
         )
         self.model = EPTransformer(setup.model, self.lay, setup.scenario.seed).to(
             info.device, TORCH_DTYPES[setup.model.dtype]

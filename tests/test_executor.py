@@ -101,11 +101,15 @@ def test_testbed_run_of_deepspeed_and_lina(tmp_path, no_leftovers):  # noqa: F81
     """4 ranks on a 2-node testbed: both policies complete, results are written like
     `lina-sim run`'s, and lina's allreduce micro-ops never overlap an all-to-all on the
     same rank (deepspeed's buckets do)."""
-    # packing off keeps lina's all-to-alls across the nodes; the model is testbed-training's
+    # packing off keeps lina's all-to-alls across the nodes, per-tensor cuts make micro-ops ready
+    # during backward; the model is testbed-training's
     # with 2 layers, big enough that lina's plan puts some micro-ops between all-to-alls.
     path = scenario(
         tmp_path,
-        [{"name": "deepspeed", "bucket_mb": 0.1}, {"name": "lina", "micro_op_mb": 0.1, "packing": False}],
+        [
+            {"name": "deepspeed", "bucket_mb": 0.1},
+            {"name": "lina", "micro_op_mb": 0.1, "packing": False, "partition_of": "tensor"},
+        ],
         steps=2,
         d_model=256,
         d_ff=256,

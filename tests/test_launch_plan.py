@@ -94,13 +94,14 @@ def test_estimated_program_follows_the_graph():
 @pytest.mark.parametrize("k", [1, 2])
 def test_plan_is_the_same_for_every_caller_and_fills_gaps(k):
     """The engine and the executor call planned_micro_ops with the same inputs: the plan
-    is a pure function of them, and with 30 MB micro-ops some run mid-backward."""
+    is a pure function of them, and with micro-ops smaller than the 25 MB buckets some
+    run mid-backward."""
     m = model_from_dict({"preset": "transformer-xl-12", "layers": 12}, world_size=CLUSTER.world_size)
-    policy = make_training_policy("lina")
+    policy = make_training_policy("lina", micro_op_mb=5)
     g = build_training_graph(m, CLUSTER, experts_per_device=k, pipeline_degree=policy.pipeline_degree)
     op_time = RooflineComputeModel.from_cluster(CLUSTER).op_time
     a = planned_micro_ops(g, policy, CLUSTER, op_time, AloneTimes(CLUSTER))
-    b = planned_micro_ops(g, make_training_policy("lina"), CLUSTER, op_time, AloneTimes(CLUSTER))
+    b = planned_micro_ops(g, make_training_policy("lina", micro_op_mb=5), CLUSTER, op_time, AloneTimes(CLUSTER))
     assert a == b
     gaps = [x.gap for x in a if not x.is_a2a]
     assert all(x >= 0 for x in gaps) and gaps == sorted(gaps)

@@ -189,6 +189,8 @@ RUNTIME_ORDER = (
     "dist",
     "context",
     "moe",
+    "moe_dispatch",
+    "op_census",
     "ep_moe",
     "mode",
     "compute_profile",

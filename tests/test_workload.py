@@ -49,22 +49,28 @@ def gpt2(world=16, **kw):
     return build_training_graph(model_preset("gpt2-moe"), world, **kw)
 
 
-def test_forward_flops_and_a2a_bytes_match_hand_formulas():
-    g = gpt2()
+@pytest.mark.parametrize("kernels", ["sparse", "einsum"])
+def test_forward_flops_and_a2a_bytes_match_hand_formulas(kernels):
+    g = gpt2(dispatch_kernels=kernels)
     m = g.model
     T, s, d, f, E, k, cf, b = m.tokens, m.seq_len, m.d_model, m.d_ff, m.experts, m.top_k, m.capacity_factor, 2
+    # DeepSpeed's einsums over tokens x (experts x capacity = T k cf slots) x d_model: the
+    # dispatch in the gate op, the combine at the start of the next op.
+    einsum = 2 * T * (T * k * cf) * d if kernels == "einsum" else 0
     assert g.op("L0.fwd.attn").flops == 8 * T * d * d + 4 * T * s * d
-    assert g.op("L0.fwd.gate").flops == 2 * T * d * E
+    assert g.op("L1.fwd.attn").flops == 8 * T * d * d + 4 * T * s * d + einsum
+    assert g.op("L0.fwd.gate").flops == 2 * T * d * E + einsum
     assert g.op("L0.fwd.ffn.c0").flops == 4 * T * k * cf * d * f
-    assert g.op("head.fwd").flops == 2 * T * d * m.vocab
+    assert g.op("head.fwd").flops == 2 * T * d * m.vocab + einsum
     for name in ("L3.fwd.dispatch.c0", "L3.fwd.combine.c0", "L3.bwd.combine.c0", "L3.bwd.dispatch.c0"):
         op = g.op(name)
         assert op.kind == ALL_TO_ALL and op.communicator == "ep" and op.stream == "a2a"
         assert op.bytes == T * k * cf * d * b
     fwd = g.totals("fwd")
-    assert (
-        fwd["flops"]
-        == 12 * (8 * T * d * d + 4 * T * s * d + 2 * T * d * E + 4 * T * k * cf * d * f) + 2 * T * d * m.vocab
+    assert fwd["flops"] == pytest.approx(
+        12 * (8 * T * d * d + 4 * T * s * d + 2 * T * d * E + 4 * T * k * cf * d * f + 2 * einsum)
+        + 2 * T * d * m.vocab,
+        rel=1e-12,
     )
     assert fwd["a2a_bytes"] == 12 * 2 * T * k * cf * d * b
 
@@ -80,7 +86,9 @@ def test_ffn_hbm_bytes_match_gemm_shapes():
 
 
 def test_backward_has_twice_the_matmul_flops_of_forward():
-    g = gpt2()
+    # Sparse dispatch: every GEMM has a weight and an input gradient. (DeepSpeed's
+    # dispatch einsum has only the input's: its one-hot mask takes no gradient.)
+    g = gpt2(dispatch_kernels="sparse")
     key = lambda o: (o.role, o.layer, o.chunk)  # noqa: E731
     fwd = {key(o): o for o in g.ops if o.phase == "fwd"}
     bwd = [o for o in g.ops if o.phase == "bwd" and o.kind == "compute"]

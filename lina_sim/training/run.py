@@ -395,6 +395,7 @@ def choose_shape(setup: TrainingSetup, entry: PolicyEntry, alone: AloneTimes) ->
         ffn_time=setup.compute.op_time,
         a2a_time=lambda op, comm: alone("all_to_all", op.bytes, comm.groups[0]),
         allreduce_time=lambda nbytes, comm: alone.concurrent("allreduce", nbytes, comm.groups),
+        dispatch_kernels=policy.dispatch_kernels,
     )
     return policy, policy.experts_per_device(cands, estimates), r
 
@@ -405,7 +406,9 @@ def run_policy(setup: TrainingSetup, entry: PolicyEntry, alone: AloneTimes | Non
     alone = alone or AloneTimes(cluster, setup.algos)
     try:
         policy, k, r = choose_shape(setup, entry, alone)
-        graph = build_training_graph(model, cluster, experts_per_device=k, pipeline_degree=r)
+        graph = build_training_graph(
+            model, cluster, experts_per_device=k, pipeline_degree=r, dispatch_kernels=policy.dispatch_kernels
+        )
         res = TrainingEngine(graph, policy, cluster, setup.compute.op_time, setup.algos, alone.topology, alone=alone)
         res = res.run()
     except ConfigError as e:  # an allreduce NCCL cannot run on one of the step's communicators

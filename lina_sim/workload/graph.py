@@ -30,6 +30,7 @@ from lina_sim.config.fields import Field
 from lina_sim.errors import ConfigError
 from lina_sim.workload.comm import ALL_TO_ALL, GradRequest, MicroOp, PackingEstimate
 from lina_sim.workload.model import ModelSpec
+from lina_sim.workload.moe_ops import DISPATCH_KERNELS, census_ops
 
 COMPUTE, ALLREDUCE = "compute", "allreduce"
 FWD, BWD, OPT = "fwd", "bwd", "opt"
@@ -168,6 +169,30 @@ class _Streaming:
         return [Kernel(self.name, 0.0, self.nbytes)]
 
 
+@dataclass(frozen=True)
+class _Census:
+    """The ops of an MoE layer's ``region`` (``gate`` or ``combine``) as the real code of
+    the ``kernels`` dispatch style launches them (:mod:`lina_sim.workload.moe_ops`), one
+    kernel per launch, forward or backward, at the layer's dimensions ``dims``."""
+
+    region: str
+    kernels: str
+    dims: tuple[tuple[str, float], ...]
+
+    def _ops(self, phase: str, db: int) -> list[Kernel]:
+        out = []
+        for op, count, flops, elements in census_ops(self.kernels, self.region, phase, dict(self.dims)):
+            name = f"{self.region}.{op.removeprefix('aten::')}" + (".bwd" if phase == BWD else "")
+            out += [Kernel(name, flops, elements * db)] * count
+        return out
+
+    def fwd(self, db: int) -> list[Kernel]:
+        return self._ops(FWD, db)
+
+    def bwd(self, db: int) -> list[Kernel]:
+        return self._ops(BWD, db)
+
+
 def _gemm_kernel(name: str, m: float, n: float, k: float, batch: float, db: int) -> Kernel:
     return Kernel(name, 2.0 * m * n * k * batch, (m * k + k * n + m * n) * batch * db, (m, n, k, batch))
 
@@ -175,8 +200,10 @@ def _gemm_kernel(name: str, m: float, n: float, k: float, batch: float, db: int)
 class _GraphBuilder:
     """Builds the op list of one training step for a resolved model."""
 
-    def __init__(self, model: ModelSpec, world_size: int, experts_per_device: int, r: int) -> None:
-        self.m, self.n, self.k, self.r = model, world_size, experts_per_device, r
+    def __init__(
+        self, model: ModelSpec, world_size: int, experts_per_device: int, r: int, kernels: str = "einsum"
+    ) -> None:
+        self.m, self.n, self.k, self.r, self.kernels = model, world_size, experts_per_device, r, kernels
         self.db = model.dtype_bytes
         self.ops: list[Op] = []
         self.grads: list[GradRequest] = []
@@ -314,17 +341,23 @@ class _GraphBuilder:
             _Elementwise(f"{p}_residual", 2 * T * d, T * d),
         ]
 
-    def gate_kernels(self) -> list[Any]:
+    def _moe_dims(self) -> tuple[tuple[str, float], ...]:
         m = self.m
-        T, d, e = m.tokens, m.d_model, m.experts
-        rows = T * m.top_k * m.capacity_factor
-        return [
-            _Elementwise("ln_ffn", T * d, T * d),
-            _Gemm("gate", T, e, d),
-            _Elementwise("topk_softmax", T * e, T * e),
-            # scatter each token's copies into the experts' capacity buffer
-            _Elementwise("dispatch_scatter", T * d * m.top_k, rows * d),
-        ]
+        T = m.tokens
+        return (
+            ("S", T),
+            ("E", m.experts),
+            ("C", T * m.top_k * m.capacity_factor / m.experts),
+            ("M", m.d_model),
+            ("k", m.top_k),
+        )
+
+    def gate_kernels(self) -> list[Any]:
+        # The router, the routing and the dispatch into the capacity buffer, as the real
+        # code launches them (the op census), after the FFN's layer norm.
+        m = self.m
+        T, d = m.tokens, m.d_model
+        return [_Elementwise("ln_ffn", T * d, T * d), _Census("gate", self.kernels, self._moe_dims())]
 
     def ffn_kernels(self, rows: float, experts: int) -> list[Any]:
         m = self.m
@@ -345,7 +378,10 @@ class _GraphBuilder:
         # the next op, so its backward lands right before this layer's backward combine.
         m = self.m
         T, d = m.tokens, m.d_model
-        return [_Elementwise(f"L{layer}.combine_gather", T * m.top_k * m.capacity_factor * d + T * d, T * d)]
+        return [
+            _Census("combine", self.kernels, self._moe_dims()),
+            _Elementwise(f"L{layer}.moe_residual", 2 * T * d, T * d),
+        ]
 
     def dense_ffn_kernels(self) -> list[Any]:
         m = self.m
@@ -383,7 +419,10 @@ class _GraphBuilder:
         by_module: dict[tuple[int, str], list[tuple[str, int, bool, int]]] = {}
         for t in tensors:
             by_module.setdefault((t[3], _module_of(t[0])), []).append(t)
-        attn_shape = f"d_model={d},heads={m.heads},seq_len={m.seq_len},cross={int(m.encoder_layers > 0)}"
+        # Ops holding an MoE layer's gate or combine kernels differ by dispatch style: a
+        # measured profile keeps them apart by shape.
+        style = f",dispatch={self.kernels}"
+        attn_shape = f"d_model={d},heads={m.heads},seq_len={m.seq_len},cross={int(m.encoder_layers > 0)}{style}"
         ffn_shape = f"d_model={d},d_ff={m.d_ff},experts_per_device={self.k}"
         L = m.total_layers
 
@@ -397,7 +436,14 @@ class _GraphBuilder:
             a = self.compute(f"L{l}.fwd.attn", "attn", FWD, l, self.attn_kernels(l), deps, T, attn_shape)
             if m.is_moe(l):
                 g = self.compute(
-                    f"L{l}.fwd.gate", "gate", FWD, l, self.gate_kernels(), [a], T, f"d_model={d},experts={m.experts}"
+                    f"L{l}.fwd.gate",
+                    "gate",
+                    FWD,
+                    l,
+                    self.gate_kernels(),
+                    [a],
+                    T,
+                    f"d_model={d},experts={m.experts}{style}",
                 )
                 rows = T * m.top_k * m.capacity_factor / r
                 # Program order is all dispatch chunks, then the FFN chunks, then the
@@ -422,12 +468,13 @@ class _GraphBuilder:
                 ]
             fwd[l] = list(prev_out)
         head = self.compute(
-            "head.fwd", "head", FWD, L, self.head_kernels(), prev_out, T, f"d_model={d},vocab={m.vocab}"
+            "head.fwd", "head", FWD, L, self.head_kernels(), prev_out, T, f"d_model={d},vocab={m.vocab}{style}"
         )
 
         # Backward, layers in reverse; gradients become ready where their module's
         # backward ends.
-        last = self.compute("head.bwd", "head", BWD, L, self.head_kernels(), [head], T, f"d_model={d},vocab={m.vocab}")
+        head_shape = f"d_model={d},vocab={m.vocab}{style}"
+        last = self.compute("head.bwd", "head", BWD, L, self.head_kernels(), [head], T, head_shape)
         self.grad(by_module.get((L, "head"), []), last)
         for l in reversed(range(L)):
             if m.is_moe(l):
@@ -445,7 +492,7 @@ class _GraphBuilder:
                     self.gate_kernels(),
                     dispatch,
                     T,
-                    f"d_model={d},experts={m.experts}",
+                    f"d_model={d},experts={m.experts}{style}",
                 )
                 self.grad(by_module.get((l, "gate"), []), g)
                 last = g
@@ -586,7 +633,11 @@ def _world(cluster: Any) -> int:
 
 
 def build_training_graph(
-    model: ModelSpec, cluster: Any, experts_per_device: int | None = None, pipeline_degree: int = 1
+    model: ModelSpec,
+    cluster: Any,
+    experts_per_device: int | None = None,
+    pipeline_degree: int = 1,
+    dispatch_kernels: str = "einsum",
 ) -> TrainingGraph:
     """The op graph of one training step.
 
@@ -595,7 +646,11 @@ def build_training_graph(
     expert-parallel group then has ``experts / experts_per_device`` ranks.
     ``pipeline_degree`` r splits every dispatch all-to-all, expert FFN and combine
     all-to-all into r chunks along tokens (total bytes and FLOPs are preserved).
+    ``dispatch_kernels``: how tokens enter and leave the experts' capacity buffer
+    (``einsum``, DeepSpeed-MoE; ``sparse``, Tutel; :mod:`lina_sim.workload.moe_ops`).
     """
+    if dispatch_kernels not in DISPATCH_KERNELS:
+        raise ConfigError("dispatch_kernels", f"unknown dispatch kernels {dispatch_kernels!r}", DISPATCH_KERNELS)
     n = _world(cluster)
     model = model.resolve(n)
     cands = packing_candidates(model, n)
@@ -605,15 +660,15 @@ def build_training_graph(
             "experts_per_device", f"{k} experts per device do not fit {model.experts} experts on {n} GPUs", cands
         )
     pipeline_degree = PIPELINE_DEGREE.check(pipeline_degree, "pipeline_degree")
-    return _built_graph(model, n, k, pipeline_degree)
+    return _built_graph(model, n, k, pipeline_degree, dispatch_kernels)
 
 
 @functools.lru_cache(maxsize=8)
-def _built_graph(model: ModelSpec, n: int, k: int, pipeline_degree: int) -> TrainingGraph:
+def _built_graph(model: ModelSpec, n: int, k: int, pipeline_degree: int, kernels: str) -> TrainingGraph:
     """The graph of a checked shape, kept: the packing estimates build every candidate k
     and the engine then builds the chosen one again (seconds each at 1024 GPUs). The
     graph is immutable, so sharing it is safe."""
-    b = _GraphBuilder(model, n, k, pipeline_degree)
+    b = _GraphBuilder(model, n, k, pipeline_degree, kernels)
     b.build()
     ep = b.ep_size
     comms = {
@@ -639,6 +694,7 @@ def micro_op_estimates(
     ffn_time: Callable[[Op], float],
     a2a_time: Callable[[Op, Communicator], float],
     allreduce_time: Callable[[float, Communicator], float] | None = None,
+    dispatch_kernels: str = "einsum",
 ) -> Mapping[int, PackingEstimate]:
     """For every valid packing k, its :class:`PackingEstimate` from the caller's timing
     functions (a compute model for every compute op, and the network for an all-to-all
@@ -651,7 +707,7 @@ def micro_op_estimates(
         raise ConfigError("model.moe_layers", "no MoE layer: nothing to pack", "at least one layer index")
     return LazyEstimates(
         packing_candidates(model, n),
-        lambda k: _packing_estimate(model, n, k, pipeline_degree, ffn_time, a2a_time, allreduce_time),
+        lambda k: _packing_estimate(model, n, k, pipeline_degree, ffn_time, a2a_time, allreduce_time, dispatch_kernels),
     )
 
 
@@ -663,8 +719,9 @@ def _packing_estimate(
     ffn_time: Callable[[Op], float],
     a2a_time: Callable[[Op, Communicator], float],
     allreduce_time: Callable[[float, Communicator], float] | None,
+    dispatch_kernels: str,
 ) -> PackingEstimate:
-    g = build_training_graph(model, n, k, pipeline_degree)
+    g = build_training_graph(model, n, k, pipeline_degree, dispatch_kernels)
     ffn = next(o for o in g.ops if o.role == "ffn" and o.phase == FWD and model.is_moe(o.layer))
     ep = g.communicators["ep"]
     a2a_by_bytes: dict[float, float] = {}
@@ -741,6 +798,8 @@ def graph_for_policy(
     model = model.resolve(n)
     estimates = None
     if ffn_time is not None and a2a_time is not None:
-        estimates = micro_op_estimates(model, n, policy.pipeline_degree, ffn_time, a2a_time, allreduce_time)
+        estimates = micro_op_estimates(
+            model, n, policy.pipeline_degree, ffn_time, a2a_time, allreduce_time, policy.dispatch_kernels
+        )
     k = policy.experts_per_device(packing_candidates(model, n), estimates)
-    return build_training_graph(model, n, k, policy.pipeline_degree)
+    return build_training_graph(model, n, k, policy.pipeline_degree, policy.dispatch_kernels)

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 from lina_sim.config.fields import Field, check_fields
 from lina_sim.errors import ConfigError
 from lina_sim.workload.comm import ALL_TO_ALL, ALLREDUCE, GradRequest, MicroOp, PackingEstimate
+from lina_sim.workload.moe_ops import DISPATCH_KERNELS
 
 NO_GAP = 2**62  # RankView.first_owed_gap when no planned micro-op is owed
 
@@ -108,6 +109,18 @@ def pipeline_param(default: int) -> Field:
     return Field(int, default, minimum=1, help="chunks of each all-to-all and expert FFN, along tokens (1: none)")
 
 
+def dispatch_kernels_param(default: str) -> Field:
+    """The ``dispatch_kernels`` parameter, with the default of the system a policy is
+    named after (:mod:`lina_sim.workload.moe_ops`)."""
+    return Field(
+        str,
+        default,
+        choices=DISPATCH_KERNELS,
+        help="how tokens enter and leave the experts' capacity buffer: einsum (DeepSpeed-MoE's dense "
+        "dispatch_mask einsums) or sparse (Tutel's scatter and gather)",
+    )
+
+
 class TrainingPolicy:
     """Base training policy: everything launches as soon as it is submitted.
 
@@ -117,6 +130,8 @@ class TrainingPolicy:
 
     - ``pipeline_degree`` (int): chunks r of each dispatch all-to-all / expert FFN /
       combine all-to-all, along tokens;
+    - ``dispatch_kernels`` (str): the kernels that move tokens into the experts'
+      capacity buffer and back (``einsum`` or ``sparse``);
     - ``isolated_allreduce`` (bool): if True, allreduce traffic never shares bandwidth
       with all-to-all traffic (only the ``no-contention`` lower bound sets it);
     - ``plans_launches`` (bool): whether :meth:`plan` plans anything (else the caller
@@ -125,6 +140,7 @@ class TrainingPolicy:
 
     PARAMS: ClassVar[dict[str, Field]] = {}
     pipeline_degree: int = 1
+    dispatch_kernels: str = "einsum"
     isolated_allreduce: bool = False
     plans_launches: bool = False  # True: :meth:`plan` sets MicroOp.gap, so callers estimate the program
 

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from lina_sim.config.fields import Field
-from lina_sim.policies.training.base import TrainingPolicy, bucket_requests, pipeline_param
+from lina_sim.policies.training.base import TrainingPolicy, bucket_requests, dispatch_kernels_param, pipeline_param
 from lina_sim.policies.training.grad_sync import DS_BUCKET_ELEMS, WIRE_BYTES_PER_ELEM, ddp_buckets, zero_buckets
 from lina_sim.workload.comm import MB, GradRequest, MicroOp
 
@@ -75,6 +75,8 @@ class DeepSpeedPolicy(TrainingPolicy):
 
     PARAMS: ClassVar[dict[str, Field]] = {
         "bucket_mb": BUCKET_MB,
+        # deepspeed/moe/sharded_moe.py MOELayer.forward: einsum("sec,sm->ecm") and back.
+        "dispatch_kernels": dispatch_kernels_param("einsum"),
         "grad_sync": grad_sync_field("zero", "zero (DeepSpeed's default: ZeRO 0/1 buckets after backward)"),
         "bucket_elems": Field(
             float,
@@ -93,6 +95,7 @@ class DeepSpeedPolicy(TrainingPolicy):
         ),
     }
     bucket_mb: float
+    dispatch_kernels: str
     grad_sync: str
     bucket_elems: float
     bytes_per_elem: int
@@ -135,6 +138,8 @@ class TutelPolicy(DeepSpeedPolicy):
 
     PARAMS: ClassVar[dict[str, Field]] = {
         "bucket_mb": BUCKET_MB,
+        # tutel/impls/fast_dispatch.py fast_encode / fast_decode: scatter and gather kernels.
+        "dispatch_kernels": dispatch_kernels_param("sparse"),
         "grad_sync": grad_sync_field(
             "ddp", "ddp (PyTorch DDP: 1 MiB first bucket, 25 MiB after, in-order launches)", default="ddp"
         ),

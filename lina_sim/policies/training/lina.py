@@ -60,6 +60,7 @@ from lina_sim.policies.training.base import (
     TrainingPolicy,
     bucket_requests,
     cut_requests,
+    dispatch_kernels_param,
     pipeline_param,
     submission_order,
 )
@@ -90,6 +91,8 @@ class LinaPolicy(TrainingPolicy):
             help="largest allreduce micro-op, MB (10^6 bytes)",
         ),
         "pipeline_degree": pipeline_param(2),
+        # Lina is built on DeepSpeed-MoE: its dispatch and combine einsums.
+        "dispatch_kernels": dispatch_kernels_param("einsum"),
         "packing": Field(
             object,
             "cost",
@@ -260,6 +263,7 @@ class LinaPriorityPolicy(LinaPolicy):
     PARAMS: ClassVar[dict[str, Field]] = {
         "bucket_mb": DeepSpeedPolicy.PARAMS["bucket_mb"],
         "pipeline_degree": pipeline_param(1),
+        "dispatch_kernels": LinaPolicy.PARAMS["dispatch_kernels"],
         "packing": _no_packing,
         "max_experts_per_device": LinaPolicy.PARAMS["max_experts_per_device"],
         "hold": LinaPolicy.PARAMS["hold"],
