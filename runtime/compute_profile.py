@@ -12,16 +12,23 @@ Step 2 of a validation (:mod:`runtime.validate`).
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 import yaml
 
+from lina_sim.hardware.compute import RooflineComputeModel
+from lina_sim.hardware.spec import ClusterSpec, load_preset
 from lina_sim.policies.registry import make_training_policy
 from lina_sim.results.files import atomic_write_text
 from lina_sim.training.run import TrainingSetup
 from lina_sim.workload.graph import build_training_graph, packing_candidates
+from lina_sim.workload.model import ModelSpec
+from lina_sim.workload.moe_ops import DISPATCH_KERNELS
 from runtime.comm import Clock, RankExchange
 from runtime.context import RankContext
 from runtime.dist import one_core_each
@@ -60,23 +67,39 @@ def profile_compute_rank(ctx: RankContext, setup: TrainingSetup) -> list[dict]:
 
 
 def _profile_ops(ctx: RankContext, setup: TrainingSetup) -> list[dict]:
-    spec = setup.model
-    k = packing_candidates(spec, setup.cluster.world_size)[0]  # the fewest experts per rank
     policies = [make_training_policy(e.name, **e.params) for e in setup.policies]
     shapes = sorted({(p.pipeline_degree, p.dispatch_kernels) for p in policies})
+    return profile_ops(setup.model, setup.cluster, shapes, ctx.info.device, setup.scenario.seed, ctx.info.rank, ctx.now)
+
+
+def profile_ops(
+    spec: ModelSpec,
+    cluster: ClusterSpec | int,
+    shapes: Sequence[tuple[int, str]],
+    device: torch.device,
+    seed: int = 0,
+    rank: int = 0,
+    now: Callable[[], float] = time.monotonic,
+    steps: int = PROFILE_STEPS,
+) -> list[dict]:
+    """Every compute op of ``spec``'s step on ``device``, timed with a local exchange (no
+    network; the fewest experts per rank of ``cluster``, padded dispatch), once per
+    (pipelining degree, dispatch kernels) in ``shapes``: rows {op, shape, tokens,
+    seconds}, seconds the median over ``steps`` - 1 steps (the first is a warm-up). On a
+    GPU each op is timed with CUDA events (:class:`runtime.comm.Clock`)."""
+    world = cluster if isinstance(cluster, int) else cluster.world_size
+    k = packing_candidates(spec, world)[0]  # the fewest experts per rank
     samples: dict[tuple[str, str, float], list[float]] = {}
-    clock = Clock(ctx.now, ctx.info.device)
+    clock = Clock(now, device)
     for r, kernels in shapes:
-        graph = build_training_graph(
-            spec, setup.cluster, experts_per_device=k, pipeline_degree=r, dispatch_kernels=kernels
-        )
+        graph = build_training_graph(spec, world, experts_per_device=k, pipeline_degree=r, dispatch_kernels=kernels)
         ops = {o.name: o for o in graph.ops}
-        lay = Layout(k=k, ep_size=spec.experts // k, ep_rank=0, r=r, dispatch="padded", kernels=kernels)
-        model = EPTransformer(spec, lay, setup.scenario.seed).to(ctx.info.device, TORCH_DTYPES[spec.dtype])
+        lay = Layout(k=k, ep_size=graph.model.experts // k, ep_rank=0, r=r, dispatch="padded", kernels=kernels)
+        model = EPTransformer(graph.model, lay, seed).to(device, TORCH_DTYPES[spec.dtype])
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=False)
-        for step in range(PROFILE_STEPS):
-            tokens, targets = (x.to(ctx.info.device) for x in batch(spec, setup.scenario.seed, ctx.info.rank, step))
-            ex = LocalExchange(ctx.info.rank, None, {}, None, None, clock, ops)
+        for step in range(steps):
+            tokens, targets = (x.to(device) for x in batch(graph.model, seed, rank, step))
+            ex = LocalExchange(rank, None, {}, None, None, clock, ops)
             opt.zero_grad(set_to_none=True)
             clock.start_step()
             loss = model.loss(tokens, targets, ex)
@@ -98,6 +121,43 @@ def _profile_ops(ctx: RankContext, setup: TrainingSetup) -> list[dict]:
         {"op": key, "shape": shape, "tokens": tok, "seconds": statistics.median(v)}
         for (key, shape, tok), v in sorted(samples.items())
     ]
+
+
+def compare_ops(
+    spec: ModelSpec, gpus: int, preset: str, device: torch.device, steps: int = PROFILE_STEPS
+) -> pd.DataFrame:
+    """Each compute op of ``spec`` cut for ``gpus`` GPUs, measured on ``device`` (:func:`profile_ops`)
+    and predicted by ``preset``'s roofline compute model, per dispatch style: one row per
+    (dispatch, op key, shape, tokens) with milliseconds and the error (%)."""
+    cluster = load_preset(preset)
+    model = RooflineComputeModel.from_cluster(cluster, spec.dtype)
+    k = packing_candidates(spec, gpus)[0]
+    rows = []
+    for kernels in DISPATCH_KERNELS:
+        graph = build_training_graph(spec, gpus, experts_per_device=k, dispatch_kernels=kernels)
+        for row in profile_ops(spec, gpus, [(1, kernels)], device, steps=steps):
+            same = [
+                o
+                for o in graph.ops
+                if o.kind == "compute" and o.profile_key == row["op"] and float(o.tokens) == row["tokens"]
+            ]
+            if row["shape"]:
+                same = [o for o in same if o.shape == row["shape"]]
+            pred = float(np.median([model.op_time(o) for o in same])) if same else float("nan")
+            rows.append(
+                {
+                    "dispatch": kernels,
+                    "dtype": spec.dtype,
+                    "op": row["op"],
+                    "shape": row["shape"],
+                    "tokens": row["tokens"],
+                    "measured_ms": row["seconds"] * 1e3,
+                    "predicted_ms": pred * 1e3,
+                }
+            )
+    df = pd.DataFrame(rows)
+    df["error_%"] = (df["predicted_ms"] / df["measured_ms"] - 1) * 100
+    return df
 
 
 def write_compute_profile(results: list[dict], out: str | Path) -> Path:
