@@ -117,3 +117,38 @@ def test_a_100000_rank_all_to_all_is_refused_before_it_is_built(capsys, command)
     line = capsys.readouterr().err.strip()
     assert "--nodes: all_to_all (direct) over 100000 ranks builds 9,999,900,000 flows" in line, line
     assert "available (allowed: --nodes <= " in line
+
+
+def test_a_long_point_is_announced_and_ctrl_c_leaves_nothing(tmp_path):
+    """100,000 GPUs with 16 experts fit in memory but take minutes: `run` says how long
+    before it starts, and Ctrl-C then stops it with exit 130 and no results directory."""
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "big.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "big",
+                "kind": "training",
+                "cluster": {"preset": "dgx-a100", "nodes": 12500},
+                "model": {"preset": "gpt2-moe", "experts": 16},
+                "policies": ["deepspeed"],
+            }
+        )
+    )
+    out = tmp_path / "out"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "lina_sim.cli.main", "run", str(path), "--out", str(out), "--quiet"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = p.stderr.readline()
+        assert "100000 GPUs" in line and "min of one core's time" in line, line
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=60) == 130
+    finally:
+        p.kill()
+    assert not out.exists()

@@ -7,7 +7,11 @@ the printed table, traces and figures) comes from :mod:`lina_sim.experiments.kin
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+# A point expected to take longer than this (s of one core) is announced before it runs.
+LONG_POINT_S = 120.0
 
 
 def register(sub) -> None:
@@ -40,6 +44,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     kinds = [kind_of(p.kind) for p in points]
     setups = [kind.resolve(p) for kind, p in zip(kinds, points)]  # every point validated before any runs
     out = Path(args.out or Path("results") / points[0].name)
+    for i, (kind, setup) in enumerate(zip(kinds, setups)):
+        cpu_s = kind.expected_cpu_s(setup) if kind.expected_cpu_s else 0.0
+        if cpu_s > LONG_POINT_S:  # say so up front: a large point prints nothing until it ends
+            print(
+                f"lina-sim run: point {i} ({setup.cluster.world_size} GPUs, {len(setup.policies)} "
+                f"{'policy' if len(setup.policies) == 1 else 'policies'}) "
+                f"takes about {cpu_s / 60:.0f} min of one core's time; Ctrl-C stops it and writes nothing",
+                file=sys.stderr,
+            )
     progress = Progress(len(setups), label="run", enabled=len(setups) > 1 and not args.quiet)
     try:
         with staged_dir(out) as stage:

@@ -23,7 +23,7 @@ from lina_sim.results.tables import format_inference_table, format_training_tabl
 from lina_sim.serving.run import run_inference
 from lina_sim.serving.server import PolicyServing
 from lina_sim.serving.setup import resolve_inference
-from lina_sim.training.run import PolicyRun, resolve_training, run_training
+from lina_sim.training.run import PolicyRun, expected_cpu_s, resolve_training, run_training
 
 
 def _entry_labels(setup: Any) -> tuple[str, ...]:
@@ -53,6 +53,9 @@ class ScenarioKind:
     policy_labels: Callable[[Any], tuple[str, ...]] = _entry_labels  # setup -> labels, in row order
     # runs -> extra columns a sweep keeps (one value per policy row) beyond the run's frame.
     sweep_columns: Callable[[list], dict[str, list]] = _no_columns
+    # setup -> about how long it takes to simulate on one core (s), for a warning before
+    # a long point; None where the kind has no estimate.
+    expected_cpu_s: Callable[[Any], float] | None = None
     # Points take long (inference: about a minute each): ``reproduce`` starts them first,
     # so that short points fill the other workers instead of trailing at the end.
     start_first: bool = False
@@ -98,6 +101,7 @@ TRAINING = ScenarioKind(
     plot_point=_training_plot_point,
     plot_results=_training_plot_results,
     sweep_columns=_training_sweep_columns,
+    expected_cpu_s=expected_cpu_s,
 )
 
 

@@ -314,6 +314,20 @@ def host_memory(n: int, model: ModelSpec, policies: int, per_rank: int) -> HostM
     return HostMemory(n, n * per_rank, ep * (ep - 1), policies)
 
 
+# One core's CPU time per rank-op per policy (benchmarks/bench_training.py: 21 us at 16
+# GPUs, 11 us at 1024 GPUs; the larger, for an upper estimate).
+CPU_S_PER_RANK_OP = 20e-6
+
+
+def expected_cpu_s(setup: TrainingSetup) -> float:
+    """About how long simulating ``setup``'s policies takes on one core (s), from the size
+    of the step's program; what ``lina-sim run`` warns with before a long point."""
+    r = max((make_training_policy(e.name, **e.params).pipeline_degree for e in setup.policies), default=1)
+    g = build_training_graph(setup.model, setup.cluster.world_size, None, r)
+    rank_ops = setup.cluster.world_size * (len(g.ops) + len(g.grad_requests))
+    return rank_ops * len(setup.policies) * CPU_S_PER_RANK_OP
+
+
 def available_memory() -> float | None:
     """This machine's available memory, bytes (``MemAvailable`` of /proc/meminfo); None
     where it cannot be read (not Linux), and then nothing is refused."""
