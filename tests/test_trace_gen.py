@@ -120,3 +120,49 @@ def test_cli_trace_gen(tmp_path, capsys):
     assert "give --from" in capsys.readouterr().err
     assert cli_main(["trace-stats", str(scaled), "--plot", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("target", [1.5, 3.0, 6.0])
+def test_skew_knob_reaches_the_target_on_every_layer(target):
+    """Fitted to a real trace, ``with_skew`` sets each layer's busiest top-1 expert to
+    ``target`` times its uniform share (measured on the generated trace)."""
+    real = tr.load(REAL_TRACES[0])
+    t = RoutingTraceGenerator.fit(real).with_skew(target).generate(real.num_tokens, seed=3)
+    skew = ts.skew_from_counts(ts.expert_counts(t.experts[:, :, :1], t.num_experts))
+    assert max(rel_err(s, target) for s in skew.max_over_uniform) < 0.05, skew.max_over_uniform
+    assert t.metadata["made_by"].count('"skew"') == 1  # the generator's origin records it
+
+
+def test_skew_knob_keeps_the_cross_layer_paths():
+    """At the trace's own skew the paths are the real ones (affinity within 10%), and at
+    any skew the next layer's expert is still predicted far above chance."""
+    real = tr.load(REAL_TRACES[0])
+    gen = RoutingTraceGenerator.fit(real)
+    own = float(
+        np.mean(ts.skew_from_counts(ts.expert_counts(real.experts[:, :, :1], real.num_experts)).max_over_uniform)
+    )
+    same = gen.with_skew(own).generate(real.num_tokens, seed=1)
+    want, got = ts.affinity(real).mean(), ts.affinity(same).mean()
+    assert rel_err(got["accuracy"], want["accuracy"]) < 0.10
+    for target in (1.5, 6.0):
+        aff = ts.affinity(gen.with_skew(target).generate(real.num_tokens, seed=1)).mean()
+        assert aff["accuracy"] > 1.2 * aff["chance"], (target, aff)
+    # The odds ratios of each adjacent-layer joint are kept: the log-odds of any 2x2
+    # block of experts are the same before and after re-skewing.
+    p0, p1 = gen.params, gen.with_skew(4.0).params
+    from lina_sim.routing.generator import layer_popularities
+
+    j0 = layer_popularities(p0)[0][:, None] * p0.transitions[0]
+    j1 = layer_popularities(p1)[0][:, None] * p1.transitions[0]
+    a, b, c, d = 0, 1, 2, 3
+    if min(j0[a, b], j0[c, d], j0[a, d], j0[c, b]) > 1e-6:
+        lo0 = np.log(j0[a, b] * j0[c, d] / (j0[a, d] * j0[c, b]))
+        lo1 = np.log(j1[a, b] * j1[c, d] / (j1[a, d] * j1[c, b]))
+        assert lo1 == pytest.approx(lo0, abs=1e-3)
+
+
+def test_skew_knob_refuses_what_it_cannot_reach():
+    gen = RoutingTraceGenerator.synthetic(8, 3, seed=0)
+    for bad in (0.5, 8.0, 20.0, float("nan")):
+        with pytest.raises(ConfigError, match=r"skew: .* \(allowed: a ratio in \[1, 8\)"):
+            gen.with_skew(bad)

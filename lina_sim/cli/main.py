@@ -23,6 +23,8 @@ COMMAND_MODULES = [
     "lina_sim.cli.network",
     "lina_sim.cli.trace",
     "lina_sim.cli.sweep",
+    "lina_sim.cli.explore",
+    "lina_sim.cli.tune",
 ]
 # Entry-point group of command modules from other packages; listed after ours, by name.
 COMMAND_GROUP = "lina_sim.commands"

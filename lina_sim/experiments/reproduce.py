@@ -21,6 +21,7 @@ import pandas as pd
 
 from lina_sim.config.scenario import expand, load_yaml
 from lina_sim.errors import ConfigError
+from lina_sim.experiments.explore import INFERENCE_MAP, TRAINING_MAP
 from lina_sim.experiments.kinds import KINDS, kind_of
 from lina_sim.experiments.sweep import (
     Cache,
@@ -50,6 +51,8 @@ class Source:
     file: str
     kind: str = "training"
     quick: Callable[[dict], dict] | None = None
+    # Points planned elsewhere (a regime map's grid), given --quick; else the file's sweep.
+    points: Callable[[bool], list[SweepPoint]] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ TRAINING_SOURCES = [
     Source("training", "paper-training.yaml"),
     Source("ablation", "paper-ablation.yaml", quick=_keep("model.preset", ["transformer-xl-24"])),
     Source("microop", "paper-microop.yaml", quick=_quick_microop),
+    Source(TRAINING_MAP.name, TRAINING_MAP.scenario, points=TRAINING_MAP.points),
 ]
 
 TRAINING_FIGURES = [
@@ -137,6 +141,17 @@ TRAINING_FIGURES = [
         _draw("a2a_slowdown"),
         "Each backward all-to-all's time in the step divided by its time alone on an idle network "
         "(rank 0's communicator), at 16 experts; 1.0 = no contention.",
+    ),
+    Figure(
+        TRAINING_MAP.name,
+        "Regime map, training: Lina over DeepSpeed by inter-node bandwidth per GPU and compute speed",
+        TRAINING_MAP.name,
+        "map_training.png",
+        TRAINING_MAP.draw,
+        "DeepSpeed's simulated step time over Lina's (blue: Lina faster; black line: break-even) on the paper "
+        "testbed's 16 GPUs with Transformer-XL-24, as the NIC bandwidth per GPU (bytes/s; the testbed has "
+        "3.1e9, a DGX A100 2.5e10) and every peak FLOP/s (a scale on the A100's; an H100 is 3.2) change. "
+        "Stars: where the shipped cluster presets lie. `lina-sim explore` draws such maps for any scenario.",
     ),
 ]
 
@@ -180,6 +195,7 @@ def _draw_accuracy(table: pd.DataFrame, path: Path) -> pd.DataFrame:
 INFERENCE_SOURCES = [
     Source("inference", "paper-inference.yaml", "inference", quick=_quick_serving),
     Source("pathlength", "paper-pathlength.yaml", "inference", quick=_quick_serving),
+    Source(INFERENCE_MAP.name, INFERENCE_MAP.scenario, "inference", points=INFERENCE_MAP.points),
 ]
 
 INFERENCE_FIGURES = [
@@ -225,6 +241,18 @@ INFERENCE_FIGURES = [
         "Share of served batches whose estimated top-2k expert set (before the gate) equals the actual one "
         "(after it), per layer, for each path length; what decides whether Lina's phase 2 re-plans.",
     ),
+    Figure(
+        INFERENCE_MAP.name,
+        "Regime map, inference: Lina over static placement by routing skew and batch tokens per GPU",
+        INFERENCE_MAP.name,
+        "map_inference.png",
+        INFERENCE_MAP.draw,
+        "`static`'s mean batch time over Lina's (blue: Lina faster; black line: break-even), 16 GPUs and 16 "
+        "experts, top-1. Each skew (the busiest expert's top-1 share over uniform) is a trace generated from "
+        "the recorded arXiv trace with that skew and its layer-to-layer paths kept "
+        "(`RoutingTraceGenerator.with_skew`); `skew_produced` is the skew the generated trace has. A closed "
+        "loop keeps every batch full at the budget. The star: the recorded traces' own skew and budget.",
+    ),
 ]
 
 
@@ -243,7 +271,7 @@ def _plan(sources: list[Source], quick: bool, points: list[SweepPoint], owner: d
         if quick and src.quick:
             data = src.quick(data)
         try:
-            planned = plan_points(expand(data, str(path)))
+            planned = src.points(quick) if src.points else plan_points(expand(data, str(path)))
         except (ConfigError, SweepError) as e:
             raise SweepError(f"{path.name}: {e}") from None
         start = len(points) + len(added)

@@ -16,8 +16,9 @@ The model, per token and layer:
   affinity statistics.
 
 ``RoutingTraceGenerator.fit(trace)`` measures all of this on a real trace; ``scaled`` extends
-the fitted model to more layers or experts, and ``generate`` to any number of tokens.
-Generation is deterministic for a given seed.
+the fitted model to more layers or experts, ``with_skew`` sets how unevenly the experts
+are loaded while keeping the cross-layer path structure, and ``generate`` extends it to
+any number of tokens. Generation is deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -205,6 +206,52 @@ class RoutingTraceGenerator:
             p = _scale_experts(p, num_experts)
         return RoutingTraceGenerator(p)
 
+    def with_skew(self, skew: float) -> RoutingTraceGenerator:
+        """The same model with every layer's busiest top-1 expert at ``skew`` times its
+        uniform share (``max_e share_e * E``, the ``max_over_uniform`` of
+        :func:`lina_sim.routing.stats.skew_from_counts`; 1 is perfectly even).
+
+        Each layer's popularity is tempered, ``q_e ∝ p_e ** beta``, with the ``beta`` that
+        gives the target: ranks and the shape of the tail are kept, only how steep it is
+        changes. Each pair of adjacent layers keeps its path structure: the fitted joint
+        ``P(a at l, b at l+1)`` is rescaled to the new marginals by iterative proportional
+        fitting, the closest joint in KL divergence, which keeps every odds ratio
+        ``J[a,b] J[c,d] / (J[a,d] J[c,b])``, i.e. which expert follows which. Other
+        choices (k > 1) are reweighted by the same per-expert factors; locality is kept
+        (copying from an equal state never moves a marginal).
+        """
+        p = self.params
+        E = p.num_experts
+        pops = layer_popularities(p)
+        reachable = min(E / max(1, int(np.sum(row == row.max()))) for row in pops)
+        if not (isinstance(skew, (int, float)) and math.isfinite(skew) and 1.0 <= skew < reachable):
+            raise ConfigError(
+                "skew",
+                f"{skew!r} cannot be reached by tempering this model's popularity",
+                f"a ratio in [1, {reachable:.3g}): busiest expert's top-1 share over the uniform 1/{E}",
+            )
+        new = np.stack([_temper_to(row, skew) for row in pops])
+        trans = (
+            np.stack(
+                [
+                    _normalise_rows(_ipf(pops[l][:, None] * p.transitions[l], new[l], new[l + 1]), new[l + 1])
+                    for l in range(p.num_layers - 1)
+                ]
+            )
+            if p.num_layers > 1
+            else p.transitions
+        )
+        secondary = None
+        if p.secondary is not None:
+            # Other choices move with their expert's change of popularity.
+            factor = np.where(pops > 0, new / np.where(pops > 0, pops, 1), 1.0)
+            sec = p.secondary * factor[:, None, :]
+            secondary = _normalise_rows(sec * (1 - np.eye(E))[None], np.full(E, 1.0 / E))
+        origin = dict(p.origin, skew=float(skew))
+        return RoutingTraceGenerator(
+            replace(p, popularity=new[0], transitions=trans, secondary=secondary, origin=origin)
+        )
+
     # ---- sampling ----------------------------------------------------------------------
     def generate(self, num_tokens: int, seed: int = 0, metadata: dict[str, Any] | None = None) -> RoutingTrace:
         """A trace of ``num_tokens`` tokens in sequences of ``seq_len`` (the last may be short)."""
@@ -265,6 +312,53 @@ def _sample_others(rows: np.ndarray, top: np.ndarray, n: int, rng: np.random.Gen
         picks[:, j] = _sample(np.cumsum(w, axis=1), np.arange(top.size), rng)
         w[np.arange(top.size), picks[:, j]] = 0.0
     return picks
+
+
+def layer_popularities(p: GeneratorParams) -> np.ndarray:
+    """Top-1 shares [layers, E] the model produces at each layer (popularity pushed
+    through the transitions)."""
+    rows = [np.asarray(p.popularity, dtype=np.float64)]
+    for t in p.transitions:
+        rows.append(rows[-1] @ t)
+    return np.stack(rows)
+
+
+def _temper_to(pop: np.ndarray, skew: float) -> np.ndarray:
+    """``pop ** beta`` normalised, with ``beta >= 0`` chosen so that ``max * E == skew``.
+
+    The busiest share grows monotonically with ``beta`` (from uniform at 0 towards the
+    tied maxima's share), so bisection finds it; the caller checked it is reachable."""
+    E = pop.size
+    ratio = np.where(pop > 0, pop / pop.max(), 0.0)
+
+    def busiest(beta: float) -> float:
+        w = np.where(ratio > 0, ratio**beta, 0.0) if beta > 0 else np.ones(E)
+        return float(E / w.sum())  # the busiest has weight 1
+
+    lo, hi = 0.0, 1.0
+    while busiest(hi) < skew and hi < 1e6:
+        lo, hi = hi, hi * 2
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if busiest(mid) < skew else (lo, mid)
+    beta = 0.5 * (lo + hi)
+    w = np.where(ratio > 0, ratio**beta, 0.0) if beta > 0 else np.ones(E)
+    return w / w.sum()
+
+
+def _ipf(joint: np.ndarray, rows: np.ndarray, cols: np.ndarray, iters: int = 1000, tol: float = 1e-12) -> np.ndarray:
+    """``diag(u) joint diag(v)`` with the given row and column sums (Sinkhorn / iterative
+    proportional fitting). A floor of 1e-9 of the mass keeps every cell reachable, so
+    marginals that put weight where the fitted joint had none can still be met."""
+    j = joint + 1e-9 * max(float(joint.sum()), 1e-300) / joint.size
+    for _ in range(iters):
+        r = j.sum(axis=1)
+        j = j * np.where(r > 0, rows / np.where(r > 0, r, 1), 0.0)[:, None]
+        c = j.sum(axis=0)
+        j = j * np.where(c > 0, cols / np.where(c > 0, c, 1), 0.0)[None, :]
+        if np.abs(j.sum(axis=1) - rows).max() < tol:
+            break
+    return j
 
 
 def _fit_locality(trace: RoutingTrace, pop1: np.ndarray, trans: np.ndarray) -> np.ndarray:
