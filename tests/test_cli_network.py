@@ -57,7 +57,7 @@ def test_contention_reports_slowdown_and_bottlenecks(capsys):
     [
         (
             ["collective", "--preset", "nope", "--op", "allreduce"],
-            "allowed: a100-pcie-nvlink-pairs, dgx-a100, dgx-h100, paper-testbed",
+            "allowed: a100-pcie-nvlink-pairs, dgx-a100, dgx-h100, dgx-h100-superpod, paper-testbed",
         ),
         (["collective", "--op", "allreduce", "--algo", "nccl"], "allowed: auto, ring, tree, nvls, hierarchical"),
         (["collective", "--op", "alltoall"], "invalid choice"),

@@ -92,7 +92,8 @@ def test_piece_ranges_tile_every_tensor_once(name, params):
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), t
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+# deepseek-moe-16b's 0.5 B dense parameters exceed ZeRO's 500M-element reduce bucket (two dp buckets).
+@pytest.mark.parametrize("preset", sorted(p for p in PRESETS if p != "deepseek-moe-16b"))
 @pytest.mark.parametrize("k", [1, 2])
 def test_zero_stage0_is_one_allreduce_per_communicator_after_backward(preset, k):
     g = _graph(preset, k)

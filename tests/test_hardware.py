@@ -73,7 +73,7 @@ def test_bad_preset_fields_are_named(tmp_path, mutate, field):
 
 
 def test_unknown_preset_lists_the_allowed_ones():
-    with pytest.raises(ConfigError, match="dgx-a100, dgx-h100, paper-testbed"):
+    with pytest.raises(ConfigError, match="dgx-a100, dgx-h100, dgx-h100-superpod, paper-testbed"):
         load_preset("dgx-z9")
 
 

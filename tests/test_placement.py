@@ -19,8 +19,16 @@ from lina_sim.policies.placement import (
     token_sources,
     uniform_counts_by_source,
 )
-from lina_sim.policies.placement.charge import spread_counts
-from lina_sim.policies.placement.packing import eplb_pack, eplb_replicate, first_fit_decreasing, lina_units
+from lina_sim.policies.placement.charge import ProxyCharge, spread_counts
+from lina_sim.policies.placement.layout import assign_many, send_matrices
+from lina_sim.policies.placement.packing import (
+    align_units,
+    eplb_pack,
+    eplb_replicate,
+    first_fit_decreasing,
+    lina_units,
+)
+from lina_sim.policies.placement.search import remembered
 from lina_sim.policies.registry import PLACEMENT_POLICIES, make_placement_policy
 
 ALL = sorted(PLACEMENT_POLICIES)
@@ -94,6 +102,115 @@ def test_send_matrix_static_example() -> None:
     sm = p.send_matrix(cbs)
     # e2 has 6 tokens, 3 per replica: device 0 keeps 3 and sends 1 to device 1.
     assert sm.tolist() == [[3 + 3, 2 + 1], [1, 5 + 2]]
+
+
+@FAST
+@given(st.integers(1, 8), st.integers(1, 12), st.integers(1, 5), st.integers(0, 2**16))
+def test_built_together_equals_built_one_by_one(N, E, C, seed) -> None:
+    """from_counts is from_replicas to the bit; assign_many and send_matrices give each
+    placement's own assign and send_matrix (which then come from its memo)."""
+    rng = np.random.default_rng(seed)
+    ps, reps = [], []
+    for _ in range(C):
+        r = (rng.random((E, N)) < 0.3) * rng.integers(1, 3, size=(E, N)).astype(float)
+        r[np.arange(E), rng.integers(0, N, size=E)] += 1
+        reps.append(r)
+        ps.append(Placement.from_counts(N, r, "x"))
+    for p, r in zip(ps, reps):
+        q = Placement.from_replicas(N, [{d: r[e, d] for d in range(N)} for e in range(E)], "x")
+        assert p == q and p.shares == q.shares and (p.share_matrix == q.share_matrix).all()
+    cbs = rng.integers(0, 40, size=(N, E))
+    fresh = [Placement.from_counts(N, r) for r in reps]
+    sends, quotas = send_matrices(ps, cbs), assign_many(ps, cbs.sum(axis=0))
+    for i, f in enumerate(fresh):
+        assert (sends[i] == f.send_matrix(cbs)).all() and (quotas[i] == f.assign(cbs.sum(axis=0))).all()
+        assert (ps[i].send_matrix(cbs) == sends[i]).all()
+    per = rng.integers(0, 40, size=(C, N, E))  # each placement its own batch, as layers have
+    sends, quotas = send_matrices(fresh, per), assign_many(fresh, per.sum(axis=1))
+    for i, r in enumerate(reps):
+        f = Placement.from_counts(N, r)
+        assert (sends[i] == f.send_matrix(per[i])).all() and (quotas[i] == f.assign(per[i].sum(axis=0))).all()
+    with pytest.raises(ValueError, match="at least one device"):
+        Placement.from_counts(N, np.zeros((E, N)))
+
+
+@FAST
+@given(st.integers(1, 10), st.integers(1, 16), st.integers(0, 2**16))
+def test_align_units_is_the_greedy_over_sorted_pairs(N, E, seed) -> None:
+    """Against the plain rule: all (group, device) pairs by largest overlap, then lowest
+    group, then lowest device, each taken while both are free."""
+    rng = np.random.default_rng(seed)
+    groups, _ = lina_units(rng.gamma(0.5, size=E) + 1e-3, N, max(-(-E // N), int(rng.integers(1, 4))))
+    r = (rng.random((E, N)) < rng.random()).astype(float)
+    r[np.arange(E), np.arange(E) % N] = 1.0
+    prev = Placement.from_counts(N, r)
+    overlap = {(g, d): len(set(groups[g]) & prev.resident[d]) for g in range(N) for d in range(N)}
+    want, free_g, free_d = [-1] * N, set(range(N)), set(range(N))
+    for g, d in sorted(overlap, key=lambda gd: (-overlap[gd], gd)):
+        if g in free_g and d in free_d:
+            want[g] = d
+            free_g.discard(g)
+            free_d.discard(d)
+    assert align_units(groups, prev) == want
+    assert align_units(groups, None) == list(range(N))
+
+
+@FAST
+@given(st.integers(1, 12), st.integers(1, 8), st.integers(1, 4), st.integers(0, 2**16))
+def test_eplb_pack_is_least_loaded_device_with_room(E, N, slots, seed) -> None:
+    """Against the plain rule: replicas by decreasing load onto the least loaded device
+    (lowest on ties) with a free slot that does not hold the expert yet."""
+    rng = np.random.default_rng(seed)
+    w = np.round(rng.gamma(0.5, size=E) * 10, 1)
+    reps = eplb_replicate(w, E + int(rng.integers(0, N)), N)
+    items = sorted(((w[e] / reps[e], e) for e in range(E) for _ in range(int(reps[e]))), key=lambda t: (-t[0], t[1]))
+    want: list[list[int]] = [[] for _ in range(N)]
+    load = [0.0] * N
+    for x, e in items:
+        room = [d for d in range(N) if len(want[d]) < slots and e not in want[d]]
+        room = room or [d for d in range(N) if len(want[d]) < slots] or [int(np.argmin(load))]
+        d = min(room, key=lambda i: (load[i], i))
+        want[d].append(e)
+        load[d] += x
+    assert eplb_pack(w, reps, N, slots) == want
+
+
+def test_search_charges_each_distinct_placement_once() -> None:
+    """remembered() asks the charge only about placements it has not seen (equal ones,
+    origin aside, once), with the same answers."""
+    E, N = 8, 4
+    cbs = spread_counts(np.arange(1, E + 1) * 10, N)
+    charge = ProxyCharge()
+    asked: list[int] = []
+
+    def counted(ps):
+        asked.append(len(ps))
+        return charge.quick(0, ps, cbs)
+
+    quick = remembered(counted)
+    static = make("static", E, N).static_placement()
+    ps = [static, Placement(N, static.devices, static.shares, "other"), make("lina", E, N).plan_exact(cbs.sum(0))]
+    assert quick(ps).tolist() == charge.quick(0, ps, cbs).tolist() and asked == [2]
+    assert quick(ps[::-1]).tolist() == charge.quick(0, ps[::-1], cbs).tolist() and asked == [2]
+
+
+def test_lina_policies_share_one_fitted_estimator_and_its_answers() -> None:
+    """Policies fitting the same settings on the same array share the estimator; a
+    remembered estimate equals a fresh estimator's and is a new array each time."""
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 8, size=(500, 6, 1))
+    a, b = (
+        make_placement_policy("lina", num_experts=8, num_devices=4),
+        make_placement_policy("lina-no-finetune", num_experts=8, num_devices=4),
+    )
+    a.fit(train)
+    b.fit(train)
+    assert a.estimator is b.estimator
+    b.fit(train.copy())
+    assert a.estimator is not b.estimator
+    hist = rng.integers(0, 8, size=(64, 4, 1))
+    e1, e2 = a.predict(4, hist), a.predict(4, hist)
+    assert e1.tolist() == e2.tolist() == b.predict(4, hist).tolist() and e1 is not e2
 
 
 def test_placement_rejects_bad_shares() -> None:

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lina_sim.serving.server as serving
 from lina_sim.config.scenario import expand
@@ -108,6 +110,39 @@ def test_a2a_timer_stack_equals_one_at_a_time():
     assert stacked[5] == 0.0 and (stacked[np.arange(24) != 5] > 0).all()
 
 
+@pytest.mark.parametrize("algo", ["direct", "flat", "hierarchical"])
+def test_a2a_lower_bounds_never_exceed_the_times_and_are_close(algo):
+    """The bound the oracle prunes with is never above the timer's exact time, and on
+    uneven matrices it is close (it is what lets the oracle skip timing candidates)."""
+    cluster = load_preset("paper-testbed", 4)
+    n = cluster.world_size
+    rng = np.random.default_rng(3)
+    ms = rng.integers(0, 400, size=(30, n, n)).astype(float) * 1024
+    ms[::4][rng.random((8, n, n)) < 0.7] = 0.0
+    ms[7] = 0.0
+    timer = AllToAllTimer(cluster, algo=algo)
+    bound, exact = timer.lower_bounds(ms), AllToAllTimer(cluster, algo=algo).times(ms)
+    assert (bound <= exact).all() and bound[7] == 0.0
+    assert (exact[exact > 0] <= bound[exact > 0] * 1.25).all()
+    timer.times(ms[:3])
+    assert (timer.lower_bounds(ms[:3]) == exact[:3]).all()  # a cached time is its own bound
+
+
+def test_a2a_prefetch_is_solved_with_the_next_call_and_changes_nothing():
+    """Prefetched matrices are solved along with the next call's and answered from the
+    cache afterwards, with exactly the times they get on their own."""
+    cluster = load_preset("paper-testbed", 2)
+    n = cluster.world_size
+    rng = np.random.default_rng(5)
+    ms = rng.integers(0, 300, size=(10, n, n)).astype(float) * 4096
+    alone = AllToAllTimer(cluster).times(ms)
+    timer = AllToAllTimer(cluster)
+    timer.prefetch(ms[4:])
+    assert timer.times(ms[:4]).tolist() == alone[:4].tolist()
+    hits = timer.hits
+    assert timer.times(ms[4:]).tolist() == alone[4:].tolist() and timer.hits == hits + 6
+
+
 # -- requests and batching --------------------------------------------------------------------
 def test_batcher_budget_and_timeout():
     b = Batcher(BatchingSpec(token_budget=256, timeout=0.01))
@@ -144,6 +179,31 @@ def test_expert_cache_swaps_only_missing_and_evicts_lru():
     assert cache.load(0, q).tolist() == [1, 0]  # 3 was evicted from device 0: it comes back
     full = ExpertCache(1, static, slots=4)  # room for every expert: all loaded at start-up
     assert full.load(0, q).tolist() == [0, 0] and full.load(0, r).tolist() == [0, 0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 6), st.integers(0, 4), st.integers(0, 2**16))
+def test_expert_cache_is_a_per_device_lru(E, N, spare, seed):
+    """Against a plain reference, per device a list of expert ids, least recently used
+    first: loads swap in exactly what is missing and evict the least recently used."""
+    slots = -(-E // N) + spare
+    static = Placement.from_replicas(N, [[e % N] for e in range(E)])
+    cache = ExpertCache(2, static, slots)
+    start = [list(range(E)) if slots >= E else sorted(h) for h in static.resident]
+    ref = [[list(h) for h in start] for _ in range(2)]
+    rng = np.random.default_rng(seed)
+    for _ in range(12):
+        layer = int(rng.integers(2))
+        reps = [sorted({int(rng.integers(N))} | set(np.flatnonzero(rng.random(N) < 0.2).tolist())) for _ in range(E)]
+        p = Placement.from_replicas(N, reps)
+        want = []
+        for dev, need in enumerate(p.resident):
+            cur = ref[layer][dev]
+            keep = [e for e in cur if e not in need]
+            want.append(len(need) - (len(cur) - len(keep)))
+            ref[layer][dev] = keep[max(0, len(keep) + len(need) - slots) :] + sorted(need)
+        assert cache.missing(layer, p).tolist() == want
+        assert cache.load(layer, p).tolist() == want
 
 
 # -- the serving run ---------------------------------------------------------------------------

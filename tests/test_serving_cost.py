@@ -15,11 +15,12 @@ from lina_sim.config.scenario import expand
 from lina_sim.errors import ConfigError
 from lina_sim.hardware.compute import RooflineComputeModel
 from lina_sim.hardware.spec import load_preset
-from lina_sim.policies.placement import Placement
+from lina_sim.policies.placement import Placement, counts_by_source
 from lina_sim.routing.generator import RoutingTraceGenerator
 from lina_sim.serving.cost import (
     FFN_KERNELS,
     InferenceCostModel,
+    ServingCharge,
     block_size_m,
     grouped_gemm_time,
     padded_rows,
@@ -156,6 +157,70 @@ def test_charge_is_what_the_server_charges(trace16, policy):
         rec = server.records[-1]
         charged = server.charge.exact([(l, [plan.placements[l]], plan.counts_by_source[l]) for l in range(L)])
         assert np.allclose([c[0] for c in charged], rec.layer_moe, rtol=1e-9, atol=1e-12)
+
+
+def test_cheapest_is_the_argmin_of_the_exact_charge(trace16):
+    """The oracle's pick, which times only the candidates its lower bound cannot rule
+    out, is exactly the first cheapest under the exact charge, with swaps charged."""
+    data = {
+        "name": "t",
+        "kind": "inference",
+        "seed": 1,
+        "cluster": {"preset": "paper-testbed", "nodes": 4},
+        "model": {"preset": "transformer-xl-12", "experts": 16, "top_k": 1},
+        "serving": {"trace": str(trace16), "requests": 16, "arrival": {"process": "closed", "concurrency": 16}},
+        "policies": ["static", "fastermoe-shadow", "eplb", "lina", "oracle"],
+    }
+    setup = resolve_inference(expand(data)[0])
+    shared = serving_inputs(setup)
+    server = PolicyServer(setup, next(e for e in setup.policies if e.name == "oracle"), shared)
+    oracle, ex = server.policy, shared.serve_experts[: 16 * 64]
+    N, E = setup.cluster.world_size, setup.model.experts
+    items = []
+    for l in range(ex.shape[1]):
+        cbs = counts_by_source(ex[:, l], E, N)
+        items.append((l, oracle._candidates(l, ex[:, :l], cbs), cbs))
+    assert sum(len(c) for _, c, _ in items) > 3 * len(items)  # real choices to make
+    fresh = ServingCharge(shared.cost, setup.cluster, type(shared.a2a)(setup.cluster), server.cache.missing)
+    fresh.window = server.charge.window
+    want = [int(np.argmin(t)) for t in fresh.exact(items)]
+    assert server.charge.cheapest(items) == want
+
+
+@pytest.mark.parametrize("preset,nodes", [("paper-testbed", 4), ("paper-testbed", 1), ("dgx-a100", 2)])
+def test_quick_bound_is_read_off_the_send_matrix_without_building_it(preset, nodes):
+    """The quick all-to-all bound, from interval overlaps, equals to the bit the same
+    bound computed on the send matrix itself, for the dispatch and its transpose."""
+    cluster = load_preset(preset, nodes)
+    n, g = cluster.world_size, cluster.gpus_per_node
+    model = dataclasses.replace(model_preset("transformer-xl-12"), experts=12)
+    charge = ServingCharge(InferenceCostModel(model, cluster, 1), cluster, None)
+    node = np.arange(n) // g
+    intra_mask = (node[:, None] == node[None, :]) & ~np.eye(n, dtype=bool)
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        ps = []
+        for _ in range(4):
+            r = (rng.random((12, n)) < 0.3).astype(float)
+            r[np.arange(12), rng.integers(0, n, size=12)] = 1.0
+            ps.append(Placement.from_counts(n, r))
+        cbs = rng.integers(0, 60, size=(n, 12))
+        want = []
+        for p in ps:
+            sent = p.send_matrix(cbs).astype(float) * charge.cost.token_bytes
+            np.fill_diagonal(sent, 0.0)
+            bounds = []
+            for m in (sent, sent.T):
+                intra, inter = m * intra_mask, m * ~intra_mask
+                gpu = max(intra.sum(axis=1).max(), intra.sum(axis=0).max()) / cluster.nvlink.effective_bandwidth
+                node_out = np.bincount(node, weights=inter.sum(axis=1))
+                node_in = np.bincount(node, weights=inter.sum(axis=0))
+                nic = max(node_out.max(), node_in.max()) / (cluster.nic.effective_bandwidth * cluster.nics_per_node)
+                lat = cluster.nic.latency if inter.sum() > 0 else cluster.nvlink.latency
+                bounds.append(max(gpu, nic) + lat if m.sum() > 0 else 0.0)
+            assert bounds[0] == bounds[1]
+            want.append(bounds[0])
+        assert charge._quick_a2a(ps, cbs).tolist() == want
 
 
 def test_expert_cache_missing_is_what_load_would_swap_without_loading():

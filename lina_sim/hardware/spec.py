@@ -202,6 +202,14 @@ class ClusterSpec:
     - ``pcie``: each GPU's PCIe link to its NIC (and to host memory).
     - ``oversubscription``: node uplink capacity is NICs × NIC bandwidth / this factor;
       1.0 means a non-blocking fabric and no uplink is modelled.
+    - ``nodes_per_leaf`` (0: off, the NICs hang off one switch tier): a rail-optimised
+      leaf/spine fabric, as in NVIDIA's DGX SuperPOD: local NIC ``k`` of each of
+      ``nodes_per_leaf`` consecutive nodes (a scalable unit) plugs into one leaf switch,
+      the leaf of rail ``k``; a flow between NICs of one leaf stays on it, any other
+      flow climbs to the spines and back (two more switch hops). Each leaf has one
+      uplink and one downlink of ``nodes_per_leaf`` × NIC bandwidth /
+      ``leaf_oversubscription`` towards the spines (1: non-blocking, as the SuperPOD's
+      equal node-leaf, leaf-spine and spine-core cable counts are).
     - ``host``: ``None`` (the default) gives every rank a device of its own; a
       :class:`HostSpec` says every rank is a CPU process on one shared host (an emulated
       testbed).
@@ -223,6 +231,19 @@ class ClusterSpec:
         Field(float, 1.0, minimum=1, help="node uplinks' fabric oversubscription (a ratio; 1: non-blocking)")
     )
     switch_latency: float = declare(Field(float, 0.0, minimum=0, help="latency of one switch hop, s"))
+    nodes_per_leaf: int = declare(
+        Field(
+            int,
+            0,
+            minimum=0,
+            help="nodes whose NICs of one rail share a leaf switch (a scalable unit); 0: one switch tier",
+        )
+    )
+    leaf_oversubscription: float = declare(
+        Field(
+            float, 1.0, minimum=1, help="a leaf's NIC-facing over its spine-facing capacity (a ratio; 1: non-blocking)"
+        )
+    )
     compute: ComputeSpec = field(default_factory=ComputeSpec)
     nccl: NcclSpec = field(default_factory=NcclSpec)
     description: str = declare(Field(str, "", help="free text"))

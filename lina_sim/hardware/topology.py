@@ -18,7 +18,13 @@ Link layout (``n`` = world size, ``N`` = nodes):
   bandwidth (8 channels of DDR4-3200, about 200 GB/s per socket), so the GPUs' own links
   are the bottleneck; inter-socket links are not modelled either;
 - ``nic_tx[node, k]`` / ``nic_rx[node, k]``: NIC k of a node, out of / into the node;
-- only when oversubscribed: ``uplink[node]`` / ``downlink[node]`` into the fabric core.
+- only when oversubscribed: ``uplink[node]`` / ``downlink[node]`` into the fabric core;
+- only with a leaf/spine fabric (``nodes_per_leaf`` > 0): ``leaf_up[unit.rail]`` /
+  ``leaf_down[unit.rail]``: the leaf switch of NIC rail ``rail`` in scalable unit
+  ``unit`` (``nodes_per_leaf`` consecutive nodes), to and from the spines. A flow
+  between two NICs of one leaf crosses neither; any other inter-node flow crosses its
+  source leaf's uplink and its destination leaf's downlink, each one more switch hop.
+  The tiers above the spines are taken as non-blocking and without extra latency.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from lina_sim.errors import ConfigError
 from lina_sim.hardware.spec import ClusterSpec
 
 MAX_HOPS = 7  # longest path: pcie, nic_tx, uplink, downlink, nic_rx, pcie (+1 spare)
+LEAF_HOPS = 2  # a leaf/spine fabric adds leaf_up, leaf_down to a path across leaves
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,35 @@ class LinkTable:
 
     def __len__(self) -> int:
         return len(self.capacity)
+
+
+@dataclass(frozen=True)
+class PairClass:
+    """The flows of one path class among every ordered pair of ranks inside each block of
+    a partition (:meth:`Topology.block_pairs`), counted without listing the pairs.
+
+    ``hops``: links each flow crosses; ``kind``: the class as NCCL names it (``nvlink``,
+    ``pcie``, ``nic``); ``links`` (sorted) and ``mult``: the distinct links crossed and
+    how many of the class's flows cross each; ``per_src[i]``: flows the i-th given rank
+    sends in this class; ``latency``: one flow's path latency (s); ``n_flows``: all of
+    them."""
+
+    hops: int
+    kind: str
+    links: np.ndarray
+    mult: np.ndarray
+    per_src: np.ndarray
+    latency: float
+
+    @property
+    def n_flows(self) -> int:
+        return int(self.per_src.sum())
+
+
+def _cell_sizes(label: np.ndarray) -> np.ndarray:
+    """For each entry, how many entries share its label."""
+    _, inv, count = np.unique(label, return_inverse=True, return_counts=True)
+    return count[inv.ravel()]
 
 
 class Topology:
@@ -106,6 +142,15 @@ class Topology:
             up = k * nic.effective_bandwidth / c.oversubscription
             self._uplink = block("uplink", c.nodes, up, 0.0, lambda i: f"uplink[node{i}]")
             self._downlink = block("uplink", c.nodes, up, 0.0, lambda i: f"downlink[node{i}]")
+        self.leaves = c.nodes_per_leaf > 0
+        if self.leaves:
+            units = -(-c.nodes // c.nodes_per_leaf)
+            up = c.nodes_per_leaf * nic.effective_bandwidth / c.leaf_oversubscription
+            name = lambda i: f"[unit{i // k}.rail{i % k}]"  # noqa: E731
+            lat = c.switch_latency
+            self._leaf_up = block("leaf", units * k, up, lat, lambda i: "leaf_up" + name(i))
+            self._leaf_down = block("leaf", units * k, up, lat, lambda i: "leaf_down" + name(i))
+        self.max_hops = MAX_HOPS + (LEAF_HOPS if self.leaves else 0)
         self.links = LinkTable(
             kind=np.array(kinds),
             capacity=np.array(caps, dtype=np.float64),
@@ -126,6 +171,13 @@ class Topology:
         r = np.asarray(ranks, dtype=np.int64)
         return self.node_of(r) * self.cluster.nics_per_node + self._nic_of_gpu[self.local_of(r)]
 
+    def leaf_of(self, ranks) -> np.ndarray:
+        """Index of the leaf switch (unit * nics_per_node + rail) of each rank's NIC;
+        only with a leaf/spine fabric."""
+        r = np.asarray(ranks, dtype=np.int64)
+        k = self.cluster.nics_per_node
+        return (self.node_of(r) // self.cluster.nodes_per_leaf) * k + self._nic_of_gpu[self.local_of(r)]
+
     def check_ranks(self, ranks, field: str = "ranks") -> np.ndarray:
         r = np.asarray(ranks, dtype=np.int64).ravel()
         if r.size == 0:
@@ -139,10 +191,10 @@ class Topology:
     # -- paths -------------------------------------------------------------------------
     def paths(self, src, dst) -> np.ndarray:
         """Links crossed by each flow src[i] → dst[i], as an int64 matrix
-        [flows, MAX_HOPS] padded with -1. A flow from a rank to itself crosses nothing."""
+        [flows, max_hops] padded with -1. A flow from a rank to itself crosses nothing."""
         src = np.asarray(src, dtype=np.int64).ravel()
         dst = np.asarray(dst, dtype=np.int64).ravel()
-        out = np.full((src.size, MAX_HOPS), -1, dtype=np.int64)
+        out = np.full((src.size, self.max_hops), -1, dtype=np.int64)
         g = self.gpus_per_node
         same_node = (src // g) == (dst // g)
         intra = same_node & (src != dst)
@@ -168,7 +220,111 @@ class Topology:
             if self.oversubscribed:
                 out[inter, 4] = self._uplink + s // g
                 out[inter, 5] = self._downlink + d // g
+            if self.leaves:
+                ls, ld = self.leaf_of(s), self.leaf_of(d)
+                across = ls != ld
+                col = 6 if self.oversubscribed else 4
+                rows = np.flatnonzero(inter)[across]
+                out[rows, col] = self._leaf_up + ls[across]
+                out[rows, col + 1] = self._leaf_down + ld[across]
         return out
+
+    def block_pairs(self, ranks, block) -> list[PairClass]:
+        """The path classes of every ordered pair ``(s, d)``, ``s != d``, of ranks in the
+        same block (``block[i]`` labels ``ranks[i]``; ranks distinct), fewest hops first,
+        with the same links and multiplicities as :meth:`paths` of all those pairs would
+        give, in O(ranks + links) time and memory rather than O(pairs): each rank's
+        peers are only counted, per node (same node: the intra-node fabric; other
+        nodes: PCIe, NIC and, oversubscribed, the node's uplinks)."""
+        r = np.asarray(ranks, dtype=np.int64).ravel()
+        b = np.unique(np.asarray(block).ravel(), return_inverse=True)[1].ravel()
+        g = self.gpus_per_node
+        node = r // g
+        _, cell, cell_size = np.unique(b * self.nodes + node, return_inverse=True, return_counts=True)
+        same = cell_size[cell.ravel()] - 1  # peers on the rank's own node, in its block
+        other = np.bincount(b)[b] - 1 - same  # peers on other nodes
+        n_links = len(self.links)
+        classes: list[PairClass] = []
+
+        def add(kind: str, per_src: np.ndarray, link_ids: list[np.ndarray], counts: list[np.ndarray], tier="") -> None:
+            if not per_src.any():
+                return
+            mult = np.bincount(np.concatenate(link_ids), np.concatenate(counts).astype(np.float64), n_links)
+            links = np.flatnonzero(mult)
+            # One real pair of the class: its path gives the hop count and latency, which
+            # every pair of the class shares (a link block has one latency).
+            s = int(np.flatnonzero(per_src)[0])
+            d = self._peer(r, b, node, s, kind, tier)
+            path = self.paths([r[s]], [r[d]])
+            lat = float(self.latency_of_paths(path)[0])  # summed as for every flow's path
+            hops = int((path >= 0).sum())
+            classes.append(PairClass(hops, kind, links, mult[links], per_src.astype(np.int64), lat))
+
+        fabric = self.cluster.intra_node
+        if fabric == "nvswitch":
+            add("nvlink", same, [self._nvl_tx + r, self._nvl_rx + r], [same, same])
+        elif fabric == "nvlink-pairs":
+            lookup = np.full(self.world_size, -1, dtype=np.int64)
+            lookup[r] = b
+            bridged = (lookup[r ^ 1] == b).astype(np.int64)
+            add("nvlink", bridged, [self._nvl_bridge + r], [bridged])
+            rest = same - bridged
+            add("pcie", rest, [self._pcie_up + r, self._pcie_down + r], [rest, rest])
+        else:
+            src, dst = self._cell_pairs(r, cell.ravel())
+            add("nvlink", same, [self._nvl_pair + (src // g) * g * g + (src % g) * g + dst % g], [np.ones(src.size)])
+        nic = self._nic_tx + self.nic_index(r)
+        ids = [self._pcie_up + r, nic, nic - self._nic_tx + self._nic_rx, self._pcie_down + r]
+        if self.oversubscribed:
+            ids += [self._uplink + node, self._downlink + node]
+        if not self.leaves:
+            add("nic", other, ids, [other] * len(ids))
+        else:
+            # Peers on other nodes behind the rank's own leaf, and the rest, across the spines.
+            leaf = self.leaf_of(r)
+            on_leaf = _cell_sizes(b * (self.nodes * self.cluster.nics_per_node) + leaf)
+            on_leaf_here = _cell_sizes(
+                (b * self.nodes + node) * self.cluster.nics_per_node + self.nic_index(r) % self.cluster.nics_per_node
+            )
+            near = on_leaf - on_leaf_here
+            far = other - near
+            add("nic", near, ids, [near] * len(ids), "leaf")
+            add("nic", far, ids + [self._leaf_up + leaf, self._leaf_down + leaf], [far] * (len(ids) + 2), "spine")
+        return sorted(classes, key=lambda c: c.hops)
+
+    @staticmethod
+    def _cell_pairs(r: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every ordered pair of distinct ranks with the same ``cell`` label (at most a
+        node's GPUs each): O(ranks x GPUs per node)."""
+        order = np.argsort(cell, kind="stable")
+        cs = cell[order]
+        start = np.searchsorted(cs, cs, side="left")
+        size = np.searchsorted(cs, cs, side="right") - start
+        pos = np.arange(cs.size) - start
+        src, dst = [], []
+        for k in range(1, int(size.max()) if size.size else 1):
+            on = k < size
+            src.append(r[order[on]])
+            dst.append(r[order[start[on] + (pos[on] + k) % size[on]]])
+        if not src:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate(src), np.concatenate(dst)
+
+    def _peer(self, r: np.ndarray, b: np.ndarray, node: np.ndarray, s: int, kind: str, tier: str = "") -> int:
+        """Index of a rank that ``r[s]`` sends to in path class ``kind`` (one exists;
+        ``tier``: ``leaf`` or ``spine`` for a NIC class on a leaf/spine fabric)."""
+        mates = (b == b[s]) & (np.arange(r.size) != s)
+        if kind == "nic":
+            mates &= node != node[s]
+            if tier:
+                same_leaf = self.leaf_of(r) == self.leaf_of(r[s])
+                mates &= same_leaf if tier == "leaf" else ~same_leaf
+            return int(np.flatnonzero(mates)[0])
+        mates &= node == node[s]
+        if self.cluster.intra_node == "nvlink-pairs":
+            bridged = (r ^ 1) == r[s]
+            mates &= bridged if kind == "nvlink" else ~bridged
+        return int(np.flatnonzero(mates)[0])
 
     # -- link classes ------------------------------------------------------------------
     @property

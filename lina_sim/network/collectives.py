@@ -38,6 +38,22 @@ A step ends when its last flow ends. All work on any subset of ranks (a communic
 - ``send_recv`` (``p2p``), as nccl-tests' ``sendrecv_perf``: every rank sends to the next
   rank of the communicator and receives from the previous one, all pairs at once, one
   grouped p2p call priced like ``direct`` (``algo="flat"``: the pre-NCCL model).
+- ``all_to_all_groups``: the even all-to-alls of many communicators of one shape at once
+  (a step's expert-parallel groups across every data-parallel replica), as one process.
+
+Cost at frontier scale (issue 17). An even all-to-all (a number, or a matrix whose
+off-diagonal entries are all equal) never builds its n x n pairs: its steps are blocks
+of ranks that all exchange (the communicator; per node and per local index for the two
+hierarchical phases), and ``Topology.block_pairs`` counts each path class's link
+multiplicities from the ranks per node, rail and leaf, O(ranks + links). NCCL's p2p
+model prices the call from per-rank message counts. The per-pair construction is kept
+(``Collectives(exact_paths=True)``) as the reference these counts must match exactly
+(``tests/test_frontier_scale.py``). An uneven all-to-all of more than
+:data:`EXACT_FLOW_LIMIT` flows is aggregated per node pair, or per source node and
+span of destination nodes where node pairs would exceed :data:`AGGREGATE_LIMIT`
+(:meth:`Collectives._aggregate`: link loads exact, pacing within an aggregate
+proportional); on a skewed 256-GPU dispatch it lands within 0.4% of exact per-flow
+sharing (``benchmarks/bench_network.py --uneven``).
 
 Units: bytes, seconds.
 """
@@ -74,6 +90,9 @@ POINT_TO_POINT = {"sendrecv": ("p2p",)}
 TIMED_OPS: dict[str, tuple[str, ...]] = {**ALGORITHMS, **POINT_TO_POINT}
 # Uneven all-to-alls up to this many flows get one group per flow (exact max-min).
 EXACT_FLOW_LIMIT = 4096
+# Above it, at most this many aggregates (flow groups) per uneven step: node pairs, or
+# coarser (Collectives._cells). The fluid network's cost grows with the square of them.
+AGGREGATE_LIMIT = 256
 
 
 @dataclass(frozen=True)
@@ -211,9 +230,12 @@ class Collectives:
     phase instead of two per step.
     """
 
-    def __init__(self, net: FluidNetwork, pipelined: bool = True):
+    def __init__(self, net: FluidNetwork, pipelined: bool = True, exact_paths: bool = False):
         self.net = net
         self.pipelined = pipelined
+        # True: build every flow's path even for symmetric steps (O(flows)), the reference
+        # that the structural counting (Topology.block_pairs, O(ranks + links)) must match.
+        self.exact_paths = exact_paths
         self.env: simpy.Environment = net.env
         self.topo = net.topology
         # Everything below depends on the topology alone, so every Collectives on one
@@ -295,6 +317,18 @@ class Collectives:
         in ``all_to_all_single``) or an [n, n] matrix of bytes from rank i to rank j."""
         check_algo("all_to_all", algo)
         r = self._ranks(ranks)
+        if np.isscalar(send) and not self.exact_paths:
+            # Even split: per-class counts, never an [n, n] matrix or per-pair paths.
+            total = float(send)
+            if not total >= 0:
+                raise ConfigError("size", f"must be >= 0 bytes, got {send}")
+            if algo == "hierarchical":
+                _equal_per_node(_group_by_node(self.topo, r), "hierarchical all_to_all")
+            unit = total / r.size
+            # What the matrix form reports (a row's sum), to the last bit.
+            per_rank = total if algo == "direct" and self._nccl_gpu else float(np.full(r.size, unit).sum())
+            res = CollectiveResult("all_to_all", algo, r, per_rank, self.env.now, tag=tag)
+            return self.env.process(self._run(self._uniform_a2a(r, unit, algo, res), res))
         if algo == "direct" and self._nccl_gpu and np.isscalar(send):
             # Even split, the training step's case: no [n, n] matrix (8 MB at 1024 ranks).
             total = float(send)
@@ -306,6 +340,11 @@ class Collectives:
         if algo == "hierarchical":
             _equal_per_node(_group_by_node(self.topo, r), "hierarchical all_to_all")
         res = CollectiveResult("all_to_all", algo, r, float(matrix.sum(axis=1).max()), self.env.now, tag=tag)
+        unit = _uniform_off_diagonal(matrix)
+        if unit is not None and not self.exact_paths:
+            # Equal bytes between every pair: the even split's per-class path (a rank's
+            # bytes to itself move nowhere, whatever the diagonal holds).
+            return self.env.process(self._run(self._uniform_a2a(r, unit, algo, res), res))
         if algo == "flat":
             body = self._flat_a2a(r, matrix, res)
         elif algo == "direct":
@@ -362,6 +401,10 @@ class Collectives:
             paths = self.topo.paths(src, dst)
             lat = float(self.topo.latency_of_paths(paths).max())
             fair = 1.0 / np.bincount(src)[src]
+            if weight is not None and src.size > EXACT_FLOW_LIMIT and not self.exact_paths:
+                groups = self._aggregate(src, dst, paths, w, fair)
+                self._pattern_cache[key] = pat = StepPattern(tuple(groups), lat)
+                return pat
             if weight is not None and src.size <= EXACT_FLOW_LIMIT:
                 keys = np.arange(src.size)  # uneven: one group per flow, exact max-min
             else:
@@ -384,6 +427,52 @@ class Collectives:
             pat = StepPattern(tuple(groups), lat)
         self._pattern_cache[key] = pat
         return pat
+
+    def _aggregate(self, src, dst, paths, w, fair, wire=None) -> list[tuple]:
+        """The flows of an uneven step, too many for one group each, as one aggregate per
+        node pair (the flows inside a node: one per node), or coarser (:meth:`_cells`).
+        An aggregate moves its flows' bytes together (``w`` summed, relative to the
+        step's unit) and loads each link with exactly the bytes its flows put there
+        (``w x wire`` summed over the flows crossing it, ``wire``: bytes on the wire per
+        payload byte, default 1), as a fractional multiplicity; its fair-share weight is
+        its flows' weights summed.
+
+        The approximation: the flows of an aggregate progress in proportion to their
+        sizes and finish together, where exact max-min lets the small ones finish early
+        and hands their share to the rest. Link loads, and so the bottleneck link's busy
+        time, are exact; what can differ is how long a link that is not the bottleneck
+        idles. ``benchmarks/bench_network.py --uneven`` measures the error against exact
+        per-flow sharing."""
+        n_links = len(self.net.capacity)
+        cell = self._cells(src, dst)
+        hops = (paths >= 0).sum(axis=1)
+        flow = np.repeat(np.arange(src.size), hops)
+        load = w if wire is None else w * wire
+        ukey, inv = np.unique(cell[flow] * n_links + paths[paths >= 0], return_inverse=True)
+        link_load = np.bincount(inv.ravel(), weights=load[flow])
+        size, weight, count = np.bincount(cell, weights=w), np.bincount(cell, weights=fair), np.bincount(cell)
+        bounds = np.searchsorted(ukey // n_links, np.arange(size.size + 1))
+        links = ukey % n_links
+        return [
+            (links[a:b], link_load[a:b] / size[c], int(count[c]), float(size[c]), float(weight[c]))
+            for c, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+        ]
+
+    def _cells(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """The aggregate (0, 1, ...) of each flow ``src[i] -> dst[i]``: its node pair; where
+        that makes more than :data:`AGGREGATE_LIMIT` aggregates (an uneven all-to-all over
+        thousands of GPUs), its source node and a span of consecutive destination nodes,
+        the span as short as keeps them within the limit (a whole step per source node at
+        worst)."""
+        a, b = self.topo.node_of(src), self.topo.node_of(dst)
+        span = 1
+        while True:
+            _, cell = np.unique(a * self.topo.nodes + b // span, return_inverse=True)
+            cell = cell.ravel()
+            count = int(cell.max()) + 1
+            if count <= AGGREGATE_LIMIT or span >= self.topo.nodes:
+                return cell
+            span = min(self.topo.nodes, span * max(2, -(-count // AGGREGATE_LIMIT)))
 
     def _steps(self, pattern: StepPattern, bytes_per_unit: float, count: int, res: CollectiveResult):
         """``count`` identical steps: one merged step when pipelined, else one by one."""
@@ -538,16 +627,128 @@ class Collectives:
             kinds = nccl_p2p.kind_codes(self.topo, ranks[src_i], ranks[dst_i])
             latency = comm.latency(src_i, nbytes, kinds)
             share = comm.share(src_i, nbytes)
-            rate0 = max_min_rates([(g[0], g[1], g[4]) for g in pat.groups], self.net.capacity)
-            link_kind = self.topo.links.kind
-            groups = []
-            for g, r0 in zip(pat.groups, rate0):
-                kinds_g = set(link_kind[g[0]].tolist())
-                kind = nccl_p2p.NIC if "nic" in kinds_g else nccl_p2p.PCIE if "pcie" in kinds_g else nccl_p2p.NVLINK
-                infl = float(comm.inflation(g[3] * unit, kind, share, r0))
-                groups.append((g[0], g[1], g[2], g[3] * infl, g[4]))
-            cache[ckey] = StepPattern(tuple(groups), latency)
+            if not uniform and src_i.size > EXACT_FLOW_LIMIT and not self.exact_paths:
+                groups = self._inflated_aggregates(pat, comm, ranks[src_i], ranks[dst_i], nbytes / unit, unit, share)
+                cache[ckey] = StepPattern(groups, latency)
+            else:
+                cache[ckey] = self._inflated(pat, comm, unit, share, latency)
         yield from self._step(cache[ckey], unit, res)
+
+    def _block_step(self, key: tuple, ranks: np.ndarray, block: np.ndarray, unit: float, res, p2p: bool, comm=None):
+        """One step in which every rank sends ``unit`` bytes to every other rank of its
+        block (``block[i]`` labels ``ranks[i]``; blocks of equal size), as the per-pair
+        forms (:meth:`_p2p_step` with ``p2p``, else :meth:`_matrix_step`) would run it,
+        built from :meth:`Topology.block_pairs`' per-class counts: O(ranks + links), not
+        O(pairs). With ``p2p``, NCCL's p2p model of communicator ``comm`` (default
+        ``ranks``) prices the call."""
+        if not unit > 0:
+            return
+        comm_ranks = ranks if comm is None else comm
+        ckey = ("blocks", p2p, *key, ranks.tobytes(), block.tobytes(), unit if p2p else 0.0, comm_ranks.tobytes())
+        cache = self._p2p_steps if p2p else self._pattern_cache
+        if ckey not in cache:
+            classes = self.topo.block_pairs(ranks, block)
+            if not classes:  # blocks of one rank: nothing moves, and no step is counted
+                cache[ckey] = StepPattern((), 0.0)
+                return
+            sent = sum(c.per_src for c in classes)
+            senders = sent[sent > 0]
+            if senders.size and np.any(senders != senders[0]):
+                raise ValueError("blocks of one step must have equal sizes")
+            fair = 1.0 / senders[0] if senders.size else 1.0
+            groups = tuple((c.links, c.mult, c.n_flows, 1.0, fair) for c in classes)
+            pat = StepPattern(groups, max((c.latency for c in classes), default=0.0))
+            if p2p and groups:
+                comm = self._p2p_comm(comm_ranks)
+                idx = np.tile(np.arange(ranks.size), len(classes))
+                kinds = np.repeat([nccl_p2p.KIND_NAMES.index(c.kind) for c in classes], ranks.size)
+                count = np.concatenate([c.per_src for c in classes])
+                latency = comm.latency(idx, unit, kinds, count)
+                share = comm.share(idx, np.full(idx.size, unit), count)
+                pat = self._inflated(pat, comm, unit, share, latency)
+            cache[ckey] = pat
+        if cache[ckey].groups:
+            yield from self._step(cache[ckey], unit, res)
+
+    def _inflated(self, pat: StepPattern, comm: nccl_p2p.P2pComm, unit: float, share: float, latency: float):
+        """``pat`` as a grouped p2p call: the model's ``latency`` and each group's bytes
+        times its inflation, with the rate the group gets when every flow of the call
+        runs (see :meth:`_p2p_step`)."""
+        rate0 = max_min_rates([(g[0], g[1], g[4]) for g in pat.groups], self.net.capacity)
+        link_kind = self.topo.links.kind
+        groups = []
+        for g, r0 in zip(pat.groups, rate0):
+            kinds_g = set(link_kind[g[0]].tolist())
+            kind = nccl_p2p.NIC if "nic" in kinds_g else nccl_p2p.PCIE if "pcie" in kinds_g else nccl_p2p.NVLINK
+            infl = float(comm.inflation(g[3] * unit, kind, share, r0))
+            groups.append((g[0], g[1], g[2], g[3] * infl, g[4]))
+        return StepPattern(tuple(groups), latency)
+
+    def _inflated_aggregates(self, pat: StepPattern, comm, src, dst, w, unit: float, share: float) -> tuple:
+        """:meth:`_aggregate`'s groups of a grouped p2p call, each flow's bytes inflated by
+        the p2p model (:meth:`_inflated`) at the rate it gets when every aggregate runs:
+        its aggregate's rate split in proportion to size."""
+        paths = self.topo.paths(src, dst)
+        fair = 1.0 / np.bincount(src)[src]
+        cell = self._cells(src, dst)
+        rate = max_min_rates([(g[0], g[1], g[4]) for g in pat.groups], self.net.capacity)
+        rate0 = rate[cell] * w / np.bincount(cell, weights=w)[cell]
+        infl = comm.inflation(w * unit, nccl_p2p.kind_codes(self.topo, src, dst), share, rate0)
+        return tuple(self._aggregate(src, dst, paths, w, fair, wire=infl))
+
+    def _uniform_a2a(self, ranks: np.ndarray, unit: float, algo: str, res: CollectiveResult, label=None):
+        """An all-to-all of ``unit`` bytes per ordered pair (an even split), as ``algo``
+        runs it, without a per-pair matrix: ``direct`` and ``flat`` are one block per
+        communicator; ``hierarchical`` is a step with a block per node (the gather: each
+        GPU collects ``nodes x unit`` from each node-mate) then one with a block per
+        local index (the exchange: ``g x unit`` to each peer across nodes). ``label[i]``
+        names the communicator of ``ranks[i]`` when several of one shape run at once
+        (:meth:`all_to_all_groups`; default: one); NCCL's p2p model prices the first."""
+        label = np.zeros(ranks.size, np.int64) if label is None else label
+        first = ranks[label == label[0]]
+        p2p = algo != "flat" and self._nccl_gpu
+        if algo == "hierarchical" and len(_group_by_node(self.topo, first)) > 1:
+            node = self.topo.node_of(ranks)
+            order = np.lexsort((self.topo.local_of(ranks), node, label))
+            r, lab, node = ranks[order], label[order], node[order]
+            cell = lab * self.topo.nodes + node
+            local = np.arange(r.size) - np.searchsorted(cell, cell)  # position on its node
+            g = int(local.max()) + 1
+            unit1 = unit * (r.size // g // (int(lab.max()) + 1))  # x nodes per communicator
+            comm = r[lab == lab[0]]
+            yield from self._block_step(("a2a-h1",), r, cell, unit1, res, self._nccl_gpu, comm)
+            yield from self._block_step(("a2a-h2",), r, lab * g + local, unit * g, res, self._nccl_gpu, comm)
+            return
+        yield from self._block_step(("a2a-p2p",) if p2p else ("a2a",), ranks, label, unit, res, p2p, first)
+
+    def all_to_all_groups(self, groups: Sequence[Sequence[int]], send: float, algo: str = "direct", tag: str = ""):
+        """Even all-to-alls of ``send`` bytes per rank (as :meth:`all_to_all` with a number)
+        on every communicator of ``groups`` at once, as one process: the expert-parallel
+        groups of a step that every data-parallel replica runs together. The groups must
+        be disjoint and of one shape (as many ranks on as many nodes, as translates of one
+        group are); their flows form one step of per-class counts (O(ranks + links)
+        however many groups). The value is one :class:`CollectiveResult` over all their
+        ranks, ending when the last group ends. A bad name, an empty or overlapping
+        group, or groups of different shapes is a ConfigError."""
+        check_algo("all_to_all", algo)
+        gs = [self._ranks(g) for g in groups]
+        if not gs:
+            raise ConfigError("groups", "no communicator given")
+        ranks = self.topo.check_ranks(np.concatenate(gs), "groups")
+        shapes = {tuple(sorted(np.unique(self.topo.node_of(g), return_counts=True)[1].tolist())) for g in gs}
+        if len(shapes) > 1:
+            raise ConfigError("groups", "communicators of different shapes (ranks per node)", "translates of one group")
+        total = float(send)
+        if not total >= 0:
+            raise ConfigError("size", f"must be >= 0 bytes, got {send}")
+        if algo == "hierarchical":
+            _equal_per_node(_group_by_node(self.topo, gs[0]), "hierarchical all_to_all")
+        res = CollectiveResult("all_to_all", algo, ranks, total, self.env.now, tag=tag or "all_to_all")
+        if self.exact_paths:  # the reference: each communicator its own collective
+            procs = [self.all_to_all(g, total, algo, tag) for g in gs]
+            return self.env.process(self._run(_wait_all(self.env, procs), res))
+        label = np.repeat(np.arange(len(gs)), [g.size for g in gs])
+        return self.env.process(self._run(self._uniform_a2a(ranks, total / gs[0].size, algo, res, label), res))
 
     # -- all-to-all ----------------------------------------------------------------------
     def _flat_a2a(self, ranks: np.ndarray, matrix: np.ndarray, res: CollectiveResult):
@@ -625,6 +826,23 @@ def _shared_caches(topo) -> dict[str, dict]:
     if topo not in _CACHES:
         _CACHES[topo] = {k: {} for k in ("patterns", "rings", "checked", "nccl", "p2p_comms", "p2p_steps", "choices")}
     return _CACHES[topo]
+
+
+def _wait_all(env: simpy.Environment, procs: list) -> Generator:
+    """Wait until every process of ``procs`` has ended."""
+    yield env.all_of(procs)
+
+
+def _uniform_off_diagonal(matrix: np.ndarray) -> float | None:
+    """The bytes every ordered pair ``i != j`` of ``matrix`` carries when they are all
+    equal, else ``None``."""
+    n = matrix.shape[0]
+    if n < 2:
+        return None
+    # The off-diagonal entries are the n - 1 rows of n after dropping the first entry.
+    off = matrix.ravel()[1:].reshape(n - 1, n + 1)[:, :n]
+    unit = float(off[0, 0])
+    return unit if np.all(off == unit) else None
 
 
 @functools.lru_cache(maxsize=16)

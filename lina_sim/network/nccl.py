@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -450,7 +451,15 @@ def ring_orders(topo: Topology, by_node: list[np.ndarray]) -> list[np.ndarray]:
     nics = min(len(np.unique(topo.nic_index(n))) for n in by_node)
     per_node = min(n.size for n in by_node)
     channels = max(1, min(nics, per_node))
-    return [np.concatenate([np.roll(n, -c) for n in by_node]) for c in range(channels)]
+    return [np.concatenate(_rotated(by_node, c)) for c in range(channels)]
+
+
+def _rotated(by_node: list[np.ndarray], c: int) -> list[np.ndarray]:
+    """Each node's local order rotated left by ``c``; one array operation when every
+    node holds as many ranks (thousands of nodes at frontier scale)."""
+    if len({n.size for n in by_node}) == 1:
+        return list(np.roll(np.stack(by_node), -c, axis=1))
+    return [np.roll(n, -c) for n in by_node]
 
 
 def btree_parent(rank: int, n: int) -> int:
@@ -481,7 +490,7 @@ def _tree_layout(by_node: list[np.ndarray], channels: int) -> FlowLayout:
     src: list[np.ndarray] = []
     dst: list[np.ndarray] = []
     for c in range(channels):
-        chains = [np.roll(n, -c) for n in by_node]  # position 0 of each node's chain attaches the trees
+        chains = _rotated(by_node, c)  # position 0 of each node's chain attaches the trees
         up = np.concatenate([x[1:] for x in chains])  # chain hops, reduce direction: towards position 0
         down = np.concatenate([x[:-1] for x in chains])
         attach = np.array([x[0] for x in chains])
@@ -549,7 +558,20 @@ def equivalent_channels(topo: Topology, shape: CommShape, ring_bus_bw: float) ->
 
 def model_for(topo: Topology, by_node: list[np.ndarray]) -> tuple[NcclModel, dict[str, FlowLayout]]:
     """NCCL's table for a communicator (its ranks grouped by node) and the flow layouts
-    it was priced on."""
+    it was priced on; worked out once per topology and communicator (the allreduce's
+    tables and the p2p model both read it)."""
+    cache = _MODELS.setdefault(topo, {})
+    key = np.concatenate(by_node).tobytes()
+    if key not in cache:
+        cache[key] = _model_for(topo, by_node)
+    return cache[key]
+
+
+# Topology -> communicator -> (model, layouts), alive as long as the topology is.
+_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _model_for(topo: Topology, by_node: list[np.ndarray]) -> tuple[NcclModel, dict[str, FlowLayout]]:
     lay = layouts(topo, by_node)
     pci = frozenset(a for a, x in lay.items() if (topo.intra_link_kind(x.src, x.dst) == "pcie").any())
     shape = CommShape.of(topo.cluster, sum(x.size for x in by_node), len(by_node), pci)

@@ -176,7 +176,8 @@ class P2pComm:
         # paths.cc ncclTopoGetNchannels, per peer class; the minimum over the classes present.
         per_peer = []
         local = np.concatenate(by_node)
-        kinds = set(np.unique(kind_codes(topo, local[:, None], local[None, :])).tolist())
+        # The link classes among the communicator's pairs, counted per node (not per pair).
+        kinds = {KIND_NAMES.index(k.kind) for k in topo.block_pairs(local, np.zeros(local.size))}
         if NVLINK in kinds:
             path_bw = c.nvlink.bandwidth / GBPS  # the GPU's NVLink bandwidth, as NCCL's topology reads it
             per_peer.append(2 * max(1, int(path_bw / nccl.NVLINK_LINK_BW[shape.arch])))
@@ -251,14 +252,15 @@ class P2pComm:
         row = self.arch if self.nodes == 1 else int(self.amd_host)
         return nccl.LL_MAX_BW[row][min(self.nodes - 1, 2)] * GBPS
 
-    def share(self, src: np.ndarray, nbytes: np.ndarray) -> float:
+    def share(self, src: np.ndarray, nbytes: np.ndarray, count=None) -> float:
         """How many ops run concurrently on one channel at worst, for messages from rank
-        ``src[i]`` of ``nbytes[i]``: max over ranks of (channel slots its messages need /
-        p2pnChannels), at least 1 and at most a work batch (8): ops beyond a batch wait
-        for the next batch on that channel rather than split its warps."""
+        ``src[i]`` of ``nbytes[i]`` (``count[i]`` alike messages each; default one):
+        max over ranks of (channel slots its messages need / p2pnChannels), at least 1
+        and at most a work batch (8): ops beyond a batch wait for the next batch on that
+        channel rather than split its warps."""
         if np.size(src) == 0:
             return 1.0
-        slots = np.bincount(np.asarray(src), weights=self.channels_for(nbytes))
+        slots = np.bincount(np.asarray(src), weights=self.channels_for(nbytes) * _count(count, src))
         return min(float(P2P_PER_BATCH), max(1.0, float(slots.max()) / self.channels))
 
     def cap(self, nbytes, kind, share: float) -> tuple[np.ndarray, np.ndarray]:
@@ -277,17 +279,20 @@ class P2pComm:
         return np.maximum(1.0 / eta, np.asarray(rate0, dtype=np.float64) / cap)
 
     # -- per call -----------------------------------------------------------------------
-    def latency(self, src: np.ndarray, nbytes: np.ndarray, kinds: np.ndarray) -> float:
+    def latency(self, src: np.ndarray, nbytes: np.ndarray, kinds: np.ndarray, count=None) -> float:
         """The model's latency (s) of one grouped call whose messages go from rank
         ``src[i]`` (communicator index) with ``nbytes[i]`` bytes over link class
-        ``kinds[i]`` (:data:`KIND_NAMES` codes); messages of 0 bytes are not sent."""
+        ``kinds[i]`` (:data:`KIND_NAMES` codes), ``count[i]`` alike messages each (default
+        one); messages of 0 bytes are not sent."""
         src, b, kinds = np.asarray(src), np.asarray(nbytes, dtype=np.float64), np.asarray(kinds)
-        on = (b > 0) & (kinds != SELF)
+        b, kinds = np.broadcast_to(b, src.shape), np.broadcast_to(kinds, src.shape)
+        count = _count(count, src)
+        on = (b > 0) & (kinds != SELF) & (count > 0)
         if not on.any():
             return 0.0
-        src, b, kinds = src[on], b[on], kinds[on]
+        src, b, kinds, count = src[on], b[on], kinds[on], count[on]
         nch = self.channels_for(b)
-        ops = math.ceil(float(np.bincount(src, weights=nch).max()) / self.channels - 1e-9)
+        ops = math.ceil(float(np.bincount(src, weights=nch * count).max()) / self.channels - 1e-9)
         batches = max(1, math.ceil(ops / P2P_PER_BATCH))
         ll = self.is_ll(b, nch, kinds)
         lat = 0.0
@@ -300,9 +305,14 @@ class P2pComm:
                 hw_scale = self.net_scale if kind == NIC else local
                 lat = max(lat, nccl.BASE_LAT_US["ring"][p] * local + batches * hw[p] * hw_scale)
         net = kinds == NIC
-        remote = int(np.bincount(src[net]).max()) if net.any() else 0
+        remote = int(np.bincount(src[net], weights=count[net]).max()) if net.any() else 0
         overhead = nccl.NET_OVERHEAD_US["amd" if self.amd_host else "intel"] * self.net_scale
         return (lat + remote * overhead) * US
+
+
+def _count(count, src) -> np.ndarray:
+    """Messages each entry stands for: ``count`` as floats, or one each."""
+    return np.ones(np.shape(src)) if count is None else np.asarray(count, dtype=np.float64)
 
 
 __all__ = ["P2pComm"]

@@ -23,6 +23,17 @@ def top_experts(counts: np.ndarray, n: int) -> frozenset[int]:
     return frozenset(int(e) for e in order[:n])
 
 
+# A dense path -> row index per (layer, length) when it has at most this many entries
+# (E ** length keys); larger tables keep the binary search.
+_DENSE_KEYS = 1 << 20
+# Estimates kept per estimator: policies sharing one (Lina and its ablations, and the
+# oracle's copies of them) ask for the same batch's layers in turn.
+_MEMO = 16
+# Estimators fitted, kept for policies that fit the same settings on the same array.
+_FITTED: list[tuple[np.ndarray, tuple[int, int | None, int], PathEstimator]] = []
+_FITTED_SIZE = 4
+
+
 @dataclass
 class _Table:
     """Counts of next-layer choices for each distinct path of one length at one layer."""
@@ -30,6 +41,23 @@ class _Table:
     keys: np.ndarray  # int64 [U] sorted path keys
     counts: np.ndarray  # float64 [U, E] next-layer choice counts (all k choices)
     totals: np.ndarray  # float64 [U] tokens that had each path
+    probs: np.ndarray | None = None  # float64 [U, E] counts / totals, once asked
+    rows: np.ndarray | None = None  # int64 [E ** length]: row of a trusted key, else -1
+
+    def lookup(self, keys: np.ndarray, num_experts: int, length: int, min_count: int) -> np.ndarray:
+        """``int64 [n]``: the table row of each path key seen at least ``min_count``
+        times in training, else -1."""
+        if self.rows is None and num_experts**length <= _DENSE_KEYS:
+            rows = np.full(num_experts**length, -1, dtype=np.int64)
+            trusted = self.totals >= min_count
+            rows[self.keys[trusted]] = np.flatnonzero(trusted)
+            self.rows = rows
+        if self.rows is not None:
+            inside = (keys >= 0) & (keys < self.rows.size)  # an id outside 0..E-1 is never seen
+            return np.where(inside, self.rows[np.where(inside, keys, 0)], -1)
+        pos = np.minimum(np.searchsorted(self.keys, keys), self.keys.size - 1)
+        hit = (self.keys[pos] == keys) & (self.totals[pos] >= min_count)
+        return np.where(hit, pos, -1)
 
 
 class PathEstimator:
@@ -53,6 +81,23 @@ class PathEstimator:
         self.num_layers = 0
         self._marginal: list[np.ndarray] = []  # per layer: expected choices per token [E]
         self._tables: list[dict[int, _Table]] = []  # per layer: path length -> table
+        self._memo: dict[tuple[int, tuple[int, ...], bytes], np.ndarray] = {}
+
+    @classmethod
+    def fitted(cls, path_length: int, num_experts: int | None, min_count: int, experts: np.ndarray) -> PathEstimator:
+        """``PathEstimator(...).fit(experts)``, shared with earlier callers that asked
+        for the same settings on the same array object (fitting is deterministic, and
+        an estimator is read-only once fitted; the array must not be modified since,
+        as the serving layer's training slice never is)."""
+        key = (path_length, num_experts, min_count)
+        for arr, k, est in _FITTED:
+            if arr is experts and k == key:
+                return est
+        est = cls(path_length, num_experts=num_experts, min_count=min_count).fit(experts)
+        if len(_FITTED) >= _FITTED_SIZE:
+            _FITTED.pop(0)
+        _FITTED.append((experts, key, est))  # holding the array keeps its identity unique
+        return est
 
     # ---- training ------------------------------------------------------------------------
     def fit(self, experts: np.ndarray) -> PathEstimator:
@@ -70,6 +115,7 @@ class PathEstimator:
         self.num_layers = L
         top1 = ex[:, :, 0]
         self._marginal, self._tables = [], []
+        self._memo = {}
         for layer in range(L):
             nxt = ex[:, layer, :]  # [T, k]
             self._marginal.append(_bincount_rows(np.zeros(T, dtype=np.int64), nxt, 1, E)[0] / T)
@@ -106,18 +152,27 @@ class PathEstimator:
             table = self._tables[layer][m]
             idx = np.flatnonzero(todo)
             keys = _path_keys(paths[idx, paths.shape[1] - m :], self.num_experts)
-            pos = np.searchsorted(table.keys, keys)
-            pos_c = np.minimum(pos, table.keys.size - 1)
-            hit = (table.keys[pos_c] == keys) & (table.totals[pos_c] >= self.min_count)
-            rows = pos_c[hit]
-            out[idx[hit]] = table.counts[rows] / table.totals[rows, None]
+            found = table.lookup(keys, self.num_experts, m, self.min_count)
+            hit = found >= 0
+            if table.probs is None:
+                table.probs = table.counts / table.totals[:, None]
+            out[idx[hit]] = table.probs[found[hit]]
             todo[idx[hit]] = False
         out[todo] = self._marginal[layer] * 1.0
         return out
 
     def estimate(self, layer: int, paths: np.ndarray) -> np.ndarray:
-        """Expected (token, choice) count per expert at ``layer`` for these tokens: [E]."""
-        return self.distribution(layer, paths).sum(axis=0)
+        """Expected (token, choice) count per expert at ``layer`` for these tokens: [E]
+        (kept for repeats: a new array each call)."""
+        p = np.ascontiguousarray(paths, dtype=np.int64)
+        key = (layer, p.shape, p.tobytes())
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self.distribution(layer, p).sum(axis=0)
+            if len(self._memo) >= _MEMO:
+                del self._memo[next(iter(self._memo))]
+            self._memo[key] = hit
+        return hit.copy()
 
     @staticmethod
     def paths_for(top1: np.ndarray, layer: int, path_length: int) -> np.ndarray:

@@ -55,6 +55,7 @@ import numpy as np
 from lina_sim.hardware.processors import shared_finish_times
 from lina_sim.network.serving_a2a import AllToAllTimer
 from lina_sim.policies.placement import Placement, PlacementPolicy, decide_layer, token_sources
+from lina_sim.policies.placement.layout import assign_many, send_matrices
 from lina_sim.results.timeline import Event, Timeline
 from lina_sim.serving.cost import InferenceCostModel, ServingCharge
 from lina_sim.serving.requests import (
@@ -77,28 +78,35 @@ class ExpertCache:
 
     def __init__(self, layers: int, initial: Placement, slots: int):
         self.slots = slots
-        everything = list(range(initial.num_experts))
-        start = [everything if slots >= initial.num_experts else sorted(r) for r in initial.resident]
-        # Per layer, per device: expert ids, least recently used first.
-        self._held = [[list(h) for h in start] for _ in range(layers)]
+        e, n = initial.num_experts, initial.num_devices
+        held = np.ones((e, n), dtype=bool) if slots >= e else initial.share_matrix > 0
+        # Per layer, expert and device: when the device last used the expert's weights
+        # (larger is more recent; -1: not held). An expert's stamp is the load's clock
+        # times E plus its id, so the experts of one load rank by id, as a list of them
+        # appended in sorted order would.
+        self._stamp = np.where(held, np.arange(e)[:, None], -1)[None].repeat(layers, axis=0).astype(np.int64)
+        self._clock = 1
 
     def missing(self, layer: int, placement: Placement) -> np.ndarray:
         """``int64 [devices]``: experts of ``placement`` each device does not hold now
         (what :meth:`load` would swap in), without changing anything."""
-        held = self._held[layer]
-        return np.array([len(need.difference(held[d])) for d, need in enumerate(placement.resident)], dtype=np.int64)
+        return ((placement.share_matrix > 0) & (self._stamp[layer] < 0)).sum(axis=0)
 
     def load(self, layer: int, placement: Placement) -> np.ndarray:
         """Make ``placement``'s experts resident; returns ``int64 [devices]`` experts
         each device had to swap in."""
-        held = self._held[layer]
-        out = np.zeros(len(held), dtype=np.int64)
-        for dev, need in enumerate(placement.resident):
-            cur = held[dev]
-            keep = [e for e in cur if e not in need]
-            out[dev] = len(need) - (len(cur) - len(keep))
-            # The placement's experts become most recent; evict from the least recent.
-            held[dev] = keep[max(0, len(keep) + len(need) - self.slots) :] + sorted(need)
+        stamp = self._stamp[layer]
+        need = placement.share_matrix > 0
+        out = (need & (stamp < 0)).sum(axis=0)
+        e = stamp.shape[0]
+        np.copyto(stamp, self._clock * e + np.arange(e)[:, None], where=need)
+        self._clock += 1
+        # The placement's experts are now the most recent; evict from the least recent.
+        for dev in np.flatnonzero((stamp >= 0).sum(axis=0) > self.slots).tolist():
+            col = stamp[:, dev]
+            others = np.flatnonzero((col >= 0) & ~need[:, dev])
+            over = int((col >= 0).sum()) - self.slots
+            col[others[np.argsort(col[others], kind="stable")[:over]]] = -1
         return out
 
 
@@ -214,8 +222,6 @@ class PolicyServer:
         # counts_by_source for every layer at once: [L, N, E].
         flat = ((np.arange(L)[None, :, None] * N + src[:, None, None]) * E + ex).ravel()
         cbs_all = np.bincount(flat, minlength=L * N * E).reshape(L, N, E)
-        send = np.zeros((L, N, N), dtype=np.int64)
-        assign = np.zeros((L, E, N), dtype=np.int64)
         swap1 = np.zeros((L, N), dtype=np.int64)
         swap2 = np.zeros((L, N), dtype=np.int64)
         replanned = np.zeros(L, dtype=bool)
@@ -232,8 +238,9 @@ class PolicyServer:
                 replanned[l] = True
             finals.append(dec.final)
             gated[l] = dec.counts_by_source
-            send[l] = dec.final.send_matrix(dec.counts_by_source)
-            assign[l] = dec.final.assign(dec.counts)
+        # Every layer at once (each placement keeps its own for repeats).
+        send = send_matrices(finals, gated)  # [L, N, N]
+        assign = assign_many(finals, gated.sum(axis=1))  # [L, E, N]
         load = assign.sum(axis=1)  # [L, N] expert tokens per device
         imbalance = load.max(axis=1) / np.maximum(load.mean(axis=1), 1e-12)
         ffn = sh.cost.expert_ffn(assign)
@@ -406,7 +413,7 @@ class ServingInputs:
     pool: RequestPool
     request_seqs: np.ndarray  # [requests] pool index of each request's sequence
     cost: InferenceCostModel
-    a2a: AllToAllTimer  # for the charge bound to the policies (exact repeats are cached)
+    a2a: AllToAllTimer  # the charge bound to the policies and the runner share it (exact repeats are cached)
 
 
 def ffn_kind(setup: InferenceSetup) -> str:

@@ -306,6 +306,30 @@ PRESETS: dict[str, dict[str, Any]] = {
         for n in (12, 24, 36)
     },
     "gpt2-moe": dict(layers=12, d_model=768, d_ff=3072, heads=12, seq_len=1024, micro_batch=4, vocab=50257),
+    # DeepSeekMoE 16B (Dai et al., "DeepSeekMoE", arXiv:2401.06066, and the released
+    # deepseek-ai/deepseek-moe-16b-base config.json): 28 layers, hidden 2048, 16 heads,
+    # 64 routed experts of intermediate size 1408 with 6 routed per token, the first
+    # layer dense (first_k_dense_replace 1), vocabulary 102400, 4096-token context,
+    # rotary positions (no learned table), untied LM head. What lina-sim's ModelSpec
+    # cannot hold: the 2 shared experts (an always-on dense FFN of 2 x 1408, left out)
+    # and the dense layer's own width (10944; here it takes the experts' 1408). As in
+    # every preset, the expert count is the scenario's (``experts: 64`` is the model's own,
+    # expert parallelism 64: benchmarks/bench_frontier.py); one 4096-token sequence per
+    # GPU per step is our batch shape.
+    "deepseek-moe-16b": dict(
+        layers=28,
+        d_model=2048,
+        d_ff=1408,
+        heads=16,
+        seq_len=4096,
+        micro_batch=1,
+        vocab=102400,
+        top_k=6,
+        dtype="bf16",
+        moe_layers=tuple(range(1, 28)),
+        tie_embeddings=False,
+        learned_positions=False,
+    ),
     "bert2gpt2-moe": dict(
         layers=12,
         encoder_layers=12,

@@ -37,6 +37,11 @@ class LayerCharge(Protocol):
         (batched: one call may cover every layer of a batch)."""
         ...
 
+    def cheapest(self, items: Sequence[ChargeItem]) -> list[int]:
+        """Per item, the index of its first candidate with the least :meth:`exact`
+        charge (a charge may skip timing candidates it can prove dearer)."""
+        ...
+
 
 def spread_counts(counts: np.ndarray, num_devices: int) -> np.ndarray:
     """``int64 [devices, experts]``: whole per-expert ``counts`` spread as evenly as
@@ -96,3 +101,6 @@ class ProxyCharge:
 
     def exact(self, items: Sequence[ChargeItem]) -> list[np.ndarray]:
         return [self._one(p, c) for _, p, c in items]
+
+    def cheapest(self, items: Sequence[ChargeItem]) -> list[int]:
+        return [int(np.argmin(t)) for t in self.exact(items)]

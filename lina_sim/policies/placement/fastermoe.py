@@ -88,6 +88,8 @@ class FasterMoEShadow(PlacementPolicy):
         self.device_flops = float(device_flops)
         self._previous: dict[int, np.ndarray] = {}
         self._shadowed: dict[int, frozenset[int]] = {}
+        # Placements per shadow set: the greedy tries the same few sets batch after batch.
+        self._with: dict[frozenset[int], Placement] = {}
 
     def predict(self, layer: int, history: np.ndarray | None) -> np.ndarray | None:
         prev = self._previous.get(layer)
@@ -105,9 +107,15 @@ class FasterMoEShadow(PlacementPolicy):
         static = self.static_placement()
         if not shadows:
             return static
-        every = range(self.num_devices)
-        reps = [every if e in shadows else static.devices[e] for e in range(self.num_experts)]
-        return Placement.from_replicas(self.num_devices, reps, "shadow")
+        hit = self._with.get(shadows)
+        if hit is None:
+            every = range(self.num_devices)
+            reps = [every if e in shadows else static.devices[e] for e in range(self.num_experts)]
+            hit = Placement.from_replicas(self.num_devices, reps, "shadow")
+            if len(self._with) >= 4096:  # bounded: sets are few in practice
+                self._with.clear()
+            self._with[shadows] = hit
+        return hit
 
     def predicted_time(self, placement: Placement, counts: np.ndarray, new_shadows: int) -> float:
         """The cost model above, in seconds, for ``counts`` tokens per expert."""

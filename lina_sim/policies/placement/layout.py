@@ -86,6 +86,36 @@ class Placement:
             shares.append(tuple(weights[d] / total for d in devs) if total > 0 else ())
         return cls(num_devices, tuple(devices), tuple(shares), origin)
 
+    @classmethod
+    def from_counts(cls, num_devices: int, replicas: np.ndarray, origin: str = "") -> Placement:
+        """Build from ``replicas [experts, devices]``: how many replicas of expert e
+        device d holds (0: none); each expert's tokens split in proportion. The same
+        placement, to the bit, as :meth:`from_replicas` given those counts as weights,
+        without its per-expert Python work (planners build thousands per run)."""
+        r = np.asarray(replicas, dtype=np.float64)
+        if r.ndim != 2 or r.shape[1] != num_devices or not r.size:
+            raise ValueError(f"replicas has shape {r.shape}, expected (experts, {num_devices})")
+        total = r.sum(axis=1)
+        # A NaN or inf entry makes its row's total NaN or inf.
+        if not (r.min() >= 0 and total.min() > 0 and np.isfinite(total.max())):
+            raise ValueError("replicas must be finite, >= 0, with at least one device per expert")
+        share = r / total[:, None]
+        rows, cols = np.nonzero(r)
+        devs: list[list[int]] = [[] for _ in range(r.shape[0])]
+        vals: list[list[float]] = [[] for _ in range(r.shape[0])]
+        for e, d, v in zip(rows.tolist(), cols.tolist(), share[rows, cols].tolist()):
+            devs[e].append(d)
+            vals[e].append(v)
+        out = object.__new__(cls)
+        # Valid by construction: skip __post_init__'s per-expert checks.
+        object.__setattr__(out, "num_devices", int(num_devices))
+        object.__setattr__(out, "devices", tuple(map(tuple, devs)))
+        object.__setattr__(out, "shares", tuple(map(tuple, vals)))
+        object.__setattr__(out, "origin", origin)
+        share.setflags(write=False)
+        out.__dict__["share_matrix"] = share  # what the cached property would compute
+        return out
+
     @cached_property
     def _memo(self) -> dict[tuple[str, bytes], np.ndarray]:
         return {}
@@ -122,7 +152,7 @@ class Placement:
 
     def experts_per_device(self) -> np.ndarray:
         """``int64 [devices]``: how many experts' weights each device holds."""
-        return np.array([len(h) for h in self.resident], dtype=np.int64)
+        return (self.share_matrix > 0).sum(axis=0)
 
     def replica_counts(self) -> np.ndarray:
         """``int64 [experts]``: how many devices serve each expert."""
@@ -152,31 +182,7 @@ class Placement:
         Remainder ties go to devices in a rotating order starting at ``e mod N``, so the
         odd tokens of evenly replicated experts do not all land on device 0.
         """
-        c = _as_counts(counts, self.num_experts)
-        key = ("assign", c.tobytes())
-        hit = self._memo.get(key)
-        if hit is not None:
-            return hit
-        n = self.num_devices
-        s = self.share_matrix
-        exact = c[:, None] * s
-        base = np.floor(exact + 1e-9).astype(np.int64)
-        base = np.minimum(base, c[:, None])
-        remainder = c - base.sum(axis=1)
-        # Rounded so that equal shares produce exactly equal fractional parts.
-        frac = np.round(exact - base, 9)
-        frac[s == 0] = -1.0
-        extra = np.zeros_like(base)
-        todo = np.flatnonzero(remainder > 0)
-        if todo.size:
-            rot = (np.arange(n)[None, :] - todo[:, None]) % n
-            # Largest fraction first, ties by rotation: fractions (9 decimals) differ by
-            # >= 1e-9, more than the rotation term ever adds.
-            order = np.argsort(-frac[todo] + rot * (1e-10 / n), axis=1, kind="stable")
-            rank = np.empty_like(order)
-            np.put_along_axis(rank, order, np.arange(n)[None, :].repeat(todo.size, 0), axis=1)
-            extra[todo] = rank < remainder[todo, None]
-        return self._remember(key, base + extra)
+        return _assigned([self], counts)[0]
 
     def device_loads(self, counts: Sequence[int] | np.ndarray) -> np.ndarray:
         """``int64 [devices]``: tokens each device's expert FFNs process for these counts."""
@@ -194,28 +200,7 @@ class Placement:
         device itself serves the expert (up to that replica's quota); the rest are matched
         to the remaining quotas in device order.
         """
-        cbs = np.asarray(counts_by_source, dtype=np.int64)
-        n, e_count = self.num_devices, self.num_experts
-        if cbs.shape != (n, e_count):
-            raise ValueError(f"counts_by_source has shape {cbs.shape}, expected ({n}, {e_count})")
-        if (cbs < 0).any():
-            raise ValueError("counts_by_source must be >= 0")
-        key = ("send", cbs.tobytes())
-        hit = self._memo.get(key)
-        if hit is not None:
-            return hit
-        quota = self.assign(cbs.sum(axis=0))  # [E, N]
-        src = cbs.T  # [E, N]
-        local = np.minimum(src, quota)
-        out = np.diag(local.sum(axis=0))
-        src, dst = src - local, quota - local
-        remote = np.flatnonzero(src.any(axis=1))
-        # [experts, N, N] at a time, in chunks that keep memory small at large N.
-        step = max(1, (1 << 22) // (n * n))
-        for lo in range(0, remote.size, step):
-            rows = remote[lo : lo + step]
-            out += _interval_overlap(src[rows], dst[rows]).sum(axis=0)
-        return self._remember(key, out)
+        return _sent([self], counts_by_source)[0]
 
     def send_bytes(self, counts_by_source: np.ndarray, bytes_per_token: float) -> np.ndarray:
         """``float64 [devices, devices]``: :meth:`send_matrix` times ``bytes_per_token``."""
@@ -234,6 +219,96 @@ class Placement:
         recv = c @ (s - kept)
         send = c @ (even - kept)
         return send, recv, load
+
+
+def assign_many(placements: Sequence[Placement], counts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``int64 [placements, experts, devices]``: :meth:`Placement.assign` of each of
+    ``placements`` (same experts and devices) for ``counts`` (``[experts]``, the same
+    for all, or ``[placements, experts]``), computed together for those not already
+    kept, and kept on each."""
+    return np.stack(_assigned(placements, counts))
+
+
+def send_matrices(placements: Sequence[Placement], counts_by_source: np.ndarray) -> np.ndarray:
+    """``int64 [placements, devices, devices]``: :meth:`Placement.send_matrix` of each
+    of ``placements`` (same experts and devices) for ``counts_by_source`` (``[devices,
+    experts]``, the same for all, or ``[placements, devices, experts]``), computed
+    together for those not already kept, and kept on each."""
+    return np.stack(_sent(placements, counts_by_source))
+
+
+def _assigned(placements: Sequence[Placement], counts: Sequence[int] | np.ndarray) -> list[np.ndarray]:
+    e_count = placements[0].num_experts
+    raw = np.asarray(counts)
+    if raw.ndim == 2:
+        if raw.shape[0] != len(placements):
+            raise ValueError(f"counts has {raw.shape[0]} rows for {len(placements)} placements")
+        rows = [_as_counts(r, e_count) for r in raw]
+        keys = [("assign", r.tobytes()) for r in rows]
+    else:
+        rows = [_as_counts(raw, e_count)] * len(placements)
+        keys = [("assign", rows[0].tobytes())] * len(placements)
+    out = [p._memo.get(k) for p, k in zip(placements, keys)]
+    todo = [i for i, hit in enumerate(out) if hit is None]
+    if todo:
+        n = placements[0].num_devices
+        s = np.stack([placements[i].share_matrix for i in todo])  # [C, E, N]
+        c = np.stack([rows[i] for i in todo])  # [C, E]
+        exact = c[:, :, None] * s
+        base = np.floor(exact + 1e-9).astype(np.int64)
+        base = np.minimum(base, c[:, :, None])
+        remainder = c - base.sum(axis=2)  # [C, E]
+        # Rounded so that equal shares produce exactly equal fractional parts.
+        frac = np.round(exact - base, 9)
+        frac[s == 0] = -1.0
+        extra = np.zeros_like(base)
+        todo_c, todo_e = np.nonzero(remainder > 0)
+        if todo_c.size:
+            rot = (np.arange(n)[None, :] - todo_e[:, None]) % n
+            # Largest fraction first, ties by rotation: fractions (9 decimals) differ by
+            # >= 1e-9, more than the rotation term ever adds.
+            order = np.argsort(-frac[todo_c, todo_e] + rot * (1e-10 / n), axis=1, kind="stable")
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.arange(n)[None, :].repeat(todo_c.size, 0), axis=1)
+            extra[todo_c, todo_e] = rank < remainder[todo_c, todo_e, None]
+        for i, a in zip(todo, base + extra):
+            out[i] = placements[i]._remember(keys[i], a)
+    return out
+
+
+def _sent(placements: Sequence[Placement], counts_by_source: np.ndarray) -> list[np.ndarray]:
+    cbs = np.asarray(counts_by_source, dtype=np.int64)
+    n, e_count = placements[0].num_devices, placements[0].num_experts
+    per = cbs.ndim == 3
+    if cbs.shape[-2:] != (n, e_count) or cbs.ndim not in (2, 3) or (per and cbs.shape[0] != len(placements)):
+        want = f"({len(placements)}, {n}, {e_count})" if per else f"({n}, {e_count})"
+        raise ValueError(f"counts_by_source has shape {cbs.shape}, expected {want}")
+    if (cbs < 0).any():
+        raise ValueError("counts_by_source must be >= 0")
+    keys = [("send", c.tobytes()) for c in cbs] if per else [("send", cbs.tobytes())] * len(placements)
+    out = [p._memo.get(k) for p, k in zip(placements, keys)]
+    todo = [i for i, hit in enumerate(out) if hit is None]
+    if todo:
+        src = cbs[todo].transpose(0, 2, 1) if per else np.broadcast_to(cbs.T, (len(todo), e_count, n))
+        counts = src.sum(axis=2) if per else cbs.sum(axis=0)  # per placement, or shared
+        quota = np.stack(_assigned([placements[i] for i in todo], counts))  # [C, E, N]
+        local = np.minimum(src, quota)
+        sends = np.zeros((len(todo), n, n), dtype=np.int64)
+        idx = np.arange(n)
+        sends[:, idx, idx] = local.sum(axis=1)
+        src, dst = src - local, quota - local
+        # [placements, experts, N, N] at a time, in chunks that keep memory small at
+        # large N (rows with nothing left to send add zeros).
+        step = max(1, (1 << 22) // (e_count * n * n))
+        for lo in range(0, len(todo), step):
+            a, b = src[lo : lo + step], dst[lo : lo + step]
+            c = a.shape[0]
+            sends[lo : lo + step] += (
+                _interval_overlap(a.reshape(-1, n), b.reshape(-1, n)).reshape(c, e_count, n, n).sum(axis=1)
+            )
+        for i, m in zip(todo, sends):
+            out[i] = placements[i]._remember(keys[i], m)
+    return out
 
 
 def _interval_overlap(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

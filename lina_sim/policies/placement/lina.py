@@ -14,7 +14,7 @@ from lina_sim.policies.placement.base import PlacementPolicy, decide_layer
 from lina_sim.policies.placement.charge import spread_counts
 from lina_sim.policies.placement.layout import Placement
 from lina_sim.policies.placement.packing import lina_units, placement_from_groups
-from lina_sim.policies.placement.search import improve
+from lina_sim.policies.placement.search import improve, remembered
 from lina_sim.policies.registry import PLACEMENT_POLICIES, make_placement_policy
 
 _SEARCH_ROUNDS = Field(
@@ -120,8 +120,7 @@ class LinaPlacement(_BalancedPlanner):
     def fit(self, experts: np.ndarray) -> None:
         if self.estimator_kind != "path":
             return
-        self.estimator = PathEstimator(self.path_length, num_experts=self.num_experts, min_count=self.min_count)
-        self.estimator.fit(experts)
+        self.estimator = PathEstimator.fitted(self.path_length, self.num_experts, self.min_count, experts)
 
     def predict(self, layer: int, history: np.ndarray | None) -> np.ndarray | None:
         if self.estimator_kind == "previous":
@@ -223,9 +222,7 @@ class LinaCostPlacement(LinaPlacement):
         cands = [lina, self.static_placement()] + ([previous] if previous is not None else [])
         layer = self._layer
 
-        def quick(ps):
-            return self.charge.quick(layer, ps, cbs)
-
+        quick = remembered(lambda ps: self.charge.quick(layer, ps, cbs))
         t = quick(cands)
         start = cands[int(np.argmin(t))]
         best, _ = improve(start, counts, quick, self.max_experts_per_device, self.search_rounds, origin)
@@ -316,9 +313,7 @@ class OraclePlacement(_BalancedPlanner):
                 rules.setdefault(rule, r)
             cands += [self.static_placement()] + [r.plan_exact(counts) for r in rules.values()]
 
-            def quick(ps):
-                return self.charge.quick(layer, ps, cbs)
-
+            quick = remembered(lambda ps: self.charge.quick(layer, ps, cbs))
             t = quick(cands)
             start = cands[int(np.argmin(t))]
             best, _ = improve(start, counts, quick, self.max_experts_per_device, self.search_rounds, "oracle")
@@ -331,8 +326,8 @@ class OraclePlacement(_BalancedPlanner):
         return np.ascontiguousarray(cbs, dtype=np.int64).tobytes()
 
     def _choose(self, items: list[tuple[int, list[Placement], np.ndarray]]) -> None:
-        for (layer, cands, cbs), t in zip(items, self.charge.exact(items)):
-            self._chosen[layer] = (self._key(cbs), cbs.sum(axis=0), cands[int(np.argmin(t))])
+        for (layer, cands, cbs), i in zip(items, self.charge.cheapest(items)):
+            self._chosen[layer] = (self._key(cbs), cbs.sum(axis=0), cands[i])
 
     def see_batch(self, experts: np.ndarray, counts_by_source: np.ndarray) -> None:
         ex = np.asarray(experts)

@@ -60,6 +60,12 @@ def first_fit_decreasing(
 
 
 # ---------------------------------------------------------------------- Lina
+# Allocations kept for repeats: Lina and its ablations (and the oracle's copies of them,
+# and its plan from the exact counts) often allocate the same loads in turn.
+_LINA_MEMO: dict[tuple[bytes, int, int], tuple[list[list[int]], np.ndarray]] = {}
+_LINA_MEMO_SIZE = 256
+
+
 def lina_units(
     loads: Sequence[float] | np.ndarray, num_devices: int, max_items: int
 ) -> tuple[list[list[int]], np.ndarray]:
@@ -83,7 +89,19 @@ def lina_units(
     device order yet) and ``replicas[e]`` the number of groups holding expert ``e``;
     each replica takes ``1/replicas[e]`` of the expert's tokens. ``sum(loads)`` must be > 0.
     """
-    w = np.asarray(loads, dtype=np.float64)
+    w = np.ascontiguousarray(loads, dtype=np.float64)
+    key = (w.tobytes(), int(num_devices), int(max_items))
+    hit = _LINA_MEMO.get(key)
+    if hit is None:
+        hit = _lina_units(w, num_devices, max_items)
+        if len(_LINA_MEMO) >= _LINA_MEMO_SIZE:
+            del _LINA_MEMO[next(iter(_LINA_MEMO))]
+        _LINA_MEMO[key] = hit
+    return [list(g) for g in hit[0]], hit[1].copy()
+
+
+def _lina_units(w: np.ndarray, num_devices: int, max_items: int) -> tuple[list[list[int]], np.ndarray]:
+    """:func:`lina_units` computed."""
     n = num_devices
     total = float(w.sum())
     if not total > 0:
@@ -200,12 +218,17 @@ def eplb_pack(
     items.sort(key=lambda t: (-t[0], t[1]))
     devices: list[list[int]] = [[] for _ in range(num_devices)]
     load = np.zeros(num_devices)
+    used = np.zeros(num_devices, dtype=np.int64)
+    holds = np.zeros((len(w), num_devices), dtype=bool)
     for weight, e in items:
-        room = [d for d in range(num_devices) if len(devices[d]) < slots and e not in devices[d]]
-        if not room:  # only if slots are too few for distinct replicas; fall back to merging
-            room = [d for d in range(num_devices) if len(devices[d]) < slots] or [int(np.argmin(load))]
-        d = min(room, key=lambda x: (load[x], x))
+        room = (used < slots) & ~holds[e]
+        if not room.any():  # only if slots are too few for distinct replicas; fall back to merging
+            room = used < slots
+        # The least loaded device with room, the lowest on ties (argmin takes the first).
+        d = int(np.argmin(np.where(room, load, np.inf))) if room.any() else int(np.argmin(load))
         devices[d].append(e)
+        holds[e, d] = True
+        used[d] += 1
         load[d] += weight
     return devices
 
@@ -218,17 +241,24 @@ def align_units(groups: Sequence[Sequence[int]], previous: Placement | None) -> 
     n = len(groups)
     if previous is None:
         return list(range(n))
-    overlap = np.array([[len(set(g) & previous.resident[d]) for d in range(n)] for g in groups], dtype=np.int64)
+    member = np.zeros((n, previous.num_experts), dtype=np.int64)
+    for g, members in enumerate(groups):
+        member[g, list(members)] = 1  # distinct experts: a repeat counts once
+    overlap = member @ (previous.share_matrix > 0)  # [group, device] experts already there
+    # Largest overlap first; ties to the lowest group, then the lowest device. Only pairs
+    # with some overlap need the greedy: the pairs left over all have overlap 0 (a pair
+    # above it would have been taken at its level), so the free groups then take the
+    # free devices in order.
+    g_of, d_of = np.nonzero(overlap)  # group-major, devices ascending
+    order = np.argsort(-overlap[g_of, d_of], kind="stable")
     device_of = [-1] * n
-    free_g, free_d = set(range(n)), set(range(n))
-    # Largest overlap first; ties to the lowest group, then the lowest device.
-    order = sorted((-overlap[g, d], g, d) for g in range(n) for d in range(n))
-    for _, g, d in order:
-        if g in free_g and d in free_d:
+    free_d = [True] * n
+    for g, d in zip(g_of[order].tolist(), d_of[order].tolist()):
+        if device_of[g] < 0 and free_d[d]:
             device_of[g] = d
-            free_g.discard(g)
-            free_d.discard(d)
-    return device_of
+            free_d[d] = False
+    rest = iter([d for d in range(n) if free_d[d]])
+    return [d if d >= 0 else next(rest) for d in device_of]
 
 
 def placement_from_groups(
@@ -241,8 +271,8 @@ def placement_from_groups(
     (see :func:`align_units`); each expert's tokens are split evenly over its replicas."""
     device_of = align_units(groups, previous)
     # Counted per device: a device listed twice for one expert takes two replicas' tokens.
-    reps: list[dict[int, float]] = [{} for _ in range(num_experts)]
-    for g, members in enumerate(groups):
-        for e in members:
-            reps[e][device_of[g]] = reps[e].get(device_of[g], 0.0) + 1.0
-    return Placement.from_replicas(len(groups), reps, origin)
+    reps = np.zeros((num_experts, len(groups)))
+    experts = [e for members in groups for e in members]
+    devices = [device_of[g] for g, members in enumerate(groups) for _ in members]
+    np.add.at(reps, (experts, devices), 1.0)
+    return Placement.from_counts(len(groups), reps, origin)

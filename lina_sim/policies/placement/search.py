@@ -23,9 +23,11 @@ _COLD_DEVICES = 3
 
 
 def _with(replicas: list[list[int]], num_devices: int, origin: str) -> Placement:
-    # Even splits built directly: from_replicas' general weights are not needed here.
-    devices = tuple(tuple(sorted(set(r))) for r in replicas)
-    return Placement(num_devices, devices, tuple((1.0 / len(d),) * len(d) for d in devices), origin)
+    # Even splits: 1/r for each of an expert's r distinct devices.
+    held = np.zeros((len(replicas), num_devices))
+    for e, r in enumerate(replicas):
+        held[e, r] = 1.0
+    return Placement.from_counts(num_devices, held, origin)
 
 
 def neighbours(p: Placement, counts: np.ndarray, max_experts: int, origin: str) -> list[Placement]:
@@ -62,6 +64,22 @@ def neighbours(p: Placement, counts: np.ndarray, max_experts: int, origin: str) 
         fewer[e] = [x for x in reps[e] if x != busiest]
         out.append(_with(fewer, n, origin))
     return out
+
+
+def remembered(charge: Callable[[Sequence[Placement]], np.ndarray]) -> Callable[[Sequence[Placement]], np.ndarray]:
+    """``charge`` (placements → seconds each, for one layer and batch) asked only about
+    placements it has not seen yet: the search asks again about its starting point and
+    meets the same neighbours in successive steps. Equal placements (origin aside) are
+    charged once; a placement's charge does not depend on what it is charged with."""
+    seen: dict[Placement, float] = {}
+
+    def ask(placements: Sequence[Placement]) -> np.ndarray:
+        new = [p for p in dict.fromkeys(placements) if p not in seen]
+        if new:
+            seen.update(zip(new, map(float, charge(new))))
+        return np.array([seen[p] for p in placements])
+
+    return ask
 
 
 def improve(
