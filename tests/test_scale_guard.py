@@ -152,3 +152,36 @@ def test_a_long_point_is_announced_and_ctrl_c_leaves_nothing(tmp_path):
     finally:
         p.kill()
     assert not out.exists()
+
+
+def test_a_100000_gpu_serving_scenario_is_refused_in_a_second(tmp_path, capsys):
+    trace = Path(__file__).resolve().parents[1] / "traces" / "moe12-top1-arxiv.npz"
+    path = tmp_path / "big-serving.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "big-serving",
+                "kind": "inference",
+                "cluster": {"preset": "paper-testbed", "nodes": 25000},
+                "model": {"preset": "transformer-xl-12", "experts": 16, "top_k": 1},
+                "serving": {
+                    "trace": str(trace),
+                    "fold_experts": True,
+                    "requests": 100,
+                    "arrival": {"process": "poisson", "rate": 6800},
+                    "batching": {"tokens_per_gpu": 512},
+                },
+                "policies": ["static"],
+            }
+        )
+    )
+    t0 = time.perf_counter()
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert time.perf_counter() - t0 < 5  # generous: the check itself takes milliseconds
+    line = capsys.readouterr().err.strip()
+    assert (
+        "\n" not in line
+        and "cluster.nodes: serving 100000 GPUs needs about" in line
+        and "allowed: cluster.nodes <=" in line
+    )
+    assert not (tmp_path / "out").exists()

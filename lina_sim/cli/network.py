@@ -98,7 +98,8 @@ def _check_host_memory(cluster, op: str, algo: str) -> None:
     """Refuse, before anything is built, an ``op`` whose flows would not fit in this
     machine's available memory (per-flow bytes as measured for the training simulator);
     a ConfigError on ``--nodes`` with the size and how many nodes would fit."""
-    from lina_sim.training.run import HOST_BYTES_PER_FLOW, HOST_FIXED_BYTES, available_memory
+    from lina_sim.hardware.machine import available_memory
+    from lina_sim.training.run import HOST_BYTES_PER_FLOW, HOST_FIXED_BYTES
 
     have = available_memory()
 

@@ -18,6 +18,7 @@ import numpy as np
 from lina_sim.config.fields import Field, check_fields, check_mapping, declared
 from lina_sim.config.scenario import Scenario, beside
 from lina_sim.errors import ConfigError, RoutingTraceError
+from lina_sim.hardware.machine import available_memory, gigabytes
 from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.network.collectives import ALGORITHMS, algorithm_field
 from lina_sim.policies.placement import PlacementPolicy
@@ -261,6 +262,40 @@ def parse_placement_policies(entries: Any, where: str = "policies") -> list[Plac
     return out
 
 
+# The serving all-to-all timer works on a batch's [N, N] send matrix: the float64 matrix,
+# the rank-pair indices (2 x int64, the array a 100,000-GPU run failed to allocate at
+# 149 GiB) and the pairs' path kinds and weights, 64 B per ordered pair in all.
+SERVING_BYTES_PER_PAIR = 64.0
+SERVING_FIXED_BYTES = 300e6  # traces, requests and one batch's bookkeeping (about 220 MB at 128 GPUs)
+
+
+def check_serving_memory(cluster) -> None:
+    """Refuse, before anything is built, a serving cluster whose per-batch all-to-all
+    arrays would not fit this machine's available memory, naming the node count that
+    fits."""
+    have = available_memory()
+    if have is None:
+        return
+    n = cluster.world_size
+
+    def need(gpus: int) -> float:
+        return SERVING_FIXED_BYTES + gpus * gpus * SERVING_BYTES_PER_PAIR
+
+    if need(n) <= have:
+        return
+    fits = (
+        int(((have - SERVING_FIXED_BYTES) / SERVING_BYTES_PER_PAIR) ** 0.5) // cluster.gpus_per_node
+        if have > SERVING_FIXED_BYTES
+        else 0
+    )
+    raise ConfigError(
+        "cluster.nodes",
+        f"serving {n} GPUs needs about {gigabytes(need(n))} of memory (a {n} x {n} all-to-all per batch, "
+        f"{SERVING_BYTES_PER_PAIR:.0f} B per rank pair); this machine has {gigabytes(have)} available",
+        f"cluster.nodes <= {fits} ({fits * cluster.gpus_per_node} GPUs)" if fits else "none",
+    )
+
+
 def resolve_inference(sc: Scenario) -> InferenceSetup:
     """Validate every field of an inference scenario. Bad fields raise
     :class:`ConfigError` naming the YAML path and what is allowed; bad or mismatched
@@ -272,6 +307,7 @@ def resolve_inference(sc: Scenario) -> InferenceSetup:
         if key in d:
             raise ConfigError(key, "only allowed in a training scenario (kind: training)")
     cluster, model = resolve_cluster_and_model(d, sc.source)
+    check_serving_memory(cluster)
     policies = parse_placement_policies(d.get("policies"))
 
     if d.get("compute") is not None:

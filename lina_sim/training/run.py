@@ -24,6 +24,7 @@ from lina_sim.config.fields import Field, check_fields, check_mapping
 from lina_sim.config.scenario import Scenario
 from lina_sim.errors import ConfigError
 from lina_sim.hardware.compute import ProfileComputeModel, RooflineComputeModel
+from lina_sim.hardware.machine import available_memory, gigabytes
 from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.network.alone import AloneTimes
 from lina_sim.network.collectives import (
@@ -244,9 +245,9 @@ def check_gpu_memory(cluster: ClusterSpec, model: ModelSpec) -> None:
     if mem.total <= have:
         return
     need = (
-        f"{_gb(mem.total)} per GPU ({_gb(mem.states)} of weights, gradients and Adam state: 16 B x "
-        f"{mem.params / 1e6:.1f}M local parameters; {_gb(mem.activations)} of activations for micro_batch "
-        f"{model.micro_batch}) but {cluster.gpu.name} has {_gb(have)} (cluster.gpu.memory_bytes)"
+        f"{gigabytes(mem.total)} per GPU ({gigabytes(mem.states)} of weights, gradients and Adam state: 16 B x "
+        f"{mem.params / 1e6:.1f}M local parameters; {gigabytes(mem.activations)} of activations for micro_batch "
+        f"{model.micro_batch}) but {cluster.gpu.name} has {gigabytes(have)} (cluster.gpu.memory_bytes)"
     )
     per_sequence = mem.activations / model.micro_batch
     fits = int((have - mem.states) // per_sequence) if have > mem.states else 0
@@ -259,10 +260,6 @@ def check_gpu_memory(cluster: ClusterSpec, model: ModelSpec) -> None:
         f"training needs {need}",
         "a smaller model (layers, d_model, d_ff, vocab), or model.check_memory: false",
     )
-
-
-def _gb(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.3g} GB" if nbytes < 1e12 else f"{nbytes / 1e12:.3g} TB"
 
 
 # What one simulated training step holds in host memory, per item of the structures it
@@ -328,19 +325,6 @@ def expected_cpu_s(setup: TrainingSetup) -> float:
     return rank_ops * len(setup.policies) * CPU_S_PER_RANK_OP
 
 
-def available_memory() -> float | None:
-    """This machine's available memory, bytes (``MemAvailable`` of /proc/meminfo); None
-    where it cannot be read (not Linux), and then nothing is refused."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def check_host_memory(cluster: ClusterSpec, model: ModelSpec, policies: list[PolicyEntry]) -> None:
     """Refuse, before anything is built, a point whose simulation would not fit in this
     machine's available memory (:func:`host_memory`): a ConfigError on ``cluster.nodes``
@@ -375,8 +359,8 @@ def check_host_memory(cluster: ClusterSpec, model: ModelSpec, policies: list[Pol
         "cluster.nodes",
         f"simulating {est.gpus} GPUs ({model.experts} experts, {len(policies)} "
         f"{'policy' if len(policies) == 1 else 'policies'}) needs about "
-        f"{_gb(est.total)} of memory ({est.rank_ops:,} rank-ops, an all-to-all of {est.flows:,} flows); "
-        f"this machine has {_gb(have)} available",
+        f"{gigabytes(est.total)} of memory ({est.rank_ops:,} rank-ops, an all-to-all of {est.flows:,} flows); "
+        f"this machine has {gigabytes(have)} available",
         fits,
     )
 
