@@ -171,16 +171,23 @@ def _domains(d: pd.DataFrame) -> pd.Series:
     return d["domain"].astype(str) if "domain" in d.columns else pd.Series("mixed", index=d.index)
 
 
-def inference_latency(df: pd.DataFrame, path: str | Path, reference: str = "ideal") -> pd.DataFrame:
-    """p50 and p95 latency per placement policy normalised to ``reference`` (ideal) of the
-    same point and served domain; one panel per cluster size and other swept setting
-    (rows) and domain (columns), with the batches' skew in the panel title."""
+def _inference_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series, pd.Series, pd.Series, pd.Series]:
+    """An inference sweep's good rows with their served ``domain`` and ``setting`` label
+    added, their p50 and p95 latency, each row's policy name and point."""
     d = _ok(df).copy()
     p50, p95 = latency_column(d, "p50"), latency_column(d, "p95")
     d["domain"] = _domains(d)
     d["setting"] = _setting_labels(d.drop(columns=[c for c in d.columns if c.endswith(".domain")]), ["gpus", "experts"])
     name = d["policy_name"] if "policy_name" in d.columns else d["policy"]
     points = d["point"] if "point" in d.columns else pd.Series(0, index=d.index)
+    return d, p50, p95, name, points
+
+
+def inference_latency(df: pd.DataFrame, path: str | Path, reference: str = "ideal") -> pd.DataFrame:
+    """p50 and p95 latency per placement policy normalised to ``reference`` (ideal) of the
+    same point and served domain; one panel per cluster size and other swept setting
+    (rows) and domain (columns), with the batches' skew in the panel title."""
+    d, p50, p95, name, points = _inference_rows(df)
     rows = []
     for _, g in d.groupby([points, d["domain"]], sort=False):
         ref = g[name.loc[g.index] == reference]
@@ -235,12 +242,7 @@ def domain_ratios(df: pd.DataFrame, path: str | Path, baseline: str = "static") 
     with the skew of the domain's batches (busiest expert's tokens over the uniform
     share, mean over batches and layers; ``baseline``'s batches). The table covers every
     point; the figure the largest cluster, one row of panels (p50, p95) per other setting."""
-    d = _ok(df).copy()
-    p50, p95 = latency_column(d, "p50"), latency_column(d, "p95")
-    d["domain"] = _domains(d)
-    d["setting"] = _setting_labels(d.drop(columns=[c for c in d.columns if c.endswith(".domain")]), ["gpus", "experts"])
-    name = d["policy_name"] if "policy_name" in d.columns else d["policy"]
-    points = d["point"] if "point" in d.columns else pd.Series(0, index=d.index)
+    d, p50, p95, name, points = _inference_rows(df)
     rows = []
     for _, g in d.groupby([points, d["domain"]], sort=False):
         base = g[name.loc[g.index] == baseline]
