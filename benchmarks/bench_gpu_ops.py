@@ -31,11 +31,8 @@ from lina_sim.errors import LinaSimError
 from lina_sim.results.files import atomic_write_text
 from lina_sim.results.tables import text_table
 from lina_sim.workload.model import model_preset
+from runtime.calibrate import device_name
 from runtime.compute_profile import compare_ops
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
 def main(argv: list[str] | None = None) -> int:

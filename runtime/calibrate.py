@@ -343,7 +343,8 @@ def _link_fit(rows: list[dict]) -> dict:
     return {"bandwidth": bw, "latency": alpha, "efficiency": 1.0}
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The device as a profile names it: the CUDA device's name, or the CPU's."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu-{platform.processor() or platform.machine()}-1thread"
@@ -402,13 +403,13 @@ def build_profile(raw: dict, info, note: str = "") -> dict:
     )
     profile = {
         "name": f"calibrated-{host_name}-{nodes}x{lw}",
-        "description": f"measured: {nodes} x {lw} ranks on {_device_name(info.device)}"
+        "description": f"measured: {nodes} x {lw} ranks on {device_name(info.device)}"
         + (f" ({note})" if note else ""),
         "source": source,
         "nodes": nodes,
         "gpus_per_node": lw,
         "gpu": {
-            "name": _device_name(info.device),
+            "name": device_name(info.device),
             "peak_flops": peak,
             "hbm_bandwidth": copy_bw,
             "memory_bytes": _memory_bytes(info.device, lw),

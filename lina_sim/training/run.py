@@ -316,13 +316,20 @@ def host_memory(n: int, model: ModelSpec, policies: int, per_rank: int) -> HostM
 CPU_S_PER_RANK_OP = 20e-6
 
 
+def ops_per_rank(model: ModelSpec, world_size: int, policies: list[PolicyEntry]) -> int:
+    """The ops and gradient tensors of one rank's step, the same on every rank: at the
+    smallest packing (the largest expert-parallel group) and the deepest pipelining of
+    ``policies``, the largest program any of them runs."""
+    r = max((make_training_policy(e.name, **e.params).pipeline_degree for e in policies), default=1)
+    g = build_training_graph(model, world_size, None, r)
+    return len(g.ops) + len(g.grad_requests)
+
+
 def expected_cpu_s(setup: TrainingSetup) -> float:
     """About how long simulating ``setup``'s policies takes on one core (s), from the size
     of the step's program; what ``lina-sim run`` warns with before a long point."""
-    r = max((make_training_policy(e.name, **e.params).pipeline_degree for e in setup.policies), default=1)
-    g = build_training_graph(setup.model, setup.cluster.world_size, None, r)
-    rank_ops = setup.cluster.world_size * (len(g.ops) + len(g.grad_requests))
-    return rank_ops * len(setup.policies) * CPU_S_PER_RANK_OP
+    n = setup.cluster.world_size
+    return n * ops_per_rank(setup.model, n, setup.policies) * len(setup.policies) * CPU_S_PER_RANK_OP
 
 
 def check_host_memory(cluster: ClusterSpec, model: ModelSpec, policies: list[PolicyEntry]) -> None:
@@ -332,11 +339,7 @@ def check_host_memory(cluster: ClusterSpec, model: ModelSpec, policies: list[Pol
     have = available_memory()
     if have is None:
         return
-    r = max((make_training_policy(e.name, **e.params).pipeline_degree for e in policies), default=1)
-    # The step's program is the same on every rank: one rank's ops and gradient tensors,
-    # at the smallest packing (the largest expert-parallel group) and the deepest pipelining.
-    g = build_training_graph(model, cluster.world_size, None, r)
-    per_rank = len(g.ops) + len(g.grad_requests)
+    per_rank = ops_per_rank(model, cluster.world_size, policies)
 
     def need(nodes: int) -> HostMemory:
         n = nodes * cluster.gpus_per_node

@@ -24,13 +24,8 @@ SOURCE_SUFFIXES = (".py", ".yaml")
 
 
 def package_version() -> str:
-    """lina-sim's version (from the package, else from the installed metadata)."""
-    v = getattr(lina_sim, "__version__", None)
-    if v:
-        return str(v)
-    from importlib.metadata import version
-
-    return version("lina-sim")
+    """lina-sim's version (``lina_sim.__version__``, as ``--version`` prints it)."""
+    return lina_sim.__version__
 
 
 def source_hash(root: Path | None = None) -> str:
