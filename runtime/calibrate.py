@@ -403,8 +403,7 @@ def build_profile(raw: dict, info, note: str = "") -> dict:
     )
     profile = {
         "name": f"calibrated-{host_name}-{nodes}x{lw}",
-        "description": f"measured: {nodes} x {lw} ranks on {device_name(info.device)}"
-        + (f" ({note})" if note else ""),
+        "description": f"measured: {nodes} x {lw} ranks on {device_name(info.device)}" + (f" ({note})" if note else ""),
         "source": source,
         "nodes": nodes,
         "gpus_per_node": lw,
