@@ -171,3 +171,33 @@ def test_held_out_prediction(measured):
     assert held.loc["h100-8x8-allreduce-1", "held-out >=64MB"] <= 20
     # The profile fitted on all of a cluster's tables fits its large messages.
     assert (rows["profile >=64MB"].dropna() <= 15).all(), rows[["table", "profile >=64MB"]]
+
+
+def test_p2p_and_collective_tables_fit_in_separate_stages(tmp_path):
+    """With one-node p2p and one-node allreduce tables, the p2p tables fix NVLink and the
+    allreduces fit their own NVLink fraction, latency factor and NVLS efficiency (NCCL
+    prices them apart); without p2p tables the stages are as before."""
+    from lina_sim.experiments.calibration import fit_tables, stages
+
+    rows = [
+        {"collective": op, "size_bytes": s, "ranks": n, "ranks_per_node": n, "nodes": 1, "time_s": 1e-5 + s / 2e11}
+        for op, n in (("sendrecv", 2), ("allreduce", 8))
+        for s in SIZES
+    ]
+    path = tmp_path / "mixed.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    cluster = load_preset("dgx-h100")
+    tables = measured_tables([read_measured(path)])
+    planned = stages(cluster, fit_tables(tables, cluster, None, 24))
+    names = {stage: ([k.name for k in knobs], [t.config.collective for t in mine]) for stage, knobs, mine, _ in planned}
+    assert list(names) == ["nvlink", "collective"]
+    assert names["nvlink"] == (
+        ["nvlink.effective_bandwidth", "nccl.intra_latency_scale", "nccl.simple_latency_scale"],
+        ["sendrecv"],
+    )
+    assert names["collective"] == (
+        ["nccl.collective_efficiency", "nccl.nvls_efficiency", "nccl.collective_latency_scale"],
+        ["allreduce"],
+    )
+    only = [t for t in tables if t[1]["collective"].iloc[0] == "allreduce"]
+    assert [s for s, *_ in stages(cluster, fit_tables(only, cluster, None, 24))] == ["nvlink"]

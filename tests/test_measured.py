@@ -2,6 +2,7 @@
 with junk in it, bad inputs as one line naming file:line and the field, nccl-tests'
 sendrecv on the simulator, and measured tables shaped onto a preset."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -423,3 +424,40 @@ def test_forced_nccl_algo_and_proto_are_read_and_simulated(tmp_path):
         ((label, rows),) = measured_tables([read_measured(path)])
         shape = shape_for(load_preset("dgx-h100"), table_config(label, rows))
         assert (shape.algo, shape.proto) == (algo, proto), head
+
+
+def test_channel_bounds_on_the_command_line_are_simulated(tmp_path):
+    """NCCL_MIN_CTAS / NCCL_MAX_CTAS (or the legacy NCCL_MIN/MAX_NCHANNELS) on a pasted
+    command line bound the simulated comm->nChannels as NCCL combines them (the largest
+    minimum, the smallest maximum); a value that is not a whole number is one error
+    naming the file and line."""
+    from lina_sim.network import nccl
+
+    body = (
+        "# nThread 1 nGpus 1 minBytes 1048576 maxBytes 2097152 step: 2(factor)\n"
+        + "".join(f"#  Rank {r} Group  0 Pid {100 + r} on host{r // 8} device {r % 8} [0] H100\n" for r in range(16))
+        + "     1048576        262144     float     sum      -1    156.9    6.68   12.53      0\n"
+    )
+    cases = {
+        "mpirun -x NCCL_ALGO=Ring -x NCCL_MIN_CTAS=24 ./build/all_reduce_perf -b 1M\n": (24, None, 24.0),
+        "mpirun -x NCCL_MIN_NCHANNELS=4 -x NCCL_MIN_CTAS=20 -x NCCL_MAX_CTAS=32 ./all_reduce_perf\n": (20, 32, 20.0),
+        "mpirun -x NCCL_MAX_NCHANNELS=8 ./build/all_reduce_perf\n": (None, 8, 8.0),
+        "mpirun ./build/all_reduce_perf\n": (None, None, None),
+    }
+    for i, (head, (lo, hi, comm)) in enumerate(cases.items()):
+        path = tmp_path / f"run{i}.txt"
+        path.write_text(head + body)
+        ((label, rows),) = measured_tables([read_measured(path)])
+        config = table_config(label, rows)
+        assert (config.min_ctas, config.max_ctas) == (lo, hi), head
+        shape = shape_for(load_preset("dgx-h100"), config)
+        assert (shape.cluster.nccl.min_ctas, shape.cluster.nccl.max_ctas) == (lo, hi)
+        topo = Topology(shape.cluster)
+        model, _ = nccl.model_for(topo, [np.arange(8), np.arange(8, 16)])
+        default = nccl.comm_channels(dataclasses.replace(model.shape, min_ctas=None, max_ctas=None), model.channels, 45)
+        assert model.comm_channels == (default if comm is None else comm), head
+    bad = tmp_path / "bad.txt"
+    bad.write_text("mpirun -x NCCL_MIN_CTAS=lots ./build/all_reduce_perf\n" + body)
+    ((label, rows),) = measured_tables([read_measured(bad)])
+    with pytest.raises(ConfigError, match=r"bad\.txt:\d+.*NCCL_MIN_CTAS|channel setting"):
+        table_config(label, rows)

@@ -328,3 +328,50 @@ def test_corrections_change_the_time_not_nccls_choice():
     ll = m0.latency("ring", "LL", 4096), m1.latency("ring", "LL", 4096)
     simple = m0.latency("ring", "Simple", 4096), m1.latency("ring", "Simple", 4096)
     assert simple[1] / simple[0] > ll[1] / ll[0]  # Simple scaled by both factors
+
+
+def test_channel_counts_follow_nccls_duplication_rules():
+    """comm->nChannels: the search's channels, duplicated below 50 GB/s only with at most 4
+    channels on Hopper (search.cc ncclTopoDupChannels), doubled by ncclTopoPostset, then
+    bounded by NCCL_MIN_CTAS / NCCL_MAX_CTAS; the tuning model's own channel x speed
+    product is unchanged by the duplication."""
+    assert nccl.dup_factor(nccl.ARCHS.index("hopper"), 45.0, 1.04) == 2
+    assert nccl.dup_factor(nccl.ARCHS.index("hopper"), 45.0, 8.4) == 1
+    assert nccl.dup_factor(nccl.ARCHS.index("ampere"), 20.0, 1.0) == 1
+    assert nccl.dup_factor(nccl.ARCHS.index("ampere"), 30.0, 8.0) == 2
+    h100 = load_preset("dgx-h100", nodes=2)
+    lone, _ = nccl.model_for(Topology(h100), [np.array([0]), np.array([8])])  # 1 GPU per node
+    assert lone.channels * lone.graph_speed == pytest.approx(h100.nic.effective_bandwidth / 1e9)
+    assert lone.graph_speed == 22.5 and lone.comm_channels == pytest.approx(2 * lone.channels)
+    whole = model_of("dgx-h100", 2)  # 8 channels at 45 GB/s: not duplicated on Hopper
+    assert whole.graph_speed == 45.0 and whole.comm_channels == pytest.approx(2 * whole.channels)
+    shape = dataclasses.replace(whole.shape, min_ctas=24)
+    assert nccl.comm_channels(shape, whole.channels, whole.graph_speed) == 24
+    shape = dataclasses.replace(whole.shape, max_ctas=8)
+    assert nccl.comm_channels(shape, whole.channels, whole.graph_speed) == 8
+    # Hopper, across nodes, bwIntra > 45 with fewer than 16 channels: doubled again.
+    assert nccl.comm_channels(whole.shape, 4.0, 48.0) == 16
+
+
+def test_collective_corrections_change_one_node_ring_and_tree_only():
+    """collective_efficiency scales the one-node ring and tree bandwidths over NVLink (not
+    NVLS, not layouts across PCIe or nodes) and collective_latency_scale their intra-node
+    latencies; NCCL still chooses with its own table."""
+    base = load_preset("dgx-h100")
+    fixed = dataclasses.replace(
+        base, nccl=dataclasses.replace(base.nccl, collective_efficiency=0.5, collective_latency_scale=2.0)
+    )
+
+    def table(cluster, nodes):
+        c = cluster.with_nodes(nodes)
+        return nccl.model_for(Topology(c), [np.arange(k * 8, k * 8 + 8) for k in range(nodes)])[0]
+
+    one, one_fixed = table(base, 1), table(fixed, 1)
+    for algo in ("ring", "tree"):
+        assert one_fixed.cost(algo, "Simple").bandwidth == pytest.approx(0.5 * one.cost(algo, "Simple").bandwidth)
+        assert one_fixed.cost(algo, "LL").latency == pytest.approx(2 * one.cost(algo, "LL").latency)
+    assert one_fixed.cost("nvls", "Simple").bandwidth == one.cost("nvls", "Simple").bandwidth
+    for size in (1 << 10, 1 << 20, 1 << 30):
+        assert one_fixed.choose(size) == one.choose(size)
+    two, two_fixed = table(base, 2), table(fixed, 2)
+    assert two_fixed.cost("ring", "Simple").bandwidth == two.cost("ring", "Simple").bandwidth

@@ -107,13 +107,18 @@ def test_alone_all_to_all_takes_the_models_time(size, per_peer_rate):
     assert res.duration == pytest.approx(lat + size / 8 / rate, rel=1e-9)
 
 
-def test_alone_sendrecv_across_nodes_is_channel_bound():
+def test_alone_sendrecv_across_nodes_is_nic_bound():
     c = load_preset("dgx-h100", nodes=2)
     res, _, _ = run(c, "sendrecv", [0, 8], 64 << 20)
-    # A 2-rank, 2-node communicator: 2 p2p channels, a 64 MiB message uses both (14 GB/s each).
+    # A 2-rank, 2-node communicator: one search channel at 45 GB/s, duplicated
+    # (ncclTopoDupChannels) and doubled (ncclTopoPostset): 4 p2p channels; the 64 MiB
+    # message uses all 4 per peer (4 x 14 GB/s = 56 GB/s), so the NIC (47 GB/s) binds.
+    comm = comm_of(c, 1)
+    assert (comm.channels, comm.per_peer) == (4, 4)
+    assert 4 * NET_CH > c.nic.effective_bandwidth
     lat = (nccl.BASE_LAT_US["ring"][2] + nccl.HW_LAT_US["net"]["ring"][2] + 1.0) * US
     assert (res.op, res.algo) == ("sendrecv", "p2p")
-    assert res.duration == pytest.approx(lat + (64 << 20) / (2 * NET_CH), rel=1e-9)
+    assert res.duration == pytest.approx(lat + (64 << 20) / c.nic.effective_bandwidth, rel=1e-9)
     assert run(c, "sendrecv", [3], 1 << 20)[0].duration == 0.0
 
 

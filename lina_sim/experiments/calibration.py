@@ -6,12 +6,15 @@ the cluster: one-node tables move NVLink's effective bandwidth (bandwidth x effi
 all that large messages see) and NCCL's intra-node latency scale; one-node allreduces
 that NCCL may run as NVLS move the NVLS efficiency; multi-node tables move the NIC's
 effective bandwidth and NCCL's network latency scale (:class:`NcclSpec`), the intra-node
-part held at its fitted value. Bandwidth and efficiency are not separately identifiable
-from times, so the datasheet bandwidth is kept and only the efficiency moves, unless
-the fit needs more than the datasheet: then the bandwidth is raised and the efficiency
-is 1. PCIe is never fitted: on every simulated path it lies in series with the NIC, and
-no table isolates it. The links' own latencies are left at the preset's: only lina-sim's
-pre-NCCL models (``flat-ring``, ``flat``, ``hierarchical``) read them.
+part held at its fitted value. Where one-node p2p *and* one-node allreduce tables exist,
+the p2p tables alone move NVLink, and the allreduces then move the collectives' own
+NVLink fraction and latency factor (``collective`` stage; NCCL prices the two apart).
+Bandwidth and efficiency are not separately identifiable from times, so the datasheet
+bandwidth is kept and only the efficiency moves, unless the fit needs more than the
+datasheet: then the bandwidth is raised and the efficiency is 1. PCIe is never fitted:
+on every simulated path it lies in series with the NIC, and no table isolates it. The
+links' own latencies are left at the preset's: only lina-sim's pre-NCCL models
+(``flat-ring``, ``flat``, ``hierarchical``) read them.
 
 The loss is the mean over tables of the mean squared log-error, log(predicted /
 measured)^2, over at most ``max_rows`` sizes per table (spread evenly in log size), so
@@ -53,6 +56,9 @@ LATENCY_BOUND_BYTES = 8 * MB
 # fill): NCCL runs Simple there, and the fill is still a visible part of the time.
 SIMPLE_BOUND_BYTES = 64 * MB
 DEFAULT_MAX_ROWS = 24
+# The collectives NCCL's tuning model prices (tuning.cc); the rest of the timed
+# operations (sendrecv, all-to-all) are grouped p2p, which it does not.
+COLLECTIVES = ("allreduce",)
 
 
 def algo_for(collective: str, algo: str | None) -> str | None:
@@ -293,6 +299,14 @@ def stages(cluster: ClusterSpec, tables: Sequence[FitTable]) -> list[tuple[str, 
 
     - ``nvlink``: one-node tables (all-to-all, sendrecv, non-NVLS allreduce) move NVLink's
       effective bandwidth and NCCL's intra-node latency scale;
+    - where one-node p2p (sendrecv, all-to-all) *and* one-node allreduce tables exist,
+      instead: ``nvlink`` on the p2p tables, then ``collective`` on the allreduces, which
+      moves the collectives' own NVLink fraction and intra-node latency factor
+      (``NcclSpec.collective_efficiency``, ``collective_latency_scale``) and, if NCCL may
+      run NVLS there, the NVLS efficiency: NCCL runs p2p on per-peer channels and
+      collectives on its graph channels (``paths.cc`` / ``search.cc``), so the two
+      disagree on what NVLink delivers (Vidur's DGX H100: p2p 347 GB/s, ring allreduce
+      busbw 273 GB/s at 64 MB);
     - ``nvls``: one-node allreduces NCCL may run as NVLS move its efficiency (the
       ``nvlink`` stage uses them only when no other one-node table exists);
     - ``nic``: multi-node tables move the NIC's effective bandwidth and NCCL's network
@@ -302,10 +316,21 @@ def stages(cluster: ClusterSpec, tables: Sequence[FitTable]) -> list[tuple[str, 
     least :data:`MIN_IDENTIFYING_ROWS` sizes in (1 MiB, :data:`SIMPLE_BOUND_BYTES`].
     """
     one = [t for t in tables if t.config.nodes == 1]
-    nvls = [t for t in one if _nvls_table(cluster, t)]
-    plain = [t for t in one if t not in nvls] or one
+    p2p = [t for t in one if t.config.collective not in COLLECTIVES]
+    collectives = [t for t in one if t.config.collective in COLLECTIVES]
     multi = [t for t in tables if t.config.nodes > 1]
     planned: list[tuple[str, list[Knob], list[FitTable], bool]] = []
+    if p2p and collectives:
+        # NCCL prices p2p and collectives apart (NcclSpec.collective_efficiency): the p2p
+        # tables fix the NVLink link, the collectives their own fraction of it.
+        planned.append(("nvlink", [bandwidth_knob("nvlink")], p2p, "intra_latency_scale"))
+        knobs = [nccl_knob("collective_efficiency", math.log(0.8), 1.0)]
+        if any(_nvls_table(cluster, t) for t in collectives):
+            knobs.append(nccl_knob("nvls_efficiency", math.log(0.8), 1.0))
+        planned.append(("collective", knobs, collectives, "collective_latency_scale"))
+        one = []
+    nvls = [t for t in one if _nvls_table(cluster, t)]
+    plain = [t for t in one if t not in nvls] or one
     if plain:
         planned.append(("nvlink", [bandwidth_knob("nvlink")], plain, "intra_latency_scale"))
     if nvls and plain is not one:
@@ -408,7 +433,7 @@ def profile(calibration: Calibration, base: Mapping[str, Any], preset: str) -> d
         "preset": preset,
         "algo": c.algo or "default",
         "method": "Nelder-Mead in log space on each stage's knobs (link bandwidth x efficiency, NCCL latency "
-        "scales, NVLS efficiency); loss: mean over tables of mean squared log(predicted / measured)",
+        "scales, NVLS and collective efficiencies); loss: mean over tables of mean squared log(predicted / measured)",
         "sources": [{"file": f, "tables": ts} for f, ts in sources.items()],
         "fitted": fitted,
         "residuals_before": _residuals(c.before),

@@ -73,6 +73,7 @@ MEASURED_COLUMNS = (
     "nccl_version",
     "nccl_algo",
     "nccl_proto",
+    "nccl_channels",
     "format",
     "source",
     "line",
@@ -146,6 +147,7 @@ class _Rows:
         nccl_version: str = "",
         nccl_algo: str = "",
         nccl_proto: str = "",
+        nccl_channels: str = "",
     ) -> None:
         where = f"{self.path}:{line}"
         if ranks % ranks_per_node:
@@ -170,6 +172,7 @@ class _Rows:
                 "nccl_version": nccl_version,
                 "nccl_algo": nccl_algo,
                 "nccl_proto": nccl_proto,
+                "nccl_channels": nccl_channels,
                 "format": self.fmt,
                 "source": self.path,
                 "line": int(line),
@@ -211,7 +214,15 @@ _NCCL_CODE = re.compile(r"nccl-library=(\d+)")
 _NCCL_VERSION = re.compile(r"NCCL version\s+(\d+\.\d+\.\d+)")
 # NCCL_ALGO / NCCL_PROTO set for the run, as a command line or an env dump shows them
 # ("mpirun -x NCCL_ALGO=Ring ...", "NCCL INFO NCCL_PROTO set by environment to LL128").
-_NCCL_ENV = re.compile(r"\bNCCL_(ALGO|PROTO)(?:=|\s+set by environment to\s+)([\w^,]+)")
+_NCCL_ENV = re.compile(
+    r"\bNCCL_(ALGO|PROTO|MIN_CTAS|MAX_CTAS|MIN_NCHANNELS|MAX_NCHANNELS|MIN_NRINGS|MAX_NRINGS)"
+    r"(?:=|\s+set by environment to\s+)([\w^,]+)"
+)
+# The channel-count variables, as NCCL combines them (connect.cc ncclTopoPostset: the
+# channel count is at least max(NCCL_MIN_NCHANNELS, NCCL_MIN_CTAS) and at most
+# min(NCCL_MAX_NCHANNELS, NCCL_MAX_CTAS); NCCL_MIN/MAX_NRINGS are the oldest names).
+_CHANNEL_ENV = {"MIN_CTAS": "min", "MIN_NCHANNELS": "min", "MIN_NRINGS": "min"}
+_CHANNEL_ENV |= {"MAX_CTAS": "max", "MAX_NCHANNELS": "max", "MAX_NRINGS": "max"}
 # The table `lina-sim collective` prints: "# allreduce (auto) on dgx-a100: 2 node(s) x 8 GPUs = 16 ranks"
 # (in the parentheses the algorithm asked for, e.g. flat-ring, and a forced protocol: "tree, proto LL")
 _LINA_TITLE = re.compile(
@@ -433,6 +444,7 @@ def _data_row(rows: _Rows, st: _RunState, tokens: list[str], lineno: int, file_o
         nccl_version=st.version,
         nccl_algo=st.env.get("ALGO", ""),
         nccl_proto=st.env.get("PROTO", ""),
+        nccl_channels=channel_env(st.env),
     )
 
 
@@ -526,6 +538,7 @@ def _read_own(path: str, text: str) -> pd.DataFrame:
             nccl_version=r.get("nccl_version", ""),
             nccl_algo=r.get("nccl_algo", "") or "",
             nccl_proto=r.get("nccl_proto", "") or "",
+            nccl_channels=r.get("nccl_channels", "") or "",
         )
     return rows.frame(1, f"rows with the columns {', '.join(OWN_COLUMNS)}")
 
@@ -654,8 +667,10 @@ def measured_tables(frames: Iterable[pd.DataFrame]) -> list[tuple[str, pd.DataFr
 
 @dataclass(frozen=True)
 class TableConfig:
-    """One measured table's configuration: collective, ranks, ranks per node, nodes, and
-    the file it came from."""
+    """One measured table's configuration: collective, ranks, ranks per node, nodes, the
+    file it came from, and what its run forced: ``NCCL_ALGO`` / ``NCCL_PROTO`` ("" if
+    unset) and the channel bounds ``NCCL_MIN_CTAS`` / ``NCCL_MAX_CTAS`` (or their legacy
+    ``NCCL_MIN/MAX_NCHANNELS`` names; ``None`` if unset)."""
 
     label: str
     collective: str
@@ -665,6 +680,40 @@ class TableConfig:
     source: str
     nccl_algo: str = ""
     nccl_proto: str = ""
+    min_ctas: int | None = None
+    max_ctas: int | None = None
+
+
+def channel_env(env: dict[str, str]) -> str:
+    """The channel bounds a run's NCCL environment sets, as ``min=24 max=32`` (either
+    part absent when unset; "" for neither): ``max`` of the ``NCCL_MIN_*`` variables,
+    ``min`` of the ``NCCL_MAX_*`` ones, as NCCL combines them. A value that is not an
+    integer is kept as written, for :func:`channel_bounds` to refuse with its line."""
+    bounds: dict[str, list[str]] = {}
+    for key, side in _CHANNEL_ENV.items():
+        if key in env:
+            bounds.setdefault(side, []).append(env[key])
+    out = []
+    for side, pick in (("min", max), ("max", min)):
+        if side in bounds:
+            values = bounds[side]
+            ints = [int(v) for v in values if _INT.match(v)]
+            out.append(f"{side}={pick(ints) if len(ints) == len(values) else ','.join(values)}")
+    return " ".join(out)
+
+
+def channel_bounds(text: str, where: str) -> tuple[int | None, int | None]:
+    """(min, max) channel counts of a :func:`channel_env` string (``None`` where unset);
+    a value that is not an integer >= 1 is a ConfigError at ``where``."""
+    bounds: dict[str, int | None] = {"min": None, "max": None}
+    for part in text.split():
+        side, _, value = part.partition("=")
+        if side not in bounds or not _INT.match(value) or int(value) < 1:
+            raise ConfigError(
+                where, f"NCCL channel setting {part!r}", "NCCL_MIN_CTAS / NCCL_MAX_CTAS = an integer >= 1"
+            )
+        bounds[side] = int(value)
+    return bounds["min"], bounds["max"]
 
 
 def table_config(label: str, rows: pd.DataFrame) -> TableConfig:
@@ -685,4 +734,5 @@ def table_config(label: str, rows: pd.DataFrame) -> TableConfig:
         str(first["source"]),
         env("nccl_algo"),
         env("nccl_proto"),
+        *channel_bounds(env("nccl_channels"), f"{first['source']}:{first['line']}"),
     )

@@ -260,7 +260,9 @@ def shape_for(
     :func:`allreduce_protocol`'s, else ``auto``) applies to allreduce tables only. A table
     that does not fit, whose collective the simulator lacks, or whose allreduce the
     algorithm and protocol cannot run on that shape (``nvls`` across nodes) is one
-    ConfigError naming its file or the flag."""
+    ConfigError naming its file or the flag. Channel bounds the run set
+    (``NCCL_MIN_CTAS`` / ``NCCL_MAX_CTAS``, :class:`TableConfig`) go into the shaped
+    cluster's ``nccl`` block, so the run is simulated with NCCL's channel count as it ran."""
     c = config
     if c.collective not in TIMED_OPS:
         raise ConfigError(c.source, f"table {c.label}: collective {c.collective!r} is not simulated", sorted(TIMED_OPS))
@@ -288,6 +290,9 @@ def shape_for(
             f"tables of {fits}; --gpus-per-node and --nodes shape the cluster",
         )
     shaped = cluster if fixed_nodes else cluster.with_nodes(c.nodes)
+    if c.min_ctas is not None or c.max_ctas is not None:  # the run's NCCL_MIN_CTAS / NCCL_MAX_CTAS
+        nccl = dataclasses.replace(shaped.nccl, min_ctas=c.min_ctas, max_ctas=c.max_ctas)
+        shaped = dataclasses.replace(shaped, nccl=nccl)
     ranks = (np.arange(c.nodes)[:, None] * g + np.arange(c.ranks_per_node)[None, :]).ravel()
     if c.collective == "allreduce" and (NCCL_ALLREDUCE.get(algo) is not None or proto != "auto"):
         try:  # a forced NCCL algorithm or protocol: does this shape have it?

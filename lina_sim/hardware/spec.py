@@ -118,8 +118,27 @@ class NcclSpec:
       more than NCCL's estimate filling that pipeline costs, which the LL protocols
       (small sizes) do not identify.
 
+    - ``collective_efficiency``: the fraction of the NVLink bandwidth (as point-to-point
+      copies reach it) that ring and tree collectives reach on one node (0, 1]. NCCL
+      prices p2p and collectives apart: p2p copies run on ``p2pnChannelsPerPeer``
+      channels per peer (``paths.cc: ncclTopoGetNchannels``), ring and tree on the graph
+      search's ``nChannels x bwIntra`` (``search.cc: ncclTopoCompute``, discrete speeds)
+      with a reduction in the loop, so one NVLink number cannot fit both. Fitted only
+      where one-node p2p tables fixed the link and one-node collective tables exist.
+    - ``collective_latency_scale``: multiplies the intra-node latencies of collectives
+      (allreduce) on top of ``intra_latency_scale``, which the p2p model also reads; fitted
+      in the same stage as ``collective_efficiency``.
+
     NCCL still *chooses* an algorithm and protocol with its own constants; these
     corrections change how long the chosen pair takes.
+
+    Two settings, not corrections, ride along: ``min_ctas`` / ``max_ctas`` are
+    ``NCCL_MIN_CTAS`` / ``NCCL_MAX_CTAS`` (legacy ``NCCL_MIN_NCHANNELS`` /
+    ``NCCL_MAX_NCHANNELS``) as the runs set them, integers in 1..64 (``init.cc`` caps them
+    at ``MAXCHANNELS``); ``None`` leaves NCCL's own channel count. They bound
+    ``comm->nChannels`` (``connect.cc: ncclTopoPostset``), hence the ring plateau test and
+    the p2p channels (:func:`lina_sim.network.nccl.comm_channels`); a measured table whose
+    command line sets them is simulated with them.
     """
 
     intra_latency_scale: float = declare(
@@ -133,6 +152,18 @@ class NcclSpec:
     )
     simple_latency_scale: float = declare(
         Field(float, 1.0, minimum=0, exclusive_minimum=True, help="factor on the Simple protocol's latencies")
+    )
+    collective_efficiency: float = declare(
+        Field(float, 1.0, **_EFFICIENCY, help="one-node ring/tree fraction of the NVLink bandwidth p2p reaches (0, 1]")
+    )
+    collective_latency_scale: float = declare(
+        Field(float, 1.0, minimum=0, exclusive_minimum=True, help="factor on collectives' intra-node latencies")
+    )
+    min_ctas: int | None = declare(
+        Field(int, None, allow_none=True, minimum=1, maximum=64, help="NCCL_MIN_CTAS the runs set (absent: unset)")
+    )
+    max_ctas: int | None = declare(
+        Field(int, None, allow_none=True, minimum=1, maximum=64, help="NCCL_MAX_CTAS the runs set (absent: unset)")
     )
 
 

@@ -201,7 +201,12 @@ class CommShape:
     ``pci``: the algorithms whose intra-node hops cross PCIe (unbridged pairs of an
     ``nvlink-pairs`` node): NCCL prices them with its PCI latencies and disables LL128
     there (tuning.cc: ``intraHw = typeIntra == LINK_NVL ? NVLINK : PCI``, LL128 only for
-    ``typeIntra <= PATH_NVB``)."""
+    ``typeIntra <= PATH_NVB``); ``coll_efficiency`` / ``coll_latency_scale``: the
+    cluster's measured ring/tree NVLink fraction on one node and collective intra-node
+    latency factor (``NcclSpec.collective_*``); ``min_ctas`` / ``max_ctas``: ``NCCL_MIN_CTAS`` /
+    ``NCCL_MAX_CTAS`` as the run set them (``None``: unset), which bound
+    ``comm->nChannels`` (:func:`comm_channels`) but not the graph channels the tuning
+    model counts in."""
 
     ranks: int
     nodes: int
@@ -214,6 +219,10 @@ class CommShape:
     nvls_efficiency: float | None = None
     simple_scale: float = 1.0
     pci: frozenset[str] = frozenset()
+    coll_efficiency: float = 1.0
+    coll_latency_scale: float = 1.0
+    min_ctas: int | None = None
+    max_ctas: int | None = None
 
     @property
     def per_node(self) -> int:
@@ -223,7 +232,15 @@ class CommShape:
     def nominal(self) -> CommShape:
         """The same communicator without the cluster's measured corrections: what NCCL's
         own table, which makes the choice, sees."""
-        return dataclasses.replace(self, intra_scale=1.0, net_scale=1.0, nvls_efficiency=None, simple_scale=1.0)
+        return dataclasses.replace(
+            self,
+            intra_scale=1.0,
+            net_scale=1.0,
+            nvls_efficiency=None,
+            simple_scale=1.0,
+            coll_efficiency=1.0,
+            coll_latency_scale=1.0,
+        )
 
     @property
     def scale(self) -> int:
@@ -246,6 +263,10 @@ class CommShape:
             nvls_efficiency=cluster.nccl.nvls_efficiency,
             simple_scale=cluster.nccl.simple_latency_scale,
             pci=pci,
+            coll_efficiency=cluster.nccl.collective_efficiency,
+            coll_latency_scale=cluster.nccl.collective_latency_scale,
+            min_ctas=cluster.nccl.min_ctas,
+            max_ctas=cluster.nccl.max_ctas,
         )
 
 
@@ -267,20 +288,34 @@ class NcclModel:
 
     ``raw`` maps each algorithm with a flow layout to the algorithm bandwidth (bytes/s)
     that layout gets alone on the network; ``channels`` is the equivalent graph channel
-    count the per-channel caps are multiplied by; ``costs`` holds the enabled pairs."""
+    count the per-channel caps are multiplied by (``graphs[a]->nChannels``);
+    ``comm_channels`` NCCL's ``comm->nChannels`` (:func:`comm_channels`; default twice
+    ``channels``), which the ring plateau test and the p2p channels read; ``graph_speed``
+    the ring graph's per-channel speed (GB/s, :func:`equivalent_channels`); ``costs`` holds
+    the enabled pairs."""
 
     shape: CommShape
     raw: dict[str, float]
     channels: float
+    comm_channels: float = 0.0
+    graph_speed: float = 0.0
     costs: dict[tuple[str, str], PairCost] = field(default_factory=dict)
     nominal: NcclModel | None = None  # NCCL's own table, when corrections make this one differ
 
     @classmethod
-    def tune(cls, shape: CommShape, raw: dict[str, float], channels: float) -> NcclModel:
+    def tune(
+        cls,
+        shape: CommShape,
+        raw: dict[str, float],
+        channels: float,
+        comm_channels: float | None = None,
+        graph_speed: float = 0.0,
+    ) -> NcclModel:
         """Fill the table as ``tuning.cc: ncclTopoTuneModel`` does for AllReduce; with
         measured corrections, also NCCL's uncorrected table, which :meth:`choose` ranks by."""
-        nominal = None if shape.nominal == shape else cls.tune(shape.nominal, raw, channels)
-        model = cls(shape, dict(raw), channels, nominal=nominal)
+        comm = min(64.0, 2 * channels) if comm_channels is None else comm_channels
+        nominal = None if shape.nominal == shape else cls.tune(shape.nominal, raw, channels, comm, graph_speed)
+        model = cls(shape, dict(raw), channels, comm, graph_speed, nominal=nominal)
         for algo in ALGOS:
             for proto in PROTOS:
                 cost = model._pair(algo, proto)
@@ -314,8 +349,11 @@ class NcclModel:
         s = self.shape
         ch = self.channels
         ll_max = LL_MAX_BW[s.arch if s.nodes == 1 else int(s.amd_host)][s.scale]
-        # The layout's raw bandwidth, as a bus bandwidth: what NCCL calls nCh x graph bw.
+        # The layout's raw bandwidth, as a bus bandwidth: what NCCL calls nCh x graph bw; on
+        # one node over NVLink, the measured fraction of the (p2p-fitted) link the graph reaches.
         bus = self.raw[algo] / self._bus_to_alg(algo) / GBPS
+        if s.nodes == 1 and algo != "nvls" and algo not in s.pci:
+            bus *= s.coll_efficiency
         if algo == "ring":
             if p == 0:
                 return min(ll_max, 0.5 * bus)
@@ -341,9 +379,10 @@ class NcclModel:
         """Latency of a pair in µs (tuning.cc:384-435, AllReduce branches); intra-node hops
         at NCCL's NVLink latencies, or its PCI ones for algorithms in ``shape.pci``; with
         the cluster's corrections: every intra-node term (base and hops) scaled by
-        ``intra_scale`` and, for Simple, ``simple_scale``; network hops by ``net_scale``."""
+        ``intra_scale`` and ``coll_latency_scale`` and, for Simple, ``simple_scale``;
+        network hops by ``net_scale``."""
         s = self.shape
-        local = s.intra_scale * (s.simple_scale if p == 2 else 1.0)
+        local = s.intra_scale * s.coll_latency_scale * (s.simple_scale if p == 2 else 1.0)
         intra = HW_LAT_US["pci" if algo in s.pci else "nvlink"][algo][p] * local
         # A lone GPU per node talks to the network at the tree's latency (2.23+).
         inter = HW_LAT_US["net"]["tree" if s.per_node == 1 else algo][p] * s.net_scale
@@ -371,8 +410,7 @@ class NcclModel:
         """The pair's latency for one call of ``nbytes`` (s), with the ring plateau factor."""
         s = self.shape
         lat = self.cost(algo, proto).latency
-        comm_channels = min(64, 2 * self.channels)  # connect.cc ncclTopoPostset doubles them
-        if algo == "ring" and proto == "Simple" and s.nodes > 1 and nbytes / (comm_channels * s.ranks) >= 64:
+        if algo == "ring" and proto == "Simple" and s.nodes > 1 and nbytes / (self.comm_channels * s.ranks) >= 64:
             lat *= RING_PLATEAU[int(s.arch >= ARCHS.index("ampere"))]
         return lat
 
@@ -541,10 +579,11 @@ def alone_bandwidth(topo: Topology, layout: FlowLayout) -> float:
     return per_flow / layout.share
 
 
-def equivalent_channels(topo: Topology, shape: CommShape, ring_bus_bw: float) -> float:
-    """Graph channels the per-channel caps are counted in: ring bus bandwidth over the
-    largest search speed (search.cc) that fits one NVLink link (one node; one PCIe link
-    where the ring crosses PCIe) or one NIC."""
+def search_speed(topo: Topology, shape: CommShape) -> float:
+    """The per-channel speed (GB/s) NCCL's ring search settles on, as lina-sim stands in
+    for it: the largest speed of the search array (``search.cc: ncclTopoCompute``, intra
+    array on one node, inter array across nodes) that fits one NVLink link
+    (``topo.h: ncclTopoNVLinkBw``; one PCIe link where the ring crosses PCIe) or one NIC."""
     c = topo.cluster
     intra, inter = SEARCH_SPEEDS[shape.arch]
     if shape.nodes == 1:
@@ -552,8 +591,45 @@ def equivalent_channels(topo: Topology, shape: CommShape, ring_bus_bw: float) ->
         speeds = intra
     else:
         bound, speeds = min(c.nic.effective_bandwidth, c.pcie.effective_bandwidth) / GBPS, inter
-    speed = next((s for s in speeds if s <= bound), speeds[-1])
-    return max(1.0, ring_bus_bw / GBPS / speed)
+    return next((s for s in speeds if s <= bound), speeds[-1])
+
+
+def dup_factor(arch: int, speed: float, channels: float) -> int:
+    """``search.cc: ncclTopoDupChannels``: the search's channels are doubled (and their
+    speed halved) unless the speed is below 25 GB/s, or, on Hopper and later (``ccMin >
+    80``), below 50 GB/s with more than 4 channels. NVLS graphs are never duplicated."""
+    if speed < 25.0 or (arch >= ARCHS.index("hopper") and speed < 50.0 and channels > 4):
+        return 1
+    return 2
+
+
+def equivalent_channels(topo: Topology, shape: CommShape, ring_bus_bw: float) -> tuple[float, float]:
+    """Graph channels the per-channel caps are counted in, and their per-channel speed
+    (GB/s): ring bus bandwidth over :func:`search_speed`, an equivalent (real-valued)
+    count, then duplicated as ``ncclTopoDupChannels`` does (:func:`dup_factor`; at most
+    ``MAXCHANNELS / 2`` = 32 graph channels, ``graph->maxChannels``)."""
+    speed = search_speed(topo, shape)
+    channels = max(1.0, ring_bus_bw / GBPS / speed)
+    dup = dup_factor(shape.arch, speed, channels)
+    return min(max(channels, 32.0), channels * dup), speed / dup
+
+
+def comm_channels(shape: CommShape, graph_channels: float, graph_speed: float) -> float:
+    """NCCL's ``comm->nChannels`` from the ring graph's channels and per-channel speed
+    (``connect.cc: ncclTopoPostset``): doubled (channels c and c + nCh), at most
+    ``MAXCHANNELS`` = 64; doubled again on Hopper and later across nodes when the ring's
+    ``bwIntra`` exceeds 45 GB/s with fewer than 16 channels ("4 compute channels per
+    search channel"); then clamped to ``NCCL_MAX_CTAS`` and raised to ``NCCL_MIN_CTAS``
+    (``shape.max_ctas`` / ``shape.min_ctas``, legacy ``NCCL_MAX/MIN_NCHANNELS``; ``init.cc``
+    caps both at ``MAXCHANNELS``)."""
+    n = min(64.0, 2 * graph_channels)
+    if shape.arch >= ARCHS.index("hopper") and shape.nodes > 1 and graph_speed > 45.0 and n < 16:
+        n *= 2
+    if shape.max_ctas is not None:
+        n = min(n, float(min(shape.max_ctas, 64)))
+    if shape.min_ctas is not None:
+        n = max(n, float(min(shape.min_ctas, 64)))
+    return n
 
 
 def model_for(topo: Topology, by_node: list[np.ndarray]) -> tuple[NcclModel, dict[str, FlowLayout]]:
@@ -579,8 +655,8 @@ def _model_for(topo: Topology, by_node: list[np.ndarray]) -> tuple[NcclModel, di
         return NcclModel(shape, {}, 1.0), lay
     raw = {a: alone_bandwidth(topo, x) for a, x in lay.items()}
     n = shape.ranks
-    channels = equivalent_channels(topo, shape, raw["ring"] * 2 * (n - 1) / n)
-    return NcclModel.tune(shape, raw, channels), lay
+    channels, speed = equivalent_channels(topo, shape, raw["ring"] * 2 * (n - 1) / n)
+    return NcclModel.tune(shape, raw, channels, comm_channels(shape, channels, speed), speed), lay
 
 
 def predict(

@@ -22,13 +22,18 @@ Channels (``src/graph/paths.cc``):
   nodes halved while ``perPeer x ceil(nRanks / 8) > p2pnChannels`` (8 =
   ``NCCL_MAX_DEV_WORK_P2P_PER_BATCH``), on one node capped at ``p2pnChannels``.
   **Assumption**: ``comm->nChannels`` comes from NCCL's ring graph search, which lina-sim
-  does not run; we take ``2 x`` the equivalent ring channel count of
-  :func:`lina_sim.network.nccl.equivalent_channels` (``ncclTopoPostset`` doubles the
-  search channels) rounded *down* to a power of two. For DGX H100 that is 32 (rounding
-  up would give 64). The choice between the two roundings was made with the nccl-tests
-  1x8 sendrecv table (``../shared/data/nccl-measured``): it shows 4 channels per peer
-  at 8 ranks (79 GB/s at 32 MB, 162 GB/s at 128 MB, 299 GB/s at 256 MB: the doubling
-  of the part-size rule below, at about 20 GB/s per channel), i.e. 32 p2p channels.
+  does not run; we take :func:`lina_sim.network.nccl.comm_channels`: the equivalent
+  ring channel count of :func:`lina_sim.network.nccl.equivalent_channels` with NCCL's own
+  doublings (``search.cc: ncclTopoDupChannels``, ``connect.cc: ncclTopoPostset``),
+  rounded *down* to a power of two (:func:`p2p_channels`; ``NCCL_MIN_CTAS`` /
+  ``NCCL_MAX_CTAS``, exact counts, round up as in NCCL). For DGX H100 that is 32 (rounding
+  up would give 64); one H100 per node across nodes gets 4 (one search channel at 45
+  GB/s, duplicated, then doubled by the postset: 4 x 14 GB/s per network peer, so the
+  NIC, not the channels, bounds Vidur's 2 x 1 send/recv). The choice between the two
+  roundings was made with the nccl-tests 1x8 sendrecv table
+  (``../shared/data/nccl-measured``): it shows 4 channels per peer at 8 ranks (79 GB/s
+  at 32 MB, 162 GB/s at 128 MB, 299 GB/s at 256 MB: the doubling of the part-size rule
+  below, at about 20 GB/s per channel), i.e. 32 p2p channels.
 
 Per call (``src/enqueue.cc``):
 
@@ -93,6 +98,7 @@ Units: seconds, bytes, bytes/s in the API; NCCL's constants in µs and GB/s.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -171,8 +177,7 @@ class P2pComm:
         model, _ = nccl.model_for(topo, by_node)
         shape = model.shape
         ranks, nodes = shape.ranks, shape.nodes
-        # paths.cc ncclTopoComputeP2pChannels; comm->nChannels ~ 2 x ring channels (assumption).
-        channels = min(MAXCHANNELS, pow2_down(2 * model.channels))
+        channels = p2p_channels(model)
         # paths.cc ncclTopoGetNchannels, per peer class; the minimum over the classes present.
         per_peer = []
         local = np.concatenate(by_node)
@@ -308,6 +313,22 @@ class P2pComm:
         remote = int(np.bincount(src[net], weights=count[net]).max()) if net.any() else 0
         overhead = nccl.NET_OVERHEAD_US["amd" if self.amd_host else "intel"] * self.net_scale
         return (lat + remote * overhead) * US
+
+
+def p2p_channels(model: nccl.NcclModel) -> int:
+    """``p2pnChannels`` (``paths.cc: ncclTopoComputeP2pChannels``: ``pow2Up(comm->nChannels)``,
+    at most ``MAXCHANNELS``). Our ``comm->nChannels`` is an equivalent count
+    (:func:`lina_sim.network.nccl.comm_channels`), rounded *down* (module docstring);
+    a bound the run set (``NCCL_MIN_CTAS`` / ``NCCL_MAX_CTAS``) is an exact count, which
+    NCCL rounds up."""
+    s = model.shape
+    free = dataclasses.replace(s, min_ctas=None, max_ctas=None)
+    channels = pow2_down(nccl.comm_channels(free, model.channels, model.graph_speed))
+    if s.max_ctas is not None:
+        channels = min(channels, pow2_up(min(s.max_ctas, MAXCHANNELS)))
+    if s.min_ctas is not None:
+        channels = max(channels, pow2_up(min(s.min_ctas, MAXCHANNELS)))
+    return min(MAXCHANNELS, channels)
 
 
 def _count(count, src) -> np.ndarray:
