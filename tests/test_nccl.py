@@ -375,3 +375,34 @@ def test_collective_corrections_change_one_node_ring_and_tree_only():
         assert one_fixed.choose(size) == one.choose(size)
     two, two_fixed = table(base, 2), table(fixed, 2)
     assert two_fixed.cost("ring", "Simple").bandwidth == two.cost("ring", "Simple").bandwidth
+
+
+def test_tree_pattern_follows_nccls_search():
+    """search.cc ncclTopoCompute: one GPU per node, or Hopper across nodes with a NIC per
+    GPU (the balanced tree's second GPU has no PIX path to the channel's NIC), ends with
+    the TREE pattern, whose tree bandwidth tuning.cc multiplies by 0.85 after the
+    protocol caps; one node, pre-Hopper and shared NICs keep BALANCED_TREE."""
+    hopper, ampere = nccl.ARCHS.index("hopper"), nccl.ARCHS.index("ampere")
+    assert nccl.tree_search_pattern(hopper, 8, 8, own_nic=True) == "TREE"
+    assert nccl.tree_search_pattern(hopper, 8, 8, own_nic=False) == "BALANCED_TREE"
+    assert nccl.tree_search_pattern(hopper, 1, 8, own_nic=True) == "BALANCED_TREE"
+    assert nccl.tree_search_pattern(ampere, 8, 8, own_nic=True) == "BALANCED_TREE"
+    assert nccl.tree_search_pattern(ampere, 10, 1, own_nic=True) == "TREE"
+    assert model_of("dgx-a100", 8).shape.tree_pattern == "BALANCED_TREE"
+    assert model_of("dgx-h100", 1).shape.tree_pattern == "BALANCED_TREE"
+    h100 = model_of("dgx-h100", 8)
+    assert h100.shape.tree_pattern == "TREE"
+    balanced = nccl.NcclModel.tune(
+        dataclasses.replace(h100.shape, tree_pattern="BALANCED_TREE"),
+        h100.raw,
+        h100.channels,
+        h100.comm_channels,
+        h100.graph_speed,
+    )
+    for (algo, proto), cost in h100.costs.items():
+        factor = 0.85 if algo == "tree" else 1.0
+        assert cost.bandwidth == pytest.approx(factor * balanced.cost(algo, proto).bandwidth), (algo, proto)
+        assert cost.latency == balanced.cost(algo, proto).latency
+    # NCCL's own table now hands 64 MiB on 8 x 8 H100 to the ring (the balanced tree kept it).
+    assert balanced.choose(64 << 20)[0] == "tree"
+    assert h100.choose(64 << 20) == ("ring", "LL128")

@@ -12,7 +12,8 @@ single-node ``nvls``) and three protocols (``LL``, ``LL128``, ``Simple``).
 What comes from NCCL's source (constants and formulas, cited where they are used):
 base and per-link-class latencies, the ring / tree / NVLS latency counts, the protocol
 factors and caps (LL x0.5 capped at ``llMaxBw``; LL128 x0.92 capped per channel; the
-tree's 0.92, 1/3.8, 7/9 or 120/128 factors and per-channel caps; NVLS efficiency), the
+tree's 0.92, 1/3.8, 7/9 or 120/128 factors and per-channel caps, and its x0.85 when the
+tree graph's search pattern is ``TREE``; NVLS efficiency), the
 bus-to-algorithm bandwidth conversion (ring n/(2(n-1)), tree 0.5), the tree correction
 by size, the ring "plateau" latency factor, the enable rules (tree allreduce only;
 NVLS needs an NVSwitch and Hopper or later and, across nodes, SHARP, which is not
@@ -52,9 +53,10 @@ Flow layouts (bytes each flow carries per payload byte, ``share``):
   ring does. Reduce-up and broadcast-down run concurrently (``all_reduce.h:
   runTreeSplit``), so every tree edge and chain hop is one flow each way in a single
   step, ``1/(2C)`` each. Simplification: all of a node's tree links sit on the chain's
-  first GPU (NCCL's ``TREE`` pattern) rather than split over two GPUs (``BALANCED_TREE``,
-  what NCCL finds on DGX-class nodes), and NCCL's x0.85 for the ``TREE`` pattern is not
-  applied: each GPU has its own NIC in the presets, so the two layouts load NICs alike.
+  first GPU (NCCL's ``TREE`` pattern) rather than split over two GPUs
+  (``BALANCED_TREE``): each GPU has its own NIC in the presets, so the two layouts load
+  NICs alike. Which of the two NCCL's search ends with is modelled
+  (:func:`tree_search_pattern`), for its x0.85 on the ``TREE`` pattern (tuning.cc).
   On two nodes the layout's NIC load is half that of three or more (each node is the
   other's only peer), which stands for NCCL using ``bwIntra`` there ("tree can go beyond
   the network bottleneck", nccl-tests#196).
@@ -223,6 +225,7 @@ class CommShape:
     coll_latency_scale: float = 1.0
     min_ctas: int | None = None
     max_ctas: int | None = None
+    tree_pattern: str = "BALANCED_TREE"
 
     @property
     def per_node(self) -> int:
@@ -267,7 +270,40 @@ class CommShape:
             coll_latency_scale=cluster.nccl.collective_latency_scale,
             min_ctas=cluster.nccl.min_ctas,
             max_ctas=cluster.nccl.max_ctas,
+            tree_pattern=tree_search_pattern(arch, nodes, ranks // nodes, own_nic),
         )
+
+
+def tree_search_pattern(arch: int, nodes: int, per_node: int, own_nic: bool) -> str:
+    """The pattern of the tree graph NCCL's search ends with, ``"BALANCED_TREE"`` or
+    ``"TREE"`` (``search.cc: ncclTopoCompute``, NCCL 2.30.7).
+
+    ``init.cc`` searches the tree as ``NCCL_TOPO_PATTERN_BALANCED_TREE`` with exactly the
+    ring graph's channel count (``minChannels = maxChannels = ringGraph->nChannels``):
+    per channel, a NIC feeds one GPU, and that GPU and the *next GPU of the chain* each
+    send back to that same NIC at half the speed (``ncclTopoSearchRecGpu``: ``bwInter /=
+    2`` on steps 0 and 1; ``ncclTopoSearchCheckNet``: step 1 must use the channel's NIC),
+    both within the path type being tried, which starts at the GPUs' closest NIC path
+    (``minTypeInter``, PIX/PXB: a NIC on the GPU's own PCIe switch). The search ends
+    with the ``TREE`` pattern (one GPU sends and receives the node's tree traffic):
+
+    - with one GPU per node: ``if (ngpus == 1 && pattern != RING) pattern = TREE``;
+    - on Hopper and later across nodes (``ccMin >= 90``), when each GPU has its own NIC
+      (``own_nic``: no second GPU sits on a GPU's NIC switch, so the balanced step 1
+      fails at the first path type): pass 1 then tries "a simpler tree" (``pattern =
+      TREE``) before raising the path type, and that search at full speed is complete
+      (the ring's channel count: ``time = -1``). Before Hopper there is no such fallback
+      and the search raises the path type until the balanced tree fits ("Ampere relies
+      on BALANCED_TREE which sometimes needs to come back through SYS or PHB").
+
+    On one node the tree search has no NIC step and keeps ``BALANCED_TREE``. The pattern
+    matters to the tuning model only through ``comm->maxTreePattern`` (tuning.cc:
+    ``busBw *= .85`` for the tree when it is ``TREE``)."""
+    if nodes > 1 and per_node == 1:
+        return "TREE"
+    if nodes > 1 and arch >= ARCHS.index("hopper") and own_nic:
+        return "TREE"
+    return "BALANCED_TREE"
 
 
 @dataclass(frozen=True)
@@ -363,10 +399,12 @@ class NcclModel:
         if algo == "tree":
             x = min(0.92 * bus, ch * PER_CH_MAX_TREE_BW[s.arch][s.scale])
             if p == 0:
-                return min(x / 3.8, ll_max)
-            if p == 1:
-                return min(x * (7 / 9 if s.nodes == 1 else 120 / 128), ch * PER_CH_MAX_TREE_LL128_BW[s.arch][s.scale])
-            return x
+                x = min(x / 3.8, ll_max)
+            elif p == 1:
+                x = min(x * (7 / 9 if s.nodes == 1 else 120 / 128), ch * PER_CH_MAX_TREE_LL128_BW[s.arch][s.scale])
+            # tuning.cc: "if (a == NCCL_ALGO_TREE && comm->maxTreePattern ==
+            # NCCL_TOPO_PATTERN_TREE) busBw *= .85", after the protocol caps.
+            return x * (0.85 if s.tree_pattern == "TREE" else 1.0)
         # NVLS: busBw = nH x bwIntra x nvlsEfficiency x (nH-1)/nH x 2 ("AllReduce pipelines
         # two operations"), nH = heads = GPUs per node; nH x bwIntra is one GPU's switch
         # port, which the layout (a flow per GPU pair, 1/G each) loads with (G-1)/G of S.
@@ -621,7 +659,8 @@ def comm_channels(shape: CommShape, graph_channels: float, graph_speed: float) -
     ``bwIntra`` exceeds 45 GB/s with fewer than 16 channels ("4 compute channels per
     search channel"); then clamped to ``NCCL_MAX_CTAS`` and raised to ``NCCL_MIN_CTAS``
     (``shape.max_ctas`` / ``shape.min_ctas``, legacy ``NCCL_MAX/MIN_NCHANNELS``; ``init.cc``
-    caps both at ``MAXCHANNELS``)."""
+    caps both at ``MAXCHANNELS``); ``tree_pattern``: the pattern of NCCL's tree graph,
+    ``"BALANCED_TREE"`` or ``"TREE"`` (:func:`tree_search_pattern`)."""
     n = min(64.0, 2 * graph_channels)
     if shape.arch >= ARCHS.index("hopper") and shape.nodes > 1 and graph_speed > 45.0 and n < 16:
         n *= 2
