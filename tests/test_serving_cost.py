@@ -232,3 +232,75 @@ def test_expert_cache_missing_is_what_load_would_swap_without_loading():
     assert before.tolist() == cache.load(0, moved).tolist() == [2, 1, 0, 0]
     assert cache.missing(0, moved).tolist() == [0, 0, 0, 0]
     assert cache.missing(1, moved).tolist() == [2, 1, 0, 0]  # layers are apart
+
+
+def test_batched_charges_are_the_per_layer_ones_to_the_bit(trace16):
+    """The oracle charges every layer of a batch in one pass (``quick_many``, and the
+    exact charge's FFN and swap terms for all items at once); each candidate's charge is
+    bit for bit what the per-layer forms give, with weight swaps in play (2 slots)."""
+    data = {
+        "name": "t",
+        "kind": "inference",
+        "seed": 1,
+        "cluster": {"preset": "paper-testbed", "nodes": 4},
+        "model": {"preset": "transformer-xl-12", "experts": 16, "top_k": 1},
+        "serving": {
+            "trace": str(trace16),
+            "requests": 48,
+            "arrival": {"process": "closed", "concurrency": 16},
+            "batching": {"token_budget": 1024, "timeout": 0.0005},
+        },
+        "policies": ["static", "fastermoe-shadow", "eplb", "lina", "oracle"],
+    }
+    setup = resolve_inference(expand(data)[0])
+    shared = serving_inputs(setup)
+    server = PolicyServer(setup, next(e for e in setup.policies if e.name == "oracle"), shared)
+    for _ in range(2):  # a second batch: residency has moved, so the swap terms differ by layer
+        plan = server.prepare()
+        L = plan.send.shape[0]
+        times = shared.a2a.times(np.concatenate([plan.send, plan.send.transpose(0, 2, 1)]).astype(float) * 1024.0)
+        server.complete(plan, times[:L], times[L:])
+    oracle, ex = server.policy, shared.serve_experts[: 16 * 64]
+    N, E = setup.cluster.world_size, setup.model.experts
+    charge = server.charge
+    charge.window = np.linspace(0.0, 2e-4, ex.shape[1])  # per-layer windows, as the server sets them
+    items = [
+        (l, oracle._candidates(l, ex[:, :l], cbs), cbs)
+        for l in range(ex.shape[1])
+        for cbs in [counts_by_source(ex[:, l], E, N)]
+    ]
+    assert any((charge.missing_many(l, c) > 0).any() for l, c, _ in items)  # swaps are charged
+    per_layer = [charge.quick(l, c, cbs) for l, c, cbs in items]
+    for a, b in zip(charge.quick_many(items), per_layer):
+        assert a.tolist() == b.tolist()
+    lone = ServingCharge(charge.cost, charge.cluster, charge.timer, charge.missing)  # no missing_many: per item
+    lone.window = charge.window
+    for a, b in zip(charge.exact(items), lone.exact(items)):
+        assert a.tolist() == b.tolist()
+
+
+def test_expert_cache_is_least_recently_used_per_device():
+    """Loads against a plain per-device LRU list: what each load swaps in, and what is
+    held after it, including repeated loads of one placement (which change nothing) and
+    placements that need more experts on a device than its slots (all kept)."""
+    rng = np.random.default_rng(3)
+    E, N, slots = 8, 4, 3
+    static = Placement.from_replicas(N, [[e % N] for e in range(E)])
+    cache = ExpertCache(1, static, slots)
+    lru = [[e for e in range(E) if e % N == d] for d in range(N)]  # least recent first
+    placements = []
+    for _ in range(6):
+        reps = [sorted(set(rng.choice(N, int(rng.integers(1, 3)), replace=False).tolist())) for _ in range(E)]
+        placements.append(Placement.from_replicas(N, reps))
+    for i in rng.integers(0, len(placements), 40):
+        p = placements[i]
+        want = [sum(e not in lru[d] for e in p.resident[d]) for d in range(N)]
+        assert cache.missing(0, p).tolist() == want
+        assert cache.load(0, p).tolist() == want
+        for d in range(N):
+            need = p.resident[d]  # kept even beyond the slots; the others go least recent first
+            others = [e for e in lru[d] if e not in need]
+            gone = others[: max(0, len(others) + len(need) - slots)]
+            lru[d] = [e for e in others if e not in gone] + sorted(need)
+        held = [sorted(lru[d]) for d in range(N)]
+        assert [sorted(np.flatnonzero(cache._stamp[0][:, d] >= 0).tolist()) for d in range(N)] == held

@@ -69,6 +69,9 @@ from lina_sim.network.fluid import _REL_TOL
 # Stands in for a solved column's +inf step in progressive filling: multiplied only by
 # zeros (its frozen aggregates, its links' zero rising weight), so it adds nothing.
 _SOLVED = 1e300
+# np.minimum.reduce: the array method's Python wrapper costs as much as the reduction on
+# these small arrays, and the event loop calls it tens of thousands of times.
+_min = np.minimum.reduce
 
 
 @dataclass(frozen=True)
@@ -317,7 +320,7 @@ def _fluid_component(nbytes: np.ndarray, weight: np.ndarray, comp: _Component, t
             level = _filled_levels(W, A, AT, cap, floor)
             nxt = u_flat[idx]
             # Aggregates with nothing left have next end +inf and level 0: never the minimum.
-            dt = ((nxt - prog) / level).min(axis=0)
+            dt = _min((nxt - prog) / level, axis=0)
             np.putmask(dt, ~live, 0.0)
             t += dt
             prog += level * dt
@@ -352,14 +355,15 @@ def _filled_levels(W: np.ndarray, A: np.ndarray, AT: np.ndarray, cap: np.ndarray
     level = np.zeros(W.shape)
     unf = (W > 0).astype(np.float64)  # 1.0 while an aggregate's level still rises
     left = np.repeat(cap, W.shape[1], axis=1)
-    Wu = W * unf
+    Wu = W  # W * unf while nothing is frozen (weights are >= 0)
     while True:
         wl = np.dot(AT, Wu)  # [links, I] weight still rising on each link
-        delta = (left / wl).min(axis=0)
+        delta = _min(left / wl, axis=0)
         # Solved columns have delta +inf; any finite cap times their zero weights is 0.
         np.minimum(delta, _SOLVED, out=delta)
         level += unf * delta
-        left -= delta * wl
+        wl *= delta
+        left -= wl
         sat = left <= floor
         np.putmask(left, sat, np.inf)
         np.putmask(unf, np.dot(A, sat) > 0, 0.0)

@@ -100,6 +100,9 @@ def grouped_gemm_time(
     return np.where(total > 0, t, 0.0)
 
 
+_COEFS = ("ft", "fs", "bt", "bs", "b0")
+
+
 @dataclass(frozen=True)
 class _LinearKernel:
     """A kernel whose FLOP and bytes are affine in two per-device variables:
@@ -121,6 +124,7 @@ class InferenceCostModel:
             raise ConfigError("serving.ffn", f"unknown expert FFN implementation {ffn!r}", FFN_KERNELS)
         self.ffn = ffn
         self.model = model
+        self._coef: dict[tuple[tuple[_LinearKernel, ...], int], tuple[np.ndarray, ...]] = {}
         self.roofline = RooflineComputeModel.from_cluster(cluster, model.dtype)
         self.top_k = top_k
         m, b = model, model.dtype_bytes
@@ -172,12 +176,29 @@ class InferenceCostModel:
         T = np.asarray(T, dtype=np.float64)
         S = np.broadcast_to(np.asarray(S, dtype=np.float64), T.shape)
         rl = self.roofline
-        total = np.zeros_like(T)
-        for kern in kernels:
+        if len(kernels) == 1:
+            kern = kernels[0]
             flops = kern.ft * T + kern.fs * S
             nbytes = kern.bt * T + kern.bs * S + kern.b0
-            total += np.maximum(flops / rl.flops_per_s, nbytes / rl.bytes_per_s) + rl.launch_s
+            total = np.maximum(flops / rl.flops_per_s, nbytes / rl.bytes_per_s) + rl.launch_s
+            return np.where(T > 0, total, 0.0)
+        # Every kernel at once, ``[kernels, ...]``: the same elementwise terms, summed in
+        # kernel order (a reduction over the leading axis adds its rows one by one).
+        ft, fs, bt, bs, b0 = self._coefficients(kernels, T.ndim)
+        flops = ft * T + fs * S
+        nbytes = bt * T + bs * S + b0
+        total = np.add.reduce(np.maximum(flops / rl.flops_per_s, nbytes / rl.bytes_per_s) + rl.launch_s, axis=0)
         return np.where(T > 0, total, 0.0)
+
+    def _coefficients(self, kernels: list[_LinearKernel], ndim: int) -> tuple[np.ndarray, ...]:
+        """``kernels``' five coefficients as ``[kernels, 1, ...]`` columns for ``ndim``-d counts."""
+        key = (tuple(kernels), ndim)
+        hit = self._coef.get(key)
+        if hit is None:
+            shape = (len(kernels),) + (1,) * ndim
+            hit = tuple(np.array([getattr(k, f) for k in kernels], dtype=np.float64).reshape(shape) for f in _COEFS)
+            self._coef[key] = hit
+        return hit
 
     # -- per batch -----------------------------------------------------------------------
     def dense_layer(self, tokens: np.ndarray, keys: np.ndarray, first: bool) -> np.ndarray:
@@ -245,9 +266,13 @@ class ServingCharge:
         timer: AllToAllTimer,
         missing: Callable[[int, Placement], np.ndarray] | None = None,
         on_host: Callable[[np.ndarray], np.ndarray] | None = None,
+        missing_many: Callable[[int, Sequence[Placement]], np.ndarray] | None = None,
     ) -> None:
         self.cost, self.cluster, self.timer = cost, cluster, timer
         self.missing = missing
+        # ``missing`` of several placements at once, ``[candidates, devices]`` (optional:
+        # the same numbers in one array call instead of one per candidate).
+        self.missing_many = missing_many
         self.on_host = on_host
         # s per layer from a swap's issue to the layer's gate (scalar: the same for all).
         self.window: float | np.ndarray = 0.0
@@ -268,8 +293,13 @@ class ServingCharge:
             ffn = np.stack([self.on_host(f) for f in ffn])
         if self.missing is None:
             return ffn
-        swap = np.stack([self.cost.swap_time(self.missing(layer, p)) for p in placements])
-        return ffn + np.maximum(swap - self._window(layer) - dispatch[:, None], 0.0)
+        return ffn + np.maximum(self._swap_times(layer, placements) - self._window(layer) - dispatch[:, None], 0.0)
+
+    def _swap_times(self, layer: int, placements: Sequence[Placement]) -> np.ndarray:
+        """``[candidates, devices]`` s of PCIe loads each candidate needs (``missing``)."""
+        if self.missing_many is not None:
+            return self.cost.swap_time(self.missing_many(layer, list(placements)))
+        return np.stack([self.cost.swap_time(self.missing(layer, p)) for p in placements])
 
     def _window(self, layer: int) -> float:
         w = np.asarray(self.window, dtype=np.float64)
@@ -277,6 +307,19 @@ class ServingCharge:
 
     def _sends(self, placements: Sequence[Placement], cbs: np.ndarray) -> np.ndarray:
         return send_matrices(placements, cbs).astype(np.float64) * self.cost.token_bytes
+
+    def _sends_many(self, items: Sequence[tuple[int, Sequence[Placement], np.ndarray]]) -> list[np.ndarray]:
+        """:meth:`_sends` of each item, built in one :func:`send_matrices` call (whole
+        tokens: the same matrices)."""
+        sizes = [len(p) for _, p, _ in items]
+        ps = [p for _, pl, _ in items for p in pl]
+        if not ps:
+            return [self._sends(p, c) for _, p, c in items]
+        cbs = np.concatenate(
+            [np.broadcast_to(np.asarray(c, dtype=np.int64), (k, *np.shape(c))) for (_, _, c), k in zip(items, sizes)]
+        )
+        sends = send_matrices(ps, cbs).astype(np.float64) * self.cost.token_bytes
+        return np.split(sends, np.cumsum(sizes)[:-1])
 
     def _quick_a2a(self, placements: Sequence[Placement], counts_by_source: np.ndarray) -> np.ndarray:
         """``[C]`` s: the bound in the class docstring for each candidate's dispatch. Its
@@ -290,9 +333,14 @@ class ServingCharge:
         with that node's (contiguous) quota range, and likewise inbound. Whole tokens, so
         the sums, and the bound, are what the matrix gives to the bit."""
         cbs = np.asarray(counts_by_source, dtype=np.int64)
-        quota = assign_many(placements, cbs.sum(axis=0))  # [C, E, N]
-        local = np.minimum(cbs.T[None], quota)
-        out, into = cbs.T[None] - local, quota - local  # tokens each device sends / takes
+        if cbs.ndim == 3:  # one [N, E] per candidate
+            quota = assign_many(placements, cbs.sum(axis=1))
+            src = cbs.transpose(0, 2, 1)
+        else:
+            quota = assign_many(placements, cbs.sum(axis=0))  # [C, E, N]
+            src = cbs.T[None]
+        local = np.minimum(src, quota)
+        out, into = src - local, quota - local  # tokens each device sends / takes
         end_out, end_in = np.cumsum(out, axis=2), np.cumsum(into, axis=2)
         f, l = self._first, self._last
         to_node = np.minimum(end_out, end_in[..., l]) - np.maximum(end_out - out, end_in[..., f] - into[..., f])
@@ -317,12 +365,45 @@ class ServingCharge:
         if self.on_host is not None:
             ffn = np.stack([self.on_host(f) for f in ffn])
         if self.missing is not None:
-            swap = np.stack([self.cost.swap_time(self.missing(layer, p)) for p in placements])
-            ffn = ffn + np.maximum(swap - self._window(layer) - d[:, None], 0.0)
+            ffn = ffn + np.maximum(self._swap_times(layer, placements) - self._window(layer) - d[:, None], 0.0)
         return d + ffn.max(axis=1) + c
 
+    def quick_many(self, items: Sequence[tuple[int, Sequence[Placement], np.ndarray]]) -> list[np.ndarray]:
+        """:meth:`quick` of each ``(layer, placements, counts_by_source)`` item, to the
+        bit, in one pass over all their candidates (a search steps every layer of a batch
+        at once: one call instead of one per layer). Every term is elementwise or a
+        reduction within one candidate, so a candidate's charge does not depend on the
+        others computed with it."""
+        items = [(layer, list(ps), np.asarray(c)) for layer, ps, c in items]
+        if not items:
+            return []
+        if self.missing is not None and self.missing_many is None:
+            return [self.quick(layer, ps, c) for layer, ps, c in items]
+        sizes = [len(ps) for _, ps, _ in items]
+        ps = [p for _, pl, _ in items for p in pl]
+        if not ps:
+            return [np.zeros(0) for _ in items]
+        cbs = np.concatenate([np.broadcast_to(c.astype(np.int64), (k, *c.shape)) for (_, _, c), k in zip(items, sizes)])
+        # Per candidate its item's per-expert totals, as quick sums them (whole numbers: exact).
+        counts = np.concatenate(
+            [np.broadcast_to(c.astype(np.float64).sum(axis=0), (k, c.shape[1])) for (_, _, c), k in zip(items, sizes)]
+        )
+        share = np.stack([p.share_matrix for p in ps])  # [C, E, N]
+        quota = counts[:, :, None] * share
+        d = self._quick_a2a(ps, cbs)
+        ffn = self.cost.expert_ffn(quota)
+        if self.on_host is not None:
+            ffn = np.stack([self.on_host(f) for f in ffn])
+        if self.missing is not None:
+            layers = np.repeat(np.array([layer for layer, _, _ in items], dtype=np.int64), sizes)
+            w = np.array([self._window(layer) for layer, _, _ in items])[np.repeat(np.arange(len(items)), sizes)]
+            swap = self.cost.swap_time(self.missing_many(layers, ps))
+            ffn = ffn + np.maximum(swap - w[:, None] - d[:, None], 0.0)
+        total = d + ffn.max(axis=1) + d
+        return np.split(total, np.cumsum(sizes)[:-1])
+
     def exact(self, items: Sequence[tuple[int, Sequence[Placement], np.ndarray]]) -> list[np.ndarray]:
-        sends = [self._sends(p, c) for _, p, c in items]
+        sends = self._sends_many(items) if items else []
         if not sends:
             return []
         return self._totals(items, self.timer.times(_both_ways(sends)))
@@ -332,13 +413,39 @@ class ServingCharge:
     ) -> list[np.ndarray]:
         """Per item ``[candidates]`` s from all-to-all times laid out as
         :func:`_both_ways` stacks them (each item's dispatches, then its combines)."""
-        out, at = [], 0
-        for layer, placements, cbs in items:
-            k = len(placements)
-            d, c = a2a[at : at + k], a2a[at + k : at + 2 * k]
-            at += 2 * k
-            out.append(d + self._after_dispatch(layer, placements, cbs, d).max(axis=1) + c)
-        return out
+        if self.missing is not None and self.missing_many is None:
+            out, at = [], 0
+            for layer, placements, cbs in items:
+                k = len(placements)
+                d, c = a2a[at : at + k], a2a[at + k : at + 2 * k]
+                at += 2 * k
+                out.append(d + self._after_dispatch(layer, placements, cbs, d).max(axis=1) + c)
+            return out
+        # Every item's candidates in one pass (each term is per candidate: the same bits).
+        sizes = [len(p) for _, p, _ in items]
+        ends = np.cumsum(sizes)
+        first = 2 * (ends - sizes)  # where each item's dispatches start in a2a
+        d = np.concatenate([a2a[f : f + k] for f, k in zip(first, sizes)])
+        c = np.concatenate([a2a[f + k : f + 2 * k] for f, k in zip(first, sizes)])
+        ps = [p for _, pl, _ in items for p in pl]
+        if not ps:
+            return [np.zeros(0) for _ in items]
+        counts = np.concatenate(
+            [
+                np.broadcast_to(np.asarray(cbs).sum(axis=0), (k, np.shape(cbs)[1]))
+                for (_, _, cbs), k in zip(items, sizes)
+            ]
+        )
+        ffn = self.cost.expert_ffn(assign_many(ps, counts))  # [C, N]
+        if self.on_host is not None:
+            ffn = np.stack([self.on_host(f) for f in ffn])
+        if self.missing is not None:
+            which = np.repeat(np.arange(len(items)), sizes)
+            layers = np.array([layer for layer, _, _ in items], dtype=np.int64)[which]
+            w = np.array([self._window(layer) for layer, _, _ in items])[which]
+            swap = self.cost.swap_time(self.missing_many(layers, ps))
+            ffn = ffn + np.maximum(swap - w[:, None] - d[:, None], 0.0)
+        return np.split(d + ffn.max(axis=1) + c, ends[:-1])
 
     def cheapest(self, items: Sequence[tuple[int, Sequence[Placement], np.ndarray]]) -> list[int]:
         """What ``argmin`` of :meth:`exact` gives, timing far fewer all-to-alls.
@@ -352,7 +459,7 @@ class ServingCharge:
         is within about 2% of the time and usually equal to it, so near-ties aside one
         candidate per item is timed instead of all of them.
         """
-        sends = [self._sends(p, c) for _, p, c in items]
+        sends = self._sends_many(items) if items else []
         if not sends:
             return []
         bound = self._totals(items, self.timer.lower_bounds(_both_ways(sends)))

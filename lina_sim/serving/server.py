@@ -86,27 +86,50 @@ class ExpertCache:
         # appended in sorted order would.
         self._stamp = np.where(held, np.arange(e)[:, None], -1)[None].repeat(layers, axis=0).astype(np.int64)
         self._clock = 1
+        # Per layer, the expert -> devices map of the placement loaded last: loading it
+        # again (static every batch, EPLB between rebalances) changes nothing.
+        self._last: list[tuple[tuple[int, ...], ...] | None] = [None] * layers
+        self._none = np.zeros(n, dtype=np.int64)
 
     def missing(self, layer: int, placement: Placement) -> np.ndarray:
         """``int64 [devices]``: experts of ``placement`` each device does not hold now
         (what :meth:`load` would swap in), without changing anything."""
         return ((placement.share_matrix > 0) & (self._stamp[layer] < 0)).sum(axis=0)
 
+    def missing_many(self, layer: int | np.ndarray, placements: list[Placement]) -> np.ndarray:
+        """``int64 [placements, devices]``: :meth:`missing` of each, in one array call;
+        ``layer`` is one layer for all, or ``[placements]`` one each."""
+        need = np.stack([p.share_matrix for p in placements]) > 0  # [C, E, N]
+        absent = self._stamp[layer] < 0  # [E, N], or [C, E, N]
+        return (need & (absent if absent.ndim == 3 else absent[None])).sum(axis=1)
+
     def load(self, layer: int, placement: Placement) -> np.ndarray:
         """Make ``placement``'s experts resident; returns ``int64 [devices]`` experts
         each device had to swap in."""
+        if placement.devices == self._last[layer]:
+            # Its experts are all held (a load evicts only others) and already the most
+            # recent, in the same order a new stamp would give them: the LRU order of
+            # every expert, all that later loads read, is unchanged.
+            return self._none.copy()
+        self._last[layer] = placement.devices
         stamp = self._stamp[layer]
         need = placement.share_matrix > 0
         out = (need & (stamp < 0)).sum(axis=0)
         e = stamp.shape[0]
         np.copyto(stamp, self._clock * e + np.arange(e)[:, None], where=need)
         self._clock += 1
-        # The placement's experts are now the most recent; evict from the least recent.
-        for dev in np.flatnonzero((stamp >= 0).sum(axis=0) > self.slots).tolist():
-            col = stamp[:, dev]
-            others = np.flatnonzero((col >= 0) & ~need[:, dev])
-            over = int((col >= 0).sum()) - self.slots
-            col[others[np.argsort(col[others], kind="stable")[:over]]] = -1
+        # The placement's experts are now the most recent; on each device holding more
+        # than its slots, evict the least recent of the others, all devices at once.
+        held = stamp >= 0
+        over = held.sum(axis=0) - self.slots  # [N] experts too many
+        if (over > 0).any():
+            others = held & ~need
+            # Per device, each other expert's recency rank (stamps are distinct); the
+            # rest sort last.
+            order = np.argsort(np.where(others, stamp, np.iinfo(np.int64).max), axis=0, kind="stable")
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.arange(e)[:, None].repeat(stamp.shape[1], axis=1), axis=0)
+            stamp[others & (rank < over[None, :])] = -1
         return out
 
 
@@ -178,7 +201,9 @@ class PolicyServer:
         # On a shared host (an emulated testbed) ranks that compute at once divide its cores.
         self.host_cores = setup.cluster.host.cores if setup.cluster.shares_cores else None
         on_host = functools.partial(shared_finish_times, cores=self.host_cores) if self.host_cores else None
-        self.charge = ServingCharge(shared.cost, setup.cluster, shared.a2a, self.cache.missing, on_host)
+        self.charge = ServingCharge(
+            shared.cost, setup.cluster, shared.a2a, self.cache.missing, on_host, self.cache.missing_many
+        )
         if hasattr(self.policy, "bind_rivals"):
             self.policy.bind_rivals(rivals(setup, entry))
         self.policy.bind_charge(self.charge)

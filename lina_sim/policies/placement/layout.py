@@ -100,20 +100,37 @@ class Placement:
         if not (r.min() >= 0 and total.min() > 0 and np.isfinite(total.max())):
             raise ValueError("replicas must be finite, >= 0, with at least one device per expert")
         share = r / total[:, None]
-        rows, cols = np.nonzero(r)
-        devs: list[list[int]] = [[] for _ in range(r.shape[0])]
-        vals: list[list[float]] = [[] for _ in range(r.shape[0])]
-        for e, d, v in zip(rows.tolist(), cols.tolist(), share[rows, cols].tolist()):
-            devs[e].append(d)
-            vals[e].append(v)
+        rows, cols = np.nonzero(r)  # row-major: each expert's devices in order, every row has one
+        cl, vl = cols.tolist(), share[rows, cols].tolist()
+        devs: list[tuple[int, ...]] = []
+        vals: list[tuple[float, ...]] = []
+        at = 0
+        for k in np.bincount(rows, minlength=r.shape[0]).tolist():  # slices, not an append per entry
+            devs.append(tuple(cl[at : at + k]))
+            vals.append(tuple(vl[at : at + k]))
+            at += k
+        return cls._assembled(num_devices, tuple(devs), tuple(vals), share, origin)
+
+    @classmethod
+    def _assembled(
+        cls,
+        num_devices: int,
+        devices: tuple[tuple[int, ...], ...],
+        shares: tuple[tuple[float, ...], ...],
+        share_matrix: np.ndarray,
+        origin: str,
+    ) -> Placement:
+        """A placement from parts its caller built consistently (``share_matrix`` is
+        ``devices`` and ``shares`` as a matrix): no checks, for planners that build
+        thousands of them."""
         out = object.__new__(cls)
         # Valid by construction: skip __post_init__'s per-expert checks.
         object.__setattr__(out, "num_devices", int(num_devices))
-        object.__setattr__(out, "devices", tuple(map(tuple, devs)))
-        object.__setattr__(out, "shares", tuple(map(tuple, vals)))
+        object.__setattr__(out, "devices", devices)
+        object.__setattr__(out, "shares", shares)
         object.__setattr__(out, "origin", origin)
-        share.setflags(write=False)
-        out.__dict__["share_matrix"] = share  # what the cached property would compute
+        share_matrix.setflags(write=False)
+        out.__dict__["share_matrix"] = share_matrix  # what the cached property would compute
         return out
 
     @cached_property
@@ -243,7 +260,7 @@ def _assigned(placements: Sequence[Placement], counts: Sequence[int] | np.ndarra
     if raw.ndim == 2:
         if raw.shape[0] != len(placements):
             raise ValueError(f"counts has {raw.shape[0]} rows for {len(placements)} placements")
-        rows = [_as_counts(r, e_count) for r in raw]
+        rows = list(_as_counts(raw, e_count, rows=True))  # checked at once, not row by row
         keys = [("assign", r.tobytes()) for r in rows]
     else:
         rows = [_as_counts(raw, e_count)] * len(placements)
@@ -316,15 +333,23 @@ def _interval_overlap(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     lay sources and destinations out as consecutive intervals on one line of tokens and
     send each overlap. Returns ``[rows, N, N]``."""
     cs, cd = np.cumsum(src, axis=1), np.cumsum(dst, axis=1)
+    if src.size and max(int(cs[:, -1].max()), int(cd[:, -1].max())) < 2**31:
+        # Whole tokens that fit 32 bits: the same integers with half the memory traffic
+        # on the [rows, N, N] temporaries, the bulk of building send matrices.
+        src, dst, cs, cd = src.astype(np.int32), dst.astype(np.int32), cs.astype(np.int32), cd.astype(np.int32)
     lo = np.maximum((cs - src)[:, :, None], (cd - dst)[:, None, :])
     hi = np.minimum(cs[:, :, None], cd[:, None, :])
-    return np.maximum(hi - lo, 0)
+    hi -= lo
+    return np.maximum(hi, 0, out=hi)
 
 
-def _as_counts(counts: Sequence[int] | np.ndarray, num_experts: int) -> np.ndarray:
+def _as_counts(counts: Sequence[int] | np.ndarray, num_experts: int, rows: bool = False) -> np.ndarray:
+    """``counts`` checked as whole, non-negative token counts per expert, as int64: one
+    ``[experts]`` vector, or with ``rows`` a ``[rows, experts]`` stack of them."""
     c = np.asarray(counts)
-    if c.shape != (num_experts,):
-        raise ValueError(f"counts has shape {c.shape}, expected ({num_experts},)")
+    if c.shape[-1:] != (num_experts,) or c.ndim != 1 + rows:
+        shape = c.shape[1:] if rows and c.ndim == 2 else c.shape
+        raise ValueError(f"counts has shape {shape}, expected ({num_experts},)")
     if c.dtype.kind == "f":
         if not np.all(np.isfinite(c)) or np.any(c != np.round(c)):
             raise ValueError("counts must be whole numbers of tokens")

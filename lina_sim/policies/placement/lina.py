@@ -14,7 +14,7 @@ from lina_sim.policies.placement.base import PlacementPolicy, decide_layer
 from lina_sim.policies.placement.charge import spread_counts
 from lina_sim.policies.placement.layout import Placement
 from lina_sim.policies.placement.packing import lina_units, placement_from_groups
-from lina_sim.policies.placement.search import improve, remembered
+from lina_sim.policies.placement.search import improve, improve_many, remembered, remembered_many
 from lina_sim.policies.registry import PLACEMENT_POLICIES, make_placement_policy
 
 _SEARCH_ROUNDS = Field(
@@ -303,23 +303,51 @@ class OraclePlacement(_BalancedPlanner):
 
     # ------------------------------------------------------------------ choosing
     def _candidates(self, layer: int, history: np.ndarray | None, cbs: np.ndarray) -> list[Placement]:
-        counts = cbs.sum(axis=0)
-        cands = [decide_layer(r, layer, history, cbs).final for r in self.rivals]
-        if counts.sum() > 0:
-            # Rivals of one Lina rule plan alike from exact counts: each rule once.
-            rules: dict[object, PlacementPolicy] = {}
-            for r in (self, *self.rivals):
-                rule = (type(r).balanced, None) if isinstance(r, _BalancedPlanner) else (type(r), id(r))
-                rules.setdefault(rule, r)
-            cands += [self.static_placement()] + [r.plan_exact(counts) for r in rules.values()]
+        return self._candidates_many([(layer, history, cbs)])[0]
 
-            quick = remembered(lambda ps: self.charge.quick(layer, ps, cbs))
-            t = quick(cands)
-            start = cands[int(np.argmin(t))]
-            best, _ = improve(start, counts, quick, self.max_experts_per_device, self.search_rounds, "oracle")
-            if best is not start:
-                cands.append(best)
-        return list(dict.fromkeys(cands))  # equal placements (origin aside) charged once
+    def _candidates_many(self, requests: list[tuple[int, np.ndarray | None, np.ndarray]]) -> list[list[Placement]]:
+        """The candidates of each ``(layer, history, counts_by_source)`` request (class
+        docstring). The searches of all requests step together, so each step charges
+        every layer's neighbours in one call; each layer's search is its own, as if run
+        alone (the charge reads no state the rivals change)."""
+        out: list[list[Placement]] = []
+        searched: list[int] = []  # requests with tokens: they get a search
+        for layer, history, cbs in requests:
+            counts = cbs.sum(axis=0)
+            cands = [decide_layer(r, layer, history, cbs).final for r in self.rivals]
+            if counts.sum() > 0:
+                # Rivals of one Lina rule plan alike from exact counts: each rule once.
+                rules: dict[object, PlacementPolicy] = {}
+                for r in (self, *self.rivals):
+                    rule = (type(r).balanced, None) if isinstance(r, _BalancedPlanner) else (type(r), id(r))
+                    rules.setdefault(rule, r)
+                cands += [self.static_placement()] + [r.plan_exact(counts) for r in rules.values()]
+                searched.append(len(out))
+            out.append(cands)
+        if searched:
+            quick = remembered_many(self._quick_charge([requests[k] for k in searched]), len(searched))
+            t = quick([(i, out[k]) for i, k in enumerate(searched)])
+            starts = [out[k][int(np.argmin(ti))] for k, ti in zip(searched, t)]
+            counts = [requests[k][2].sum(axis=0) for k in searched]
+            found = improve_many(starts, counts, quick, self.max_experts_per_device, self.search_rounds, "oracle")
+            for k, start, (best, _) in zip(searched, starts, found):
+                if best is not start:
+                    out[k].append(best)
+        return [list(dict.fromkeys(c)) for c in out]  # equal placements (origin aside) charged once
+
+    def _quick_charge(self, requests: list[tuple[int, np.ndarray | None, np.ndarray]]):
+        """``(search, placements)`` requests -> the quick charge of each, search ``i``
+        being ``requests[i]``'s layer and batch: one :meth:`quick_many` call where the
+        charge has it, else one :meth:`quick` per request."""
+        many = getattr(self.charge, "quick_many", None)
+
+        def charge(asked: list[tuple[int, list[Placement]]]) -> list[np.ndarray]:
+            items = [(requests[i][0], ps, requests[i][2]) for i, ps in asked]
+            if many is not None:
+                return many(items)
+            return [self.charge.quick(layer, ps, cbs) for layer, ps, cbs in items]
+
+        return charge
 
     @staticmethod
     def _key(cbs: np.ndarray) -> bytes:
@@ -331,8 +359,9 @@ class OraclePlacement(_BalancedPlanner):
 
     def see_batch(self, experts: np.ndarray, counts_by_source: np.ndarray) -> None:
         ex = np.asarray(experts)
-        items = [(l, self._candidates(l, ex[:, :l], cbs), np.asarray(cbs)) for l, cbs in enumerate(counts_by_source)]
-        self._choose(items)
+        gates = [np.asarray(cbs) for cbs in counts_by_source]
+        cands = self._candidates_many([(l, ex[:, :l], cbs) for l, cbs in enumerate(gates)])
+        self._choose([(l, c, cbs) for l, (c, cbs) in enumerate(zip(cands, gates))])
 
     def see_gate(self, layer: int, history: np.ndarray | None, counts_by_source: np.ndarray) -> None:
         cbs = np.asarray(counts_by_source, dtype=np.int64)

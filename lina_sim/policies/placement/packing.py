@@ -158,8 +158,12 @@ def _lina_units(w: np.ndarray, num_devices: int, max_items: int) -> tuple[list[l
             groups[i] = groups[i] + groups[j]
             del groups[j]
 
+    # Python floats and ints from here: the same IEEE divisions as numpy scalars', at a
+    # fraction of their cost (this loop can run once per device).
+    wl, rl = w.tolist(), r.tolist()
     while len(groups) < n:
-        e = max(range(len(w)), key=lambda x: (w[x] / r[x] if r[x] else np.inf, -x))
+        e = max(range(len(wl)), key=lambda x: (wl[x] / rl[x] if rl[x] else np.inf, -x))
+        rl[e] += 1
         r[e] += 1
         groups.append([e])
     return groups, r
@@ -195,15 +199,19 @@ def eplb_replicate(loads: Sequence[float] | np.ndarray, num_physical: int, max_r
     """DeepSeek EPLB's ``replicate_experts``: start with one replica per expert and give
     each redundant slot, one at a time, to the expert with the highest load per replica
     (ties: lowest id), never beyond ``max_replicas``. Returns replicas per expert."""
-    w = np.asarray(loads, dtype=np.float64)
-    r = np.ones(len(w), dtype=np.int64)
+    # Plain Python floats: the same IEEE divisions as numpy's, without a dozen array
+    # calls per slot on a 16-expert vector (the oracle runs this every layer of a batch).
+    w = np.asarray(loads, dtype=np.float64).tolist()
+    r = [1] * len(w)
     for _ in range(num_physical - len(w)):
-        per = np.where(r < max_replicas, w / r, -np.inf)
-        e = int(np.argmax(per))  # argmax returns the first maximum: lowest id on ties
-        if per[e] == -np.inf:
+        best, e = -np.inf, -1
+        for i, (wi, ri) in enumerate(zip(w, r)):
+            if ri < max_replicas and wi / ri > best:  # strict: the lowest id on ties
+                best, e = wi / ri, i
+        if e < 0:
             break
         r[e] += 1
-    return r
+    return np.array(r, dtype=np.int64)
 
 
 def eplb_pack(
@@ -213,21 +221,25 @@ def eplb_pack(
     decreasing load, each onto the least-loaded device that still has one of its
     ``slots`` free (and, here, does not hold that expert already). Returns one list of
     experts per device, device 0 first."""
-    w = np.asarray(loads, dtype=np.float64)
-    items = [(w[e] / replicas[e], e) for e in range(len(w)) for _ in range(int(replicas[e]))]
+    # Plain Python (floats add as numpy's do): a few dozen replicas on a few dozen
+    # devices, where per-replica array calls cost more than the work.
+    w = np.asarray(loads, dtype=np.float64).tolist()
+    reps = [int(x) for x in replicas]
+    items = [(w[e] / reps[e], e) for e in range(len(w)) for _ in range(reps[e])]
     items.sort(key=lambda t: (-t[0], t[1]))
     devices: list[list[int]] = [[] for _ in range(num_devices)]
-    load = np.zeros(num_devices)
-    used = np.zeros(num_devices, dtype=np.int64)
-    holds = np.zeros((len(w), num_devices), dtype=bool)
+    load = [0.0] * num_devices
+    used = [0] * num_devices
+    holds: list[set[int]] = [set() for _ in range(len(w))]
+    every = range(num_devices)
     for weight, e in items:
-        room = (used < slots) & ~holds[e]
-        if not room.any():  # only if slots are too few for distinct replicas; fall back to merging
-            room = used < slots
-        # The least loaded device with room, the lowest on ties (argmin takes the first).
-        d = int(np.argmin(np.where(room, load, np.inf))) if room.any() else int(np.argmin(load))
+        room = [d for d in every if used[d] < slots and d not in holds[e]]
+        if not room:  # only if slots are too few for distinct replicas; fall back to merging
+            room = [d for d in every if used[d] < slots]
+        # The least loaded device with room, the lowest on ties.
+        d = min(room or every, key=lambda x: (load[x], x))
         devices[d].append(e)
-        holds[e, d] = True
+        holds[e].add(d)
         used[d] += 1
         load[d] += weight
     return devices
@@ -241,19 +253,22 @@ def align_units(groups: Sequence[Sequence[int]], previous: Placement | None) -> 
     n = len(groups)
     if previous is None:
         return list(range(n))
-    member = np.zeros((n, previous.num_experts), dtype=np.int64)
+    # Experts already on each device, counted per (group, device) pair that has any:
+    # a group holds a few experts, each on a few devices, so a sparse count beats a
+    # dense [group, device] product (planners align thousands of groups per run).
+    holders = previous.devices
+    overlap: dict[tuple[int, int], int] = {}
     for g, members in enumerate(groups):
-        member[g, list(members)] = 1  # distinct experts: a repeat counts once
-    overlap = member @ (previous.share_matrix > 0)  # [group, device] experts already there
+        for e in set(members):  # distinct experts: a repeat counts once
+            for d in holders[e]:
+                overlap[g, d] = overlap.get((g, d), 0) + 1
     # Largest overlap first; ties to the lowest group, then the lowest device. Only pairs
     # with some overlap need the greedy: the pairs left over all have overlap 0 (a pair
     # above it would have been taken at its level), so the free groups then take the
     # free devices in order.
-    g_of, d_of = np.nonzero(overlap)  # group-major, devices ascending
-    order = np.argsort(-overlap[g_of, d_of], kind="stable")
     device_of = [-1] * n
     free_d = [True] * n
-    for g, d in zip(g_of[order].tolist(), d_of[order].tolist()):
+    for (g, d), _ in sorted(overlap.items(), key=lambda kv: (-kv[1], kv[0])):
         if device_of[g] < 0 and free_d[d]:
             device_of[g] = d
             free_d[d] = False
@@ -271,8 +286,7 @@ def placement_from_groups(
     (see :func:`align_units`); each expert's tokens are split evenly over its replicas."""
     device_of = align_units(groups, previous)
     # Counted per device: a device listed twice for one expert takes two replicas' tokens.
-    reps = np.zeros((num_experts, len(groups)))
-    experts = [e for members in groups for e in members]
-    devices = [device_of[g] for g, members in enumerate(groups) for _ in members]
-    np.add.at(reps, (experts, devices), 1.0)
-    return Placement.from_counts(len(groups), reps, origin)
+    n = len(groups)
+    flat = [e * n + device_of[g] for g, members in enumerate(groups) for e in members]
+    reps = np.bincount(flat, minlength=num_experts * n).reshape(num_experts, n).astype(np.float64)
+    return Placement.from_counts(n, reps, origin)

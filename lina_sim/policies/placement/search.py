@@ -22,17 +22,40 @@ from lina_sim.policies.placement.layout import Placement
 _COLD_DEVICES = 3
 
 
-def _with(replicas: list[list[int]], num_devices: int, origin: str) -> Placement:
-    # Even splits: 1/r for each of an expert's r distinct devices.
-    held = np.zeros((len(replicas), num_devices))
-    for e, r in enumerate(replicas):
-        held[e, r] = 1.0
-    return Placement.from_counts(num_devices, held, origin)
+class _EvenRows:
+    """``p``'s devices with every expert's tokens split evenly, and placements that
+    differ from it in one expert's row: what :meth:`Placement.from_counts` builds from
+    such replica lists (one replica per device, even splits), to the bit (a share is
+    ``1.0 / replicas`` either way), without rebuilding the other rows (a neighbourhood
+    is a dozen one-row changes)."""
+
+    def __init__(self, p: Placement, origin: str):
+        self.n, self.origin = p.num_devices, origin
+        self.devices = p.devices
+        self.shares = tuple((1.0 / len(r),) * len(r) for r in p.devices)
+        m = np.zeros((p.num_experts, p.num_devices))
+        for e, (r, sh) in enumerate(zip(p.devices, self.shares)):
+            m[e, list(r)] = sh[0]
+        self.matrix = m
+
+    def changed(self, e: int, row: list[int]) -> Placement:
+        """The placement with expert ``e`` on ``row`` (ascending, distinct devices)."""
+        devs = tuple(row)
+        sh = (1.0 / len(devs),) * len(devs)
+        m = self.matrix.copy()
+        m[e] = 0.0
+        m[e, list(devs)] = sh[0]
+        return Placement._assembled(
+            self.n,
+            self.devices[:e] + (devs,) + self.devices[e + 1 :],
+            self.shares[:e] + (sh,) + self.shares[e + 1 :],
+            m,
+            self.origin,
+        )
 
 
 def neighbours(p: Placement, counts: np.ndarray, max_experts: int, origin: str) -> list[Placement]:
     """The candidate moves from ``p`` for per-expert ``counts`` (module docstring)."""
-    n = p.num_devices
     c = np.asarray(counts, dtype=np.float64)
     loads = p.device_loads(np.rint(c).astype(np.int64))
     held = p.experts_per_device()
@@ -40,29 +63,22 @@ def neighbours(p: Placement, counts: np.ndarray, max_experts: int, origin: str) 
     hot = int(np.argmax(loads))
     cold = [int(d) for d in np.argsort(loads, kind="stable") if d != hot][:_COLD_DEVICES]
     out: list[Placement] = []
+    even = _EvenRows(p, origin)
     for e in sorted(p.resident[hot], key=lambda x: (-c[x], x)):
         if c[e] <= 0:
             continue
         for d in cold:
             if d in reps[e] or held[d] >= max_experts:
                 continue
-            moved = [list(r) for r in reps]
-            moved[e] = sorted([x for x in reps[e] if x != hot] + [d])
-            out.append(_with(moved, n, origin))  # move off the hot device
-            added = [list(r) for r in reps]
-            added[e] = sorted(reps[e] + [d])
-            out.append(_with(added, n, origin))  # one more replica on a cold device
+            out.append(even.changed(e, sorted([x for x in reps[e] if x != hot] + [d])))  # move off the hot device
+            out.append(even.changed(e, sorted(reps[e] + [d])))  # one more replica on a cold device
         if len(reps[e]) > 1:
-            dropped = [list(r) for r in reps]
-            dropped[e] = [x for x in reps[e] if x != hot]
-            out.append(_with(dropped, n, origin))
+            out.append(even.changed(e, [x for x in reps[e] if x != hot]))
     multi = [e for e in range(p.num_experts) if len(reps[e]) > 1]
     if multi:
         e = max(multi, key=lambda x: (len(reps[x]), -x))
         busiest = max(reps[e], key=lambda d: (int(held[d]), int(loads[d]), d))
-        fewer = [list(r) for r in reps]
-        fewer[e] = [x for x in reps[e] if x != busiest]
-        out.append(_with(fewer, n, origin))
+        out.append(even.changed(e, [x for x in reps[e] if x != busiest]))
     return out
 
 
@@ -80,6 +96,55 @@ def remembered(charge: Callable[[Sequence[Placement]], np.ndarray]) -> Callable[
         return np.array([seen[p] for p in placements])
 
     return ask
+
+
+def remembered_many(
+    charge_many: Callable[[list[tuple[int, list[Placement]]]], list[np.ndarray]], searches: int
+) -> Callable[[list[tuple[int, Sequence[Placement]]]], list[np.ndarray]]:
+    """:func:`remembered` for ``searches`` independent searches charged together:
+    ``charge_many`` takes ``(search, placements)`` requests and answers each with its
+    seconds; each search keeps its own memory (its own layer and batch)."""
+    seen: list[dict[Placement, float]] = [{} for _ in range(searches)]
+
+    def ask(requests: list[tuple[int, Sequence[Placement]]]) -> list[np.ndarray]:
+        new = [(i, [p for p in dict.fromkeys(ps) if p not in seen[i]]) for i, ps in requests]
+        new = [(i, ps) for i, ps in new if ps]
+        if new:
+            for (i, ps), t in zip(new, charge_many(new)):
+                seen[i].update(zip(ps, map(float, t)))
+        return [np.array([seen[i][p] for p in ps]) for i, ps in requests]
+
+    return ask
+
+
+def improve_many(
+    starts: Sequence[Placement],
+    counts: Sequence[np.ndarray],
+    charge: Callable[[list[tuple[int, Sequence[Placement]]]], list[np.ndarray]],
+    max_experts: int,
+    rounds: int,
+    origin: str,
+) -> list[tuple[Placement, float]]:
+    """:func:`improve` from each of ``starts`` (with its ``counts``), the searches
+    stepped in lockstep so that each step charges all of them in one call: ``charge``
+    takes ``(search, placements)`` requests and answers each with its seconds. Each
+    search ends as :func:`improve` would alone (the same steps, the same result)."""
+    best = list(starts)
+    best_t = [float(t[0]) for t in charge([(i, [s]) for i, s in enumerate(starts)])]
+    active = list(range(len(starts)))
+    for _ in range(rounds):
+        cands = {i: neighbours(best[i], counts[i], max_experts, origin) for i in active}
+        active = [i for i in active if cands[i]]
+        if not active:
+            break
+        moved = []
+        for i, t in zip(active, charge([(i, cands[i]) for i in active])):
+            j = int(np.argmin(t))
+            if t[j] < best_t[i]:
+                best[i], best_t[i] = cands[i][j], float(t[j])
+                moved.append(i)
+        active = moved
+    return list(zip(best, best_t))
 
 
 def improve(
