@@ -8,7 +8,11 @@ Issue 17's target: all policies together <= 60 s and <= 4 GB on one core. The ru
 pinned to one core; ``cpu (s)`` is process CPU time (a machine shared with other work
 inflates the wall time, not it), ``peak RSS`` the process's maximum. ``--gpus`` runs a
 smaller slice of the same cluster (the same EP 64, less data parallelism), to see how
-the cost grows.
+the cost grows. ``sim ranks`` is how many ranks the engine simulated: one data-parallel
+replica (the ``ep`` group, or a node of packed replicas) standing for all of them
+(lina_sim/training/engine.py, ``replica_size``); ``--all-ranks`` simulates every rank,
+the engine's reference mode (the same step, minutes and gigabytes at 16,384 GPUs).
+``collectives`` counts every replica's collectives.
 
 ``--network`` times only the step's network at the full 16,384 GPUs: every all-to-all
 of the step's program (27 MoE layers x dispatch and combine, forward and backward), each
@@ -16,9 +20,9 @@ run by all 256 expert-parallel groups at once (``Collectives.all_to_all_groups``
 after another, while DeepSpeed's 25 MB gradient buckets run beside them, in order, on
 the data-parallel communicator (all 16,384 ranks) and on the 64 expert-data-parallel
 ones (256 ranks each) at once. That is what the training engine asks of the network
-once it runs one rank of each symmetric class rather than every rank.
+when it simulates one replica rather than every rank.
 
-    python benchmarks/bench_frontier.py [--gpus 16384] [--policies deepspeed,lina] [--network]
+    python benchmarks/bench_frontier.py [--gpus 16384] [--policies deepspeed,lina] [--network] [--all-ranks]
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=16384, help="GPUs (a multiple of 8 and of 64)")
     ap.add_argument("--policies", default=",".join(TRAINING_POLICIES), help="comma-separated training policies")
     ap.add_argument("--network", action="store_true", help="only the step's collectives on the network")
+    ap.add_argument("--all-ranks", action="store_true", help="simulate every rank, not one replica for all")
     args = ap.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
@@ -114,22 +119,22 @@ def main() -> None:
     )
     print(
         f"  {'policy':<16} {'cpu (s)':>8} {'wall (s)':>9} {'k':>3} {'r':>3} {'sim step (ms)':>14} "
-        f"{'a2a (ms)':>9} {'allreduce (ms)':>15} {'collectives':>12} {'peak RSS (MB)':>14}"
+        f"{'a2a (ms)':>9} {'allreduce (ms)':>15} {'collectives':>12} {'sim ranks':>10} {'peak RSS (MB)':>14}"
     )
     for entry in setup.policies:
         c1, w1 = time.process_time(), time.perf_counter()
-        run = run_policy(setup, entry, alone)
+        run = run_policy(setup, entry, alone, all_ranks=args.all_ranks)
         b = run.breakdown
         print(
             f"  {entry.label:<16} {time.process_time() - c1:>8.2f} {time.perf_counter() - w1:>9.2f} "
             f"{run.experts_per_device:>3} {run.pipeline_degree:>3} {run.result.step_time * 1e3:>14.2f} "
             f"{b.get('total_a2a', float('nan')) * 1e3:>9.2f} {b.get('total_allreduce', float('nan')) * 1e3:>15.2f} "
-            f"{len(run.result.collectives):>12d} {peak_rss_mb():>14.0f}",
+            f"{run.result.collective_count:>12d} {run.result.ranks:>10d} {peak_rss_mb():>14.0f}",
             flush=True,
         )
     print(
         f"  {'total':<16} {time.process_time() - c0:>8.2f} {time.perf_counter() - w0:>9.2f}"
-        f"{'':>87} {peak_rss_mb():>14.0f}"
+        f"{'':>98} {peak_rss_mb():>14.0f}"
     )
 
 

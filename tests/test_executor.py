@@ -36,6 +36,8 @@ ALL_POLICIES = [
     {"name": "lina", "label": "lina-bucket", "micro_op_mb": 0.002, "partition_of": "bucket"},
     "no-contention",
 ]
+# Tutel runs its own sparse dispatch kernels (its default); the others DeepSpeed's einsum.
+SPARSE_DISPATCH = {"tutel"}
 
 
 def scenario(tmp_path, policies, steps=1, **model) -> str:
@@ -62,8 +64,9 @@ def _runs(results):
 
 def test_loss_and_gradients_are_the_same_under_every_policy(tmp_path):
     """One step of every policy (different bucketing, partitioning, pipelining and packing)
-    computes the same loss, bit for bit, and the same reduced gradients up to float32
-    summation order; both dispatch layouts agree too."""
+    computes the same loss, bit for bit among policies that run the same dispatch kernels
+    and up to float32 rounding across kernels, and the same reduced gradients up to
+    float32 summation order; both dispatch layouts agree too."""
     path = scenario(tmp_path, ALL_POLICIES)
     by_mode = {}
     for mode in ("padded", "uneven"):
@@ -83,7 +86,13 @@ def test_loss_and_gradients_are_the_same_under_every_policy(tmp_path):
         for rank, rank_runs in enumerate(runs):
             base = ref[rank][0]
             for run in rank_runs:
-                assert run["records"][0].loss == base["records"][0].loss, (mode, run["label"])
+                loss, ref_loss = run["records"][0].loss, base["records"][0].loss
+                if run["label"] in SPARSE_DISPATCH:
+                    # Other kernels, other GEMM shapes: the CPU's BLAS may round differently
+                    # (seen on AMD EPYC, not on the Intel hosts before).
+                    assert loss == pytest.approx(ref_loss, rel=1e-6), (mode, run["label"])
+                else:
+                    assert loss == ref_loss, (mode, run["label"])
                 common = set(run["grads"]) & set(base["grads"])
                 assert any(".E" in n for n in common) and "L0.attn_qkv" in common
                 for name in common:

@@ -82,41 +82,45 @@ def _load_cluster(args):
     return cluster if gpus is None else with_gpus_per_node(cluster, gpus)
 
 
-def _collective_flows(op: str, algo: str, nodes: int, gpus_per_node: int) -> int:
-    """Flows whose paths one step of ``op`` builds at once over every rank: an all-to-all
-    every ordered pair (hierarchical: pairs inside a node, then across nodes per local
-    index), a sendrecv one per rank, an allreduce one per rank and channel (at most 64)."""
-    n = nodes * gpus_per_node
-    if op == "all_to_all":
-        if algo == "hierarchical":
-            return nodes * gpus_per_node * (gpus_per_node - 1) + gpus_per_node * nodes * (nodes - 1)
-        return n * (n - 1)
-    return n if op == "sendrecv" else 64 * n
+# A timeline event (one rank's part of one timed collective) kept for --trace, with its
+# Chrome-trace record: measured 1.17 KB (`collective --op all_to_all --trace` at 16,384
+# ranks, 21 sizes: 404 MB above the same run without it); rounded up.
+TRACE_BYTES_PER_EVENT = 1.2e3
 
 
-def _check_host_memory(cluster, op: str, algo: str) -> None:
-    """Refuse, before anything is built, an ``op`` whose flows would not fit in this
-    machine's available memory (per-flow bytes as measured for the training simulator);
-    a ConfigError on ``--nodes`` with the size and how many nodes would fit."""
-    from lina_sim.hardware.machine import available_memory
-    from lina_sim.training.run import HOST_BYTES_PER_FLOW, HOST_FIXED_BYTES
+def _host_bytes(ranks: int, events_per_rank: int = 0) -> float:
+    """Bytes one ``collective`` / ``contention`` run over ``ranks`` ranks holds: fixed, the
+    network's state per rank (every collective's flows are counted per path class, never
+    listed per pair: :data:`~lina_sim.hardware.machine.NETWORK_BYTES_PER_RANK`), and
+    ``events_per_rank`` timeline events per rank for ``--trace``."""
+    from lina_sim.hardware.machine import NETWORK_BYTES_PER_RANK
+    from lina_sim.training.run import HOST_FIXED_BYTES
+
+    return HOST_FIXED_BYTES + ranks * (NETWORK_BYTES_PER_RANK + events_per_rank * TRACE_BYTES_PER_EVENT)
+
+
+def _check_host_memory(cluster, op: str, algo: str, events_per_rank: int = 0) -> None:
+    """Refuse, before anything is built, an ``op`` over every rank of ``cluster`` whose
+    simulation would not fit in this machine's available memory (:func:`_host_bytes`); a
+    ConfigError on ``--nodes`` with the size and how many nodes would fit."""
+    from lina_sim.hardware.machine import available_memory, gigabytes
 
     have = available_memory()
+    gpn = cluster.gpus_per_node
 
     def need(nodes: int) -> float:
-        return HOST_FIXED_BYTES + _collective_flows(op, algo, nodes, cluster.gpus_per_node) * HOST_BYTES_PER_FLOW
+        return _host_bytes(nodes * gpn, events_per_rank)
 
     if have is None or need(cluster.nodes) <= have:
         return
-    fits, hi = 0, cluster.nodes  # the largest node count that fits, by bisection (flows grow with nodes)
+    fits, hi = 0, cluster.nodes  # the largest node count that fits, by bisection (need grows with nodes)
     while fits < hi:
         mid = (fits + hi + 1) // 2
         fits, hi = (mid, hi) if need(mid) <= have else (fits, mid - 1)
-    flows = _collective_flows(op, algo, cluster.nodes, cluster.gpus_per_node)
     raise ConfigError(
         "--nodes",
-        f"{op} ({algo}) over {cluster.world_size} ranks builds {flows:,} flows at once, about "
-        f"{need(cluster.nodes) / 1e9:.3g} GB of memory; this machine has {have / 1e9:.3g} GB available",
+        f"{op} ({algo}) over {cluster.world_size} ranks needs about {gigabytes(need(cluster.nodes))} of memory; "
+        f"this machine has {gigabytes(have)} available",
         f"--nodes <= {fits} on {cluster.name}" if fits else "none",
     )
 
@@ -227,7 +231,7 @@ def cmd_collective(args) -> int:
         check_op(args.op, algo, proto)
     cluster = _load_cluster(args)
     sizes = parse_size_range(args.sizes or "1K:1G")
-    _check_host_memory(cluster, args.op, algo)
+    _check_host_memory(cluster, args.op, algo, len(sizes) if args.trace else 0)
     tl = Timeline() if args.trace else None
     with _flags(algo="--algo", proto="--proto"):
         df = collective_sweep(cluster, args.op, algo, sizes, timeline=tl, proto=proto)
@@ -345,7 +349,7 @@ def cmd_contention(args) -> int:
     # A contention run of 0 bytes has no slowdown to report (0 / 0).
     a2a = parse_size(args.size, "--size", minimum=1)
     ar = parse_size(args.ar_size, "--ar-size", minimum=1) if args.ar_size else a2a
-    _check_host_memory(cluster, "all_to_all", args.a2a_algo)
+    _check_host_memory(cluster, "all_to_all", args.a2a_algo, 2 if args.trace else 0)
     flags = {"algo": "--ar-algo", "a2a_algo": "--a2a-algo", "ar_algo": "--ar-algo", "ar_proto": "--ar-proto"}
     with _flags(**flags, proto="--ar-proto"):
         res = contention(cluster, a2a, ar, args.a2a_algo, args.ar_algo, ar_proto=args.ar_proto)

@@ -17,15 +17,62 @@ through a :class:`~lina_sim.hardware.processors.ProcessorPool`, and a collective
 compute oversubscribed them waits the host's calibrated per-step delay on top of its
 transfer; otherwise each rank computes on its own device. Output: the one timeline (docs/ARCHITECTURE.md, contract 6)
 (seconds).
+
+**One replica for all.** The step is SPMD and every data-parallel replica (a group of the
+``ep`` communicator) runs the same program, so when the replicas sit alike on the
+cluster the engine simulates only the first ``u`` ranks (:func:`replica_size`: one
+replica, ``u = ep``, or the replicas of one node where a replica is part of a node) and
+stands each rank ``r < u`` in for its copies ``r + i x u``:
+
+- a collective on a group inside the simulated block (``ep``) starts once that group has
+  rendezvoused, and runs on the network together with its copy in every other block
+  (:meth:`Collectives.all_to_all_groups`), so the other replicas' traffic still contends
+  for the links;
+- a collective on a group that spans blocks (``dp``, ``expert_dp``) rendezvouses when its
+  simulated members have it at the head of their stream (the other replicas' ranks are
+  taken to arrive at that same instant) and runs on the whole group, as before; every
+  group of such a communicator holds a simulated rank, so every group is issued.
+
+The timeline, the launches and so the per-rank tables (:mod:`lina_sim.training.breakdown`,
+Chrome traces) then hold ranks ``0 .. u-1`` only (``StepResult.ranks`` of
+``world_size``); a record of a collective on ``ep`` stands for ``copies`` identical
+collectives, one per block (``StepResult.collective_count`` counts them as simulating
+every rank would). ``TrainingEngine(all_ranks=True)`` forces the every-rank simulation.
+The engine's cost falls from O(world size) to O(u) simulated ranks; the network still
+holds every rank's flows, as per-path-class counts.
+
+The approximation, and where it is exact: the replicas' all-to-alls run as one step
+whose flows of a path class move at one rate, so every replica's all-to-all ends when
+the slowest would; the every-rank engine runs one per replica, and they end together
+only where whatever runs beside them loads every replica's links alike. NCCL's tree
+allreduce on a group across replicas (``expert_dp``: one rank per replica) does not:
+its double binary tree over the group's nodes (:mod:`lina_sim.network.nccl`) gives the
+root and inner nodes other loads than the leaves, so an all-to-all that overlaps such an
+allreduce ends about a millisecond earlier in some replicas than in others,
+and in the every-rank engine those run ahead until the next rendezvous across replicas.
+Measured against every-rank simulation (dgx-h100-superpod, deepseek-moe-16b, EP 64,
+every policy; ``tests/test_replica_engine.py`` checks the first two, bit for bit or to
+float rounding, the third under ``-m slow``):
+
+- 64 and 256 GPUs (one scalable unit): step time and every collective's [start, end)
+  identical (bit for bit on the non-blocking fabric);
+- 2048 GPUs (8 units), 28 layers: step time identical for 5 of 6 policies, tutel 0.17%
+  shorter; deepspeed's and tutel's collectives start and end up to 16 ms later in
+  replica 0 than the every-rank engine's replica 0, which runs ahead of the slowest
+  replica between rendezvous;
+- 16,384 GPUs, 28 layers: deepspeed's step time identical, tutel's 0.034% shorter
+  (collectives shifted by up to 15 ms, as above).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import simpy
 
@@ -45,12 +92,15 @@ STREAMS = ("compute", "a2a", "allreduce")
 
 @dataclass
 class CollectiveRecord:
-    """One collective as it ran on the network: [start, end) in s, its group and bytes."""
+    """One collective as it ran on the network: [start, end) in s, its group and bytes;
+    ``copies``: how many identical collectives it stands for (one per block for a
+    collective on ``ep`` when the engine simulates one block of replicas, else 1)."""
 
     mop: MicroOp
     group: tuple[int, ...]
     start: float
     end: float
+    copies: int = 1
 
     @property
     def duration(self) -> float:
@@ -72,12 +122,21 @@ class Launch:
 @dataclass
 class StepResult:
     """The outcome of one simulated step: step time (s), the timeline, every collective
-    as it ran, and every launch decision."""
+    as it ran, and every launch decision; ``ranks`` of the ``world_size`` ranks were
+    simulated (the timeline and launches hold ranks ``0 .. ranks-1``: one block of
+    data-parallel replicas standing for all, see the module docstring)."""
 
     step_time: float
     timeline: pd.DataFrame
     collectives: list[CollectiveRecord] = field(default_factory=list)
     launches: list[Launch] = field(default_factory=list)
+    ranks: int = 0
+    world_size: int = 0
+
+    @property
+    def collective_count(self) -> int:
+        """Collectives of the step over every rank: each record counted ``copies`` times."""
+        return sum(c.copies for c in self.collectives)
 
 
 class _RankState:
@@ -101,11 +160,97 @@ class _RankState:
         return ev
 
 
+def replica_size(graph: Any, cluster: ClusterSpec, topology: Topology) -> int:
+    """How many ranks the engine must simulate, ``u``: ranks ``0 .. u-1`` stand for every
+    rank when each rank ``r + i x u`` lives exactly as rank ``r`` does. ``u`` is ``ep``
+    (one data-parallel replica, a group of the ``ep`` communicator) where that holds, else
+    ``lcm(ep, gpus_per_node)`` (the replicas sharing one node, where a replica is part of
+    a node), else the world size (every rank). A block of ``u`` ranks qualifies when:
+
+    1. ranks do not share host cores (``cluster.shares_cores``: there every rank's compute
+       slows every other's, so every rank counts);
+    2. ``u`` is a multiple of ``ep`` that divides the world size into more than one block,
+       and the ``ep`` groups are the consecutive blocks ``[j x ep, (j+1) x ep)``;
+    3. every communicator maps onto itself under the shift by ``u``: a group inside one
+       block has its translate in every block, and a group across blocks holds whole
+       residue classes mod ``u`` (``dp``: every rank; ``expert_dp``: rank ``r`` and all its
+       copies), so a copy shares every spanning group with the rank it copies;
+    4. the blocks are interchangeable on the network: each rank sits at the same local GPU
+       index (the same NIC rail, PCIe switch and intra-node links) as the rank it copies,
+       and its ``ep`` group's all-to-all has the same path classes (intra-node; across
+       nodes under one leaf; across the spines) with the same peer counts at every
+       position (:meth:`Topology.block_pairs`), so its flows move as those of the block
+       it copies do. Presets with whole nodes per block pass; a replica that straddles a
+       leaf boundary where replica 0 does not fails.
+
+    Not checked: that the collectives across blocks load every block's links alike
+    (NCCL's trees do not; the module docstring says what that changes and how much).
+    Cost: O(ranks + links) per candidate."""
+    n = graph.world_size
+    comms = graph.communicators
+    if cluster.shares_cores or "ep" not in comms:
+        return n
+    ep = comms["ep"].size
+    if comms["ep"].groups != tuple(tuple(range(j * ep, (j + 1) * ep)) for j in range(n // ep)):
+        return n
+    for u in dict.fromkeys((ep, math.lcm(ep, topology.gpus_per_node))):
+        if u < n and n % u == 0 and _blocks_alike(comms, topology, ep, u):
+            return u
+    return n
+
+
+def replica_size_estimate(cluster: ClusterSpec, ep: int) -> int:
+    """What :func:`replica_size` picks for a step whose ``ep`` groups are the consecutive
+    blocks of ``ep`` ranks (as :func:`~lina_sim.workload.graph.build_training_graph` builds
+    them), from the layout's numbers alone, so the size guards answer in microseconds at
+    any scale: ``u = ep`` when it is whole nodes, else ``lcm(ep, gpus_per_node)``, where
+    ``u`` splits the world into more than one block, the ranks do not share host cores and,
+    on a leaf/spine fabric, every block sits alike under the leaves (whole blocks per leaf,
+    whole leaves per block, or a single leaf); else the world size. Where the layout is
+    outside these rules it answers the world size, never less than :func:`replica_size`
+    (``tests/test_replica_engine.py`` compares the two)."""
+    n, gpn = cluster.world_size, cluster.gpus_per_node
+    u = ep if ep % gpn == 0 else math.lcm(ep, gpn)
+    if cluster.shares_cores or u >= n or n % u:
+        return n
+    per_leaf, nodes = cluster.nodes_per_leaf, u // gpn
+    if per_leaf > 0 and cluster.nodes > per_leaf and per_leaf % nodes and nodes % per_leaf:
+        return n
+    return u
+
+
+def _blocks_alike(comms: Any, topology: Topology, ep: int, u: int) -> bool:
+    """Conditions 3 and 4 of :func:`replica_size` for blocks of ``u`` ranks."""
+    n = topology.world_size
+    blocks = n // u
+    for comm in comms.values():
+        inside = [grp for grp in comm.groups if min(grp) // u == max(grp) // u]
+        # Each group inside a block is a translate of one in block 0, and block 0 has as
+        # many as each block (groups are disjoint, so these are bijections).
+        first = {grp for grp in inside if grp[0] < u}
+        if len(inside) != len(first) * blocks or any(tuple(r % u for r in grp) not in first for grp in inside):
+            return False
+        for grp in comm.groups:  # across blocks: whole residue classes
+            if min(grp) // u != max(grp) // u and len(grp) != len({r % u for r in grp}) * blocks:
+                return False
+    ranks = np.arange(n)
+    local = topology.local_of(ranks).reshape(-1, u)
+    if np.any(local != local[0]):
+        return False
+    for c in topology.block_pairs(ranks, ranks // ep):
+        per = c.per_src.reshape(-1, u)
+        if np.any(per != per[0]):
+            return False
+    return True
+
+
 class TrainingEngine:
     """Simulates one training step of ``graph`` under ``policy`` on ``cluster``.
 
     ``op_time(op) -> seconds`` is the compute model (roofline or measured profile);
     ``alone`` (collective times alone on the network) feeds a policy's launch plan.
+    ``all_ranks=True`` simulates every rank even where one data-parallel replica stands
+    for all (:func:`replica_size`; the reference the replica reduction is tested against).
     """
 
     def __init__(
@@ -118,6 +263,7 @@ class TrainingEngine:
         topology: Topology | None = None,
         record_launches: bool = False,
         alone: AloneTimes | None = None,
+        all_ranks: bool = False,
     ):
         self.record_launches = record_launches
         self.graph = graph
@@ -129,6 +275,8 @@ class TrainingEngine:
         self.alone = alone or AloneTimes(cluster, algos, self.topology)
         if graph.world_size != self.topology.world_size:
             raise ValueError(f"graph is for {graph.world_size} ranks, cluster has {self.topology.world_size}")
+        # Ranks simulated: one data-parallel replica where replicas are interchangeable.
+        self.sim_ranks = graph.world_size if all_ranks else replica_size(graph, cluster, self.topology)
 
     def run(self) -> StepResult:
         """Simulates the step once, from a fresh simulated clock, and returns its result."""
@@ -139,10 +287,11 @@ class _StepRun:
     """One simulation of one training step: the simpy environment, the network(s), every
     rank's state, the timeline and the records of collectives and launches.
 
-    Each rank runs three simpy processes (:meth:`compute_stream`,
+    Each simulated rank (``engine.sim_ranks`` of them: every rank, or one replica, see
+    the module docstring) runs three simpy processes (:meth:`compute_stream`,
     :meth:`submit_all_to_alls`, :meth:`submit_gradients`); a collective runs as its own
-    process (:meth:`run_collective`) once its group has rendezvoused
-    (:meth:`try_rendezvous`). Times are simulated seconds, sizes bytes.
+    process (:meth:`run_collective`) once the simulated ranks of its group have
+    rendezvoused (:meth:`try_rendezvous`). Times are simulated seconds, sizes bytes.
     """
 
     def __init__(self, engine: TrainingEngine):
@@ -164,7 +313,14 @@ class _StepRun:
         self.record_launches = engine.record_launches
         micro_ops = planned_micro_ops(g, engine.policy, engine.cluster, engine.op_time, engine.alone)
         owed = owed_per_gap(micro_ops)
-        self.ranks = [_RankState(r, engine.policy, env, owed) for r in range(g.world_size)]
+        # Ranks 0 .. sim-1: every rank (one block), or the first block of replicas standing
+        # in for the ``blocks`` - 1 others.
+        self.sim = sim = engine.sim_ranks
+        self.blocks = g.world_size // sim
+        self.ranks = [_RankState(r, engine.policy, env, owed) for r in range(sim)]
+        # (communicator, first rank of a group) -> the group's simulated ranks.
+        self._members: dict[tuple[str, int], tuple[int, ...]] = {}
+        self._translates: dict[tuple, tuple[tuple[int, ...], ...]] = {}
         self.a2a_mops = [m for m in micro_ops if m.is_a2a]
         self.grad_mops = submission_order(micro_ops)
         for st in self.ranks:
@@ -175,8 +331,9 @@ class _StepRun:
         self.compute_ops = [o for o in self.ops if o.kind == "compute"]
         # Every rank runs the same op for the same time: price each op once, not per rank.
         self.compute_times = [self.op_time(o) for o in self.compute_ops]
-        # (micro-op id, group) -> ranks whose stream has that collective at its head.
-        self.arrivals: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+        # (micro-op id, first rank of its group) -> ranks whose stream has that collective
+        # at its head (a group's first rank names it: a communicator's groups are disjoint).
+        self.arrivals: dict[tuple[str, int], list[int]] = {}
 
     def run(self) -> StepResult:
         """Starts every rank's processes, runs the clock until nothing is left to happen,
@@ -195,11 +352,23 @@ class _StepRun:
                 f"(open: {sorted(k[0] for k in self.arrivals)[:4]})"
             )
         df = self.timeline.to_frame()
-        return StepResult(float(df["end"].max()) if len(df) else 0.0, df, self.records, self.launches)
+        step = float(df["end"].max()) if len(df) else 0.0
+        return StepResult(step, df, self.records, self.launches, self.sim, self.graph.world_size)
 
     def group_of(self, m: MicroOp, rank: int) -> tuple[int, ...]:
         """The ranks of ``m``'s communicator group that contains ``rank``."""
         return self.graph.communicators[m.communicator].group_of(rank)
+
+    def members(self, m: MicroOp, grp: tuple[int, ...]) -> tuple[int, ...]:
+        """The simulated ranks of ``grp`` (a group of ``m``'s communicator): all of them,
+        or in one-replica mode those of replica 0 (ranks below ``self.sim``)."""
+        if self.blocks == 1:
+            return grp
+        key = (m.communicator, grp[0])
+        got = self._members.get(key)
+        if got is None:
+            got = self._members[key] = tuple(r for r in grp if r < self.sim)
+        return got
 
     def launch_selected(self, st: _RankState) -> None:
         """Asks the rank's policy which submitted micro-ops to launch now, queues each on
@@ -221,10 +390,10 @@ class _StepRun:
         st.busy[stream] = True
         m = st.queues[stream][0]
         grp = self.group_of(m, st.rank)
-        key = (m.id, grp)
+        key = (m.id, grp[0])
         arrived = self.arrivals.setdefault(key, [])
         arrived.append(st.rank)
-        if len(arrived) == len(grp):
+        if len(arrived) == len(self.members(m, grp)):
             del self.arrivals[key]
             self.env.process(self.run_collective(m, grp))
 
@@ -237,7 +406,15 @@ class _StepRun:
         kind = "all_to_all" if m.is_a2a else "allreduce"
         delay = host.collective_delay_s(kind, len(grp)) if cores is not None else 0.0
         since = (start, cores.excess_time()) if delay > 0 else None
-        if m.is_a2a:
+        copies = self.copies(m, grp)
+        if copies > 1 and len(grp) > 1:  # one replica's group stands for its translates: run them all
+            groups = self.translates(m, grp)
+            if m.is_a2a:
+                yield self.a2a_coll.all_to_all_groups(groups, m.nbytes, self.algos.all_to_all, tag=m.id)
+            else:
+                ar, algo, proto = self.ar_coll, self.algos.algo, self.algos.proto
+                yield env.all_of([ar.allreduce(g, m.nbytes, algo, tag=m.id, proto=proto) for g in groups])
+        elif m.is_a2a:
             yield self.a2a_coll.all_to_all(grp, m.nbytes, self.algos.all_to_all, tag=m.id)
         else:
             yield self.ar_coll.allreduce(grp, m.nbytes, self.algos.algo, tag=m.id, proto=self.algos.proto)
@@ -245,14 +422,35 @@ class _StepRun:
             owed = cores.owed(delay, host.reference_excess, since)
             if owed > 0:
                 yield env.process(cores.pay(owed, host.reference_excess))
-        self.complete_collective(m, grp, kind, start, env.now)
+        self.complete_collective(m, grp, kind, start, env.now, copies)
 
-    def complete_collective(self, m: MicroOp, grp: tuple[int, ...], kind: str, start: float, end: float) -> None:
-        """Records ``m`` as having run over [start, end) s on every rank of ``grp``, frees
-        their stream, tells their schedulers and fires the completion events; only then
-        lets each rank launch and rendezvous again."""
-        self.records.append(CollectiveRecord(m, grp, start, end))
+    def translates(self, m: MicroOp, grp: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        """``grp`` (inside replica 0) and its copy in every other replica: the groups of
+        ``m``'s communicator that rank ``r + i x sim`` of replica i holds (:func:`replica_size`
+        checked they exist), kept once built."""
+        key = ("translates", m.communicator, grp[0])
+        got = self._translates.get(key)
+        if got is None:
+            a = np.asarray(grp)
+            got = self._translates[key] = tuple(tuple((a + i * self.sim).tolist()) for i in range(self.blocks))
+        return got
+
+    def copies(self, m: MicroOp, grp: tuple[int, ...]) -> int:
+        """How many identical collectives ``m`` on ``grp`` stands for: one per replica
+        when one replica is simulated and ``grp`` lies inside it (``ep``), else 1. (A
+        group of one rank moves nothing, so its copies are counted but not run.)"""
+        return self.blocks if self.blocks > 1 and len(self.members(m, grp)) == len(grp) else 1
+
+    def complete_collective(
+        self, m: MicroOp, grp: tuple[int, ...], kind: str, start: float, end: float, copies: int = 1
+    ) -> None:
+        """Records ``m`` as having run over [start, end) s on every rank of ``grp`` (and on
+        its ``copies - 1`` translates), frees the simulated ranks' stream, tells their
+        schedulers and fires the completion events; only then lets each of them launch
+        and rendezvous again."""
+        self.records.append(CollectiveRecord(m, grp, start, end, copies))
         ranks, tl = self.ranks, self.timeline
+        grp = self.members(m, grp)
         # Read once: both are properties and the group can be every rank.
         stream, is_a2a = m.stream, m.is_a2a
         for r in grp:

@@ -24,7 +24,7 @@ from lina_sim.config.fields import Field, check_fields, check_mapping
 from lina_sim.config.scenario import Scenario
 from lina_sim.errors import ConfigError
 from lina_sim.hardware.compute import ProfileComputeModel, RooflineComputeModel
-from lina_sim.hardware.machine import available_memory, gigabytes
+from lina_sim.hardware.machine import NETWORK_BYTES_PER_RANK, available_memory, gigabytes
 from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.network.alone import AloneTimes
 from lina_sim.network.collectives import (
@@ -40,7 +40,7 @@ from lina_sim.network.collectives import (
 from lina_sim.policies.registry import PolicyEntry, make_training_policy, policy_entries
 from lina_sim.results.rows import point_columns
 from lina_sim.training.breakdown import mean_breakdown
-from lina_sim.training.engine import StepResult, TrainingEngine
+from lina_sim.training.engine import StepResult, TrainingEngine, replica_size_estimate
 from lina_sim.workload.graph import build_training_graph, micro_op_estimates, packing_candidates
 from lina_sim.workload.model import ModelSpec
 from lina_sim.workload.resolve import resolve_cluster_and_model
@@ -262,24 +262,32 @@ def check_gpu_memory(cluster: ClusterSpec, model: ModelSpec) -> None:
     )
 
 
-# What one simulated training step holds in host memory, per item of the structures it
-# builds, measured with ru_maxrss (above the interpreter with lina_sim imported) and
-# tracemalloc on dgx-a100, transformer-xl-12 (223 rank-ops per GPU), one policy:
+# What one simulated training step holds in host memory, measured with ru_maxrss (above
+# the interpreter with lina_sim imported) and tracemalloc, one policy. The engine holds
+# its simulated ranks' rank-ops (a compute op, all-to-all or gradient tensor of the step
+# on one rank: its simpy events, scheduler entries and timeline row); since it simulates
+# one block of data-parallel replicas where they sit alike on the cluster
+# (lina_sim.training.engine.replica_size), that is often far fewer ranks than GPUs:
 #
-#   GPUs  experts  rank-ops  a2a flows  peak RSS  tracemalloc peak
-#      8        8     1784         56    10.8 MB        -
-#     32       32     7136        992    14.2 MB        -
-#    128       16    28544        240    27.3 MB       9.9 MB
-#    256       16    57088        240    37.2 MB      26.2 MB
-#    256      256    57088      65280    38.3 MB        -
-#    512 (one all-to-all alone)  261632       -       58.5 MB
+#   preset / model                       GPUs  simulated  rank-ops  peak RSS  tracemalloc
+#   dgx-a100 / transformer-xl-12            8       8        1784   10.8 MB        -
+#   dgx-a100 / transformer-xl-12          128     128       28544   27.3 MB      9.9 MB
+#   dgx-a100 / transformer-xl-12          256     256       57088   37.2 MB     26.2 MB
+#   dgx-h100-superpod / deepseek-moe-16b  512     512      244224    147 MB        -
+#   dgx-h100-superpod / deepseek-moe-16b 2048    2048      976896    547 MB        -
+#   dgx-h100-superpod / deepseek-moe-16b 2048      64       30528     48 MB        -
+#   dgx-h100-superpod / deepseek-moe-16b 16384     64       30528    179 MB        -
+#   dgx-h100-superpod / deepseek-moe-16b 16384      8 (k=8)  5112    167 MB        -
 #
-# A rank-op (a compute op, all-to-all or gradient tensor of the step on one rank: its
-# simpy events, scheduler entries and timeline row) costs 350-570 B, and a flow of the
-# largest all-to-all 235 B while its paths are built; the constants round up.
+# A rank-op costs 350-600 B (560-600 B on deepseek-moe-16b). Beyond them the step holds,
+# per GPU of the cluster, what the network keeps of every rank (the topology's links, the
+# per-path-class steps and NCCL tables of the collectives over all ranks, the
+# communicators' groups): 9.8-10.5 KB per GPU at 16,384 GPUs (the last two rows), as
+# ``lina-sim collective`` and ``contention`` hold (machine.NETWORK_BYTES_PER_RANK). No
+# per-flow state is left: an even all-to-all's flows are counted per path class
+# (Topology.block_pairs), never listed. The constants round up.
 HOST_FIXED_BYTES = 20e6
 HOST_BYTES_PER_RANK_OP = 600.0
-HOST_BYTES_PER_FLOW = 240.0
 # What a finished policy's run keeps (its timeline) until the scenario's table prints.
 HOST_KEPT_PER_RANK_OP = 60.0
 
@@ -287,33 +295,52 @@ HOST_KEPT_PER_RANK_OP = 60.0
 @dataclass(frozen=True)
 class HostMemory:
     """The host memory one training scenario point needs to simulate, from the sizes of
-    what it builds: ``rank_ops`` (GPUs x the step's ops and gradient tensors per rank),
-    ``flows`` (the largest all-to-all's rank pairs, whose paths are built at once) and
-    the ``policies`` run one after another."""
+    what it builds: ``rank_ops`` (the simulated ranks x the step's ops and gradient
+    tensors per rank), the network state of every one of the ``gpus``, and the
+    ``policies`` run one after another. ``simulated``: the ranks the engine runs (one
+    block of data-parallel replicas, or every GPU)."""
 
     gpus: int
+    simulated: int
     rank_ops: int
-    flows: int
     policies: int
 
     @property
     def total(self) -> float:
-        """Bytes: fixed + per rank-op (one policy's peak, plus what the others keep) + per flow."""
+        """Bytes: fixed + per rank-op (one policy's peak, plus what the others keep) + per GPU."""
         kept = HOST_KEPT_PER_RANK_OP * (self.policies - 1)
-        return HOST_FIXED_BYTES + self.rank_ops * (HOST_BYTES_PER_RANK_OP + kept) + self.flows * HOST_BYTES_PER_FLOW
+        return HOST_FIXED_BYTES + self.rank_ops * (HOST_BYTES_PER_RANK_OP + kept) + self.gpus * NETWORK_BYTES_PER_RANK
 
 
-def host_memory(n: int, model: ModelSpec, policies: int, per_rank: int) -> HostMemory:
-    """:class:`HostMemory` of simulating ``model`` (experts resolved) on ``n`` GPUs with
-    ``policies`` policies and ``per_rank`` ops and gradient tensors per rank; counts only,
-    so it answers in microseconds at any scale."""
-    ep = max(model.experts // k for k in packing_candidates(model, n))
-    return HostMemory(n, n * per_rank, ep * (ep - 1), policies)
+def packings(model: ModelSpec, n: int, policies: list[PolicyEntry]) -> list[int]:
+    """The experts per device any of ``policies`` may run ``model`` (experts resolved) at
+    on ``n`` GPUs: the smallest valid packing, and for a packing policy (``packing_rule``
+    other than ``off``) every valid one up to its ``max_experts_per_device``."""
+    cands = packing_candidates(model, n)
+    out = {cands[0]}
+    for e in policies:
+        policy = make_training_policy(e.name, **e.params)
+        if getattr(policy, "packing_rule", "off") != "off":
+            out.update(k for k in cands if k <= policy.max_experts_per_device)
+    return sorted(out)
 
 
-# One core's CPU time per rank-op per policy (benchmarks/bench_training.py: 21 us at 16
-# GPUs, 11 us at 1024 GPUs; the larger, for an upper estimate).
+def host_memory(cluster: ClusterSpec, model: ModelSpec, policies: list[PolicyEntry], per_rank: int) -> HostMemory:
+    """:class:`HostMemory` of simulating ``model`` (experts resolved) on ``cluster`` with
+    ``policies`` and ``per_rank`` ops and gradient tensors per rank, at the packing of
+    those policies that simulates the most ranks (:func:`replica_size_estimate`); counts
+    only, so it answers in microseconds at any scale."""
+    n = cluster.world_size
+    sim = max(replica_size_estimate(cluster, model.experts // k) for k in packings(model, n, policies))
+    return HostMemory(n, sim, sim * per_rank, len(policies))
+
+
+# One core's CPU time per policy: per simulated rank-op (benchmarks/bench_training.py: 21
+# us at 16 GPUs, 11 us at 1024 GPUs; the larger) and, for the network's collectives over
+# every rank, per GPU and rank-op (benchmarks/bench_frontier.py, 16,384 GPUs simulated
+# as one replica: 0.4-0.8 us; rounded up). Upper estimates.
 CPU_S_PER_RANK_OP = 20e-6
+CPU_S_PER_GPU_OP = 1e-6
 
 
 def ops_per_rank(model: ModelSpec, world_size: int, policies: list[PolicyEntry]) -> int:
@@ -327,9 +354,12 @@ def ops_per_rank(model: ModelSpec, world_size: int, policies: list[PolicyEntry])
 
 def expected_cpu_s(setup: TrainingSetup) -> float:
     """About how long simulating ``setup``'s policies takes on one core (s), from the size
-    of the step's program; what ``lina-sim run`` warns with before a long point."""
+    of the step's program, the ranks simulated and the GPUs; what ``lina-sim run`` warns
+    with before a long point."""
     n = setup.cluster.world_size
-    return n * ops_per_rank(setup.model, n, setup.policies) * len(setup.policies) * CPU_S_PER_RANK_OP
+    per_rank = ops_per_rank(setup.model, n, setup.policies)
+    mem = host_memory(setup.cluster, setup.model, setup.policies, per_rank)
+    return (mem.simulated * CPU_S_PER_RANK_OP + n * CPU_S_PER_GPU_OP) * per_rank * len(setup.policies)
 
 
 def check_host_memory(cluster: ClusterSpec, model: ModelSpec, policies: list[PolicyEntry]) -> None:
@@ -348,7 +378,7 @@ def check_host_memory(cluster: ClusterSpec, model: ModelSpec, policies: list[Pol
         if experts % n and n % experts:
             experts = model.experts
         m = dataclasses.replace(model, experts=experts)
-        return host_memory(n, m, len(policies), per_rank)
+        return host_memory(cluster.with_nodes(nodes) if nodes != cluster.nodes else cluster, m, policies, per_rank)
 
     est = need(cluster.nodes)
     if est.total <= have:
@@ -362,7 +392,8 @@ def check_host_memory(cluster: ClusterSpec, model: ModelSpec, policies: list[Pol
         "cluster.nodes",
         f"simulating {est.gpus} GPUs ({model.experts} experts, {len(policies)} "
         f"{'policy' if len(policies) == 1 else 'policies'}) needs about "
-        f"{gigabytes(est.total)} of memory ({est.rank_ops:,} rank-ops, an all-to-all of {est.flows:,} flows); "
+        f"{gigabytes(est.total)} of memory ({est.rank_ops:,} rank-ops on {est.simulated:,} simulated ranks, "
+        f"the network state of {est.gpus:,} GPUs); "
         f"this machine has {gigabytes(have)} available",
         fits,
     )
@@ -401,7 +432,11 @@ def choose_shape(setup: TrainingSetup, entry: PolicyEntry, alone: AloneTimes) ->
     return policy, policy.experts_per_device(cands, estimates), r
 
 
-def run_policy(setup: TrainingSetup, entry: PolicyEntry, alone: AloneTimes | None = None) -> PolicyRun:
+def run_policy(
+    setup: TrainingSetup, entry: PolicyEntry, alone: AloneTimes | None = None, all_ranks: bool = False
+) -> PolicyRun:
+    """One policy's step (``all_ranks``: simulate every rank, not one replica for all;
+    :class:`~lina_sim.training.engine.TrainingEngine`)."""
     t0 = time.perf_counter()
     cluster, model = setup.cluster, setup.model
     alone = alone or AloneTimes(cluster, setup.algos)
@@ -410,8 +445,10 @@ def run_policy(setup: TrainingSetup, entry: PolicyEntry, alone: AloneTimes | Non
         graph = build_training_graph(
             model, cluster, experts_per_device=k, pipeline_degree=r, dispatch_kernels=policy.dispatch_kernels
         )
-        res = TrainingEngine(graph, policy, cluster, setup.compute.op_time, setup.algos, alone.topology, alone=alone)
-        res = res.run()
+        engine = TrainingEngine(
+            graph, policy, cluster, setup.compute.op_time, setup.algos, alone.topology, alone=alone, all_ranks=all_ranks
+        )
+        res = engine.run()
     except ConfigError as e:  # an allreduce NCCL cannot run on one of the step's communicators
         if e.field not in ("algo", "proto"):
             raise
@@ -442,7 +479,7 @@ def run_training(setup: TrainingSetup) -> tuple[pd.DataFrame, list[PolicyRun]]:
                 "bwd_a2a_slowdown_median": float(np.median(s)) if s.size else float("nan"),
                 "bwd_a2a_slowdown_p95": float(np.percentile(s, 95)) if s.size else float("nan"),
                 "bwd_a2a_slowdown_max": float(s.max()) if s.size else float("nan"),
-                "collectives": len(run.result.collectives),
+                "collectives": run.result.collective_count,
                 "sim_wall_s": run.wall_s,
                 **{k: v for k, v in setup.scenario.swept.items()},
             }
