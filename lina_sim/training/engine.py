@@ -320,7 +320,7 @@ class _StepRun:
         self.ranks = [_RankState(r, engine.policy, env, owed) for r in range(sim)]
         # (communicator, first rank of a group) -> the group's simulated ranks.
         self._members: dict[tuple[str, int], tuple[int, ...]] = {}
-        self._translates: dict[tuple, tuple[tuple[int, ...], ...]] = {}
+        self._translates: dict[tuple[str, int], tuple[tuple[int, ...], ...]] = {}
         self.a2a_mops = [m for m in micro_ops if m.is_a2a]
         self.grad_mops = submission_order(micro_ops)
         for st in self.ranks:
@@ -428,7 +428,7 @@ class _StepRun:
         """``grp`` (inside replica 0) and its copy in every other replica: the groups of
         ``m``'s communicator that rank ``r + i x sim`` of replica i holds (:func:`replica_size`
         checked they exist), kept once built."""
-        key = ("translates", m.communicator, grp[0])
+        key = (m.communicator, grp[0])
         got = self._translates.get(key)
         if got is None:
             a = np.asarray(grp)

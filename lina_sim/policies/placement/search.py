@@ -87,15 +87,8 @@ def remembered(charge: Callable[[Sequence[Placement]], np.ndarray]) -> Callable[
     placements it has not seen yet: the search asks again about its starting point and
     meets the same neighbours in successive steps. Equal placements (origin aside) are
     charged once; a placement's charge does not depend on what it is charged with."""
-    seen: dict[Placement, float] = {}
-
-    def ask(placements: Sequence[Placement]) -> np.ndarray:
-        new = [p for p in dict.fromkeys(placements) if p not in seen]
-        if new:
-            seen.update(zip(new, map(float, charge(new))))
-        return np.array([seen[p] for p in placements])
-
-    return ask
+    ask = remembered_many(lambda requests: [charge(ps) for _, ps in requests], 1)
+    return lambda placements: ask([(0, placements)])[0]
 
 
 def remembered_many(
@@ -156,16 +149,9 @@ def improve(
     origin: str,
 ) -> tuple[Placement, float]:
     """At most ``rounds`` steps of best-improvement local search from ``start`` under
-    ``charge`` (placements → seconds each). Returns the best placement and its charge."""
-    best = start
-    best_t = float(charge([start])[0])
-    for _ in range(rounds):
-        cand = neighbours(best, counts, max_experts, origin)
-        if not cand:
-            break
-        t = charge(cand)
-        i = int(np.argmin(t))
-        if not t[i] < best_t:
-            break
-        best, best_t = cand[i], float(t[i])
-    return best, best_t
+    ``charge`` (placements → seconds each). Returns the best placement and its charge:
+    :func:`improve_many` with one search."""
+    many = improve_many(
+        [start], [counts], lambda requests: [charge(ps) for _, ps in requests], max_experts, rounds, origin
+    )
+    return many[0]
