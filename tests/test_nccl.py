@@ -406,3 +406,29 @@ def test_tree_pattern_follows_nccls_search():
     # NCCL's own table now hands 64 MiB on 8 x 8 H100 to the ring (the balanced tree kept it).
     assert balanced.choose(64 << 20)[0] == "tree"
     assert h100.choose(64 << 20) == ("ring", "LL128")
+
+
+def test_tree_efficiency_is_seen_by_nccls_choice_and_its_latency_scale_is_not():
+    """tree_efficiency is the tree graph NCCL's search finds on the cluster: it slows the
+    tree and NCCL, ranking with it, hands sizes to the ring earlier; tree_latency_scale
+    and net_overhead_scale correct NCCL's constants: the time changes, the choice does not."""
+    base = load_preset("dgx-h100", nodes=8)
+    by_node = [np.arange(k * 8, k * 8 + 8) for k in range(8)]
+
+    def model(**nccl_fields):
+        c = dataclasses.replace(base, nccl=dataclasses.replace(base.nccl, **nccl_fields))
+        return nccl.model_for(Topology(c), by_node)[0]
+
+    m0, slow_tree = model(), model(tree_efficiency=0.4)
+    assert slow_tree.cost("tree", "LL128").bandwidth == pytest.approx(0.4 * m0.cost("tree", "LL128").bandwidth)
+    assert slow_tree.cost("ring", "LL128") == m0.cost("ring", "LL128")
+    sizes = [1 << k for k in range(16, 31)]
+    first_ring = [next(s for s in sizes if m.choose(s)[0] == "ring") for m in (m0, slow_tree)]
+    assert first_ring[1] < first_ring[0]
+    late = model(tree_latency_scale=3.0, net_overhead_scale=2.0)
+    for size in sizes:
+        pair = m0.choose(size)
+        assert late.choose(size) == pair
+        assert late.time(*pair, size) > m0.time(*pair, size)
+    assert late.cost("tree", "LL").latency == pytest.approx(3 * m0.cost("tree", "LL").latency)
+    assert late.cost("ring", "Simple").latency > m0.cost("ring", "Simple").latency

@@ -293,6 +293,19 @@ def _rows_in(tables: Sequence[FitTable], low: float, high: float) -> int:
     return sum(int(((t.fit_rows["size_bytes"] > low) & (t.fit_rows["size_bytes"] <= high)).sum()) for t in tables)
 
 
+def _tree_rows(cluster: ClusterSpec, tables: Sequence[FitTable]) -> int:
+    """Rows the loss sees, over the multi-node allreduce ``tables``, that NCCL runs as a
+    tree on ``cluster`` (its own choice, or a forced tree)."""
+    mine = [
+        t
+        for t in tables
+        if t.config.collective == "allreduce" and t.config.nodes > 1 and t.algo in (None, "auto", "tree")
+    ]
+    if not mine:
+        return 0
+    return int(compare_all(cluster, mine, fit_rows=True)["ran"].str.startswith("tree").sum())
+
+
 def stages(cluster: ClusterSpec, tables: Sequence[FitTable]) -> list[tuple[str, list[Knob], list[FitTable], bool]]:
     """The fit's stages, in order, each with its knobs, its tables and whether their
     small sizes identify a latency:
@@ -310,7 +323,11 @@ def stages(cluster: ClusterSpec, tables: Sequence[FitTable]) -> list[tuple[str, 
     - ``nvls``: one-node allreduces NCCL may run as NVLS move its efficiency (the
       ``nvlink`` stage uses them only when no other one-node table exists);
     - ``nic``: multi-node tables move the NIC's effective bandwidth and NCCL's network
-      latency scale, NVLink held at its fitted value.
+      latency scale, NVLink held at its fitted value; where at least
+      :data:`MIN_IDENTIFYING_ROWS` of their allreduce sizes run as NCCL's tree, also the
+      tree's efficiency (``NcclSpec.tree_efficiency``): the ring's rows then fix the NIC and
+      the tree's its fraction of NCCL's estimate (8 x 8 H100: 1-8 MiB run as a tree at
+      35.6 GB/s of algorithm bandwidth, 2-3x below the model's).
 
     The Simple protocol's latency scale moves in the first stage whose tables have at
     least :data:`MIN_IDENTIFYING_ROWS` sizes in (1 MiB, :data:`SIMPLE_BOUND_BYTES`].
@@ -336,7 +353,15 @@ def stages(cluster: ClusterSpec, tables: Sequence[FitTable]) -> list[tuple[str, 
     if nvls and plain is not one:
         planned.append(("nvls", [nccl_knob("nvls_efficiency", math.log(0.8), 1.0)], nvls, ""))
     if multi:
-        planned.append(("nic", [bandwidth_knob("nic")], multi, "net_latency_scale"))
+        knobs = [bandwidth_knob("nic")]
+        # Rings over several node counts separate NCCL's per-step network overhead from
+        # its network hop latency (net_latency_scale moves both).
+        node_counts = {t.config.nodes for t in multi if t.config.collective == "allreduce"}
+        if len(node_counts) > 1 and _rows_in(multi, 0, LATENCY_BOUND_BYTES) >= MIN_IDENTIFYING_ROWS:
+            knobs.append(nccl_knob("net_overhead_scale", math.log(0.5)))
+        if _tree_rows(cluster, multi) >= MIN_IDENTIFYING_ROWS:
+            knobs += [nccl_knob("tree_efficiency", math.log(0.5), 1.0), nccl_knob("tree_latency_scale", math.log(2.0))]
+        planned.append(("nic", knobs, multi, "net_latency_scale"))
     out = []
     simple_fitted = False
     for stage, knobs, mine, latency_knob in planned:
@@ -433,7 +458,8 @@ def profile(calibration: Calibration, base: Mapping[str, Any], preset: str) -> d
         "preset": preset,
         "algo": c.algo or "default",
         "method": "Nelder-Mead in log space on each stage's knobs (link bandwidth x efficiency, NCCL latency "
-        "scales, NVLS and collective efficiencies); loss: mean over tables of mean squared log(predicted / measured)",
+        "scales, NVLS, collective and tree efficiencies); loss: mean over tables of mean squared "
+        "log(predicted / measured)",
         "sources": [{"file": f, "tables": ts} for f, ts in sources.items()],
         "fitted": fitted,
         "residuals_before": _residuals(c.before),

@@ -128,9 +128,31 @@ class NcclSpec:
     - ``collective_latency_scale``: multiplies the intra-node latencies of collectives
       (allreduce) on top of ``intra_latency_scale``, which the p2p model also reads; fitted
       in the same stage as ``collective_efficiency``.
+    - ``tree_efficiency``: the fraction (0, 1] of the tree bandwidth NCCL's tuning model
+      derives from the preset's topology (``tuning.cc``: the tree graph's ``nChannels x
+      bw``, ``0.92``, the per-channel caps and protocol factors, ``treeCorrectionFactor``)
+      that the cluster's tree graph gets. Unlike the latency scales this is a property of
+      the topology NCCL's own search sees (``search.cc``: the tree is searched at the
+      speeds the cluster's PCIe/NIC paths allow), so NCCL's *choice* uses it too: a slower
+      tree hands sizes to the ring earlier. A measured multi-node allreduce at the sizes
+      NCCL runs as a tree identifies it (8 x 8 H100: 1-8 MiB at 35.6 GB/s of algorithm
+      bandwidth, 2-3x below the preset's tree). Fitted only where such rows exist (the
+      ``nic`` stage of ``lina-sim collective --calibrate``).
+    - ``tree_latency_scale``: multiplies the tree's latencies (base, intra-node and network
+      hops) on top of the scales above (dimensionless), fitted with ``tree_efficiency``: NCCL's
+      ring and tree latency constants are separate estimates (``tuning.cc``:
+      ``baseLat`` / ``hwLat`` per algorithm), and a cluster's tree can be off by another
+      factor than its ring (8 x 8 H100 tree 116 µs at 1 MiB; 2 x 8 ring 154 µs). A
+      correction like the other latency scales: NCCL still chooses with its constants.
+    - ``net_overhead_scale``: multiplies NCCL's network overhead per ring step
+      (``tuning.cc: getNetOverhead``, 1 µs Intel / 2 µs AMD, which bounds every intra-node
+      step of a multi-node ring) on top of ``net_latency_scale`` (dimensionless). NCCL's
+      overhead and its network hop latency are separate constants; multi-node rings of
+      several node counts tell them apart (2 x 8 H100: 28 intra-node steps and 2 network
+      hops; 8 x 8: 112 and 14).
 
     NCCL still *chooses* an algorithm and protocol with its own constants; these
-    corrections change how long the chosen pair takes.
+    corrections (all but ``tree_efficiency``) change how long the chosen pair takes.
 
     Two settings, not corrections, ride along: ``min_ctas`` / ``max_ctas`` are
     ``NCCL_MIN_CTAS`` / ``NCCL_MAX_CTAS`` (legacy ``NCCL_MIN_NCHANNELS`` /
@@ -158,6 +180,15 @@ class NcclSpec:
     )
     collective_latency_scale: float = declare(
         Field(float, 1.0, minimum=0, exclusive_minimum=True, help="factor on collectives' intra-node latencies")
+    )
+    tree_efficiency: float = declare(
+        Field(float, 1.0, **_EFFICIENCY, help="fraction of NCCL's modelled tree bandwidth the cluster reaches (0, 1]")
+    )
+    tree_latency_scale: float = declare(
+        Field(float, 1.0, minimum=0, exclusive_minimum=True, help="factor on the tree's latencies")
+    )
+    net_overhead_scale: float = declare(
+        Field(float, 1.0, minimum=0, exclusive_minimum=True, help="factor on NCCL's network overhead per ring step")
     )
     min_ctas: int | None = declare(
         Field(int, None, allow_none=True, minimum=1, maximum=64, help="NCCL_MIN_CTAS the runs set (absent: unset)")

@@ -205,9 +205,12 @@ class CommShape:
     there (tuning.cc: ``intraHw = typeIntra == LINK_NVL ? NVLINK : PCI``, LL128 only for
     ``typeIntra <= PATH_NVB``); ``coll_efficiency`` / ``coll_latency_scale``: the
     cluster's measured ring/tree NVLink fraction on one node and collective intra-node
-    latency factor (``NcclSpec.collective_*``); ``min_ctas`` / ``max_ctas``: ``NCCL_MIN_CTAS`` /
-    ``NCCL_MAX_CTAS`` as the run set them (``None``: unset), which bound
-    ``comm->nChannels`` (:func:`comm_channels`) but not the graph channels the tuning
+    latency factor (``NcclSpec.collective_*``); ``tree_efficiency`` /
+    ``tree_latency_scale``: the fraction of the tree's modelled bandwidth its graph gets
+    and a factor on its latency (``NcclSpec.tree_*``); ``overhead_scale``: the factor on
+    NCCL's network overhead per ring step (``NcclSpec.net_overhead_scale``); ``min_ctas`` /
+    ``max_ctas``: ``NCCL_MIN_CTAS`` / ``NCCL_MAX_CTAS`` as the run set them (``None``:
+    unset), which bound ``comm->nChannels`` (:func:`comm_channels`) but not the graph channels the tuning
     model counts in."""
 
     ranks: int
@@ -223,6 +226,9 @@ class CommShape:
     pci: frozenset[str] = frozenset()
     coll_efficiency: float = 1.0
     coll_latency_scale: float = 1.0
+    tree_efficiency: float = 1.0
+    tree_latency_scale: float = 1.0
+    overhead_scale: float = 1.0
     min_ctas: int | None = None
     max_ctas: int | None = None
     tree_pattern: str = "BALANCED_TREE"
@@ -234,7 +240,8 @@ class CommShape:
     @property
     def nominal(self) -> CommShape:
         """The same communicator without the cluster's measured corrections: what NCCL's
-        own table, which makes the choice, sees."""
+        own table, which makes the choice, sees. ``tree_efficiency`` stays: it is the
+        tree graph NCCL's search finds on the cluster, not a correction of its constants."""
         return dataclasses.replace(
             self,
             intra_scale=1.0,
@@ -243,6 +250,8 @@ class CommShape:
             simple_scale=1.0,
             coll_efficiency=1.0,
             coll_latency_scale=1.0,
+            tree_latency_scale=1.0,
+            overhead_scale=1.0,
         )
 
     @property
@@ -268,6 +277,9 @@ class CommShape:
             pci=pci,
             coll_efficiency=cluster.nccl.collective_efficiency,
             coll_latency_scale=cluster.nccl.collective_latency_scale,
+            tree_efficiency=cluster.nccl.tree_efficiency,
+            tree_latency_scale=cluster.nccl.tree_latency_scale,
+            overhead_scale=cluster.nccl.net_overhead_scale,
             min_ctas=cluster.nccl.min_ctas,
             max_ctas=cluster.nccl.max_ctas,
             tree_pattern=tree_search_pattern(arch, nodes, ranks // nodes, own_nic),
@@ -404,7 +416,8 @@ class NcclModel:
                 x = min(x * (7 / 9 if s.nodes == 1 else 120 / 128), ch * PER_CH_MAX_TREE_LL128_BW[s.arch][s.scale])
             # tuning.cc: "if (a == NCCL_ALGO_TREE && comm->maxTreePattern ==
             # NCCL_TOPO_PATTERN_TREE) busBw *= .85", after the protocol caps.
-            return x * (0.85 if s.tree_pattern == "TREE" else 1.0)
+            # The cluster's measured fraction of NCCL's tree estimate (NcclSpec.tree_efficiency).
+            return x * (0.85 if s.tree_pattern == "TREE" else 1.0) * s.tree_efficiency
         # NVLS: busBw = nH x bwIntra x nvlsEfficiency x (nH-1)/nH x 2 ("AllReduce pipelines
         # two operations"), nH = heads = GPUs per node; nH x bwIntra is one GPU's switch
         # port, which the layout (a flow per GPU pair, 1/G each) loads with (G-1)/G of S.
@@ -428,9 +441,10 @@ class NcclModel:
             return intra + (inter if s.nodes > 1 else 0.0)
         lat = BASE_LAT_US[algo][p] * local
         if algo == "tree":
-            return lat + 2 * ((s.per_node - 1) * intra + log2i(s.nodes) * inter)
+            return (lat + 2 * ((s.per_node - 1) * intra + log2i(s.nodes) * inter)) * s.tree_latency_scale
         n = s.ranks
         overhead = NET_OVERHEAD_US["amd" if s.amd_host else "intel"] * (3 if p == 2 else 1) * s.net_scale
+        overhead *= s.overhead_scale
         overhead = overhead if s.nodes > 1 else 0.0
         inter_steps = 2 * (s.nodes - 1)
         return lat + (2 * (n - 1) - inter_steps) * max(intra, overhead) + inter_steps * inter
