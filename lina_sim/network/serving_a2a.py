@@ -16,9 +16,9 @@ with this module's max-min solver (which gives the rates ``Collectives`` gets fr
 :func:`lina_sim.network.fluid.max_min_rates`). ``flat`` (and ``direct`` on a GPU NCCL's
 model cannot place) keeps the pre-NCCL terms: the largest path latency, the bytes as sent.
 
-:class:`AllToAllTimer` computes exactly that, but for a whole stack of send matrices in
-one vectorised event loop, because simpy with one event per flow end costs about 0.2 s
-per 16-GPU uneven all-to-all and a serving run needs tens of thousands.
+:class:`AllToAllTimer` computes exactly that for a whole stack of send matrices at once,
+because simpy with one event per flow end costs about 0.2 s per 16-GPU uneven all-to-all
+and a serving run needs tens of thousands.
 
 Why it is exact, not an approximation (``tests/test_serving.py`` checks it against the
 simpy network):
@@ -35,20 +35,31 @@ simpy network):
 
 The remaining components run the network's own algorithm (progressive filling with the
 same saturation tolerance, retiring flows that end within the same ``1e-12`` relative
-window) over every matrix of the stack at once. That loop does one max-min solve per
-flow end and costs about the same per event for one matrix or two hundred (numpy's
-per-call overhead dominates), so it is written for few array operations per event:
-finished matrices stay as idle columns, pointers step past ended flows instead of
-recounting them, and the NCCL inflation is one elementwise call for the whole stack. A
-matrix's time can differ from one solved in a stack of another size in the last bit
-(BLAS sums a matrix product's terms in an order that depends on its width; measured
-<= 4e-16 relative), never by an event.
+window), one flow end after another. That event loop, and the filling that gives each
+flow's rate with all of its matrix's flows running (for the NCCL inflation), are compiled
+with numba (:mod:`lina_sim.network.serving_a2a_kernels`), one matrix at a time: a
+16-GPU component has a dozen aggregates and eight links, so as numpy array operations
+(vectorised over the stack, one event loop for all of it) each step cost its per-call
+overhead, microseconds for a few dozen numbers, and the loop cost about as much for one
+matrix as for two hundred. What stays in numpy is elementwise over the stack, once per
+call: gathering the flows, NCCL's channels, protocol, latency and inflation
+(:class:`~lina_sim.network.nccl_p2p.P2pComm`'s own vectorised methods) and the isolated
+components.
+
+The kernels repeat the numpy formulation they replace operation for operation (the same
+sums in the same order, the same divisions and minima, the same tolerance and retirement
+window), so the times are the same to the last bit where numpy's matrix products summed
+in index order, as they do for the 16-GPU serving topologies; where BLAS summed a wider
+product in another order (32 GPUs over four DGX H100 nodes) they differ by a few units in
+the last place (measured <= 4e-15 relative). A matrix's time no longer
+depends on the stack it is solved in, not even in the last bit (numpy's did, by the width
+of its matrix products).
 
 Two helpers let a caller time fewer matrices, exactly: :meth:`AllToAllTimer.lower_bounds`
 (the step latency plus the busiest link's bytes over its capacity, never above the time
 and on serving matrices within about 2% of it, usually equal), with which the oracle
 skips candidates that cannot be cheapest, and :meth:`AllToAllTimer.prefetch`, which
-queues matrices to be solved in the next call's event loop and cached.
+queues matrices to be solved with the next call's and cached.
 
 Units: bytes, seconds, bytes/s.
 """
@@ -65,13 +76,7 @@ from lina_sim.hardware.topology import Topology
 from lina_sim.network import nccl, nccl_p2p
 from lina_sim.network.collectives import check_algo
 from lina_sim.network.fluid import _REL_TOL
-
-# Stands in for a solved column's +inf step in progressive filling: multiplied only by
-# zeros (its frozen aggregates, its links' zero rising weight), so it adds nothing.
-_SOLVED = 1e300
-# np.minimum.reduce: the array method's Python wrapper costs as much as the reduction on
-# these small arrays, and the event loop calls it tens of thousands of times.
-_min = np.minimum.reduce
+from lina_sim.network.serving_a2a_kernels import Plan, fluid_times, start_rates
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,54 @@ class _StepModel:
                     cap[used],
                 )
             )
+        self.plan = self._plan(src.size)
+        self.joint = np.array([c for c, comp in enumerate(self.components) if not comp.isolated], dtype=np.int64)
+        # Isolated components with the same number of flows are summed in one call; the
+        # sum runs over each one's flows in the same order as a per-component sum.
+        by_size: dict[int, list[_Component]] = {}
+        for comp in self.components:
+            if comp.isolated:
+                by_size.setdefault(comp.flows.size, []).append(comp)
+        self.isolated = [
+            (np.array([c.flows for c in comps]), np.array([c.cap.min() for c in comps])) for comps in by_size.values()
+        ]
+
+    def _plan(self, n_flows: int) -> Plan:
+        """The components as the kernels' flat arrays: aggregates and links numbered
+        globally, component after component, each in its component's own order."""
+        kofs = np.cumsum([0] + [c.A.shape[0] for c in self.components]).astype(np.int64)
+        lofs = np.cumsum([0] + [c.A.shape[1] for c in self.components]).astype(np.int64)
+        inc = np.zeros((kofs[-1], lofs[-1]), dtype=bool)  # block-diagonal incidence
+        flow_agg = np.empty(n_flows, dtype=np.int64)
+        for c, comp in enumerate(self.components):
+            inc[kofs[c] : kofs[c + 1], lofs[c] : lofs[c + 1]] = comp.A > 0
+            flow_agg[comp.flows] = kofs[c] + comp.agg
+
+        def csr(rows: np.ndarray, cols: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+            # row offsets of pairs sorted by row (np.nonzero order: cols ascending per row)
+            return np.searchsorted(rows, np.arange(n + 1)).astype(np.int64), cols.astype(np.int64)
+
+        agg, link = np.nonzero(inc)
+        link_t, agg_t = np.nonzero(inc.T)
+        agg_flows = np.argsort(flow_agg, kind="stable")  # flows ascending per aggregate
+        cap = np.concatenate([c.cap for c in self.components]).astype(np.float64)
+        return Plan(
+            kofs,
+            lofs,
+            *csr(agg, link, kofs[-1]),
+            *csr(link_t, agg_t, lofs[-1]),
+            *csr(flow_agg[agg_flows], agg_flows, kofs[-1]),
+            cap,
+            _REL_TOL * cap,
+        )
+
+    def _isolated_fluid(self, nbytes: np.ndarray) -> np.ndarray:
+        """``[I]`` s: per matrix, when the last flow of the isolated components ends (each
+        one's bytes over its bottleneck's capacity)."""
+        fluid = np.zeros(nbytes.shape[0])
+        for flows, cap in self.isolated:
+            fluid = np.maximum(fluid, (nbytes[:, flows].sum(axis=2) / cap).max(axis=1))
+        return fluid
 
     @staticmethod
     def _undominated(inc: np.ndarray, cap: np.ndarray) -> np.ndarray:
@@ -193,15 +246,12 @@ class _StepModel:
         of the exact time, which lets a caller skip timing candidates that cannot win."""
         I = matrices.shape[0]
         nbytes, active, _, lat = self._flows(matrices)
-        fluid = np.zeros(I)
-        for comp in self.components:
-            b = nbytes[:, comp.flows]
-            if comp.isolated:
-                fluid = np.maximum(fluid, b.sum(axis=1) / comp.cap.min())
-            else:
-                per_agg = np.zeros((comp.A.shape[0], I))
-                np.add.at(per_agg, comp.agg, b.T)
-                fluid = np.maximum(fluid, ((comp.A.T @ per_agg) / comp.cap[:, None]).max(axis=0))
+        fluid = self._isolated_fluid(nbytes)
+        for c in self.joint:
+            comp = self.components[c]
+            per_agg = np.zeros((comp.A.shape[0], I))
+            np.add.at(per_agg, comp.agg, nbytes[:, comp.flows].T)
+            fluid = np.maximum(fluid, ((comp.A.T @ per_agg) / comp.cap[:, None]).max(axis=0))
         return np.where(active.any(axis=1), lat + fluid * (1.0 - 1e-9), 0.0)
 
     def times(self, matrices: np.ndarray) -> np.ndarray:
@@ -212,20 +262,15 @@ class _StepModel:
         if not (matrices[:, self.src, self.dst] > 0).any():
             return np.zeros(I)
         nbytes, active, weight, lat = self._flows(matrices)
-        fluid = np.zeros(I)
-        for comp in self.components:
-            b = nbytes[:, comp.flows]
-            if comp.isolated:
-                fluid = np.maximum(fluid, b.sum(axis=1) / comp.cap.min())
-            else:
-                fluid = np.maximum(fluid, _fluid_component(b, weight[:, comp.flows], comp, lat))
+        fluid = self._isolated_fluid(nbytes)
+        if self.joint.size:
+            fluid = np.maximum(fluid, fluid_times(nbytes, weight, lat, self.joint, self.plan))
         return np.where(active.any(axis=1), lat + fluid, 0.0)
 
     def _p2p(self, nbytes: np.ndarray, active: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """NCCL p2p latency per matrix and inflated bytes per flow, vectorised
         :meth:`lina_sim.network.nccl_p2p.P2pComm.latency` / ``share`` / ``inflation``."""
         comm, kinds = self.p2p, self.kinds
-        I = nbytes.shape[0]
         nch = np.where(active, comm.channels_for(nbytes), 0.0)  # [I, F]
         onehot = self.onehot
         slots = (nch @ onehot).max(axis=1)  # [I] most channel slots of a rank
@@ -245,131 +290,10 @@ class _StepModel:
         overhead = nccl.NET_OVERHEAD_US["amd" if comm.amd_host else "intel"] * comm.net_scale
         lat = (np.where(active, per_flow, 0.0).max(axis=1) + remote * overhead) * nccl_p2p.US
         # Each flow's rate with every flow of its matrix running: weight x its aggregate's level.
-        rate0 = np.zeros(nbytes.shape)
-        for comp in self.components:
-            w = weight[:, comp.flows]  # [I, Fc]
-            W = np.zeros((comp.A.shape[0], I))
-            np.add.at(W, comp.agg, w.T)
-            if comp.isolated:
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    level = np.where(W > 0, comp.cap.min() / W, 0.0)
-            else:
-                level = _max_min_levels(W, comp.A, np.ascontiguousarray(comp.A.T), comp.cap)
-            rate0[:, comp.flows] = w * level[comp.agg].T
+        rate0 = start_rates(weight, self.plan)
         # P2pComm.inflation elementwise, with each matrix's share as a column.
         infl = np.where(active, comm.inflation(nbytes, kinds[None, :], share[:, None], rate0), 1.0)
         return lat, nbytes * infl
-
-
-def _fluid_component(nbytes: np.ndarray, weight: np.ndarray, comp: _Component, t0: np.ndarray) -> np.ndarray:
-    """Fluid time until the last flow of ``comp`` ends, for each matrix (rows of ``nbytes``).
-
-    Flows of one aggregate share a fair level, so each advances by ``level * dt`` in
-    units of bytes per unit weight; a flow ends when its aggregate's progress reaches its
-    ``bytes / weight``. Sorting those per aggregate turns the event loop into pointer
-    moves on ``[aggregates, matrices]`` arrays instead of per-flow updates. (Matrices are
-    the last axis throughout: numpy reduces short leading axes much faster.)
-
-    The loop costs about the same per event whatever the number of matrices (numpy's
-    per-call overhead dominates), so it keeps a matrix whose flows have all ended as a
-    column that no longer advances (``dt = 0``) rather than compacting the arrays, and
-    reads each aggregate's pending weight and next end through one flat index.
-    """
-    I, F = nbytes.shape
-    K = comp.A.shape[0]
-    counts = np.bincount(comp.agg, minlength=K)
-    M = int(counts.max())
-    # Slot of each flow inside its aggregate's row of the [K, M] layout.
-    order = np.argsort(comp.agg, kind="stable")
-    slot = np.empty(F, dtype=np.int64)
-    slot[order] = np.arange(F) - np.repeat(np.cumsum(counts) - counts, counts)
-    out = np.zeros(I)
-    rows = np.flatnonzero((nbytes > 0).any(axis=1))  # matrices with traffic here
-    if not rows.size:
-        return out
-    R = rows.size
-    b, w = nbytes[rows].T, weight[rows].T  # [F, R]
-    active = b > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        u = np.where(active, b / w, np.inf)
-    U = np.full((K, M + 1, R), np.inf)
-    Wt = np.zeros((K, M, R))
-    U[comp.agg, slot] = u
-    Wt[comp.agg, slot] = np.where(active, w, 0.0)
-    srt = np.argsort(U[:, :M], axis=1, kind="stable")
-    U[:, :M] = np.take_along_axis(U[:, :M], srt, axis=1)
-    Wt = np.take_along_axis(Wt, srt, axis=1)
-    # Wsuf[k, j]: weight of aggregate k's flows from sorted position j on (still running).
-    Wsuf = np.concatenate([np.cumsum(Wt[:, ::-1], axis=1)[:, ::-1], np.zeros((K, 1, R))], axis=1)
-    u_flat, w_flat = U.ravel(), Wsuf.ravel()
-    # Flat index of (k, ptr[k, r], r) is k * (M + 1) * R + ptr[k, r] * R + r.
-    idx = np.arange(K)[:, None] * ((M + 1) * R) + np.arange(R)[None, :]
-    prog = np.zeros((K, R))
-    t = np.zeros(R)
-    t0 = t0[rows]
-    A = comp.A
-    AT = np.ascontiguousarray(A.T)
-    cap = comp.cap[:, None]
-    floor = _REL_TOL * cap
-    with np.errstate(divide="ignore", invalid="ignore"):
-        while True:
-            W = w_flat[idx]
-            live = W.any(axis=0)
-            if not live.any():
-                break
-            level = _filled_levels(W, A, AT, cap, floor)
-            nxt = u_flat[idx]
-            # Aggregates with nothing left have next end +inf and level 0: never the minimum.
-            dt = _min((nxt - prog) / level, axis=0)
-            np.putmask(dt, ~live, 0.0)
-            t += dt
-            prog += level * dt
-            # The network retires every group that ends within 1e-12 of the current time
-            # (relative, with a 1 ms floor); t0 + t is the time on a fresh network's clock.
-            # Ends are sorted per aggregate and the threshold only grows, so pointers
-            # step forward past every end at or below it (usually one step, in one row).
-            thr = prog + level * (1e-12 * np.maximum(t0 + t, 1e-3))
-            ended = nxt <= thr
-            while ended.any():
-                idx += ended * R
-                ended = u_flat[idx] <= thr
-    out[rows] = t
-    return out
-
-
-def _max_min_levels(W: np.ndarray, A: np.ndarray, AT: np.ndarray, cap: np.ndarray) -> np.ndarray:
-    """Weighted progressive filling, columns independent: the fair level of each
-    aggregate (its flows' rate per unit of weight) for aggregate weights ``W [K, I]``;
-    ``A [K, links]`` is the incidence, ``AT`` its transpose, ``cap [links]``."""
-    c = cap[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return _filled_levels(W, A, AT, c, _REL_TOL * c)
-
-
-def _filled_levels(W: np.ndarray, A: np.ndarray, AT: np.ndarray, cap: np.ndarray, floor: np.ndarray) -> np.ndarray:
-    """:func:`_max_min_levels` for ``cap`` and its saturation ``floor`` as ``[links, 1]``
-    columns, under the caller's ``np.errstate`` (it is called once per event).
-
-    A saturated link's leftover is set to +inf rather than 0: all its flows are frozen,
-    so it carries no more weight, and ``inf / 0`` keeps it out of the minimum."""
-    level = np.zeros(W.shape)
-    unf = (W > 0).astype(np.float64)  # 1.0 while an aggregate's level still rises
-    left = np.repeat(cap, W.shape[1], axis=1)
-    Wu = W  # W * unf while nothing is frozen (weights are >= 0)
-    while True:
-        wl = np.dot(AT, Wu)  # [links, I] weight still rising on each link
-        delta = _min(left / wl, axis=0)
-        # Solved columns have delta +inf; any finite cap times their zero weights is 0.
-        np.minimum(delta, _SOLVED, out=delta)
-        level += unf * delta
-        wl *= delta
-        left -= wl
-        sat = left <= floor
-        np.putmask(left, sat, np.inf)
-        np.putmask(unf, np.dot(A, sat) > 0, 0.0)
-        if not unf.any():
-            return level
-        Wu = W * unf
 
 
 class AllToAllTimer:
@@ -424,8 +348,8 @@ class AllToAllTimer:
     def prefetch(self, matrices: np.ndarray) -> None:
         """Time ``matrices [I, n, n]`` along with whatever the next :meth:`times` call
         must solve (or in it, if nothing is asked before), and keep them in the cache:
-        the event loop costs about as much for a few matrices as for a few hundred, so
-        one call that solves both is cheaper than two. Results are the same either way
+        the numpy part of a call (flows, NCCL terms) costs about as much for a few
+        matrices as for a few dozen, so one call that solves both is cheaper than two. Results are the same either way
         (a matrix's time does not depend on the others solved with it)."""
         m = np.asarray(matrices, dtype=np.float64)
         if m.ndim == 2:

@@ -3,13 +3,15 @@
 A token's *path* at layer l is its top-1 experts at the ``path_length`` layers before l.
 Tokens that shared a path tend to pick the same experts next, so P(expert at l | path)
 learned from a training slice of a trace predicts each expert's load at layer l before
-the gate runs. Pure numpy: the placement policies and the statistics share it.
+the gate runs. Numpy, and one numba kernel for the per-batch estimate: the placement
+policies and the statistics share it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 
@@ -82,6 +84,10 @@ class PathEstimator:
         self._marginal: list[np.ndarray] = []  # per layer: expected choices per token [E]
         self._tables: list[dict[int, _Table]] = []  # per layer: path length -> table
         self._memo: dict[tuple[int, tuple[int, ...], bytes], np.ndarray] = {}
+        # Per layer: its dense lookup tables packed for :func:`_estimate_dense` (None when a
+        # table is too large to be dense), built on first use.
+        self._packed: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None] = {}
+        self._last: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per layer: (paths, estimate)
 
     @classmethod
     def fitted(cls, path_length: int, num_experts: int | None, min_count: int, experts: np.ndarray) -> PathEstimator:
@@ -116,6 +122,8 @@ class PathEstimator:
         top1 = ex[:, :, 0]
         self._marginal, self._tables = [], []
         self._memo = {}
+        self._packed = {}
+        self._last = {}
         for layer in range(L):
             nxt = ex[:, layer, :]  # [T, k]
             self._marginal.append(_bincount_rows(np.zeros(T, dtype=np.int64), nxt, 1, E)[0] / T)
@@ -163,8 +171,27 @@ class PathEstimator:
 
     def estimate(self, layer: int, paths: np.ndarray) -> np.ndarray:
         """Expected (token, choice) count per expert at ``layer`` for these tokens: [E]
-        (kept for repeats: a new array each call)."""
-        p = np.ascontiguousarray(paths, dtype=np.int64)
+        (a new array each call): :meth:`distribution` summed over the tokens."""
+        p = np.asarray(paths, dtype=np.int64)
+        if p.ndim == 1:
+            p = p[:, None]
+        packed = self._dense(layer) if p.ndim == 2 else None
+        if packed is not None:
+            # The last paths asked at this layer, compared in one pass (policies sharing
+            # this estimator ask for the same batch in turn).
+            last = self._last.get(layer)
+            if last is not None and _same(last[0], p):
+                return last[1].copy()
+            # Token by token, in order: the additions numpy's sum over axis 0 of the
+            # [tokens, E] distribution makes, without building it (the same bits).
+            rows, offsets, sizes, probs = packed
+            use = min(p.shape[1], self.path_length, layer)
+            c = np.ascontiguousarray(p)
+            out = _estimate_dense(c, self.num_experts, use, rows, offsets, sizes, probs, self._marginal[layer])
+            # Kept as a copy of its own: the caller's array may change after this call.
+            self._last[layer] = (c if c is not p else c.copy(), out)
+            return out.copy()
+        p = np.ascontiguousarray(p)
         key = (layer, p.shape, p.tobytes())
         hit = self._memo.get(key)
         if hit is None:
@@ -174,6 +201,41 @@ class PathEstimator:
             self._memo[key] = hit
         return hit.copy()
 
+    def _dense(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """``layer``'s tables for :func:`_estimate_dense`, or None if any is too large for
+        a dense key -> row array: ``rows`` (every length's dense array, length 1 first,
+        rows offset into ``probs``), ``offsets`` and ``sizes`` ``[path_length + 1]`` (where
+        length m's array starts in ``rows`` and its size), ``probs`` every length's rows
+        stacked. Validates ``layer`` as :meth:`distribution` does."""
+        if not self._marginal:
+            raise RuntimeError("PathEstimator.fit() must be called before estimating")
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} outside the {self.num_layers} layers fitted")
+        if layer in self._packed:
+            return self._packed[layer]
+        E, lengths = self.num_experts, sorted(self._tables[layer])
+        packed = None
+        if all(E**m <= _DENSE_KEYS for m in lengths):
+            rows, probs = [], []
+            offsets = np.zeros(self.path_length + 1, dtype=np.int64)
+            sizes = np.zeros(self.path_length + 1, dtype=np.int64)
+            at = start = 0
+            for m in lengths:
+                table = self._tables[layer][m]
+                table.lookup(np.zeros(0, dtype=np.int64), E, m, self.min_count)  # builds table.rows
+                if table.probs is None:
+                    table.probs = table.counts / table.totals[:, None]
+                rows.append(np.where(table.rows >= 0, table.rows + start, -1))
+                probs.append(table.probs)
+                offsets[m], sizes[m] = at, table.rows.size
+                at += table.rows.size
+                start += table.probs.shape[0]
+            cat = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+            stacked = np.concatenate(probs) if probs else np.zeros((0, E))
+            packed = (cat, offsets, sizes, np.ascontiguousarray(stacked))
+        self._packed[layer] = packed
+        return packed
+
     @staticmethod
     def paths_for(top1: np.ndarray, layer: int, path_length: int) -> np.ndarray:
         """Slice tokens' paths for ``layer`` out of top-1 choices [tokens, layers]."""
@@ -182,6 +244,48 @@ class PathEstimator:
     def _check_key_range(self, E: int) -> None:
         if self.path_length and E**self.path_length >= 2**62:
             raise ValueError(f"paths of {self.path_length} over {E} experts do not fit a 64-bit key")
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """``a`` equals ``b``; the first rows are compared first (a different batch's paths
+    almost always differ there, and the whole comparison is the dearer call)."""
+    return a.shape == b.shape and (a.size == 0 or (bool((a[0] == b[0]).all()) and np.array_equal(a, b)))
+
+
+@numba.njit(cache=True)
+def _estimate_dense(
+    paths: np.ndarray,
+    E: int,
+    use: int,
+    rows: np.ndarray,
+    offsets: np.ndarray,
+    sizes: np.ndarray,
+    probs: np.ndarray,
+    marginal: np.ndarray,
+) -> np.ndarray:  # pragma: no cover - compiled
+    """``float64 [E]``: :meth:`PathEstimator.distribution` summed over the tokens, with
+    dense tables (:meth:`PathEstimator._dense`): each token's longest trusted suffix of
+    at most ``use`` experts picks its row of ``probs``, else ``marginal``; the rows are
+    added in token order, as numpy's sum over axis 0 adds them."""
+    n, width = paths.shape
+    out = np.zeros(E)
+    for i in range(n):
+        row = -1
+        for m in range(use, 0, -1):
+            key = 0
+            for j in range(width - m, width):
+                key = key * E + paths[i, j]
+            if key >= 0 and key < sizes[m]:
+                row = rows[offsets[m] + key]
+                if row >= 0:
+                    break
+        if row >= 0:
+            for e in range(E):
+                out[e] += probs[row, e]
+        else:
+            for e in range(E):
+                out[e] += marginal[e]
+    return out
 
 
 def _path_keys(paths: np.ndarray, E: int) -> np.ndarray:

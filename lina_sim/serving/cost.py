@@ -49,6 +49,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from lina_sim.errors import ConfigError
@@ -339,21 +340,19 @@ class ServingCharge:
         else:
             quota = assign_many(placements, cbs.sum(axis=0))  # [C, E, N]
             src = cbs.T[None]
-        local = np.minimum(src, quota)
-        out, into = src - local, quota - local  # tokens each device sends / takes
-        end_out, end_in = np.cumsum(out, axis=2), np.cumsum(into, axis=2)
-        f, l = self._first, self._last
-        to_node = np.minimum(end_out, end_in[..., l]) - np.maximum(end_out - out, end_in[..., f] - into[..., f])
-        from_node = np.minimum(end_in, end_out[..., l]) - np.maximum(end_in - into, end_out[..., f] - out[..., f])
-        intra_out, intra_in = np.maximum(to_node, 0).sum(axis=1), np.maximum(from_node, 0).sum(axis=1)  # [C, N]
-        sent, taken = out.sum(axis=1), into.sum(axis=1)
-        node_out = np.add.reduceat(sent - intra_out, self._node_start, axis=1)
-        node_in = np.add.reduceat(taken - intra_in, self._node_start, axis=1)
-        tb = self.cost.token_bytes
-        gpu = np.maximum(intra_out, intra_in).max(axis=1) * tb / self._nvl_bw
-        nic = np.maximum(node_out, node_in).max(axis=1) * tb / self._nic_bw
-        lat = np.where(node_out.sum(axis=1) > 0, self.cluster.nic.latency, self.cluster.nvlink.latency)
-        return np.where(sent.sum(axis=1) > 0, np.maximum(gpu, nic) + lat, 0.0)
+        nic, nvl = self.cluster.nic.latency, self.cluster.nvlink.latency
+        return _quick_a2a_kernel(
+            np.ascontiguousarray(src),
+            quota,
+            self._first,
+            self._last,
+            self._node_start,
+            self.cost.token_bytes,
+            self._nvl_bw,
+            self._nic_bw,
+            nic,
+            nvl,
+        )
 
     def quick(self, layer: int, placements: Sequence[Placement], counts_by_source: np.ndarray) -> np.ndarray:
         cbs = np.asarray(counts_by_source, dtype=np.float64)
@@ -480,6 +479,81 @@ class ServingCharge:
             timed = {i: float(t[0]), **dict(zip(js, map(float, next(more))))}
             out.append(min(sorted(timed), key=lambda j: timed[j]))
         return out
+
+
+@numba.njit(cache=True)
+def _quick_a2a_kernel(
+    src: np.ndarray,
+    quota: np.ndarray,
+    first: np.ndarray,
+    last: np.ndarray,
+    node_start: np.ndarray,
+    token_bytes: float,
+    nvl_bw: float,
+    nic_bw: float,
+    nic_latency: float,
+    nvl_latency: float,
+) -> np.ndarray:  # pragma: no cover - compiled
+    """:meth:`ServingCharge._quick_a2a` per candidate: ``src [1 or C, E, N]`` each
+    device's tokens per expert (one for all candidates, or one each), ``quota [C, E, N]``
+    each replica's; ``first``/``last`` ``[N]`` the first and last device of each device's
+    node, ``node_start`` where each node's devices start. Whole tokens until the bytes
+    (the same integers, then the same float operations as the array form)."""
+    C, E, n = quota.shape
+    nodes = node_start.size
+    out_t = np.empty(n, dtype=np.int64)
+    in_t = np.empty(n, dtype=np.int64)
+    end_out = np.empty(n, dtype=np.int64)
+    end_in = np.empty(n, dtype=np.int64)
+    intra_out = np.empty(n, dtype=np.int64)
+    intra_in = np.empty(n, dtype=np.int64)
+    sent = np.empty(n, dtype=np.int64)
+    taken = np.empty(n, dtype=np.int64)
+    result = np.empty(C)
+    for c in range(C):
+        s = src[c if src.shape[0] > 1 else 0]
+        intra_out[:] = 0
+        intra_in[:] = 0
+        sent[:] = 0
+        taken[:] = 0
+        for e in range(E):
+            run_out = run_in = 0
+            for d in range(n):
+                kept = min(s[e, d], quota[c, e, d])
+                out_t[d] = s[e, d] - kept
+                in_t[d] = quota[c, e, d] - kept
+                run_out += out_t[d]
+                run_in += in_t[d]
+                end_out[d] = run_out
+                end_in[d] = run_in
+                sent[d] += out_t[d]
+                taken[d] += in_t[d]
+            for d in range(n):
+                f, l = first[d], last[d]
+                to_node = min(end_out[d], end_in[l]) - max(end_out[d] - out_t[d], end_in[f] - in_t[f])
+                from_node = min(end_in[d], end_out[l]) - max(end_in[d] - in_t[d], end_out[f] - out_t[f])
+                intra_out[d] += max(to_node, 0)
+                intra_in[d] += max(from_node, 0)
+        gpu_most = 0
+        total_sent = 0
+        for d in range(n):
+            gpu_most = max(gpu_most, max(intra_out[d], intra_in[d]))
+            total_sent += sent[d]
+        node_most = 0
+        node_total = 0
+        for k in range(nodes):
+            hi = node_start[k + 1] if k + 1 < nodes else n
+            node_out = node_in = 0
+            for d in range(node_start[k], hi):
+                node_out += sent[d] - intra_out[d]
+                node_in += taken[d] - intra_in[d]
+            node_most = max(node_most, max(node_out, node_in))
+            node_total += node_out
+        gpu = gpu_most * token_bytes / nvl_bw
+        nic = node_most * token_bytes / nic_bw
+        lat = nic_latency if node_total > 0 else nvl_latency
+        result[c] = max(gpu, nic) + lat if total_sent > 0 else 0.0
+    return result
 
 
 def _both_ways(sends: Sequence[np.ndarray]) -> np.ndarray:

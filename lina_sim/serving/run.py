@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lina_sim.gc_tuning import fewer_collections
+from lina_sim.network.serving_a2a import AllToAllTimer
 from lina_sim.results.rows import point_columns
 from lina_sim.serving.server import BatchPlan, PolicyServer, PolicyServing, ServingInputs, serving_inputs
 from lina_sim.serving.setup import InferenceSetup, setup_slots
@@ -34,7 +36,13 @@ def serve_policies(setup: InferenceSetup, shared: ServingInputs | None = None) -
     # The charge's timer: what the oracle timed while choosing is a cache hit here.
     timer = shared.a2a
     servers = [PolicyServer(setup, e, shared) for e in setup.policies]
-    token_bytes = shared.cost.token_bytes
+    with fewer_collections():
+        _serve_in_lockstep(servers, timer, shared.cost.token_bytes)
+    return [s.result() for s in servers]
+
+
+def _serve_in_lockstep(servers: list[PolicyServer], timer: AllToAllTimer, token_bytes: float) -> None:
+    """:func:`serve_policies`' loop: one batch of every policy not done per step."""
     while True:
         active = [s for s in servers if not s.done]
         if not active:
@@ -57,7 +65,6 @@ def serve_policies(setup: InferenceSetup, shared: ServingInputs | None = None) -
         for s, p, tm in zip(active, plans, times):
             s.wall += share
             s.complete(p, tm[0], tm[1])
-    return [s.result() for s in servers]
 
 
 def _both_ways(plan: BatchPlan) -> np.ndarray:

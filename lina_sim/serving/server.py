@@ -50,6 +50,7 @@ import functools
 import time
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from lina_sim.hardware.processors import shared_finish_times
@@ -112,25 +113,38 @@ class ExpertCache:
             # every expert, all that later loads read, is unchanged.
             return self._none.copy()
         self._last[layer] = placement.devices
-        stamp = self._stamp[layer]
-        need = placement.share_matrix > 0
-        out = (need & (stamp < 0)).sum(axis=0)
-        e = stamp.shape[0]
-        np.copyto(stamp, self._clock * e + np.arange(e)[:, None], where=need)
+        out = _load_stamps(self._stamp[layer], placement.share_matrix > 0, self._clock, self.slots)
         self._clock += 1
-        # The placement's experts are now the most recent; on each device holding more
-        # than its slots, evict the least recent of the others, all devices at once.
-        held = stamp >= 0
-        over = held.sum(axis=0) - self.slots  # [N] experts too many
-        if (over > 0).any():
-            others = held & ~need
-            # Per device, each other expert's recency rank (stamps are distinct); the
-            # rest sort last.
-            order = np.argsort(np.where(others, stamp, np.iinfo(np.int64).max), axis=0, kind="stable")
-            rank = np.empty_like(order)
-            np.put_along_axis(rank, order, np.arange(e)[:, None].repeat(stamp.shape[1], axis=1), axis=0)
-            stamp[others & (rank < over[None, :])] = -1
         return out
+
+
+@numba.njit(cache=True)
+def _load_stamps(stamp: np.ndarray, need: np.ndarray, clock: int, slots: int) -> np.ndarray:  # pragma: no cover
+    """:meth:`ExpertCache.load` on one layer's ``stamp [E, N]`` (changed in place) for
+    the placement's experts ``need [E, N]``: counts each device's swaps, stamps the
+    placement's experts ``clock * E + e`` (the most recent, ranked by id), then on each
+    device holding more than ``slots`` evicts the least recent of the others (stamps are
+    distinct, so the order is total). Returns ``int64 [N]`` swaps per device."""
+    E, n = stamp.shape
+    out = np.zeros(n, dtype=np.int64)
+    for d in range(n):
+        held = 0
+        for e in range(E):
+            if need[e, d]:
+                if stamp[e, d] < 0:
+                    out[d] += 1
+                stamp[e, d] = clock * E + e
+            if stamp[e, d] >= 0:
+                held += 1
+        for _ in range(held - slots):
+            victim = -1
+            for e in range(E):
+                if stamp[e, d] >= 0 and not need[e, d] and (victim < 0 or stamp[e, d] < stamp[victim, d]):
+                    victim = e
+            if victim < 0:  # only the placement's own experts left
+                break
+            stamp[victim, d] = -1
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,6 +167,19 @@ class BatchPlan:
     imbalance: np.ndarray  # [layers] max device load / mean
     counts_by_source: np.ndarray | None = None  # [layers, N, experts] after the policy's gate
     placements: list[Placement] | None = None  # [layers] the placement each layer ran with
+    dense: DenseTimes | None = None  # the batch's dense compute (None: computed when timed)
+
+
+@dataclass(frozen=True)
+class DenseTimes:
+    """Per device, s: one batch's compute outside the experts (processor sharing applied
+    on a shared host). A function of its tokens and keys per device only, so computed
+    once when the batch is formed and reused when it is timed."""
+
+    embed: np.ndarray  # [devices]
+    first: np.ndarray  # [devices] layer 0's attention and gate
+    rest: np.ndarray  # [devices] a later layer's combine-out, attention and gate
+    head: np.ndarray  # [devices] the last combine-out, final norm and LM head
 
 
 @dataclass
@@ -252,7 +279,8 @@ class PolicyServer:
         replanned = np.zeros(L, dtype=bool)
         finals: list[Placement] = []
         gated = np.zeros_like(cbs_all)
-        self.charge.window = self._swap_windows(tokens, keys, L)
+        dense = self._dense_times(tokens, keys)
+        self.charge.window = self._swap_windows(dense, L)
         if self.policy.plans_on_actual_counts:
             self.policy.see_batch(ex, cbs_all)
         for l in range(L):
@@ -271,25 +299,47 @@ class PolicyServer:
         ffn = sh.cost.expert_ffn(assign)
         self.wall += time.perf_counter() - t0
         return BatchPlan(
-            len(self.records), start, reqs, tokens, keys, send, ffn, swap1, swap2, replanned, imbalance, gated, finals
+            len(self.records),
+            start,
+            reqs,
+            tokens,
+            keys,
+            send,
+            ffn,
+            swap1,
+            swap2,
+            replanned,
+            imbalance,
+            gated,
+            finals,
+            dense,
         )
 
-    def _swap_windows(self, tokens: np.ndarray, keys: np.ndarray, L: int) -> np.ndarray:
+    def _dense_times(self, tokens: np.ndarray, keys: np.ndarray) -> DenseTimes:
+        """The batch's :class:`DenseTimes` for ``tokens`` and ``keys`` per device."""
+        cost = self.shared.cost
+        on_host = functools.partial(shared_finish_times, cores=self.host_cores)
+        return DenseTimes(
+            on_host(cost.embed(tokens)),
+            on_host(cost.dense_layer(tokens, keys, first=True)),
+            on_host(cost.dense_layer(tokens, keys, first=False)),
+            on_host(cost.head(tokens)),
+        )
+
+    def _swap_windows(self, dense: DenseTimes, L: int) -> np.ndarray:
         """``[layers]`` s a phase-1 swap of each layer has before that layer's gate ends
         (see :meth:`complete`): within-batch planners issue it at the previous layer's
         gate (that layer's MoE part and this layer's attention and gate hide it),
         the others when the batch is formed (everything before the layer hides it).
         The MoE part of a layer is taken as the previous batch's mean, being unknown
         until the batch is timed."""
-        cost = self.shared.cost
-        on_host = functools.partial(shared_finish_times, cores=self.host_cores)
-        dense = float(on_host(cost.dense_layer(tokens, keys, first=False)).max())
-        embed = float(on_host(cost.embed(tokens)).max())
+        rest = float(dense.rest.max())
+        embed = float(dense.embed.max())
         moe = float(self.records[-1].layer_moe.mean()) if self.records else 0.0
         l = np.arange(L)
         if self.within_batch:
-            return dense + np.where(l > 0, moe, embed)
-        return embed + (l + 1) * dense + l * moe
+            return rest + np.where(l > 0, moe, embed)
+        return embed + (l + 1) * rest + l * moe
 
     def complete(self, plan: BatchPlan, dispatch: np.ndarray, combine: np.ndarray) -> None:
         """Time the batch given its all-to-all times ``[layers]`` each, and advance."""
@@ -301,17 +351,18 @@ class PolicyServer:
         t = plan.start
         pcie_free = np.maximum(self.pcie_free, plan.start)
         on_host = functools.partial(shared_finish_times, cores=self.host_cores)
-        embed = on_host(cost.embed(plan.tokens))
+        dt = plan.dense if plan.dense is not None else self._dense_times(plan.tokens, plan.keys)
+        embed = dt.embed
         if record_tl:
             ev += _per_rank(embed, t, "compute", "embed", "compute", -1)
         t += float(embed.max())
         # When each layer's phase-1 swaps can be issued (module docstring, step 4).
         issue = plan.start
         moe, exposed = np.zeros(L), np.zeros(L)
-        ffn = np.stack([on_host(f) for f in plan.ffn])
+        # Without a shared host each device's FFN takes its own time (on_host copies it).
+        ffn = np.stack([on_host(f) for f in plan.ffn]) if self.host_cores else np.asarray(plan.ffn, dtype=float)
         ffn_max = ffn.max(axis=1)
-        dense_first = on_host(cost.dense_layer(plan.tokens, plan.keys, first=True))
-        dense_rest = on_host(cost.dense_layer(plan.tokens, plan.keys, first=False))
+        dense_first, dense_rest = dt.first, dt.rest
         for l in range(L):
             dense = dense_first if l == 0 else dense_rest
             if record_tl:
@@ -364,7 +415,7 @@ class PolicyServer:
             if self.within_batch:
                 issue = gate_end  # the next layer's estimate needs this layer's gate
             t = c_end
-        head = on_host(cost.head(plan.tokens))
+        head = dt.head
         if record_tl:
             ev += _per_rank(head, t, "compute", "head", "compute", L)
             self.timeline.extend(ev)

@@ -76,6 +76,7 @@ import numpy as np
 import pandas as pd
 import simpy
 
+from lina_sim.gc_tuning import fewer_collections
 from lina_sim.hardware.processors import ProcessorPool
 from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.hardware.topology import Topology
@@ -344,7 +345,8 @@ class _StepRun:
             env.process(self.compute_stream(st))
             env.process(self.submit_all_to_alls(st))
             env.process(self.submit_gradients(st))
-        env.run()
+        with fewer_collections():
+            env.run()
         unfinished = [st.rank for st in self.ranks if st.compute_done < len(self.compute_ops) or st.grads_left]
         if unfinished:
             raise RuntimeError(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
 from typing import ClassVar
 
 import numpy as np
@@ -67,17 +66,25 @@ class EPLBPlacement(PlacementPolicy):
         self.slots_per_device = (e + r) // n
         self.window = int(window)
         self.rebalance_interval = int(rebalance_interval)
-        self._history: dict[int, deque[np.ndarray]] = {}
+        # Per layer: the last ``window`` batches' counts, oldest first, as the rows of one
+        # array (the mean reads them in one call, as the stack of them it equals), and how
+        # many rows are filled.
+        self._history: dict[int, tuple[np.ndarray, int]] = {}
         self._since: dict[int, int] = {}  # batches observed since the layer's last re-plan
         self._current: dict[int, Placement] = {}
 
     def predict(self, layer: int, history: np.ndarray | None) -> np.ndarray | None:
-        loads = self._history.get(layer)
-        return None if not loads else np.mean(np.stack(loads), axis=0)
+        seen = self._history.get(layer)
+        return None if seen is None else np.mean(seen[0][: seen[1]], axis=0)
 
     def observe(self, layer: int, actual_counts: np.ndarray) -> None:
         c = self._counts(actual_counts, "actual_counts")
-        self._history.setdefault(layer, deque(maxlen=self.window)).append(c.copy())
+        rows, k = self._history.get(layer) or (np.empty((self.window, self.num_experts)), 0)
+        if k == self.window:  # full: the oldest row leaves
+            rows[:-1] = rows[1:]
+            k -= 1
+        rows[k] = c
+        self._history[layer] = (rows, k + 1)
         self._since[layer] = self._since.get(layer, 0) + 1
 
     def rebalance(self, loads: np.ndarray | None, previous: Placement | None) -> Placement:

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numba
 import numpy as np
 
 _SHARE_TOL = 1e-6
@@ -132,6 +133,14 @@ class Placement:
         share_matrix.setflags(write=False)
         out.__dict__["share_matrix"] = share_matrix  # what the cached property would compute
         return out
+
+    def __hash__(self) -> int:
+        # The dataclass's hash (the compared fields), kept: searches and their memories
+        # hash the same placement many times, and hashing its nested tuples is not free.
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = self.__dict__["_hash"] = hash((self.num_devices, self.devices, self.shares))
+        return h
 
     @cached_property
     def _memo(self) -> dict[tuple[str, bytes], np.ndarray]:
@@ -268,28 +277,56 @@ def _assigned(placements: Sequence[Placement], counts: Sequence[int] | np.ndarra
     out = [p._memo.get(k) for p, k in zip(placements, keys)]
     todo = [i for i, hit in enumerate(out) if hit is None]
     if todo:
-        n = placements[0].num_devices
         s = np.stack([placements[i].share_matrix for i in todo])  # [C, E, N]
         c = np.stack([rows[i] for i in todo])  # [C, E]
-        exact = c[:, :, None] * s
-        base = np.floor(exact + 1e-9).astype(np.int64)
-        base = np.minimum(base, c[:, :, None])
-        remainder = c - base.sum(axis=2)  # [C, E]
-        # Rounded so that equal shares produce exactly equal fractional parts.
-        frac = np.round(exact - base, 9)
-        frac[s == 0] = -1.0
-        extra = np.zeros_like(base)
-        todo_c, todo_e = np.nonzero(remainder > 0)
-        if todo_c.size:
-            rot = (np.arange(n)[None, :] - todo_e[:, None]) % n
-            # Largest fraction first, ties by rotation: fractions (9 decimals) differ by
-            # >= 1e-9, more than the rotation term ever adds.
-            order = np.argsort(-frac[todo_c, todo_e] + rot * (1e-10 / n), axis=1, kind="stable")
-            rank = np.empty_like(order)
-            np.put_along_axis(rank, order, np.arange(n)[None, :].repeat(todo_c.size, 0), axis=1)
-            extra[todo_c, todo_e] = rank < remainder[todo_c, todo_e, None]
-        for i, a in zip(todo, base + extra):
+        for i, a in zip(todo, _assign_kernel(s, c)):
             out[i] = placements[i]._remember(keys[i], a)
+    return out
+
+
+@numba.njit(cache=True)
+def _assign_kernel(s: np.ndarray, c: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """``int64 [C, E, N]``: the largest-remainder split of :meth:`Placement.assign` for
+    share matrices ``s [C, E, N]`` and counts ``c [C, E]``, one (placement, expert) row at
+    a time. Each replica gets ``floor(c * share + 1e-9)`` (at most ``c``); the tokens
+    left go one each to the largest fractional parts, rounded to 9 decimals (numpy's
+    ``round(x, 9)``, i.e. ``rint(x * 1e9) / 1e9``, so equal shares give equal parts),
+    ties to the device that comes first in a rotation starting at ``e mod N`` (so the
+    odd tokens of evenly replicated experts do not all land on device 0). That is the
+    first ``remainder`` devices of a stable sort by ``-frac + rotation * 1e-10 / N``,
+    picked here as the smallest keys one by one, ties to the lower device."""
+    C, E, n = s.shape
+    out = np.zeros((C, E, n), dtype=np.int64)
+    exact = np.empty(n)
+    key = np.empty(n)
+    taken = np.empty(n, dtype=np.bool_)
+    step = 1e-10 / n
+    for ci in range(C):
+        for e in range(E):
+            cnt = c[ci, e]
+            placed = 0
+            for d in range(n):
+                x = cnt * s[ci, e, d]
+                b = np.int64(np.floor(x + 1e-9))
+                if b > cnt:
+                    b = cnt
+                out[ci, e, d] = b
+                exact[d] = x
+                placed += b
+            left = cnt - placed
+            if left <= 0:
+                continue
+            for d in range(n):
+                frac = np.rint((exact[d] - out[ci, e, d]) * 1e9) / 1e9 if s[ci, e, d] != 0 else -1.0
+                key[d] = -frac + ((d - e) % n) * step
+                taken[d] = False
+            for _ in range(min(left, n)):
+                best = -1
+                for d in range(n):
+                    if not taken[d] and (best < 0 or key[d] < key[best]):
+                        best = d
+                taken[best] = True
+                out[ci, e, best] += 1
     return out
 
 
@@ -309,38 +346,42 @@ def _sent(placements: Sequence[Placement], counts_by_source: np.ndarray) -> list
         src = cbs[todo].transpose(0, 2, 1) if per else np.broadcast_to(cbs.T, (len(todo), e_count, n))
         counts = src.sum(axis=2) if per else cbs.sum(axis=0)  # per placement, or shared
         quota = np.stack(_assigned([placements[i] for i in todo], counts))  # [C, E, N]
-        local = np.minimum(src, quota)
-        sends = np.zeros((len(todo), n, n), dtype=np.int64)
-        idx = np.arange(n)
-        sends[:, idx, idx] = local.sum(axis=1)
-        src, dst = src - local, quota - local
-        # [placements, experts, N, N] at a time, in chunks that keep memory small at
-        # large N (rows with nothing left to send add zeros).
-        step = max(1, (1 << 22) // (e_count * n * n))
-        for lo in range(0, len(todo), step):
-            a, b = src[lo : lo + step], dst[lo : lo + step]
-            c = a.shape[0]
-            sends[lo : lo + step] += (
-                _interval_overlap(a.reshape(-1, n), b.reshape(-1, n)).reshape(c, e_count, n, n).sum(axis=1)
-            )
-        for i, m in zip(todo, sends):
+        for i, m in zip(todo, _send_kernel(np.ascontiguousarray(src), quota)):
             out[i] = placements[i]._remember(keys[i], m)
     return out
 
 
-def _interval_overlap(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """The north-west-corner transport plan, per row of ``src``/``dst`` ``[rows, N]``:
-    lay sources and destinations out as consecutive intervals on one line of tokens and
-    send each overlap. Returns ``[rows, N, N]``."""
-    cs, cd = np.cumsum(src, axis=1), np.cumsum(dst, axis=1)
-    if src.size and max(int(cs[:, -1].max()), int(cd[:, -1].max())) < 2**31:
-        # Whole tokens that fit 32 bits: the same integers with half the memory traffic
-        # on the [rows, N, N] temporaries, the bulk of building send matrices.
-        src, dst, cs, cd = src.astype(np.int32), dst.astype(np.int32), cs.astype(np.int32), cd.astype(np.int32)
-    lo = np.maximum((cs - src)[:, :, None], (cd - dst)[:, None, :])
-    hi = np.minimum(cs[:, :, None], cd[:, None, :])
-    hi -= lo
-    return np.maximum(hi, 0, out=hi)
+@numba.njit(cache=True)
+def _send_kernel(src: np.ndarray, quota: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """``int64 [C, N, N]`` send matrices from ``src [C, E, N]`` (each device's tokens of
+    each expert) and ``quota [C, E, N]`` (each replica's tokens, :func:`_assigned`):
+    tokens stay local up to the local quota; per expert, the rest are laid out as
+    consecutive intervals on one line of tokens, sources and destinations each in device
+    order, and each overlap is sent (the north-west-corner plan, walked by two
+    pointers)."""
+    C, E, n = src.shape
+    out = np.zeros((C, n, n), dtype=np.int64)
+    a = np.empty(n, dtype=np.int64)
+    b = np.empty(n, dtype=np.int64)
+    for ci in range(C):
+        for e in range(E):
+            for d in range(n):
+                kept = min(src[ci, e, d], quota[ci, e, d])
+                out[ci, d, d] += kept
+                a[d] = src[ci, e, d] - kept
+                b[d] = quota[ci, e, d] - kept
+            i = j = 0
+            while i < n and j < n:
+                if a[i] == 0:
+                    i += 1
+                elif b[j] == 0:
+                    j += 1
+                else:
+                    t = min(a[i], b[j])
+                    out[ci, i, j] += t
+                    a[i] -= t
+                    b[j] -= t
+    return out
 
 
 def _as_counts(counts: Sequence[int] | np.ndarray, num_experts: int, rows: bool = False) -> np.ndarray:

@@ -12,8 +12,10 @@ every function is deterministic.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numba
 import numpy as np
 
 from lina_sim.policies.placement.layout import Placement
@@ -21,14 +23,14 @@ from lina_sim.policies.placement.layout import Placement
 _EPS = 1e-9
 
 
-def _group_load(w: np.ndarray, r: np.ndarray, g: list[int]) -> float:
+def _group_load(w: Sequence[float], r: Sequence[int], g: list[int]) -> float:
     """Load of a device group: each expert's weight split over its replicas."""
     return float(sum(w[e] / r[e] for e in g))
 
 
 def decreasing_order(loads: Sequence[float] | np.ndarray, items: Sequence[int] | None = None) -> list[int]:
     """``items`` (default: all indices) by decreasing load, ties by increasing id."""
-    w = np.asarray(loads, dtype=np.float64)
+    w = loads if isinstance(loads, list) else np.asarray(loads, dtype=np.float64).tolist()
     idx = range(len(w)) if items is None else items
     return sorted(idx, key=lambda i: (-w[i], i))
 
@@ -43,7 +45,8 @@ def first_fit_decreasing(
     ``max_items`` items: take items by decreasing load and put each into the first
     (earliest opened) bin where both still fit, else open a new bin. An item heavier than
     ``capacity`` gets a bin of its own. Returns the bins in opening order."""
-    w = np.asarray(loads, dtype=np.float64)
+    # Plain Python floats: the same IEEE additions as numpy scalars', far cheaper.
+    w = np.asarray(loads, dtype=np.float64).tolist()
     bins: list[list[int]] = []
     load: list[float] = []
     tol = _EPS * max(capacity, 1.0)
@@ -106,18 +109,22 @@ def _lina_units(w: np.ndarray, num_devices: int, max_items: int) -> tuple[list[l
     total = float(w.sum())
     if not total > 0:
         raise ValueError("lina_units needs a positive total load")
-    w = w / total  # shares: keeps the arithmetic well scaled whatever the units
+    # Shares keep the arithmetic well scaled whatever the units. From here on plain
+    # Python floats and ints: the same IEEE divisions and sums as numpy scalars', at a
+    # fraction of their cost (the planners allocate every layer of every batch).
+    wl: list[float] = (w / total).tolist()
     target = 1.0 / n
-    r = np.zeros(len(w), dtype=np.int64)
+    r = [0] * len(wl)
     groups: list[list[int]] = []
-    popular = [e for e in range(len(w)) if w[e] >= target * (1 - _EPS)]
+    popular = [e for e in range(len(wl)) if wl[e] >= target * (1 - _EPS)]
     for e in popular:
-        r[e] = min(max(int(np.floor(w[e] / target + 0.5)), 1), n)
+        r[e] = min(max(int(math.floor(wl[e] / target + 0.5)), 1), n)
         groups.extend([e] for _ in range(r[e]))
-    unpopular = [e for e in range(len(w)) if r[e] == 0]
-    for b in first_fit_decreasing(w, target, max_items, unpopular):
+    unpopular = [e for e in range(len(wl)) if r[e] == 0]
+    for b in first_fit_decreasing(wl, target, max_items, unpopular):
         groups.append(b)
-        r[b] += 1
+        for e in b:
+            r[e] += 1
 
     while len(groups) > n:
         best: tuple[float, int, int, int] | None = None  # (resulting load, kind, i, j)
@@ -126,7 +133,7 @@ def _lina_units(w: np.ndarray, num_devices: int, max_items: int) -> tuple[list[l
             if len(g) == 1 and r[g[0]] > 1:
                 e = g[0]
                 worst = max(
-                    _group_load(w, r, h) - w[e] / r[e] + w[e] / (r[e] - 1)
+                    _group_load(wl, r, h) - wl[e] / r[e] + wl[e] / (r[e] - 1)
                     for k, h in enumerate(groups)
                     if k != i and e in h
                 )
@@ -134,8 +141,9 @@ def _lina_units(w: np.ndarray, num_devices: int, max_items: int) -> tuple[list[l
                 if best is None or cand < best:
                     best = cand
         # Merging the lightest compatible pair (sorted scan: first fit per i is its best).
-        order = sorted(range(len(groups)), key=lambda k: (_group_load(w, r, groups[k]), k))
-        loads_sorted = [_group_load(w, r, groups[k]) for k in order]
+        group_loads = [_group_load(wl, r, g) for g in groups]
+        order = sorted(range(len(groups)), key=lambda k: (group_loads[k], k))
+        loads_sorted = [group_loads[k] for k in order]
         for a in range(len(order)):
             if a + 1 < len(order) and best is not None and loads_sorted[a] + loads_sorted[a + 1] >= best[0]:
                 break
@@ -148,7 +156,7 @@ def _lina_units(w: np.ndarray, num_devices: int, max_items: int) -> tuple[list[l
                         best = cand
                     break
         if best is None:
-            _spill_lightest(groups, r, w, max_items)
+            _spill_lightest(groups, r, wl, max_items)
             continue
         _, kind, i, j = best
         if kind == 0:
@@ -158,18 +166,14 @@ def _lina_units(w: np.ndarray, num_devices: int, max_items: int) -> tuple[list[l
             groups[i] = groups[i] + groups[j]
             del groups[j]
 
-    # Python floats and ints from here: the same IEEE divisions as numpy scalars', at a
-    # fraction of their cost (this loop can run once per device).
-    wl, rl = w.tolist(), r.tolist()
     while len(groups) < n:
-        e = max(range(len(wl)), key=lambda x: (wl[x] / rl[x] if rl[x] else np.inf, -x))
-        rl[e] += 1
+        e = max(range(len(wl)), key=lambda x: (wl[x] / r[x] if r[x] else math.inf, -x))
         r[e] += 1
         groups.append([e])
-    return groups, r
+    return groups, np.array(r, dtype=np.int64)
 
 
-def _spill_lightest(groups: list[list[int]], r: np.ndarray, w: np.ndarray, max_items: int) -> None:
+def _spill_lightest(groups: list[list[int]], r: list[int], w: list[float], max_items: int) -> None:
     """Remove the lightest group: drop its extra replicas and move each remaining expert
     (heaviest first) onto the lightest other group with a free slot."""
 
@@ -199,19 +203,23 @@ def eplb_replicate(loads: Sequence[float] | np.ndarray, num_physical: int, max_r
     """DeepSeek EPLB's ``replicate_experts``: start with one replica per expert and give
     each redundant slot, one at a time, to the expert with the highest load per replica
     (ties: lowest id), never beyond ``max_replicas``. Returns replicas per expert."""
-    # Plain Python floats: the same IEEE divisions as numpy's, without a dozen array
-    # calls per slot on a 16-expert vector (the oracle runs this every layer of a batch).
-    w = np.asarray(loads, dtype=np.float64).tolist()
-    r = [1] * len(w)
-    for _ in range(num_physical - len(w)):
+    w = np.ascontiguousarray(loads, dtype=np.float64)
+    return _eplb_replicate_kernel(w, int(num_physical), int(max_replicas))
+
+
+@numba.njit(cache=True)
+def _eplb_replicate_kernel(w: np.ndarray, num_physical: int, max_replicas: int) -> np.ndarray:  # pragma: no cover
+    """:func:`eplb_replicate` compiled (the oracle runs it every layer of a batch)."""
+    r = np.ones(w.size, dtype=np.int64)
+    for _ in range(num_physical - w.size):
         best, e = -np.inf, -1
-        for i, (wi, ri) in enumerate(zip(w, r)):
-            if ri < max_replicas and wi / ri > best:  # strict: the lowest id on ties
-                best, e = wi / ri, i
+        for i in range(w.size):
+            if r[i] < max_replicas and w[i] / r[i] > best:  # strict: the lowest id on ties
+                best, e = w[i] / r[i], i
         if e < 0:
             break
         r[e] += 1
-    return np.array(r, dtype=np.int64)
+    return r
 
 
 def eplb_pack(
@@ -221,28 +229,70 @@ def eplb_pack(
     decreasing load, each onto the least-loaded device that still has one of its
     ``slots`` free (and, here, does not hold that expert already). Returns one list of
     experts per device, device 0 first."""
-    # Plain Python (floats add as numpy's do): a few dozen replicas on a few dozen
-    # devices, where per-replica array calls cost more than the work.
-    w = np.asarray(loads, dtype=np.float64).tolist()
-    reps = [int(x) for x in replicas]
-    items = [(w[e] / reps[e], e) for e in range(len(w)) for _ in range(reps[e])]
-    items.sort(key=lambda t: (-t[0], t[1]))
+    w = np.ascontiguousarray(loads, dtype=np.float64)
+    reps = np.ascontiguousarray(replicas, dtype=np.int64)
+    experts, device = _eplb_pack_kernel(w, reps, int(num_devices), int(slots))
     devices: list[list[int]] = [[] for _ in range(num_devices)]
-    load = [0.0] * num_devices
-    used = [0] * num_devices
-    holds: list[set[int]] = [set() for _ in range(len(w))]
-    every = range(num_devices)
-    for weight, e in items:
-        room = [d for d in every if used[d] < slots and d not in holds[e]]
-        if not room:  # only if slots are too few for distinct replicas; fall back to merging
-            room = [d for d in every if used[d] < slots]
-        # The least loaded device with room, the lowest on ties.
-        d = min(room or every, key=lambda x: (load[x], x))
+    for e, d in zip(experts.tolist(), device.tolist()):
         devices[d].append(e)
-        holds[e].add(d)
-        used[d] += 1
-        load[d] += weight
     return devices
+
+
+@numba.njit(cache=True)
+def _eplb_pack_kernel(
+    w: np.ndarray, reps: np.ndarray, num_devices: int, slots: int
+) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """:func:`eplb_pack` compiled: ``(expert, device)`` of each replica in packing order.
+    Replicas go heaviest first, ties to the lower expert (a stable sort of the replicas
+    listed expert by expert); each to the least loaded device with a free slot that does
+    not hold the expert yet (else any with a free slot, else any), ties to the lower
+    device."""
+    E = w.size
+    total = 0
+    for e in range(E):
+        total += reps[e]
+    experts = np.empty(total, dtype=np.int64)
+    weight = np.empty(total)
+    at = 0
+    for e in range(E):
+        for _ in range(reps[e]):
+            experts[at] = e
+            weight[at] = w[e] / reps[e]
+            at += 1
+    # Heaviest first, stable (an insertion sort: a few dozen replicas, and it compiles
+    # far quicker than a library sort).
+    order = np.arange(total)
+    for k in range(1, total):
+        i = order[k]
+        j = k
+        while j > 0 and weight[order[j - 1]] < weight[i]:
+            order[j] = order[j - 1]
+            j -= 1
+        order[j] = i
+    load = np.zeros(num_devices)
+    used = np.zeros(num_devices, dtype=np.int64)
+    holds = np.zeros((E, num_devices), dtype=np.bool_)
+    out_e = np.empty(total, dtype=np.int64)
+    out_d = np.empty(total, dtype=np.int64)
+    for k in range(total):
+        i = order[k]
+        e = experts[i]
+        best = -1
+        for relaxed in range(2):  # 0: devices without the expert only, 1: any with a free slot
+            for d in range(num_devices):
+                if used[d] < slots and (relaxed or not holds[e, d]) and (best < 0 or load[d] < load[best]):
+                    best = d
+            if best >= 0:
+                break
+        if best < 0:  # no free slot anywhere: the least loaded device
+            for d in range(num_devices):
+                if best < 0 or load[d] < load[best]:
+                    best = d
+        holds[e, best] = True
+        used[best] += 1
+        load[best] += weight[i]
+        out_e[k], out_d[k] = e, best
+    return out_e, out_d
 
 
 # ---------------------------------------------------------------------- helpers
@@ -257,18 +307,25 @@ def align_units(groups: Sequence[Sequence[int]], previous: Placement | None) -> 
     # a group holds a few experts, each on a few devices, so a sparse count beats a
     # dense [group, device] product (planners align thousands of groups per run).
     holders = previous.devices
-    overlap: dict[tuple[int, int], int] = {}
+    # Keyed g * m + d (m: enough devices for either side): sorting ``key - overlap * n * m``
+    # ascending is sorting by largest overlap, then lowest group, then lowest device (keys
+    # are below n * m), in one sort of plain ints.
+    m = max(n, previous.num_devices)
+    overlap: dict[int, int] = {}
     for g, members in enumerate(groups):
-        for e in set(members):  # distinct experts: a repeat counts once
+        base = g * m
+        for e in members if len(members) == 1 else set(members):  # distinct experts: a repeat counts once
             for d in holders[e]:
-                overlap[g, d] = overlap.get((g, d), 0) + 1
+                overlap[base + d] = overlap.get(base + d, 0) + 1
     # Largest overlap first; ties to the lowest group, then the lowest device. Only pairs
     # with some overlap need the greedy: the pairs left over all have overlap 0 (a pair
     # above it would have been taken at its level), so the free groups then take the
     # free devices in order.
+    nm = n * m
     device_of = [-1] * n
     free_d = [True] * n
-    for (g, d), _ in sorted(overlap.items(), key=lambda kv: (-kv[1], kv[0])):
+    for v in sorted([k - c * nm for k, c in overlap.items()]):
+        g, d = divmod(v % nm, m)
         if device_of[g] < 0 and free_d[d]:
             device_of[g] = d
             free_d[d] = False
@@ -283,10 +340,36 @@ def placement_from_groups(
     origin: str,
 ) -> Placement:
     """A placement holding ``groups[i]`` on one device each, aligned with ``previous``
-    (see :func:`align_units`); each expert's tokens are split evenly over its replicas."""
+    (see :func:`align_units`); each expert's tokens are split evenly over its replicas.
+    The same placement, to the bit, as :meth:`Placement.from_counts` of the replicas
+    each device holds, built in plain Python (a few dozen replicas)."""
     device_of = align_units(groups, previous)
-    # Counted per device: a device listed twice for one expert takes two replicas' tokens.
     n = len(groups)
-    flat = [e * n + device_of[g] for g, members in enumerate(groups) for e in members]
-    reps = np.bincount(flat, minlength=num_experts * n).reshape(num_experts, n).astype(np.float64)
-    return Placement.from_counts(n, reps, origin)
+    devs: list[list[int]] = [[] for _ in range(num_experts)]
+    try:
+        for g, members in enumerate(groups):
+            d = device_of[g]
+            for e in members:
+                devs[e].append(d)
+    except IndexError:
+        raise ValueError(f"groups name experts outside 0..{num_experts - 1}") from None
+    if not all(devs) or min(min(g) for g in groups if g) < 0:
+        raise ValueError(f"every expert 0..{num_experts - 1} needs a device, and only those")
+    devices, shares, rows, cols, vals = [], [], [], [], []
+    for e, on in enumerate(devs):
+        on.sort()
+        k = len(on)
+        if len(set(on)) == k:  # the usual case: one replica per device, an even split
+            devices.append(tuple(on))
+            sh = (1.0 / k,) * k  # 1 / float(k), what from_counts divides
+        else:  # a device listed twice for one expert takes two replicas' tokens
+            kept = sorted(set(on))
+            devices.append(tuple(kept))
+            sh = tuple(on.count(d) / float(k) for d in kept)
+        shares.append(sh)
+        rows += [e] * len(sh)
+        cols += devices[-1]
+        vals += sh
+    matrix = np.zeros((num_experts, n))
+    matrix[rows, cols] = vals
+    return Placement._assembled(n, tuple(devices), tuple(shares), matrix, origin)

@@ -33,10 +33,9 @@ class _EvenRows:
         self.n, self.origin = p.num_devices, origin
         self.devices = p.devices
         self.shares = tuple((1.0 / len(r),) * len(r) for r in p.devices)
-        m = np.zeros((p.num_experts, p.num_devices))
-        for e, (r, sh) in enumerate(zip(p.devices, self.shares)):
-            m[e, list(r)] = sh[0]
-        self.matrix = m
+        # Each held cell 1 / replicas (numpy's division is Python's), the rest 0.
+        share = 1.0 / np.array([len(r) for r in p.devices], dtype=np.float64)
+        self.matrix = np.where(p.share_matrix > 0, share[:, None], 0.0)
 
     def changed(self, e: int, row: list[int]) -> Placement:
         """The placement with expert ``e`` on ``row`` (ascending, distinct devices)."""
@@ -57,15 +56,17 @@ class _EvenRows:
 def neighbours(p: Placement, counts: np.ndarray, max_experts: int, origin: str) -> list[Placement]:
     """The candidate moves from ``p`` for per-expert ``counts`` (module docstring)."""
     c = np.asarray(counts, dtype=np.float64)
-    loads = p.device_loads(np.rint(c).astype(np.int64))
-    held = p.experts_per_device()
+    load_arr = p.device_loads(np.rint(c).astype(np.int64))
+    hot = int(np.argmax(load_arr))
+    cold = [d for d in np.argsort(load_arr, kind="stable").tolist() if d != hot][:_COLD_DEVICES]
+    # Plain Python numbers from here: the same comparisons, without a numpy scalar each.
+    c_list, loads, held = c.tolist(), load_arr.tolist(), p.experts_per_device().tolist()
     reps = [list(d) for d in p.devices]
-    hot = int(np.argmax(loads))
-    cold = [int(d) for d in np.argsort(loads, kind="stable") if d != hot][:_COLD_DEVICES]
     out: list[Placement] = []
     even = _EvenRows(p, origin)
-    for e in sorted(p.resident[hot], key=lambda x: (-c[x], x)):
-        if c[e] <= 0:
+    on_hot = [e for e, r in enumerate(reps) if hot in r]
+    for e in sorted(on_hot, key=lambda x: (-c_list[x], x)):
+        if c_list[e] <= 0:
             continue
         for d in cold:
             if d in reps[e] or held[d] >= max_experts:
@@ -77,7 +78,7 @@ def neighbours(p: Placement, counts: np.ndarray, max_experts: int, origin: str) 
     multi = [e for e in range(p.num_experts) if len(reps[e]) > 1]
     if multi:
         e = max(multi, key=lambda x: (len(reps[x]), -x))
-        busiest = max(reps[e], key=lambda d: (int(held[d]), int(loads[d]), d))
+        busiest = max(reps[e], key=lambda d: (held[d], loads[d], d))
         out.append(even.changed(e, [x for x in reps[e] if x != busiest]))
     return out
 
