@@ -8,11 +8,13 @@ Issue 17's target: all policies together <= 60 s and <= 4 GB on one core. The ru
 pinned to one core; ``cpu (s)`` is process CPU time (a machine shared with other work
 inflates the wall time, not it), ``peak RSS`` the process's maximum. ``--gpus`` runs a
 smaller slice of the same cluster (the same EP 64, less data parallelism), to see how
-the cost grows. ``sim ranks`` is how many ranks the engine simulated: one data-parallel
-replica (the ``ep`` group, or a node of packed replicas) standing for all of them
-(lina_sim/training/engine.py, ``replica_size``); ``--all-ranks`` simulates every rank,
-the engine's reference mode (the same step, minutes and gigabytes at 16,384 GPUs).
-``collectives`` counts every replica's collectives.
+the cost grows. ``sim ranks`` is how many ranks the engine simulated: one block (a
+data-parallel replica, the ``ep`` group, or a node of packed replicas; ``replica_size``)
+per class of replicas that live alike (``classes``; lina_sim/training/engine.py,
+``ReplicaClasses``), standing for all of them, which gives the every-rank step to float
+rounding; ``--all-ranks`` simulates every rank, the engine's reference mode (the same
+step, minutes and gigabytes at 16,384 GPUs). ``collectives`` counts every replica's
+collectives.
 
 ``--network`` times only the step's network at the full 16,384 GPUs: every all-to-all
 of the step's program (27 MoE layers x dispatch and combine, forward and backward), each
@@ -119,7 +121,8 @@ def main() -> None:
     )
     print(
         f"  {'policy':<16} {'cpu (s)':>8} {'wall (s)':>9} {'k':>3} {'r':>3} {'sim step (ms)':>14} "
-        f"{'a2a (ms)':>9} {'allreduce (ms)':>15} {'collectives':>12} {'sim ranks':>10} {'peak RSS (MB)':>14}"
+        f"{'a2a (ms)':>9} {'allreduce (ms)':>15} {'collectives':>12} {'sim ranks':>10} {'classes':>8} "
+        f"{'peak RSS (MB)':>14}"
     )
     for entry in setup.policies:
         c1, w1 = time.process_time(), time.perf_counter()
@@ -129,12 +132,13 @@ def main() -> None:
             f"  {entry.label:<16} {time.process_time() - c1:>8.2f} {time.perf_counter() - w1:>9.2f} "
             f"{run.experts_per_device:>3} {run.pipeline_degree:>3} {run.result.step_time * 1e3:>14.2f} "
             f"{b.get('total_a2a', float('nan')) * 1e3:>9.2f} {b.get('total_allreduce', float('nan')) * 1e3:>15.2f} "
-            f"{run.result.collective_count:>12d} {run.result.ranks:>10d} {peak_rss_mb():>14.0f}",
+            f"{run.result.collective_count:>12d} {run.result.ranks:>10d} {len(run.result.classes):>8d} "
+            f"{peak_rss_mb():>14.0f}",
             flush=True,
         )
     print(
         f"  {'total':<16} {time.process_time() - c0:>8.2f} {time.perf_counter() - w0:>9.2f}"
-        f"{'':>98} {peak_rss_mb():>14.0f}"
+        f"{'':>107} {peak_rss_mb():>14.0f}"
     )
 
 

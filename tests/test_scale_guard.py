@@ -207,3 +207,37 @@ def test_a_100000_gpu_serving_scenario_is_refused_in_a_second(tmp_path, capsys):
         and "allowed: cluster.nodes <=" in line
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_classes_of_replicas_that_would_not_fit_are_refused_before_they_are_built(monkeypatch):
+    """The guard counts one block of replicas; where the engine splits replicas into
+    classes (DeepSpeed's trees across 8 replicas of 2 nodes, beside its all-to-alls) it
+    checks the classes' ranks against the same budget before building them: a machine
+    with room for one block but not for the classes gets the one-line refusal."""
+    scenario = {
+        "cluster": {"preset": "dgx-h100-superpod", "nodes": 16},
+        "model": {"preset": "deepseek-moe-16b", "experts": 16, "layers": 4, "moe_layers": [1, 2, 3]},
+        "policies": ["deepspeed"],
+    }
+    setup = resolve_training(expand(scenario)[0])
+    one_block = host_memory(setup.cluster, setup.model, setup.policies, 1)
+    assert one_block.simulated == 16
+    built: list[tuple[int, int]] = []  # (simulated ranks, ops and gradients per rank)
+    real = training_run.check_simulated_ranks
+
+    def spy(cluster, model, policies, graph, simulated):
+        built.append((simulated, len(graph.ops) + len(graph.grad_requests)))
+        return real(cluster, model, policies, graph, simulated)
+
+    monkeypatch.setattr(training_run, "check_simulated_ranks", spy)
+    alone = training_run.AloneTimes(setup.cluster, setup.algos)
+    training_run.run_policy(setup, setup.policies[0], alone)
+    (first, per_rank), (last, _) = built[0], built[-1]
+    assert first == 16 and last > 16  # one class first, then the classes
+    # Room for the one-class run and half a block more, not for the classes.
+    one = training_run.HostMemory(setup.cluster.world_size, 16, 16 * per_rank, 1)
+    budget = one.total + 0.5 * one.rank_ops * HOST_BYTES_PER_RANK_OP
+    monkeypatch.setattr(training_run, "available_memory", lambda: budget)
+    with pytest.raises(ConfigError) as e:
+        training_run.run_policy(setup, setup.policies[0], alone)
+    assert e.value.field == "cluster.nodes" and "classes" in str(e.value) and "\n" not in str(e.value)

@@ -295,6 +295,26 @@ class Collectives:
             return ("-", "-")
         return (algo if algo not in NCCL_ALLREDUCE else "flat-ring", "-")
 
+    def allreduce_patterns(self, ranks: Sequence[int], algo: str = "auto") -> list[StepPattern]:
+        """The flow steps an allreduce over ``ranks`` may run under ``algo``, whatever its
+        size: every algorithm NCCL's model has for the communicator where ``algo`` leaves
+        the choice to it (``auto``), else the forced algorithm's; ``hierarchical``'s two
+        phases; the flat ring's. Their groups are the flow groups the network would
+        carry (links, multiplicities; bytes are left out: they scale with the size). For
+        callers that must know which links a communicator's allreduces can load (the
+        training engine's replica classes); caches as :meth:`allreduce` does."""
+        r = self._ranks(ranks)
+        if r.size == 1:
+            return []
+        by_node = _group_by_node(self.topo, r) if algo == "hierarchical" else []
+        if len(by_node) > 1:
+            return [p for p in self._hier_patterns(r, by_node) if p is not None]
+        if algo in NCCL_ALLREDUCE and (NCCL_ALLREDUCE[algo] is not None or self._nccl_gpu):
+            steps = self._nccl_tables(r)[1]
+            forced = NCCL_ALLREDUCE[algo]
+            return [pat for name, (pat, _) in steps.items() if forced is None or name == forced]
+        return [self._ring_pattern(r)[0]]
+
     def _allreduce_plan(self, ranks, nbytes: float, algo: str, proto: str) -> tuple[np.ndarray, tuple[str, str] | None]:
         """The checked ranks and NCCL's (algorithm, protocol) for the call, ``None`` where
         NCCL's model does not run it."""
@@ -502,16 +522,20 @@ class Collectives:
         """One rank order per channel (:func:`lina_sim.network.nccl.ring_orders`)."""
         return nccl.ring_orders(self.topo, _group_by_node(self.topo, ranks))
 
-    def _ring_allreduce(self, ranks: np.ndarray, nbytes: float, res: CollectiveResult):
-        n = ranks.size
-        if n == 1 or nbytes == 0:
-            return
+    def _ring_pattern(self, ranks: np.ndarray) -> tuple[StepPattern, int]:
+        """The flat ring's step over ``ranks`` and its channel count (cached)."""
         key = ranks.tobytes()
         if key not in self._rings:
             orders = self._ring_orders(ranks)
             ring = nccl.ring_layout(orders)
             self._rings[key] = (self._pattern(("ring", key), ring.src, ring.dst), len(orders))
-        pat, channels = self._rings[key]
+        return self._rings[key]
+
+    def _ring_allreduce(self, ranks: np.ndarray, nbytes: float, res: CollectiveResult):
+        n = ranks.size
+        if n == 1 or nbytes == 0:
+            return
+        pat, channels = self._ring_pattern(ranks)
         chunk = nbytes / (channels * n)
         yield from self._steps(pat, chunk, 2 * (n - 1), res)
 
@@ -520,16 +544,24 @@ class Collectives:
         if len(by_node) == 1:
             yield from self._ring_allreduce(ranks, nbytes, res)
             return
+        intra, inter = self._hier_patterns(ranks, by_node)
+        g, nodes = by_node[0].size, len(by_node)
+        if intra is not None:
+            yield from self._steps(intra, nbytes / g, g - 1, res)  # reduce-scatter
+        yield from self._steps(inter, nbytes / (g * nodes), 2 * (nodes - 1), res)
+        if intra is not None:
+            yield from self._steps(intra, nbytes / g, g - 1, res)  # all-gather
+
+    def _hier_patterns(self, ranks: np.ndarray, by_node: list[np.ndarray]) -> tuple[StepPattern | None, StepPattern]:
+        """The hierarchical allreduce's steps over ``ranks`` (on two or more nodes): the
+        ring inside each node (``None`` with one rank per node) and the ring across nodes."""
         g = _equal_per_node(by_node, "hierarchical allreduce")
         grid = np.stack(by_node)  # [nodes, g]
-        nodes = grid.shape[0]
-        if g > 1:
-            intra = self._pattern(("h-intra", ranks.tobytes()), grid.ravel(), np.roll(grid, -1, axis=1).ravel())
-            yield from self._steps(intra, nbytes / g, g - 1, res)  # reduce-scatter
-        inter = self._pattern(("h-inter", ranks.tobytes()), grid.ravel(), np.roll(grid, -1, axis=0).ravel())
-        yield from self._steps(inter, nbytes / (g * nodes), 2 * (nodes - 1), res)
-        if g > 1:
-            yield from self._steps(intra, nbytes / g, g - 1, res)  # all-gather
+        key = ranks.tobytes()
+        inter = self._pattern(("h-inter", key), grid.ravel(), np.roll(grid, -1, axis=0).ravel())
+        if g == 1:
+            return None, inter
+        return self._pattern(("h-intra", key), grid.ravel(), np.roll(grid, -1, axis=1).ravel()), inter
 
     def _nccl_tables(self, ranks: np.ndarray) -> tuple[nccl.NcclModel, dict[str, tuple[StepPattern, float]]]:
         """NCCL's cost table for this communicator and, per algorithm, its flow step (with

@@ -39,7 +39,6 @@ from lina_sim.network.collectives import (
 )
 from lina_sim.policies.registry import PolicyEntry, make_training_policy, policy_entries
 from lina_sim.results.rows import point_columns
-from lina_sim.training.breakdown import mean_breakdown
 from lina_sim.training.engine import StepResult, TrainingEngine, replica_size_estimate
 from lina_sim.workload.graph import build_training_graph, micro_op_estimates, packing_candidates
 from lina_sim.workload.model import ModelSpec
@@ -329,7 +328,12 @@ def host_memory(cluster: ClusterSpec, model: ModelSpec, policies: list[PolicyEnt
     """:class:`HostMemory` of simulating ``model`` (experts resolved) on ``cluster`` with
     ``policies`` and ``per_rank`` ops and gradient tensors per rank, at the packing of
     those policies that simulates the most ranks (:func:`replica_size_estimate`); counts
-    only, so it answers in microseconds at any scale."""
+    only, so it answers in microseconds at any scale. It counts one block of replicas:
+    where collectives across replicas load them unlike beside the all-to-alls (DeepSpeed,
+    Tutel), the engine simulates one block per class of replicas
+    (:class:`~lina_sim.training.engine.ReplicaClasses`; up to 24 on the presets measured),
+    known only once the step's collectives are laid out, and :func:`check_simulated_ranks`
+    holds those to the same budget before the engine builds them."""
     n = cluster.world_size
     sim = max(replica_size_estimate(cluster, model.experts // k) for k in packings(model, n, policies))
     return HostMemory(n, sim, sim * per_rank, len(policies))
@@ -399,6 +403,32 @@ def check_host_memory(cluster: ClusterSpec, model: ModelSpec, policies: list[Pol
     )
 
 
+def check_simulated_ranks(
+    cluster: ClusterSpec, model: ModelSpec, policies: list[PolicyEntry], graph: Any, simulated: int
+) -> None:
+    """Refuse, before the engine builds them, ``simulated`` ranks of ``graph`` that would not
+    fit in this machine's available memory: :func:`check_host_memory` counts one block of
+    replicas, and where the step's collectives across replicas load them unlike, the engine
+    simulates one block per class of replicas (:class:`~lina_sim.training.engine.ReplicaClasses`),
+    known only once the step's collectives are laid out. The same :class:`HostMemory`
+    rule, at the ranks the engine is about to simulate; a ConfigError on ``cluster.nodes``."""
+    have = available_memory()
+    if have is None:
+        return
+    per_rank = len(graph.ops) + len(graph.grad_requests)
+    est = HostMemory(cluster.world_size, simulated, simulated * per_rank, len(policies))
+    if est.total <= have:
+        return
+    raise ConfigError(
+        "cluster.nodes",
+        f"simulating {est.gpus} GPUs ({model.experts} experts) needs about {gigabytes(est.total)} of memory: "
+        f"its data-parallel replicas fall in classes that run unlike ({est.rank_ops:,} rank-ops on "
+        f"{est.simulated:,} simulated ranks, the network state of {est.gpus:,} GPUs); "
+        f"this machine has {gigabytes(have)} available",
+        "fewer nodes",
+    )
+
+
 @dataclass
 class PolicyRun:
     """One policy's simulated step."""
@@ -446,7 +476,15 @@ def run_policy(
             model, cluster, experts_per_device=k, pipeline_degree=r, dispatch_kernels=policy.dispatch_kernels
         )
         engine = TrainingEngine(
-            graph, policy, cluster, setup.compute.op_time, setup.algos, alone.topology, alone=alone, all_ranks=all_ranks
+            graph,
+            policy,
+            cluster,
+            setup.compute.op_time,
+            setup.algos,
+            alone.topology,
+            alone=alone,
+            all_ranks=all_ranks,
+            check_ranks=lambda sim: check_simulated_ranks(cluster, setup.model, setup.policies, graph, sim),
         )
         res = engine.run()
     except ConfigError as e:  # an allreduce NCCL cannot run on one of the step's communicators
@@ -457,7 +495,7 @@ def run_policy(
     bwd = [c for c in res.collectives if c.mop.is_a2a and c.mop.phase == "bwd" and c.group[0] == 0]
     base = [(c.duration, alone("all_to_all", c.mop.nbytes, c.group)) for c in bwd if len(c.group) > 1]
     slow = np.array([d / a for d, a in base if a > 0])
-    return PolicyRun(entry, k, r, res, mean_breakdown(res.timeline, res.step_time), slow, time.perf_counter() - t0)
+    return PolicyRun(entry, k, r, res, res.mean_breakdown(), slow, time.perf_counter() - t0)
 
 
 def run_training(setup: TrainingSetup) -> tuple[pd.DataFrame, list[PolicyRun]]:
