@@ -489,12 +489,15 @@ class TrainingEngine:
         on its network, or the other way round, that run stops and the step runs on
         the classes that take every collective into account. Later runs reuse what the
         first settled."""
-        try:
-            res = _StepRun(self).run()
-        except _Unalike:
-            assert self.plan is not None
-            self.classes = self.plan.full
-            return _StepRun(self).run()
+        # Building a run allocates per-rank events by the hundred thousand: collect less
+        # from there on, not only while the clock runs.
+        with fewer_collections():
+            try:
+                res = _StepRun(self).run()
+            except _Unalike:
+                assert self.plan is not None
+                self.classes = self.plan.full
+                return _StepRun(self).run()
         self.classes = res.classes
         return res
 
@@ -606,8 +609,7 @@ class _StepRun:
             env.process(self.compute_stream(st))
             env.process(self.submit_all_to_alls(st))
             env.process(self.submit_gradients(st))
-        with fewer_collections():
-            env.run()
+        env.run()
         unfinished = [st.rank for st in self.ranks if st.compute_done < len(self.compute_ops) or st.grads_left]
         if unfinished:
             raise RuntimeError(
