@@ -62,7 +62,7 @@ def test_fluid_phase_matches_the_per_flow_reference(preset, nodes):
     step = timer._direct
     paths = timer.topology.paths(step.src, step.dst)
     ms = uneven(timer.n, 6, seed=11)
-    nbytes, active, weight, lat = step._flows(ms)
+    nbytes, active, weight, lat = step._flows(ms[:, step.src, step.dst])
     fluid = step.times(ms) - lat
     for i in range(len(ms)):
         on = active[i]
@@ -80,7 +80,7 @@ def test_start_rates_are_the_networks_max_min_rates(preset, nodes):
     paths = timer.topology.paths(step.src, step.dst)
     capacity = timer.topology.links.capacity
     ms = uneven(timer.n, 5, seed=5)
-    _, active, weight, _ = step._flows(ms)
+    _, active, weight, _ = step._flows(ms[:, step.src, step.dst])
     rates = kernels.start_rates(weight, step.plan)
     assert (rates[~active] == 0).all()
     for i in range(len(ms)):
@@ -104,6 +104,54 @@ def test_each_matrix_is_solved_alone_exactly_and_deterministically(preset, nodes
     assert AllToAllTimer(cluster, algo=algo).times(ms).tolist() == stacked.tolist()
 
 
+@pytest.mark.parametrize("preset,nodes", [("paper-testbed", 4), ("a100-pcie-nvlink-pairs", 2), ("dgx-a100", 2)])
+def test_link_bounds_are_the_busiest_links_load(preset, nodes):
+    """The lower bound's link term is, to the last bit, the numpy formulation it replaced:
+    bytes summed per aggregate with ``np.add.at``, per link by the incidence product."""
+    cluster = load_preset(preset, nodes)
+    step = AllToAllTimer(cluster)._direct
+    ms = uneven(cluster.world_size, 7, seed=13)
+    nbytes = ms[:, step.src, step.dst]
+    want = np.zeros(len(ms))
+    for c in step.joint:
+        comp = step.components[c]
+        per_agg = np.zeros((comp.A.shape[0], len(ms)))
+        np.add.at(per_agg, comp.agg, nbytes[:, comp.flows].T)
+        want = np.maximum(want, ((comp.A.T @ per_agg) / comp.cap[:, None]).max(axis=0))
+    got = kernels.link_bounds(nbytes, step.joint, step.plan)
+    assert step.joint.size and (want > 0).any()
+    np.testing.assert_allclose(got, want, rtol=1e-15)
+    if preset == "paper-testbed":  # the incidence product sums in aggregate order here
+        assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("preset,nodes", [("paper-testbed", 4), ("a100-pcie-nvlink-pairs", 2), ("dgx-h100", 2)])
+def test_p2p_terms_are_p2p_comms_to_the_last_bit(preset, nodes):
+    """The compiled flow terms are P2pComm's own: each matrix's latency is
+    ``P2pComm.latency`` of its flows sent, and each flow's bytes on the wire its bytes
+    times ``P2pComm.inflation`` at its max-min rate with every flow running."""
+    cluster = load_preset(preset, nodes)
+    step = AllToAllTimer(cluster)._direct
+    ms = uneven(cluster.world_size, 6, seed=17)
+    ms[5] = 2.0e6  # large messages: several channels, no LL
+    sent = ms[:, step.src, step.dst]
+    nbytes, active, weight, lat = step._flows(sent)
+    comm, kinds = step.p2p, step.kinds
+    rates = kernels.start_rates(weight, step.plan)
+    for i in range(len(ms)):
+        on = active[i]
+        assert lat[i] == comm.latency(step.src[on], sent[i, on], kinds[on])
+        share = comm.share(step.src[on], sent[i, on]) if on.any() else 1.0
+        want = sent[i, on] * comm.inflation(sent[i, on], kinds[on], share, rates[i, on])
+        assert nbytes[i, on].tolist() == want.tolist()
+
+
+def test_lanes_take_the_stack_in_as_few_turns():
+    """Fewer lanes than ``_LANES`` where as many turns suffice, whole vectors of four."""
+    sizes = (1, 3, 5, 32, 33, 40, 64, 65, 200)
+    assert [kernels._lanes(np.zeros((n, 1))) for n in sizes] == [1, 3, 8, 32, 20, 20, 32, 24, 32]
+
+
 def test_the_kernel_is_compiled_once_for_every_topology():
     """One specialisation serves every topology and algorithm (compile time is paid once,
     then loaded from the on-disk cache)."""
@@ -115,3 +163,4 @@ def test_the_kernel_is_compiled_once_for_every_topology():
         cluster = load_preset(preset, nodes)
         AllToAllTimer(cluster, algo=algo).times(uneven(cluster.world_size, 5, seed=1))
     assert len(kernels._solve.signatures) == 1
+    assert len(kernels._flow_terms.signatures) == 1

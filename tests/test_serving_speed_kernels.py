@@ -4,22 +4,36 @@ plain formulation and compares on random inputs, ties and edge cases included.""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from lina_sim.policies.path_estimator import PathEstimator
-from lina_sim.policies.placement.layout import Placement, _assign_kernel, _send_kernel, assign_many
+from lina_sim.policies.placement.layout import (
+    Placement,
+    _assign_kernel,
+    _send_kernel,
+    assign_many,
+    assign_shares,
+    send_matrices,
+)
 from lina_sim.policies.placement.packing import (
+    _LINA_MEMO,
     _eplb_pack_kernel,
     _eplb_replicate_kernel,
     align_units,
+    decreasing_order,
     eplb_pack,
     eplb_replicate,
+    first_fit_decreasing,
+    lina_placement,
+    lina_units,
     placement_from_groups,
 )
 from lina_sim.routing.generator import RoutingTraceGenerator
 from lina_sim.serving.cost import _quick_a2a_kernel
-from lina_sim.serving.server import _load_stamps
+from lina_sim.serving.server import ExpertCache, _gate_counts, _load_stamps
 
 
 def _random_shares(rng: np.random.Generator, C: int, E: int, N: int) -> np.ndarray:
@@ -160,7 +174,8 @@ def test_quick_a2a_kernel_is_the_array_form(gpus_per_node: int) -> None:
         if not per:
             quota = _assign_kernel(s, np.repeat(src.sum(axis=2), C, axis=0))
         args = (first, last, node_start, 1024.0, 150e9, 25e9, 5e-6, 1e-6)
-        assert np.array_equal(_quick_a2a_kernel(src, quota, *args), _quick_a2a_plain(src, quota, *args))
+        item_of = np.arange(C) if per else np.zeros(C, dtype=np.int64)
+        assert np.array_equal(_quick_a2a_kernel(src, item_of, quota, *args), _quick_a2a_plain(src, quota, *args))
 
 
 def _load_plain(stamp: np.ndarray, need: np.ndarray, clock: int, slots: int) -> np.ndarray:
@@ -243,3 +258,180 @@ def test_assign_many_matches_assign_plain_on_placements() -> None:
     want = _assign_plain(np.stack([p.share_matrix for p in ps]), counts)
     assert np.array_equal(got, want)
     assert np.array_equal(assign_many(ps, counts), want)  # kept results
+
+
+def _ffd_plain(w: list[float], capacity: float, max_items: int, items: list[int] | None = None) -> list[list[int]]:
+    """First-fit decreasing in plain Python (first_fit_decreasing's docstring)."""
+    bins: list[list[int]] = []
+    load: list[float] = []
+    tol = 1e-9 * max(capacity, 1.0)
+    for i in decreasing_order(w, items):
+        for b, members in enumerate(bins):
+            if len(members) < max_items and load[b] + w[i] <= capacity + tol:
+                members.append(i)
+                load[b] += w[i]
+                break
+        else:
+            bins.append([i])
+            load.append(float(w[i]))
+    return bins
+
+
+def test_ffd_kernel_is_the_plain_rule() -> None:
+    rng = np.random.default_rng(7)
+    for t in range(500):
+        E = int(rng.integers(0, 25))
+        w = rng.gamma(0.5, size=E) if t % 2 else np.round(rng.random(E) * 5)
+        cap, m = float(rng.random() * 3 + 0.2), int(rng.integers(1, 5))
+        items = sorted(rng.choice(E, int(rng.integers(0, E + 1)), replace=False).tolist()) if E else []
+        assert first_fit_decreasing(w, cap, m) == _ffd_plain(w.tolist(), cap, m)
+        assert first_fit_decreasing(w, cap, m, items) == _ffd_plain(w.tolist(), cap, m, items)
+
+
+def _group_load_plain(w: list[float], r: list[int], g: list[int]) -> float:
+    return float(sum(w[e] / r[e] for e in g))
+
+
+def _spill_plain(groups: list[list[int]], r: list[int], w: list[float], max_items: int) -> None:
+    k = min(range(len(groups)), key=lambda i: (_group_load_plain(w, r, groups[i]), i))
+    victim = groups.pop(k)
+    for e in decreasing_order(w, victim):
+        if r[e] > 1:
+            r[e] -= 1
+            continue
+        room = [i for i, g in enumerate(groups) if len(g) < max_items and e not in g]
+        if not room:
+            spare = [(w[x] / (r[x] - 1), i, x) for i, g in enumerate(groups) for x in g if r[x] > 1]
+            if not spare:
+                raise RuntimeError("no free slot")
+            _, i, x = min(spare)
+            groups[i].remove(x)
+            r[x] -= 1
+            room = [i]
+        dest = min(room, key=lambda i: (_group_load_plain(w, r, groups[i]), i))
+        groups[dest].append(e)
+
+
+def _lina_units_plain(w: np.ndarray, n: int, max_items: int) -> tuple[list[list[int]], list[int]]:
+    """Lina's allocation in plain Python (lina_units' docstring, step by step)."""
+    wl = (w / float(w.sum())).tolist()
+    target = 1.0 / n
+    r = [0] * len(wl)
+    groups: list[list[int]] = []
+    for e in [e for e in range(len(wl)) if wl[e] >= target * (1 - 1e-9)]:
+        r[e] = min(max(int(math.floor(wl[e] / target + 0.5)), 1), n)
+        groups.extend([e] for _ in range(r[e]))
+    for b in _ffd_plain(wl, target, max_items, [e for e in range(len(wl)) if r[e] == 0]):
+        groups.append(b)
+        for e in b:
+            r[e] += 1
+    while len(groups) > n:
+        best = None
+        for i, g in enumerate(groups):
+            if len(g) == 1 and r[g[0]] > 1:
+                e = g[0]
+                worst = max(
+                    _group_load_plain(wl, r, h) - wl[e] / r[e] + wl[e] / (r[e] - 1)
+                    for k, h in enumerate(groups)
+                    if k != i and e in h
+                )
+                if best is None or (worst, 0, i, -1) < best:
+                    best = (worst, 0, i, -1)
+        loads = [_group_load_plain(wl, r, g) for g in groups]
+        order = sorted(range(len(groups)), key=lambda k: (loads[k], k))
+        for a in range(len(order)):
+            if a + 1 < len(order) and best is not None and loads[order[a]] + loads[order[a + 1]] >= best[0]:
+                break
+            for b in range(a + 1, len(order)):
+                gi, gj = groups[order[a]], groups[order[b]]
+                if len(gi) + len(gj) <= max_items and not set(gi) & set(gj):
+                    i, j = min(order[a], order[b]), max(order[a], order[b])
+                    cand = (loads[order[a]] + loads[order[b]], 1, i, j)
+                    if best is None or cand < best:
+                        best = cand
+                    break
+        if best is None:
+            _spill_plain(groups, r, wl, max_items)
+            continue
+        _, kind, i, j = best
+        if kind == 0:
+            r[groups[i][0]] -= 1
+            del groups[i]
+        else:
+            groups[i] = groups[i] + groups[j]
+            del groups[j]
+    while len(groups) < n:
+        e = max(range(len(wl)), key=lambda x: (wl[x] / r[x] if r[x] else math.inf, -x))
+        r[e] += 1
+        groups.append([e])
+    return groups, r
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lina_kernel_is_the_plain_rule(seed: int) -> None:
+    """Merges, dropped replicas, spills (tight slots), too few groups, ties, zero loads."""
+    rng = np.random.default_rng(seed)
+    for t in range(1500):
+        E, n = int(rng.integers(1, 30)), int(rng.integers(1, 20))
+        m = -(-E // n) + int(rng.integers(0, 4))
+        w = [
+            rng.gamma(0.5, size=E) * 1000,
+            rng.zipf(1.3, E).astype(float) * (rng.random(E) < 0.7),
+            np.round(rng.random(E) * 4),
+            rng.integers(0, 200, E).astype(float),
+        ][t % 4]
+        if not w.sum() > 0:
+            continue
+        _LINA_MEMO.clear()
+        try:
+            want = _lina_units_plain(w, n, m)
+        except RuntimeError:
+            with pytest.raises(RuntimeError):
+                lina_units(w, n, m)
+            continue
+        groups, replicas = lina_units(w, n, m)
+        assert groups == want[0] and replicas.tolist() == want[1]
+        assert lina_units(w, n, m)[0] == want[0]  # kept
+        p = lina_placement(w, n, m, None, "x")
+        assert p == placement_from_groups(groups, E, None, "x") and p.origin == "x"
+    with pytest.raises(ValueError):
+        lina_units(np.zeros(4), 2, 2)
+
+
+def _some_placement(rng: np.random.Generator, E: int, N: int) -> Placement:
+    r = (rng.random((E, N)) < 0.4).astype(float)
+    r[np.arange(E), np.arange(E) % N] = 1.0  # every expert somewhere
+    return Placement.from_counts(N, r)
+
+
+def test_missing_and_gate_count_kernels_are_the_array_forms() -> None:
+    rng = np.random.default_rng(5)
+    L, E, N = 3, 6, 4
+    static = Placement.from_replicas(N, [[e % N] for e in range(E)])
+    cache = ExpertCache(L, static, slots=2)
+    ps = [_some_placement(rng, E, N) for _ in range(7)]
+    for l, p in enumerate(ps[:L]):
+        cache.load(l, p)
+    layers = rng.integers(0, L, len(ps))
+    want = np.stack([cache.missing(int(l), p) for l, p in zip(layers, ps)])
+    assert np.array_equal(cache.missing_many(layers, ps), want)
+    assert np.array_equal(cache.missing_many(1, ps), np.stack([cache.missing(1, p) for p in ps]))
+    ex = rng.integers(0, E, (50, L, 2)).astype(np.int16)
+    src = np.sort(rng.integers(0, N, 50))
+    flat = ((np.arange(L)[None, :, None] * N + src[:, None, None]) * E + ex).ravel()
+    assert np.array_equal(_gate_counts(ex, src, N, E), np.bincount(flat, minlength=L * N * E).reshape(L, N, E))
+
+
+def test_send_matrices_per_item_are_each_alone() -> None:
+    rng = np.random.default_rng(6)
+    N, E = 5, 7
+    ps = [_some_placement(rng, E, N) for _ in range(6)]
+    cbs = rng.integers(0, 40, (3, N, E))
+    item_of = np.array([2, 0, 0, 1, 2, 1])
+    got = send_matrices(ps, cbs, item_of)
+    for p, i, m in zip(ps, item_of, got):
+        assert np.array_equal(m, Placement.from_counts(N, p.share_matrix).send_matrix(cbs[i]))
+    share = np.stack([p.share_matrix for p in ps])
+    assert np.array_equal(assign_shares(share, cbs.sum(axis=1)[item_of]), assign_many(ps, cbs.sum(axis=1)[item_of]))
+    with pytest.raises(ValueError):
+        send_matrices(ps, cbs, np.array([3, 0, 0, 1, 2, 1]))  # no item 3

@@ -41,9 +41,11 @@ with numba (:mod:`lina_sim.network.serving_a2a_kernels`), one matrix at a time: 
 16-GPU component has a dozen aggregates and eight links, so as numpy array operations
 (vectorised over the stack, one event loop for all of it) each step cost its per-call
 overhead, microseconds for a few dozen numbers, and the loop cost about as much for one
-matrix as for two hundred. What stays in numpy is elementwise over the stack, once per
-call: gathering the flows, NCCL's channels, protocol, latency and inflation
-(:class:`~lina_sim.network.nccl_p2p.P2pComm`'s own vectorised methods) and the isolated
+matrix as for two hundred. The per-flow terms are compiled too, flow by flow with
+:class:`~lina_sim.network.nccl_p2p.P2pComm`'s operations (fair-share weights, NCCL's
+channels, protocol, latency and inflation), and so is the lower bound's busiest link:
+as some fifty array passes over ``[matrices, flows]`` per call they cost as much as the
+event loop. What stays in numpy is the gathering of the flows and the isolated
 components.
 
 The kernels repeat the numpy formulation they replace operation for operation (the same
@@ -66,6 +68,7 @@ Units: bytes, seconds, bytes/s.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,7 +79,15 @@ from lina_sim.hardware.topology import Topology
 from lina_sim.network import nccl, nccl_p2p
 from lina_sim.network.collectives import check_algo
 from lina_sim.network.fluid import _REL_TOL
-from lina_sim.network.serving_a2a_kernels import Plan, fluid_times, start_rates
+from lina_sim.network.serving_a2a_kernels import (
+    P2pTerms,
+    Plan,
+    flow_terms,
+    fluid_times,
+    inflate,
+    link_bounds,
+    start_rates,
+)
 
 
 @dataclass(frozen=True)
@@ -115,8 +126,7 @@ class _StepModel:
         self.latency = topology.latency_of_paths(paths)
         self.p2p = p2p
         self.kinds = nccl_p2p.kind_codes(topology, ranks[src], ranks[dst])
-        self.onehot = np.zeros((src.size, n))  # [flows, ranks]: 1 at each flow's source
-        self.onehot[np.arange(src.size), src] = 1.0
+        self.p2p_terms = None if p2p is None else self._p2p_terms(p2p)
         capacity = topology.links.capacity
         links = np.unique(paths[paths >= 0])
         col = {int(l): i for i, l in enumerate(links)}
@@ -169,6 +179,34 @@ class _StepModel:
         self.isolated = [
             (np.array([c.flows for c in comps]), np.array([c.cap.min() for c in comps])) for comps in by_size.values()
         ]
+
+    @staticmethod
+    def _p2p_terms(comm: nccl_p2p.P2pComm) -> P2pTerms:
+        """``comm``'s numbers as the kernels read them (:class:`P2pTerms`): latency terms
+        as :meth:`P2pComm.latency` forms them, channel parts as ``channels_for``, channel
+        bandwidths as ``channel_bw``."""
+        terms = np.zeros((2 * len(nccl_p2p.KIND_NAMES), 3))
+        for kind, row in nccl_p2p.HW_OF_KIND.items():
+            hw = nccl.HW_LAT_US[row]["ring"]
+            for ll in (True, False):
+                p = 0 if ll else 2
+                local = comm.intra_scale * (comm.simple_scale if p == 2 else 1.0)
+                hw_scale = comm.net_scale if kind == nccl_p2p.NIC else local
+                terms[kind * 2 + ll] = nccl.BASE_LAT_US["ring"][p] * local, hw[p], hw_scale
+        if comm.nodes > 1:
+            parts = (comm.chunk // 2, comm.chunk)
+        else:
+            parts = (comm.chunk // 8, comm.chunk * 32)
+        return P2pTerms(
+            np.array(parts, dtype=np.float64),
+            comm.per_peer,
+            comm.channels_min,
+            comm.channels,
+            terms,
+            nccl.NET_OVERHEAD_US["amd" if comm.amd_host else "intel"] * comm.net_scale,
+            comm.channel_bw(np.arange(len(nccl_p2p.KIND_NAMES))),
+            comm.ll_max_bw(),
+        )
 
     def _plan(self, n_flows: int) -> Plan:
         """The components as the kernels' flat arrays: aggregates and links numbered
@@ -223,19 +261,18 @@ class _StepModel:
         np.fill_diagonal(dominated, False)
         return ~dominated.any(axis=1)
 
-    def _flows(self, matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Per matrix of ``[I, n, n]``: each flow's bytes as sent (inflated), whether it is
-        active, its fair-share weight, and the step latency."""
-        nbytes = matrices[:, self.src, self.dst]  # [I, F]
+    def _flows(self, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per matrix, for its flows' payloads ``nbytes [I, F]`` (bytes): each flow's bytes
+        as sent (inflated), whether it is active, its fair-share weight, and the step
+        latency."""
         active = nbytes > 0
-        per_src = active @ self.onehot  # flows per source, per matrix (whole numbers: exact)
         # Collectives weight a flow by its share of the step's largest flow; its fair-share
         # weight is 1 / (flows its source has): both are per-matrix constants per flow.
-        weight = np.where(active, 1.0 / np.maximum(per_src[:, self.src], 1.0), 0.0)
-        if self.p2p is None:
-            lat = np.where(active, self.latency[None, :], 0.0).max(axis=1)
-        else:
-            lat, nbytes = self._p2p(nbytes, active, weight)
+        terms = flow_terms(nbytes, self.src, self.kinds, self.latency, self.n, self.p2p_terms)
+        weight, lat = terms[0], terms[1]
+        if self.p2p_terms is not None:
+            # Each flow's rate with every flow of its matrix running: weight x its aggregate's level.
+            nbytes = inflate(nbytes, terms, self.kinds, start_rates(weight, self.plan), self.p2p_terms)
         return nbytes, active, weight, lat
 
     def lower_bounds(self, matrices: np.ndarray) -> np.ndarray:
@@ -244,56 +281,24 @@ class _StepModel:
         capacity (no link carries more than its capacity), shaved by a relative 1e-9 for
         the network's saturation tolerance. On serving matrices it is within about 2%
         of the exact time, which lets a caller skip timing candidates that cannot win."""
-        I = matrices.shape[0]
-        nbytes, active, _, lat = self._flows(matrices)
+        nbytes, active, _, lat = self._flows(matrices[:, self.src, self.dst])
         fluid = self._isolated_fluid(nbytes)
-        for c in self.joint:
-            comp = self.components[c]
-            per_agg = np.zeros((comp.A.shape[0], I))
-            np.add.at(per_agg, comp.agg, nbytes[:, comp.flows].T)
-            fluid = np.maximum(fluid, ((comp.A.T @ per_agg) / comp.cap[:, None]).max(axis=0))
+        if self.joint.size:
+            fluid = np.maximum(fluid, link_bounds(nbytes, self.joint, self.plan))
         return np.where(active.any(axis=1), lat + fluid * (1.0 - 1e-9), 0.0)
 
     def times(self, matrices: np.ndarray) -> np.ndarray:
         """Duration (s) of this step for each send matrix ``[I, n, n]`` (bytes), as one
         :meth:`Collectives._matrix_step` on a fresh network: 0 when nothing crosses the
         network, else the step latency plus the fluid time of its last flow."""
-        I = matrices.shape[0]
-        if not (matrices[:, self.src, self.dst] > 0).any():
-            return np.zeros(I)
-        nbytes, active, weight, lat = self._flows(matrices)
+        sent = matrices[:, self.src, self.dst]  # [I, F]
+        if not (sent > 0).any():
+            return np.zeros(matrices.shape[0])
+        nbytes, active, weight, lat = self._flows(sent)
         fluid = self._isolated_fluid(nbytes)
         if self.joint.size:
             fluid = np.maximum(fluid, fluid_times(nbytes, weight, lat, self.joint, self.plan))
         return np.where(active.any(axis=1), lat + fluid, 0.0)
-
-    def _p2p(self, nbytes: np.ndarray, active: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """NCCL p2p latency per matrix and inflated bytes per flow, vectorised
-        :meth:`lina_sim.network.nccl_p2p.P2pComm.latency` / ``share`` / ``inflation``."""
-        comm, kinds = self.p2p, self.kinds
-        nch = np.where(active, comm.channels_for(nbytes), 0.0)  # [I, F]
-        onehot = self.onehot
-        slots = (nch @ onehot).max(axis=1)  # [I] most channel slots of a rank
-        share = np.minimum(float(nccl_p2p.P2P_PER_BATCH), np.maximum(1.0, slots / comm.channels))
-        ops = np.ceil(slots / comm.channels - 1e-9)
-        batches = np.maximum(1.0, np.ceil(ops / nccl_p2p.P2P_PER_BATCH))
-        ll = comm.is_ll(nbytes, nch, kinds[None, :]) & active
-        p = np.where(ll, 0, 2)
-        local = comm.intra_scale * np.where(p == 2, comm.simple_scale, 1.0)  # per flow, as P2pComm.latency
-        base = np.array(nccl.BASE_LAT_US["ring"])[p] * local
-        hw = np.zeros((4, 3))
-        for code, row in nccl_p2p.HW_OF_KIND.items():
-            hw[code] = nccl.HW_LAT_US[row]["ring"]
-        hw_scale = np.where((kinds == nccl_p2p.NIC)[None, :], comm.net_scale, local)
-        per_flow = base + batches[:, None] * hw[kinds[None, :], p] * hw_scale
-        remote = ((active & (kinds == nccl_p2p.NIC)[None, :]) @ onehot).max(axis=1)
-        overhead = nccl.NET_OVERHEAD_US["amd" if comm.amd_host else "intel"] * comm.net_scale
-        lat = (np.where(active, per_flow, 0.0).max(axis=1) + remote * overhead) * nccl_p2p.US
-        # Each flow's rate with every flow of its matrix running: weight x its aggregate's level.
-        rate0 = start_rates(weight, self.plan)
-        # P2pComm.inflation elementwise, with each matrix's share as a column.
-        infl = np.where(active, comm.inflation(nbytes, kinds[None, :], share[:, None], rate0), 1.0)
-        return lat, nbytes * infl
 
 
 class AllToAllTimer:
@@ -340,7 +345,9 @@ class AllToAllTimer:
                     _StepModel(self.topology, self.ranks, np.nonzero(same_node & off), p2p),
                     _StepModel(self.topology, self.ranks, np.nonzero(same_local & ~same_node), p2p),
                 )
-        self._cache: dict[bytes, float] = {}
+        # First in, first out: an OrderedDict pops its oldest in O(1), where a dict's
+        # next(iter()) scans the slots its earlier pops left empty.
+        self._cache: OrderedDict[bytes, float] = OrderedDict()
         self._cache_size = cache_size
         self.hits = 0
         self._pending: list[np.ndarray] = []
@@ -390,7 +397,7 @@ class AllToAllTimer:
             for (k, idx), v in zip(uniq.items(), t):
                 out[idx] = v
                 if len(self._cache) >= self._cache_size:
-                    self._cache.pop(next(iter(self._cache)))
+                    self._cache.popitem(last=False)
                 self._cache[k] = float(v)
         return out[0] if single else out[:asked]
 

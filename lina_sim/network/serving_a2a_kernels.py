@@ -18,6 +18,12 @@ change nothing), levels grow by the same rounds' steps, a saturated link's lefto
 becomes +inf, per-aggregate suffix weights are summed from the last flow back (``cumsum``
 of the reversed row), and equal flow ends keep flow order (a stable sort).
 
+Beside it, per matrix and flow by flow: the fair-share weights and NCCL's p2p terms
+(:func:`flow_terms`, :func:`inflate`, the operations of
+:class:`~lina_sim.network.nccl_p2p.P2pComm`'s vectorised methods, whose array passes
+cost as much as the event loop), and the busiest link's load of the lower bound
+(:func:`link_bounds`).
+
 The component structure is a :class:`Plan` of flat arrays (aggregates, links and flows
 of every component, numbered globally, component by component). Units: bytes, seconds,
 bytes/s.
@@ -30,6 +36,8 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
+from lina_sim.network import nccl_p2p
+
 # Stands in for the +inf step of a filling round in which nothing rises (as the numpy
 # formulation clamps it): it only ever multiplies zero weights.
 _SOLVED = 1e300
@@ -37,6 +45,12 @@ _SOLVED = 1e300
 # time (with a 1 ms floor on the time it is relative to), as FluidNetwork does.
 _END_REL = 1e-12
 _END_FLOOR_S = 1e-3
+# NCCL p2p's constants, as the kernels read them.
+_NIC = nccl_p2p.NIC
+_LL_THRESHOLD = float(nccl_p2p.P2P_LL_THRESHOLD)
+_PER_BATCH = float(nccl_p2p.P2P_PER_BATCH)
+_LL_EFFICIENCY = nccl_p2p.LL_EFFICIENCY
+_US = nccl_p2p.US
 # Matrices advanced in lockstep (at most): enough for a few AVX-512 vectors per step;
 # more lanes wait longer for their slowest one in each filling.
 _LANES = 32
@@ -65,8 +79,15 @@ class Plan(NamedTuple):
 
 
 def _lanes(per_matrix: np.ndarray) -> int:
-    """Lanes for a stack: ``_LANES``, or one per matrix when there are fewer."""
-    return max(1, min(_LANES, per_matrix.shape[0]))
+    """Lanes for a stack of ``I`` matrices: as few as still take them in as many turns as
+    ``_LANES`` lanes would (``ceil(I / _LANES)``), rounded up to whole SIMD vectors of
+    four, since a step costs in proportion to its lanes and a turn's last matrices would
+    otherwise run with most lanes idle."""
+    n = per_matrix.shape[0]
+    if n <= 4:
+        return max(1, n)
+    turns = -(-n // _LANES)
+    return min(_LANES, 4 * -(-n // (4 * turns)))
 
 
 def start_rates(weight: np.ndarray, plan: Plan) -> np.ndarray:
@@ -75,7 +96,8 @@ def start_rates(weight: np.ndarray, plan: Plan) -> np.ndarray:
     weight = np.ascontiguousarray(weight, dtype=np.float64)
     rates = np.zeros(weight.shape)
     comps = np.arange(plan.kofs.size - 1, dtype=np.int64)
-    _solve(weight, weight, np.zeros(weight.shape[0]), comps, plan, rates, True, _lanes(weight))
+    order = np.arange(weight.shape[0], dtype=np.int64)
+    _solve(weight, weight, np.zeros(weight.shape[0]), comps, plan, rates, True, _lanes(weight), order)
     return rates
 
 
@@ -86,18 +108,174 @@ def fluid_times(nbytes: np.ndarray, weight: np.ndarray, t0: np.ndarray, comps: n
     nbytes = np.ascontiguousarray(nbytes, dtype=np.float64)
     weight = np.ascontiguousarray(weight, dtype=np.float64)
     t0 = np.ascontiguousarray(t0, dtype=np.float64)
-    return _solve(nbytes, weight, t0, comps.astype(np.int64), plan, np.zeros((0, 0)), False, _lanes(nbytes))
+    # Matrices with the most flows (the most events) first: lanes that take the short
+    # ones last finish nearly together, instead of idling while one long one runs.
+    order = np.argsort(-(nbytes > 0.0).sum(axis=1), kind="stable").astype(np.int64)
+    return _solve(nbytes, weight, t0, comps.astype(np.int64), plan, np.zeros((0, 0)), False, _lanes(nbytes), order)
+
+
+class P2pTerms(NamedTuple):
+    """What :func:`flow_terms` reads of NCCL's p2p model
+    (:class:`~lina_sim.network.nccl_p2p.P2pComm`), as numbers: ``parts`` (bytes) the
+    least and most bytes per channel of :meth:`channels_for`, ``per_peer`` and
+    ``channels_min`` its channel counts, ``channels`` ``p2pnChannels``, ``lat`` ``[link
+    class * 2 + LL, 3]`` a flow's base latency (us), hardware latency per work batch (us)
+    and its scale, ``overhead`` (us) per network peer, ``bw`` ``[link class]`` bytes/s a
+    channel moves, ``ll_max`` (bytes/s) LL's cap."""
+
+    parts: np.ndarray
+    per_peer: int
+    channels_min: int
+    channels: int
+    lat: np.ndarray
+    overhead: float
+    bw: np.ndarray
+    ll_max: float
+
+
+def flow_terms(
+    sent: np.ndarray, src: np.ndarray, kinds: np.ndarray, latency: np.ndarray, n: int, p2p: P2pTerms | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per matrix, for its flows' payloads ``sent [I, F]`` (bytes) from ranks ``src [F]``
+    of ``n``: each flow's fair-share weight (1 / flows its source sends, 0 when it sends
+    nothing) and the step latency (s): NCCL p2p's (``p2p``; flows of link class ``kinds``)
+    or else the largest path ``latency [F]`` (s) of a flow sent; with ``p2p`` also each
+    flow's channels, its matrix's ``share`` and whether it uses LL, which
+    :func:`inflate` reads. The vectorised :meth:`P2pComm.channels_for` / ``share`` /
+    ``latency`` / ``is_ll``, flow by flow with the same operations."""
+    sent = np.ascontiguousarray(sent, dtype=np.float64)
+    on = p2p is not None
+    # Without p2p: numbers of the same types, never read (one compiled specialisation).
+    t = p2p or P2pTerms(np.ones(2), 1, 1, 1, np.zeros((1, 3)), 0.0, np.ones(1), 1.0)
+    return _flow_terms(
+        sent,
+        src.astype(np.int64),
+        kinds.astype(np.int64),
+        latency.astype(np.float64),
+        n,
+        on,
+        t.parts,
+        t.per_peer,
+        t.channels_min,
+        t.channels,
+        t.lat,
+        t.overhead,
+    )
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _solve(nbytes, weight, t0, comps, plan, rates, start, lanes):  # pragma: no cover - compiled
+def _flow_terms(
+    sent, src, kinds, latency, n, p2p, parts, per_peer, nch_min, channels, lat_terms, overhead
+):  # pragma: no cover - compiled
+    """:func:`flow_terms`, matrix by matrix."""
+    I, F = sent.shape
+    weight, nch, ll = np.zeros((I, F)), np.ones((I, F)), np.zeros((I, F), dtype=np.bool_)
+    share, lat = np.ones(I), np.zeros(I)
+    per_src, slots, remote = np.zeros(n), np.zeros(n), np.zeros(n)
+    min_part, max_part = parts[0], parts[1]
+    for i in range(I):
+        per_src[:], slots[:], remote[:] = 0.0, 0.0, 0.0
+        for f in range(F):
+            if sent[i, f] > 0.0:
+                per_src[src[f]] += 1.0
+        big = 0.0
+        for f in range(F):
+            b = sent[i, f]
+            if b <= 0.0:
+                continue  # not sent: weight 0, one channel (channels_for(0)), never read
+            weight[i, f] = 1.0 / max(per_src[src[f]], 1.0)
+            if not p2p:
+                big = max(big, latency[f])
+                continue
+            # P2pComm.channels_for (enqueue.cc addP2pToPlan)
+            c = min(float(nch_min), max(1.0, np.ceil(b / min_part)))
+            part = max(min_part, np.ceil(b / c))
+            while part > max_part and c <= per_peer // 2:
+                c = c * 2
+                part = np.ceil(b / c)
+            nch[i, f] = c
+            slots[src[f]] += c
+            ll[i, f] = kinds[f] != _NIC and b <= c * _LL_THRESHOLD
+            if kinds[f] == _NIC:
+                remote[src[f]] += 1.0
+        if not p2p:
+            lat[i] = big
+            continue
+        most = slots.max()
+        share[i] = min(_PER_BATCH, max(1.0, most / channels))
+        ops = np.ceil(most / channels - 1e-9)
+        batches = max(1.0, np.ceil(ops / _PER_BATCH))
+        for f in range(F):
+            if sent[i, f] > 0.0:
+                row = kinds[f] * 2 + (1 if ll[i, f] else 0)
+                base, hw, scale = lat_terms[row, 0], lat_terms[row, 1], lat_terms[row, 2]
+                big = max(big, base + batches * hw * scale)
+        lat[i] = (big + remote.max() * overhead) * _US
+    return weight, lat, nch, share, ll
+
+
+def inflate(sent: np.ndarray, terms: tuple, kinds: np.ndarray, rate0: np.ndarray, p2p: P2pTerms) -> np.ndarray:
+    """``[I, F]`` bytes on the wire of flows carrying ``sent`` (bytes), given
+    :func:`flow_terms`' ``terms`` and each flow's rate ``rate0`` (bytes/s) with all of its
+    matrix's flows running: :meth:`P2pComm.inflation` flow by flow, the same operations."""
+    _, _, nch, share, ll = terms
+    return _inflate(sent, nch, share, ll, kinds.astype(np.int64), rate0, p2p.bw, p2p.ll_max)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _inflate(sent, nch, share, ll, kinds, rate0, bw, ll_max):  # pragma: no cover - compiled
+    """:func:`inflate`: ``max(1 / eta, rate0 / cap)`` times the bytes of each flow sent."""
+    out = sent.copy()
+    for i in range(sent.shape[0]):
+        for f in range(sent.shape[1]):
+            if sent[i, f] > 0.0:
+                cap = nch[i, f] * bw[kinds[f]] / share[i]
+                eta = 1.0
+                if ll[i, f]:
+                    cap, eta = min(cap, ll_max) * _LL_EFFICIENCY, _LL_EFFICIENCY
+                out[i, f] = sent[i, f] * max(1.0 / eta, rate0[i, f] / cap)
+    return out
+
+
+def link_bounds(nbytes: np.ndarray, comps: np.ndarray, plan: Plan) -> np.ndarray:
+    """``[I]`` s: per matrix, the largest over the links of components ``comps`` of the
+    bytes ``nbytes [I, flows]`` crossing the link over its capacity (what the link needs
+    at least). Bytes are summed per aggregate in flow order, then per link in aggregate
+    order, as ``np.add.at`` and the incidence product gave them."""
+    nbytes = np.ascontiguousarray(nbytes, dtype=np.float64)
+    return _link_bounds(nbytes, comps.astype(np.int64), plan)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _link_bounds(nbytes, comps, plan):  # pragma: no cover - compiled
+    """:func:`link_bounds`, matrix by matrix."""
+    fptr, flows, lptr, members, cap = plan.agg_flows_ptr, plan.agg_flows, plan.link_aggs_ptr, plan.link_aggs, plan.cap
+    out = np.zeros(nbytes.shape[0])
+    per_agg = np.zeros(plan.kofs[-1])
+    for i in range(nbytes.shape[0]):
+        for c in comps:
+            for k in range(plan.kofs[c], plan.kofs[c + 1]):
+                a = 0.0
+                for j in range(fptr[k], fptr[k + 1]):
+                    a += nbytes[i, flows[j]]
+                per_agg[k] = a
+            for l in range(plan.lofs[c], plan.lofs[c + 1]):
+                b = 0.0
+                for j in range(lptr[l], lptr[l + 1]):
+                    b += per_agg[members[j]]
+                out[i] = max(out[i], b / cap[l])
+    return out
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _solve(nbytes, weight, t0, comps, plan, rates, start, lanes, order):  # pragma: no cover - compiled
     """The event loop of :func:`fluid_times` or, with ``start``, its first filling only,
     giving :func:`start_rates` (``rates`` is written; ``nbytes`` and ``t0`` are unused).
 
     Matrices run in ``lanes`` lanes in lockstep, one component at a time, as the numpy
     formulation runs its columns: every array is ``[aggregates or links, lanes]`` and
     each step is a branch-free loop over the lanes, which the compiler vectorises. A lane
-    whose matrix has ended takes the next one, so lanes idle only at the end.
+    whose matrix has ended takes the next one (in ``order``), so lanes idle only at the end.
     (``error_model="numpy"``: ``x / 0`` is ``inf``, as in the numpy formulation; a
     division check would also stop the vectorisation.)
 
@@ -137,17 +315,26 @@ def _solve(nbytes, weight, t0, comps, plan, rates, start, lanes):  # pragma: no 
     out = np.zeros(I)
     for c in comps:
         k0, k1, l0, l1 = plan.kofs[c], plan.kofs[c + 1], plan.lofs[c], plan.lofs[c + 1]
+        if start and k1 - k0 == 1 and l1 - l0 == 1:
+            # One aggregate on one link (an isolated component): its filling needs no
+            # lanes, and most components are such.
+            _fill_alone(weight, fptr[k0], fptr[k0 + 1], flows, cap[l0], floor[l0], rates)
+            continue
         todo = 0
+        live[:] = 0.0
         while True:
-            # Each lane gets a matrix with flows still running, or idles with W = 0.
+            # Each lane whose matrix has ended gets one with flows still running, or idles
+            # with W = 0; the others carry on (their W and ends kept up by each event).
             n_live = 0
             for x in range(X):
-                live[x] = 0.0
+                if live[x] > 0.0:
+                    n_live += 1
+                    continue
                 while True:
                     if job[x] < 0:
                         if todo == I:
                             break
-                        i = todo
+                        i = order[todo]
                         todo += 1
                         job[x], t[x], t0l[x] = i, 0.0, t0[i]
                         for k in range(k0, k1):
@@ -243,7 +430,7 @@ def _solve(nbytes, weight, t0, comps, plan, rates, start, lanes):  # pragma: no 
                         for k in range(k0, k1):
                             for j in range(fptr[k], fptr[k + 1]):
                                 rates[i, flows[j]] = weight[i, flows[j]] * level[k, x]
-                        job[x] = -1
+                        job[x], live[x] = -1, 0.0
                 continue
             # The next event: the earliest end, in every lane at once.
             for x in range(X):
@@ -264,6 +451,37 @@ def _solve(nbytes, weight, t0, comps, plan, rates, start, lanes):  # pragma: no 
                     # Ends are sorted and the threshold only grows: step past every end
                     # at or below it.
                     thr = prog[k, x] + level[k, x] * tol[x]
-                    while u[x, k, ptr[k, x]] <= thr:
-                        ptr[k, x] += 1
+                    p = ptr[k, x]
+                    while u[x, k, p] <= thr:
+                        p += 1
+                    if p != ptr[k, x]:
+                        ptr[k, x], W[k, x], nxt[k, x] = p, wsuf[x, k, p], u[x, k, p]
+            for x in range(X):
+                live[x] = 0.0
+            for k in range(k0, k1):
+                for x in range(X):
+                    live[x] = 1.0 if W[k, x] > 0.0 and job[x] >= 0 else live[x]
     return out
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fill_alone(weight, f0, f1, flows, cap, floor, rates):  # pragma: no cover - compiled
+    """:func:`_solve`'s first filling for a component of one aggregate (flows
+    ``flows[f0:f1]``) on one link of ``cap`` bytes/s, matrix by matrix: the same rounds
+    with the same operations, each a scalar."""
+    for i in range(weight.shape[0]):
+        a = 0.0
+        for j in range(f0, f1):
+            a += weight[i, flows[j]]
+        level, left = 0.0, cap
+        if a > 0.0:
+            while True:
+                delta = left / a
+                delta = delta if delta < _SOLVED else _SOLVED
+                level += delta
+                v = left - a * delta
+                if v <= floor:
+                    break
+                left = v
+        for j in range(f0, f1):
+            rates[i, flows[j]] = weight[i, flows[j]] * level

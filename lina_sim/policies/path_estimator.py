@@ -22,7 +22,7 @@ def top_experts(counts: np.ndarray, n: int) -> frozenset[int]:
     deterministic even when counts tie.
     """
     order = np.argsort(-np.asarray(counts, dtype=float), kind="stable")
-    return frozenset(int(e) for e in order[:n])
+    return frozenset(order[:n].tolist())
 
 
 # A dense path -> row index per (layer, length) when it has at most this many entries

@@ -57,7 +57,7 @@ from lina_sim.hardware.compute import RooflineComputeModel
 from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.network.serving_a2a import AllToAllTimer
 from lina_sim.policies.placement import Placement
-from lina_sim.policies.placement.layout import assign_many, send_matrices
+from lina_sim.policies.placement.layout import assign_many, assign_shares, send_matrices
 from lina_sim.workload.model import ModelSpec
 
 # How a device runs its experts' FFN (module docstring).
@@ -285,16 +285,35 @@ class ServingCharge:
         self._nic_bw = cluster.nic.effective_bandwidth * cluster.nics_per_node
         self._nvl_bw = cluster.nvlink.effective_bandwidth
 
-    def _after_dispatch(self, layer: int, placements: Sequence[Placement], cbs: np.ndarray, dispatch: np.ndarray):
-        """``[candidates, devices]`` s from the dispatch's end to each device's FFN end:
-        ``wait_d + ffn_d`` (class docstring), for dispatch times ``[candidates]``."""
-        counts = np.asarray(cbs).sum(axis=0)
-        ffn = self.cost.expert_ffn(assign_many(placements, counts))  # [C, N]
+    def _after_parts(
+        self, items: Sequence[tuple[int, Sequence[Placement], np.ndarray]]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """What a layer's charge adds after its dispatch, for every candidate of
+        ``items`` (item after item): ``ffn [C, devices]`` s of expert FFN (processor
+        sharing applied on a shared host) and ``late [C, devices]``, the PCIe time of the
+        candidate's missing experts less the window (``None`` without ``missing``). A
+        candidate's ``wait_d + ffn_d`` (class docstring) is then ``ffn + max(late -
+        dispatch, 0)``: the all-to-alls enter only there (:func:`_charged`)."""
+        sizes = [len(p) for _, p, _ in items]
+        ps = [p for _, pl, _ in items for p in pl]
+        counts = np.concatenate(
+            [
+                np.broadcast_to(np.asarray(cbs).sum(axis=0), (k, np.shape(cbs)[1]))
+                for (_, _, cbs), k in zip(items, sizes)
+            ]
+        )
+        ffn = self.cost.expert_ffn(assign_many(ps, counts))  # [C, N]
         if self.on_host is not None:
             ffn = np.stack([self.on_host(f) for f in ffn])
         if self.missing is None:
-            return ffn
-        return ffn + np.maximum(self._swap_times(layer, placements) - self._window(layer) - dispatch[:, None], 0.0)
+            return ffn, None
+        if self.missing_many is None:
+            late = [self._swap_times(layer, pl) - self._window(layer) for layer, pl, _ in items]
+            return ffn, np.concatenate(late)
+        which = np.repeat(np.arange(len(items)), sizes)
+        layers = np.array([layer for layer, _, _ in items], dtype=np.int64)[which]
+        w = np.array([self._window(layer) for layer, _, _ in items])[which]
+        return ffn, self.cost.swap_time(self.missing_many(layers, ps)) - w[:, None]
 
     def _swap_times(self, layer: int, placements: Sequence[Placement]) -> np.ndarray:
         """``[candidates, devices]`` s of PCIe loads each candidate needs (``missing``)."""
@@ -316,33 +335,41 @@ class ServingCharge:
         ps = [p for _, pl, _ in items for p in pl]
         if not ps:
             return [self._sends(p, c) for _, p, c in items]
-        cbs = np.concatenate(
-            [np.broadcast_to(np.asarray(c, dtype=np.int64), (k, *np.shape(c))) for (_, _, c), k in zip(items, sizes)]
-        )
-        sends = send_matrices(ps, cbs).astype(np.float64) * self.cost.token_bytes
+        cbs = np.stack([np.asarray(c, dtype=np.int64) for _, _, c in items])
+        which = np.repeat(np.arange(len(items)), sizes)  # each candidate's item
+        sends = send_matrices(ps, cbs, which).astype(np.float64) * self.cost.token_bytes
         return np.split(sends, np.cumsum(sizes)[:-1])
 
-    def _quick_a2a(self, placements: Sequence[Placement], counts_by_source: np.ndarray) -> np.ndarray:
+    def _quick_a2a(
+        self,
+        placements: Sequence[Placement],
+        counts_by_source: np.ndarray,
+        item_of: np.ndarray | None = None,
+        share: np.ndarray | None = None,
+    ) -> np.ndarray:
         """``[C]`` s: the bound in the class docstring for each candidate's dispatch. Its
         combine, the transposed matrix, has the same bound (the larger of each GPU's and
-        node's bytes out and in).
+        node's bytes out and in). ``counts_by_source`` is one ``[N, E]`` for all
+        candidates, or with ``item_of`` (``[C]``) a stack ``[items, N, E]`` and the item
+        of each candidate; ``share`` the candidates' share matrices if already stacked.
 
         Read off how :meth:`Placement.send_matrix` is built, without building it: per
-        expert, each device's tokens beyond its own replica's quota and each replica's
-        quota left are laid out as consecutive intervals in device order and matched by
-        overlap. A device's tokens to its own node are then the overlap of its interval
-        with that node's (contiguous) quota range, and likewise inbound. Whole tokens, so
-        the sums, and the bound, are what the matrix gives to the bit."""
+        expert, each device's tokens beyond its own replica's quota (:meth:`Placement.
+        assign`) and each replica's quota left are laid out as consecutive intervals in
+        device order and matched by overlap. A device's tokens to its own node are then
+        the overlap of its interval with that node's (contiguous) quota range, and
+        likewise inbound. Whole tokens, so the sums, and the bound, are what the matrix
+        gives to the bit."""
         cbs = np.asarray(counts_by_source, dtype=np.int64)
-        if cbs.ndim == 3:  # one [N, E] per candidate
-            quota = assign_many(placements, cbs.sum(axis=1))
-            src = cbs.transpose(0, 2, 1)
-        else:
-            quota = assign_many(placements, cbs.sum(axis=0))  # [C, E, N]
-            src = cbs.T[None]
+        if item_of is None:
+            cbs, item_of = cbs[None], np.zeros(len(placements), dtype=np.int64)
+        if share is None:
+            share = np.stack([p.share_matrix for p in placements])  # [C, E, N]
+        quota = assign_shares(share, cbs.sum(axis=1)[item_of])  # what assign gives each candidate
         nic, nvl = self.cluster.nic.latency, self.cluster.nvlink.latency
         return _quick_a2a_kernel(
-            np.ascontiguousarray(src),
+            np.ascontiguousarray(cbs.transpose(0, 2, 1)),
+            item_of,
             quota,
             self._first,
             self._last,
@@ -358,7 +385,7 @@ class ServingCharge:
         cbs = np.asarray(counts_by_source, dtype=np.float64)
         share = np.stack([p.share_matrix for p in placements])  # [C, E, N]
         quota = cbs.sum(axis=0)[None, :, None] * share  # fractional tokens per replica
-        d = self._quick_a2a(placements, counts_by_source)
+        d = self._quick_a2a(placements, counts_by_source, share=share)
         c = d  # the combine's bound is the dispatch's (see _quick_a2a)
         ffn = self.cost.expert_ffn(quota)
         if self.on_host is not None:
@@ -382,20 +409,19 @@ class ServingCharge:
         ps = [p for _, pl, _ in items for p in pl]
         if not ps:
             return [np.zeros(0) for _ in items]
-        cbs = np.concatenate([np.broadcast_to(c.astype(np.int64), (k, *c.shape)) for (_, _, c), k in zip(items, sizes)])
+        which = np.repeat(np.arange(len(items)), sizes)  # each candidate's item
+        cbs = np.stack([c.astype(np.int64) for _, _, c in items])  # [items, N, E]
         # Per candidate its item's per-expert totals, as quick sums them (whole numbers: exact).
-        counts = np.concatenate(
-            [np.broadcast_to(c.astype(np.float64).sum(axis=0), (k, c.shape[1])) for (_, _, c), k in zip(items, sizes)]
-        )
+        counts = np.stack([c.astype(np.float64).sum(axis=0) for _, _, c in items])[which]
         share = np.stack([p.share_matrix for p in ps])  # [C, E, N]
         quota = counts[:, :, None] * share
-        d = self._quick_a2a(ps, cbs)
+        d = self._quick_a2a(ps, cbs, which, share)
         ffn = self.cost.expert_ffn(quota)
         if self.on_host is not None:
             ffn = np.stack([self.on_host(f) for f in ffn])
         if self.missing is not None:
-            layers = np.repeat(np.array([layer for layer, _, _ in items], dtype=np.int64), sizes)
-            w = np.array([self._window(layer) for layer, _, _ in items])[np.repeat(np.arange(len(items)), sizes)]
+            layers = np.array([layer for layer, _, _ in items], dtype=np.int64)[which]
+            w = np.array([self._window(layer) for layer, _, _ in items])[which]
             swap = self.cost.swap_time(self.missing_many(layers, ps))
             ffn = ffn + np.maximum(swap - w[:, None] - d[:, None], 0.0)
         total = d + ffn.max(axis=1) + d
@@ -403,48 +429,28 @@ class ServingCharge:
 
     def exact(self, items: Sequence[tuple[int, Sequence[Placement], np.ndarray]]) -> list[np.ndarray]:
         sends = self._sends_many(items) if items else []
-        if not sends:
-            return []
-        return self._totals(items, self.timer.times(_both_ways(sends)))
+        if not sends or not any(len(p) for _, p, _ in items):
+            return [np.zeros(0) for _ in items]
+        return self._totals(items, sends, self.timer.times, *self._after_parts(items))
 
+    @staticmethod
     def _totals(
-        self, items: Sequence[tuple[int, Sequence[Placement], np.ndarray]], a2a: np.ndarray
+        items: Sequence[tuple[int, Sequence[Placement], np.ndarray]],
+        sends: Sequence[np.ndarray],
+        timed: Callable[[np.ndarray], np.ndarray],
+        ffn: np.ndarray,
+        late: np.ndarray | None,
     ) -> list[np.ndarray]:
-        """Per item ``[candidates]`` s from all-to-all times laid out as
-        :func:`_both_ways` stacks them (each item's dispatches, then its combines)."""
-        if self.missing is not None and self.missing_many is None:
-            out, at = [], 0
-            for layer, placements, cbs in items:
-                k = len(placements)
-                d, c = a2a[at : at + k], a2a[at + k : at + 2 * k]
-                at += 2 * k
-                out.append(d + self._after_dispatch(layer, placements, cbs, d).max(axis=1) + c)
-            return out
-        # Every item's candidates in one pass (each term is per candidate: the same bits).
+        """Per item ``[candidates]`` s with its all-to-alls ``sends`` (``[candidates, N,
+        N]`` bytes each) timed by ``timed`` (stacked as :func:`_both_ways` does) and the
+        rest from :meth:`_after_parts` (``ffn`` and ``late``, rows of these candidates)."""
         sizes = [len(p) for _, p, _ in items]
         ends = np.cumsum(sizes)
+        a2a = timed(_both_ways(sends))
         first = 2 * (ends - sizes)  # where each item's dispatches start in a2a
         d = np.concatenate([a2a[f : f + k] for f, k in zip(first, sizes)])
         c = np.concatenate([a2a[f + k : f + 2 * k] for f, k in zip(first, sizes)])
-        ps = [p for _, pl, _ in items for p in pl]
-        if not ps:
-            return [np.zeros(0) for _ in items]
-        counts = np.concatenate(
-            [
-                np.broadcast_to(np.asarray(cbs).sum(axis=0), (k, np.shape(cbs)[1]))
-                for (_, _, cbs), k in zip(items, sizes)
-            ]
-        )
-        ffn = self.cost.expert_ffn(assign_many(ps, counts))  # [C, N]
-        if self.on_host is not None:
-            ffn = np.stack([self.on_host(f) for f in ffn])
-        if self.missing is not None:
-            which = np.repeat(np.arange(len(items)), sizes)
-            layers = np.array([layer for layer, _, _ in items], dtype=np.int64)[which]
-            w = np.array([self._window(layer) for layer, _, _ in items])[which]
-            swap = self.cost.swap_time(self.missing_many(layers, ps))
-            ffn = ffn + np.maximum(swap - w[:, None] - d[:, None], 0.0)
-        return np.split(d + ffn.max(axis=1) + c, ends[:-1])
+        return np.split(_charged(d, c, ffn, late), ends[:-1])
 
     def cheapest(self, items: Sequence[tuple[int, Sequence[Placement], np.ndarray]]) -> list[int]:
         """What ``argmin`` of :meth:`exact` gives, timing far fewer all-to-alls.
@@ -456,21 +462,31 @@ class ServingCharge:
         that exact charge; the rest are dearer and never timed. The pick, the first
         cheapest of those timed, is therefore exactly :meth:`exact`'s argmin. The bound
         is within about 2% of the time and usually equal to it, so near-ties aside one
-        candidate per item is timed instead of all of them.
+        candidate per item is timed instead of all of them. The send matrices and the
+        terms after the dispatch are computed once for the bounds and the exact times.
         """
-        sends = self._sends_many(items) if items else []
-        if not sends:
+        if not items:
             return []
-        bound = self._totals(items, self.timer.lower_bounds(_both_ways(sends)))
+        sends = self._sends_many(items)
+        ffn, late = self._after_parts(items)
+        at = np.concatenate(([0], np.cumsum([len(p) for _, p, _ in items])))  # each item's first row
+
+        def subset(picks: list[list[int]]) -> list[np.ndarray]:
+            """The exact charges of the candidates ``picks[i]`` of each item ``i`` that has any."""
+            keep = [i for i, js in enumerate(picks) if js]
+            rows = np.array([at[i] + j for i in keep for j in picks[i]], dtype=np.int64)
+            sub = [(items[i][0], [items[i][1][j] for j in picks[i]], items[i][2]) for i in keep]
+            sub_late = None if late is None else late[rows]
+            return self._totals(sub, [sends[i][picks[i]] for i in keep], self.timer.times, ffn[rows], sub_late)
+
+        bound = self._totals(items, sends, self.timer.lower_bounds, ffn, late)
         first = [int(np.argmin(b)) for b in bound]
-        one = [(layer, [p[i]], c) for (layer, p, c), i in zip(items, first)]
-        best = self.exact(one)
+        best = subset([[i] for i in first])
         # Slack for the rounding of a charge computed from different inputs.
         todo = [
             [j for j in range(len(b)) if j != i and b[j] <= t[0] * (1 + 1e-12)] for b, i, t in zip(bound, first, best)
         ]
-        rest = [(layer, [p[j] for j in js], c) for (layer, p, c), js in zip(items, todo) if js]
-        more = iter(self.exact(rest))
+        more = iter(subset(todo) if any(todo) else [])
         out = []
         for i, js, t in zip(first, todo, best):
             if not js:
@@ -481,9 +497,18 @@ class ServingCharge:
         return out
 
 
+def _charged(d: np.ndarray, c: np.ndarray, ffn: np.ndarray, late: np.ndarray | None) -> np.ndarray:
+    """``[C]`` s: each candidate's charge from its dispatch ``d`` and combine ``c``
+    (``[C]``) and :meth:`ServingCharge._after_parts` (``ffn``, ``late``, ``[C, N]``)."""
+    if late is not None:
+        ffn = ffn + np.maximum(late - d[:, None], 0.0)
+    return d + ffn.max(axis=1) + c
+
+
 @numba.njit(cache=True)
 def _quick_a2a_kernel(
     src: np.ndarray,
+    item_of: np.ndarray,
     quota: np.ndarray,
     first: np.ndarray,
     last: np.ndarray,
@@ -494,9 +519,9 @@ def _quick_a2a_kernel(
     nic_latency: float,
     nvl_latency: float,
 ) -> np.ndarray:  # pragma: no cover - compiled
-    """:meth:`ServingCharge._quick_a2a` per candidate: ``src [1 or C, E, N]`` each
-    device's tokens per expert (one for all candidates, or one each), ``quota [C, E, N]``
-    each replica's; ``first``/``last`` ``[N]`` the first and last device of each device's
+    """:meth:`ServingCharge._quick_a2a` per candidate: ``src [items, E, N]`` each
+    device's tokens per expert, ``item_of [C]`` which of them each candidate's batch is,
+    ``quota [C, E, N]`` each replica's; ``first``/``last`` ``[N]`` the first and last device of each device's
     node, ``node_start`` where each node's devices start. Whole tokens until the bytes
     (the same integers, then the same float operations as the array form)."""
     C, E, n = quota.shape
@@ -511,7 +536,7 @@ def _quick_a2a_kernel(
     taken = np.empty(n, dtype=np.int64)
     result = np.empty(C)
     for c in range(C):
-        s = src[c if src.shape[0] > 1 else 0]
+        s = src[item_of[c]]
         intra_out[:] = 0
         intra_in[:] = 0
         sent[:] = 0

@@ -100,9 +100,9 @@ class ExpertCache:
     def missing_many(self, layer: int | np.ndarray, placements: list[Placement]) -> np.ndarray:
         """``int64 [placements, devices]``: :meth:`missing` of each, in one array call;
         ``layer`` is one layer for all, or ``[placements]`` one each."""
-        need = np.stack([p.share_matrix for p in placements]) > 0  # [C, E, N]
-        absent = self._stamp[layer] < 0  # [E, N], or [C, E, N]
-        return (need & (absent if absent.ndim == 3 else absent[None])).sum(axis=1)
+        share = np.stack([p.share_matrix for p in placements])  # [C, E, N]
+        layers = np.broadcast_to(np.asarray(layer, dtype=np.int64), (len(placements),))
+        return _missing_kernel(self._stamp, np.ascontiguousarray(layers), share)
 
     def load(self, layer: int, placement: Placement) -> np.ndarray:
         """Make ``placement``'s experts resident; returns ``int64 [devices]`` experts
@@ -116,6 +116,21 @@ class ExpertCache:
         out = _load_stamps(self._stamp[layer], placement.share_matrix > 0, self._clock, self.slots)
         self._clock += 1
         return out
+
+
+@numba.njit(cache=True)
+def _missing_kernel(stamp: np.ndarray, layers: np.ndarray, share: np.ndarray) -> np.ndarray:  # pragma: no cover
+    """:meth:`ExpertCache.missing_many`: per candidate ``c`` (share matrix ``share[c]``,
+    layer ``layers[c]``) and device, the experts it holds that ``stamp`` says are absent."""
+    C, E, n = share.shape
+    out = np.zeros((C, n), dtype=np.int64)
+    for c in range(C):
+        st = stamp[layers[c]]
+        for e in range(E):
+            for d in range(n):
+                if share[c, e, d] > 0 and st[e, d] < 0:
+                    out[c, d] += 1
+    return out
 
 
 @numba.njit(cache=True)
@@ -147,9 +162,27 @@ def _load_stamps(stamp: np.ndarray, need: np.ndarray, clock: int, slots: int) ->
     return out
 
 
+@numba.njit(cache=True)
+def _gate_counts(experts: np.ndarray, src: np.ndarray, n: int, e: int) -> np.ndarray:  # pragma: no cover
+    """``int64 [layers, n, e]``: how many of a batch's tokens on each device chose each
+    expert at each layer (:func:`~lina_sim.policies.placement.counts_by_source` of every
+    layer at once), from ``experts [tokens, layers, k]`` and each token's device ``src``."""
+    T, L, k = experts.shape
+    out = np.zeros((L, n, e), dtype=np.int64)
+    for t in range(T):
+        d = src[t]
+        for l in range(L):
+            for j in range(k):
+                out[l, d, experts[t, l, j]] += 1
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # One policy's server
 # ---------------------------------------------------------------------------------------
+_DENSE_MEMO_SIZE = 256  # distinct per-device token splits kept per server
+
+
 @dataclass
 class BatchPlan:
     """One batch, decided (placements, swaps, token loads) but not yet timed."""
@@ -245,6 +278,7 @@ class PolicyServer:
         self.timeline = Timeline()
         self.within_batch = self.policy.plans_within_batch
         self.wall = 0.0
+        self._dense_memo: dict[tuple[bytes, bytes], DenseTimes] = {}
 
     def _admit(self, times: list[float]) -> None:
         new = []
@@ -271,9 +305,7 @@ class PolicyServer:
         src = token_sources(T, N)
         tokens = np.bincount(src, minlength=N)
         keys = np.bincount(src, weights=sh.serve_seq_len[rows], minlength=N)
-        # counts_by_source for every layer at once: [L, N, E].
-        flat = ((np.arange(L)[None, :, None] * N + src[:, None, None]) * E + ex).ravel()
-        cbs_all = np.bincount(flat, minlength=L * N * E).reshape(L, N, E)
+        cbs_all = _gate_counts(ex, src, N, E)  # counts_by_source for every layer at once: [L, N, E]
         swap1 = np.zeros((L, N), dtype=np.int64)
         swap2 = np.zeros((L, N), dtype=np.int64)
         replanned = np.zeros(L, dtype=bool)
@@ -316,15 +348,26 @@ class PolicyServer:
         )
 
     def _dense_times(self, tokens: np.ndarray, keys: np.ndarray) -> DenseTimes:
-        """The batch's :class:`DenseTimes` for ``tokens`` and ``keys`` per device."""
-        cost = self.shared.cost
-        on_host = functools.partial(shared_finish_times, cores=self.host_cores)
-        return DenseTimes(
-            on_host(cost.embed(tokens)),
-            on_host(cost.dense_layer(tokens, keys, first=True)),
-            on_host(cost.dense_layer(tokens, keys, first=False)),
-            on_host(cost.head(tokens)),
-        )
+        """The batch's :class:`DenseTimes` for ``tokens`` and ``keys`` per device, kept
+        for repeats (full batches split their tokens alike: a few dozen distinct ones
+        in thousands of batches); its arrays are read-only."""
+        key = (tokens.tobytes(), np.asarray(keys, dtype=np.float64).tobytes())
+        hit = self._dense_memo.get(key)
+        if hit is None:
+            cost = self.shared.cost
+            on_host = functools.partial(shared_finish_times, cores=self.host_cores)
+            hit = DenseTimes(
+                on_host(cost.embed(tokens)),
+                on_host(cost.dense_layer(tokens, keys, first=True)),
+                on_host(cost.dense_layer(tokens, keys, first=False)),
+                on_host(cost.head(tokens)),
+            )
+            for a in (hit.embed, hit.first, hit.rest, hit.head):
+                a.setflags(write=False)
+            if len(self._dense_memo) >= _DENSE_MEMO_SIZE:
+                del self._dense_memo[next(iter(self._dense_memo))]
+            self._dense_memo[key] = hit
+        return hit
 
     def _swap_windows(self, dense: DenseTimes, L: int) -> np.ndarray:
         """``[layers]`` s a phase-1 swap of each layer has before that layer's gate ends

@@ -128,8 +128,9 @@ class FasterMoEShadow(PlacementPolicy):
         """FasterMoE's greedy for per-expert counts ``c`` (class docstring)."""
         chosen: frozenset[int] = frozenset()
         best = self.predicted_time(self.static_placement(), c, 0)
-        for e in sorted(range(self.num_experts), key=lambda x: (-c[x], x)):
-            if c[e] <= 0:
+        cl = c.tolist()  # plain floats: the same order, without a numpy scalar per look
+        for e in sorted(range(self.num_experts), key=lambda x: (-cl[x], x)):
+            if cl[e] <= 0:
                 break
             trial = chosen | {e}
             placement = self.with_shadows(trial)

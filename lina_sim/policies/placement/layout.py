@@ -255,12 +255,23 @@ def assign_many(placements: Sequence[Placement], counts: Sequence[int] | np.ndar
     return np.stack(_assigned(placements, counts))
 
 
-def send_matrices(placements: Sequence[Placement], counts_by_source: np.ndarray) -> np.ndarray:
+def assign_shares(share: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``int64 [C, experts, devices]``: :meth:`Placement.assign` of the placements whose
+    share matrices are stacked in ``share [C, experts, devices]``, for whole ``counts
+    [C, experts]``, one row each; computed, not kept (for callers that already hold the
+    stack and would not ask again)."""
+    return _assign_kernel(np.ascontiguousarray(share, dtype=np.float64), np.ascontiguousarray(counts, dtype=np.int64))
+
+
+def send_matrices(
+    placements: Sequence[Placement], counts_by_source: np.ndarray, item_of: np.ndarray | None = None
+) -> np.ndarray:
     """``int64 [placements, devices, devices]``: :meth:`Placement.send_matrix` of each
     of ``placements`` (same experts and devices) for ``counts_by_source`` (``[devices,
-    experts]``, the same for all, or ``[placements, devices, experts]``), computed
+    experts]``, the same for all, or ``[placements, devices, experts]``; with
+    ``item_of``, ``[items, devices, experts]`` and the item of each placement), computed
     together for those not already kept, and kept on each."""
-    return np.stack(_sent(placements, counts_by_source))
+    return np.stack(_sent(placements, counts_by_source, item_of))
 
 
 def _assigned(placements: Sequence[Placement], counts: Sequence[int] | np.ndarray) -> list[np.ndarray]:
@@ -330,20 +341,30 @@ def _assign_kernel(s: np.ndarray, c: np.ndarray) -> np.ndarray:  # pragma: no co
     return out
 
 
-def _sent(placements: Sequence[Placement], counts_by_source: np.ndarray) -> list[np.ndarray]:
+def _sent(
+    placements: Sequence[Placement], counts_by_source: np.ndarray, item_of: np.ndarray | None = None
+) -> list[np.ndarray]:
     cbs = np.asarray(counts_by_source, dtype=np.int64)
     n, e_count = placements[0].num_devices, placements[0].num_experts
     per = cbs.ndim == 3
-    if cbs.shape[-2:] != (n, e_count) or cbs.ndim not in (2, 3) or (per and cbs.shape[0] != len(placements)):
-        want = f"({len(placements)}, {n}, {e_count})" if per else f"({n}, {e_count})"
+    items = len(placements) if item_of is None else cbs.shape[0]
+    if item_of is None and per:
+        item_of = np.arange(len(placements))
+    bad_items = per and (cbs.shape[0] != items or len(item_of) != len(placements) or not (item_of < items).all())
+    if cbs.shape[-2:] != (n, e_count) or cbs.ndim not in (2, 3) or bad_items or (item_of is not None and not per):
+        want = f"({items}, {n}, {e_count})" if per else f"({n}, {e_count})"
         raise ValueError(f"counts_by_source has shape {cbs.shape}, expected {want}")
     if (cbs < 0).any():
         raise ValueError("counts_by_source must be >= 0")
-    keys = [("send", c.tobytes()) for c in cbs] if per else [("send", cbs.tobytes())] * len(placements)
+    if per:
+        item_keys = [("send", c.tobytes()) for c in cbs]  # once per item, not per placement
+        keys = [item_keys[i] for i in item_of.tolist()]
+    else:
+        keys = [("send", cbs.tobytes())] * len(placements)
     out = [p._memo.get(k) for p, k in zip(placements, keys)]
     todo = [i for i, hit in enumerate(out) if hit is None]
     if todo:
-        src = cbs[todo].transpose(0, 2, 1) if per else np.broadcast_to(cbs.T, (len(todo), e_count, n))
+        src = cbs[item_of[todo]].transpose(0, 2, 1) if per else np.broadcast_to(cbs.T, (len(todo), e_count, n))
         counts = src.sum(axis=2) if per else cbs.sum(axis=0)  # per placement, or shared
         quota = np.stack(_assigned([placements[i] for i in todo], counts))  # [C, E, N]
         for i, m in zip(todo, _send_kernel(np.ascontiguousarray(src), quota)):

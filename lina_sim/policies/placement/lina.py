@@ -13,7 +13,7 @@ from lina_sim.policies.path_estimator import PathEstimator, top_experts
 from lina_sim.policies.placement.base import PlacementPolicy, decide_layer
 from lina_sim.policies.placement.charge import spread_counts
 from lina_sim.policies.placement.layout import Placement
-from lina_sim.policies.placement.packing import lina_units, placement_from_groups
+from lina_sim.policies.placement.packing import lina_placement
 from lina_sim.policies.placement.search import improve, improve_many, remembered, remembered_many
 from lina_sim.policies.registry import PLACEMENT_POLICIES, make_placement_policy
 
@@ -35,8 +35,7 @@ class _BalancedPlanner(PlacementPolicy):
         w = self._counts(loads, "estimate")
         if not w.sum() > 0:
             return self.static_placement()
-        groups, _ = lina_units(w, self.num_devices, self.max_experts_per_device)
-        return self._checked(placement_from_groups(groups, self.num_experts, previous, origin))
+        return self._checked(lina_placement(w, self.num_devices, self.max_experts_per_device, previous, origin))
 
     def _remember(self, layer: int, placement: Placement) -> Placement:
         self._last[layer] = placement
