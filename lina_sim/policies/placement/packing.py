@@ -49,6 +49,19 @@ def first_fit_decreasing(
 
 
 @numba.njit(cache=True)
+def _flat_rows(rows: np.ndarray, size: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+    """The first ``n`` rows of ``rows``, each cut to its ``size``, back to back: (members,
+    offsets), row ``i`` being ``members[offsets[i]:offsets[i + 1]]``."""
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    for i in range(n):
+        offsets[i + 1] = offsets[i] + size[i]
+    members = np.empty(offsets[n], dtype=np.int64)
+    for i in range(n):
+        members[offsets[i] : offsets[i + 1]] = rows[i, : size[i]]
+    return members, offsets
+
+
+@numba.njit(cache=True)
 def _ffd_kernel(
     w: np.ndarray, capacity: float, max_items: int, items: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
@@ -74,13 +87,7 @@ def _ffd_kernel(
             size[B] = 1
             load[B] = w[e]
             B += 1
-    offsets = np.zeros(B + 1, dtype=np.int64)
-    for b in range(B):
-        offsets[b + 1] = offsets[b] + size[b]
-    members = np.empty(offsets[B], dtype=np.int64)
-    for b in range(B):
-        members[offsets[b] : offsets[b + 1]] = bins[b, : size[b]]
-    return members, offsets
+    return _flat_rows(bins, size, B)
 
 
 # ---------------------------------------------------------------------- Lina
@@ -318,12 +325,7 @@ def _lina_kernel(
         groups[G, 0] = e
         size[G] = 1
         G += 1
-    offsets = np.zeros(G + 1, dtype=np.int64)
-    for g in range(G):
-        offsets[g + 1] = offsets[g] + size[g]
-    members = np.empty(offsets[G], dtype=np.int64)
-    for g in range(G):
-        members[offsets[g] : offsets[g + 1]] = groups[g, : size[g]]
+    members, offsets = _flat_rows(groups, size, G)
     return members, offsets, r
 
 
