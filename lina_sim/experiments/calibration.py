@@ -17,7 +17,8 @@ links' own latencies are left at the preset's: only lina-sim's pre-NCCL models
 (``flat-ring``, ``flat``, ``hierarchical``) read them.
 
 The loss is the mean over tables of the mean squared log-error, log(predicted /
-measured)^2, over at most ``max_rows`` sizes per table (spread evenly in log size), so
+measured)^2, over at most ``max_rows`` sizes per table (evenly spaced rows in size order:
+a table's own size grid decides where they fall; Vidur's is piecewise linear), so
 that Vidur's thousand-row tables do not outweigh nccl-tests' ten-row ones. A stage's
 latency scale is fitted only when its tables hold at least :data:`MIN_IDENTIFYING_ROWS`
 sizes of at most :data:`LATENCY_BOUND_BYTES`; else it keeps the preset's. The minimiser
@@ -75,8 +76,8 @@ def check_calibration_algo(algo: str | None) -> None:
 
 
 def subsample(table: pd.DataFrame, max_rows: int) -> pd.DataFrame:
-    """At most ``max_rows`` rows of ``table``, spread evenly over its sizes in log size
-    order (sorted by size, evenly spaced indices; the smallest and largest are kept)."""
+    """At most ``max_rows`` rows of ``table``: sorted by size, evenly spaced indices (the
+    smallest and largest are kept), so they follow the table's own size grid."""
     t = table.sort_values("size_bytes", kind="stable").reset_index(drop=True)
     if len(t) <= max_rows:
         return t
