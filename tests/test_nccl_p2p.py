@@ -53,6 +53,17 @@ def test_channels_follow_nccls_p2p_scheduling():
     assert list(two.channels_for([32 << 10, 256 << 10, 64 << 20])) == [1, 2, 4]
 
 
+def test_the_chunk_follows_the_communicators_own_gpus():
+    pairs = load_preset("a100-pcie-nvlink-pairs")
+    # NCCL builds a communicator's topology from its own GPUs: a bridged pair is all
+    # NVLink (512 KiB chunks, so 64 MiB stays on 8 channels); the whole node, whose pairs
+    # meet over PCIe, is not (128 KiB).
+    pair = comm_of(pairs, 2)
+    assert pair.chunk == 1 << 19
+    assert list(pair.channels_for([1 << 20, 64 << 20])) == [8, 8]
+    assert comm_of(pairs, pairs.gpus_per_node).chunk == 1 << 17
+
+
 def test_protocol_switches_from_ll_to_simple_by_bytes_per_channel():
     one = comm_of(load_preset("dgx-h100"), 8)
     sizes = np.array([8 << 10, 16 << 10, (16 << 10) + 1, 1 << 20])

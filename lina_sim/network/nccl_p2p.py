@@ -45,8 +45,8 @@ Per call (``src/enqueue.cc``):
   nChannelsMax / 2``; ``minPart, maxPart`` = ``chunk/8, 32 chunk`` on one node and
   ``chunk/2, chunk`` across nodes, ``chunk`` = ``p2pChunkSize`` (``init.cc:
   computeBuffSizes``: ``NCCL_P2P_NET_CHUNKSIZE`` 128 KiB across nodes, ``
-  NCCL_P2P_NVL_CHUNKSIZE`` 512 KiB on an all-NVLink node, ``NCCL_P2P_PCI_CHUNKSIZE``
-  128 KiB otherwise).
+  NCCL_P2P_NVL_CHUNKSIZE`` 512 KiB when all the communicator's GPUs reach each other over
+  NVLink, ``NCCL_P2P_PCI_CHUNKSIZE`` 128 KiB otherwise).
 - Protocol: LL when the connection has LL buffers and ``b <= nCh x
   NCCL_P2P_LL_THRESHOLD`` (16384), else Simple; LL128 is never used for p2p. Network
   connections get LL buffers only with ``NCCL_ALLOC_P2P_NET_LL_BUFFERS=1`` (default 0,
@@ -201,7 +201,10 @@ class P2pComm:
         if nodes > 1:
             chunk = P2P_NET_CHUNK
         else:
-            chunk = P2P_NVL_CHUNK if topo.intra_all_nvlink else P2P_PCI_CHUNK
+            # init.cc computeBuffSizes reads ncclTopoPathAllNVLink over the communicator's
+            # own GPUs (its topology holds only those): a bridged pair of an nvlink-pairs
+            # node is all NVLink.
+            chunk = P2P_NVL_CHUNK if kinds == {NVLINK} else P2P_PCI_CHUNK
         return cls(
             ranks,
             nodes,
