@@ -23,7 +23,6 @@ from lina_sim.policies.placement.packing import (
     _eplb_pack_kernel,
     _eplb_replicate_kernel,
     align_units,
-    decreasing_order,
     eplb_pack,
     eplb_replicate,
     first_fit_decreasing,
@@ -258,6 +257,11 @@ def test_assign_many_matches_assign_plain_on_placements() -> None:
     want = _assign_plain(np.stack([p.share_matrix for p in ps]), counts)
     assert np.array_equal(got, want)
     assert np.array_equal(assign_many(ps, counts), want)  # kept results
+
+
+def decreasing_order(w: list[float], items: list[int] | None = None) -> list[int]:
+    """``items`` (default: all indices) by decreasing load, ties by increasing id."""
+    return sorted(range(len(w)) if items is None else items, key=lambda i: (-w[i], i))
 
 
 def _ffd_plain(w: list[float], capacity: float, max_items: int, items: list[int] | None = None) -> list[list[int]]:

@@ -420,7 +420,7 @@ def _flow_groups(
 
 def _mix(*cols: Any) -> np.ndarray:
     """A 64-bit hash of each row of the given integer columns (splitmix64's finaliser,
-    chained): the elements of the multisets :func:`replica_classes` sums."""
+    chained): the elements of the multisets :class:`ReplicaClasses` sums."""
     h = np.full(len(cols[0]), 0x9E3779B97F4A7C15, np.uint64)
     with np.errstate(over="ignore"):
         for c in cols:

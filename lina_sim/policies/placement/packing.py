@@ -24,13 +24,6 @@ from lina_sim.policies.placement.layout import Placement
 _EPS = 1e-9
 
 
-def decreasing_order(loads: Sequence[float] | np.ndarray, items: Sequence[int] | None = None) -> list[int]:
-    """``items`` (default: all indices) by decreasing load, ties by increasing id."""
-    w = loads if isinstance(loads, list) else np.asarray(loads, dtype=np.float64).tolist()
-    idx = range(len(w)) if items is None else items
-    return sorted(idx, key=lambda i: (-w[i], i))
-
-
 def first_fit_decreasing(
     loads: Sequence[float] | np.ndarray,
     capacity: float,
