@@ -19,6 +19,10 @@ one row per measured size of one configuration:
 - ``time_inplace_s``: nccl-tests' in-place time, s (NaN where there is none);
 - ``algbw_GBps``, ``busbw_GBps``: bandwidths as the tool printed them, GB/s (NaN where none);
 - ``dtype``, ``nccl_version``: what the file says ("" where it says nothing);
+- ``timed``: what the time covers: ``sender`` for the sender's kernel of a one-way send
+  (Vidur's send/recv profiles: rank 0 sends, rank 1 receives, and rank 0's NCCL kernel is
+  timed, ``vidur/profiling/collectives/collectives_impl.py: GraphedCollective._run_send_recv``),
+  "" for the whole call as every rank sees it (nccl-tests, ``lina-run calibrate``);
 - ``format``, ``source``, ``line``: the reader, the file and the 1-based line of the row.
 
 Formats (:data:`READERS`, tried in order on the file's content, not its extension):
@@ -77,10 +81,14 @@ MEASURED_COLUMNS = (
     "nccl_algo",
     "nccl_proto",
     "nccl_channels",
+    "timed",
     "format",
     "source",
     "line",
 )
+# What a row's time covers (the module docstring's ``timed``).
+SENDER = "sender"
+TIMED = ("", SENDER)
 # The columns that identify one measured table's configuration.
 CONFIG_COLUMNS = ("collective", "ranks", "ranks_per_node", "nodes")
 
@@ -151,6 +159,7 @@ class _Rows:
         nccl_algo: str = "",
         nccl_proto: str = "",
         nccl_channels: str = "",
+        timed: str = "",
     ) -> None:
         where = f"{self.path}:{line}"
         if ranks % ranks_per_node:
@@ -176,6 +185,7 @@ class _Rows:
                 "nccl_algo": nccl_algo,
                 "nccl_proto": nccl_proto,
                 "nccl_channels": nccl_channels,
+                "timed": timed,
                 "format": self.fmt,
                 "source": self.path,
                 "line": int(line),
@@ -486,6 +496,8 @@ def _read_vidur(path: str, text: str) -> pd.DataFrame:
             f"{path}:1", "need exactly one time_stats.<collective>.median column", "e.g. time_stats.all_reduce.median"
         )
     time_col = f"time_stats.{medians[0]}.median"
+    # Vidur times a send/recv on the sender only (the module docstring's ``timed``).
+    timed = SENDER if op_name(medians[0]) == "sendrecv" else ""
     data = _csv_rows(path, text, (*VIDUR_COLUMNS, time_col))
     rows = _Rows(path, "vidur")
     for line, r in data:
@@ -496,8 +508,17 @@ def _read_vidur(path: str, text: str) -> pd.DataFrame:
         ms = _check(TIME, r[time_col], where, time_col, "a finite number > 0 (ms)")
         ranks = _check(COUNT, r["num_workers"], where, "num_workers")
         per_node = _check(COUNT, r["devices_per_node"], where, "devices_per_node")
-        rows.add(line, medians[0], size, ranks, per_node, ms / 1e3)
+        rows.add(line, medians[0], size, ranks, per_node, ms / 1e3, timed=timed)
     return rows.frame(1, f"rows of {', '.join((*VIDUR_COLUMNS, time_col))}")
+
+
+def _timed(value: str | None, where: str) -> str:
+    """A ``timed`` cell of a lina-sim CSV: "" (or NaN, as pandas writes an empty cell) or
+    ``sender``."""
+    v = "" if value is None or value.strip() in ("", "nan", "NaN") else value.strip()
+    if v not in TIMED:
+        raise ConfigError(f"{where}: timed", f"got {v!r}", [t or '""' for t in TIMED])
+    return v
 
 
 OWN_COLUMNS = ("collective", "size_bytes", "ranks", "ranks_per_node", "nodes", "time_s")
@@ -542,6 +563,7 @@ def _read_own(path: str, text: str) -> pd.DataFrame:
             nccl_algo=r.get("nccl_algo", "") or "",
             nccl_proto=r.get("nccl_proto", "") or "",
             nccl_channels=r.get("nccl_channels", "") or "",
+            timed=_timed(r.get("timed", ""), where),
         )
     return rows.frame(1, f"rows with the columns {', '.join(OWN_COLUMNS)}")
 
@@ -673,7 +695,8 @@ class TableConfig:
     """One measured table's configuration: collective, ranks, ranks per node, nodes, the
     file it came from, and what its run forced: ``NCCL_ALGO`` / ``NCCL_PROTO`` ("" if
     unset) and the channel bounds ``NCCL_MIN_CTAS`` / ``NCCL_MAX_CTAS`` (or their legacy
-    ``NCCL_MIN/MAX_NCHANNELS`` names; ``None`` if unset)."""
+    ``NCCL_MIN/MAX_NCHANNELS`` names; ``None`` if unset); ``timed``: ``sender`` when the
+    time is the sender's kernel of a one-way send (:data:`SENDER`), else ""."""
 
     label: str
     collective: str
@@ -685,6 +708,7 @@ class TableConfig:
     nccl_proto: str = ""
     min_ctas: int | None = None
     max_ctas: int | None = None
+    timed: str = ""
 
 
 def channel_env(env: dict[str, str]) -> str:
@@ -738,4 +762,5 @@ def table_config(label: str, rows: pd.DataFrame) -> TableConfig:
         env("nccl_algo"),
         env("nccl_proto"),
         *channel_bounds(env("nccl_channels"), f"{first['source']}:{first['line']}"),
+        env("timed"),
     )

@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from lina_sim.errors import ConfigError
-from lina_sim.experiments.measured import TableConfig
+from lina_sim.experiments.measured import SENDER, TableConfig
+from lina_sim.experiments.sender_timed import sender_times
 from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.hardware.topology import Topology
 from lina_sim.network.alone import AloneTimes, SimCluster
@@ -305,10 +306,22 @@ def shape_for(
 def compare_measured(shape: MeasuredShape, table: pd.DataFrame) -> pd.DataFrame:
     """The measured rows with the simulator's time for each: ``preset``, ``sim_nodes``,
     ``sim_gpus_per_node``, ``algo``, ``predicted_s`` (s) and ``error_pct`` = (predicted /
-    measured - 1) x 100; each size simulated alone, back to back."""
+    measured - 1) x 100; each size simulated alone, back to back. A sender-timed send/recv
+    table (``timed`` ``sender``: Vidur's) is predicted as its sender's kernel
+    (:mod:`lina_sim.experiments.sender_timed`)."""
     op = shape.config.collective
     sizes = [int(s) for s in table["size_bytes"]]
     sim = collective_sweep(shape.cluster, op, shape.algo, sizes, ranks=shape.ranks, proto=shape.proto)
+    predicted = sim["time_us"].to_numpy() / 1e6
+    if shape.config.timed == SENDER and op == "sendrecv":
+
+        def delivered(b: np.ndarray) -> np.ndarray:
+            if np.array_equal(b, sizes):
+                return predicted
+            run = collective_sweep(shape.cluster, op, shape.algo, [int(x) for x in b], ranks=shape.ranks)
+            return run["time_us"].to_numpy() / 1e6
+
+        predicted = sender_times(shape.cluster, shape.ranks, np.asarray(sizes), delivered)
     out = table.reset_index(drop=True).copy()
     out["preset"] = shape.cluster.name
     out["sim_nodes"] = shape.cluster.nodes
@@ -316,7 +329,7 @@ def compare_measured(shape: MeasuredShape, table: pd.DataFrame) -> pd.DataFrame:
     out["algo"] = shape.algo
     out["proto"] = shape.proto
     out["ran"] = (sim["algo"] + " " + sim["proto"]).to_numpy()  # what ran per size, as NCCL_DEBUG=INFO
-    out["predicted_s"] = sim["time_us"].to_numpy() / 1e6
+    out["predicted_s"] = predicted
     out["error_pct"] = (out["predicted_s"] / out["time_s"] - 1) * 100
     out["size_class"] = [size_class(s) for s in out["size_bytes"]]
     return out

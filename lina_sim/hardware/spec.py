@@ -154,6 +154,27 @@ class NcclSpec:
     NCCL still *chooses* an algorithm and protocol with its own constants; these
     corrections (all but ``tree_efficiency``) change how long the chosen pair takes.
 
+    - ``p2p_channel_scale``: multiplies the NVLink bandwidth one p2p channel is assumed to
+      move (``ncclTopoNVLinkBw``, :mod:`lina_sim.network.nccl_p2p`; NCCL gives no per-channel
+      p2p figure), dimensionless. A one-node pair runs on a fixed number of channels (8 on
+      A100), so this, not the link's bandwidth, is what bounds its p2p rate below the
+      datasheet.
+
+    Three more describe only what a *sender-timed* measurement sees (Vidur's send/recv
+    profiles time the sender's kernel of a one-way send): the sender's kernel ends once its
+    last chunk is in the connection's FIFO, not when it arrives
+    (:mod:`lina_sim.experiments.sender_timed`). Nothing else the simulator runs reads them.
+
+    - ``p2p_read_fill_bandwidth``: bytes/s at which a sender copies its message into its
+      own Simple-protocol FIFO on an NVLink connection NCCL runs in P2P-read mode (Ampere
+      over NVLink: ``transport/p2p.cc: p2pUseRead``); the receiver then reads it over
+      NVLink. ``None``: not measured (the sender is taken to end when the data arrive).
+    - ``net_fill_bandwidth``: bytes/s at which a sender's kernel fills its network FIFO
+      (``None``: as above).
+    - ``receiver_lag``: seconds by which the measuring harness starts the receiver after
+      the sender (a property of the harness, not of NCCL); a sender whose message
+      overflows the FIFO waits for it.
+
     Two settings, not corrections, ride along: ``min_ctas`` / ``max_ctas`` are
     ``NCCL_MIN_CTAS`` / ``NCCL_MAX_CTAS`` (legacy ``NCCL_MIN_NCHANNELS`` /
     ``NCCL_MAX_NCHANNELS``) as the runs set them, integers in 1..64 (``init.cc`` caps them
@@ -189,6 +210,38 @@ class NcclSpec:
     )
     net_overhead_scale: float = declare(
         Field(float, 1.0, minimum=0, exclusive_minimum=True, help="factor on NCCL's network overhead per ring step")
+    )
+    p2p_channel_scale: float = declare(
+        Field(
+            float,
+            1.0,
+            minimum=0,
+            exclusive_minimum=True,
+            help="factor on the assumed NVLink p2p bandwidth per channel (ncclTopoNVLinkBw)",
+        )
+    )
+    p2p_read_fill_bandwidth: float | None = declare(
+        Field(
+            float,
+            None,
+            allow_none=True,
+            minimum=0,
+            exclusive_minimum=True,
+            help="bytes/s a sender fills its own FIFO with on a P2P-read NVLink connection (absent: not modelled)",
+        )
+    )
+    net_fill_bandwidth: float | None = declare(
+        Field(
+            float,
+            None,
+            allow_none=True,
+            minimum=0,
+            exclusive_minimum=True,
+            help="bytes/s a sender's kernel fills its network FIFO with (absent: not modelled)",
+        )
+    )
+    receiver_lag: float = declare(
+        Field(float, 0.0, minimum=0, help="s by which a sender-timed measurement starts the receiver late")
     )
     min_ctas: int | None = declare(
         Field(int, None, allow_none=True, minimum=1, maximum=64, help="NCCL_MIN_CTAS the runs set (absent: unset)")

@@ -64,7 +64,9 @@ The model (ours, from the above):
   GB/s on sm90, ``topo.h``) per channel. NCCL gives no per-channel p2p figure for
   NVLink; the alternatives were half of it (NCCL allots 2 channels per NVLink link)
   and the graph search's top intra speed (60 on sm90, ``search.cc``); the nccl-tests 1x8
-  sendrecv table (about 20 GB/s per channel, above) chose this one.
+  sendrecv table (about 20 GB/s per channel, above) chose this one. A measured cluster
+  corrects it by ``NcclSpec.p2p_channel_scale`` (Vidur's DGX A100 pair pulls ~240 GB/s
+  over its 8 channels in P2P-read mode: ~30 GB/s per channel).
 - **Connection cap**: ``nCh(b) x channel bw / share``, ``share = min(8, max(1, sum over
   the rank's peers of nCh / p2pnChannels))``: when a rank's ops need more channel slots
   than it has channels, up to a batch of 8 run at once on a channel and split its warps
@@ -124,6 +126,11 @@ PCI_BW = 12.0
 # src/include/device.h MAXCHANNELS and NCCL_MAX_DEV_WORK_P2P_PER_BATCH.
 MAXCHANNELS = 64
 P2P_PER_BATCH = 8
+# src/include/device.h NCCL_STEPS: the slots of a connection's FIFO a sender may fill
+# before the receiver frees one (prims_simple.h waits on the peer's head); a p2p
+# connection's slot holds p2pChunkSize (init.cc computeBuffSizes keeps p2pChunkSize x
+# NCCL_STEPS within the Simple buffer).
+NCCL_STEPS = 8
 # LL moves 8 bytes of data with an 8-byte flag per 16-byte line (src/device/prims_ll.h).
 LL_EFFICIENCY = 0.5
 # Link classes of a pair, as integer codes (Topology.intra_link_kind's names), and
@@ -157,7 +164,8 @@ class P2pComm:
     ``ranks`` over ``nodes``; ``channels`` = ``p2pnChannels``; ``per_peer`` =
     ``p2pnChannelsPerPeer``; ``chunk`` = ``p2pChunkSize`` (bytes); ``arch`` NCCL's
     compute-capability index; ``amd_host`` picks ``getNetOverhead``'s row; ``nvlink_bw``
-    ``ncclTopoNVLinkBw`` (GB/s) of the architecture."""
+    ``ncclTopoNVLinkBw`` (GB/s) of the architecture; ``channel_scale`` the cluster's
+    measured factor on it (``NcclSpec.p2p_channel_scale``)."""
 
     ranks: int
     nodes: int
@@ -169,6 +177,7 @@ class P2pComm:
     intra_scale: float = 1.0
     net_scale: float = 1.0
     simple_scale: float = 1.0
+    channel_scale: float = 1.0
 
     @classmethod
     def of(cls, topo: Topology, by_node: list[np.ndarray]) -> P2pComm:
@@ -216,6 +225,7 @@ class P2pComm:
             shape.intra_scale,
             shape.net_scale,
             shape.simple_scale,
+            c.nccl.p2p_channel_scale,
         )
 
     # -- per message --------------------------------------------------------------------
@@ -243,6 +253,18 @@ class P2pComm:
             nch = np.where(grow, nch * 2, nch)
             part = np.where(grow, np.ceil(b / nch), part)
 
+    def fifo_bytes(self, nbytes) -> np.ndarray:
+        """Bytes a sender can post before its receiver consumes any: ``NCCL_STEPS`` chunks
+        on each of the message's channels."""
+        return self.channels_for(nbytes) * NCCL_STEPS * self.chunk
+
+    def reads(self, kind: int) -> bool:
+        """Whether NCCL runs a connection of link class ``kind`` in P2P-read mode: Ampere
+        GPUs over NVLink (``transport/p2p.cc: p2pUseRead`` -> ``paths.cc:
+        ncclTopoCheckP2p``, ``NCCL_P2P_READ_ENABLE`` unset). The Simple FIFO then lives
+        in the sender's memory and the receiver pulls it over NVLink."""
+        return kind == NVLINK and nccl.ARCHS[self.arch] == "ampere"
+
     @staticmethod
     def is_ll(nbytes, nch, kind) -> np.ndarray:
         """LL for messages up to ``nch x NCCL_P2P_LL_THRESHOLD`` on connections with LL
@@ -252,7 +274,7 @@ class P2pComm:
     def channel_bw(self, kind) -> np.ndarray:
         """Bytes/s one channel moves per direction on a connection of link class ``kind``."""
         k = np.asarray(kind)
-        nvl = nccl.NVLINK_LINK_BW[self.arch]
+        nvl = nccl.NVLINK_LINK_BW[self.arch] * self.channel_scale
         return np.where(k == NIC, P2P_PER_CHANNEL_NET_BW, np.where(k == PCIE, PCI_BW, nvl)) * GBPS
 
     def ll_max_bw(self) -> float:
