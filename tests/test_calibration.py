@@ -233,3 +233,16 @@ def test_tree_and_overhead_knobs_fit_where_the_tables_identify_them(measured):
         for stage, knobs, _, _ in stages(cluster, fit_tables(ring_only, cluster, None, 24))
     }
     assert not {"nccl.net_overhead_scale", "nccl.tree_efficiency"} & set(planned["nic"])
+
+
+def test_a_profile_keeps_what_nccls_tuning_reads_of_the_host(tmp_path):
+    """A profile is the preset under another name: NCCL's host-CPU terms (network overhead,
+    LL bandwidth row) come from ``host_cpu``, not from the name, so a DGX A100 profile keeps
+    its AMD hosts and predicts what its calibration did."""
+    csv = synthetic_csv(tmp_path / "s.csv")
+    base = load_preset("dgx-a100")
+    result = calibrate(base, measured_tables([read_measured(csv)]), max_rows=4)
+    raw, _ = read_preset("dgx-a100")
+    again = load_preset(str(write_profile(tmp_path / "p.yaml", profile(result, raw, "dgx-a100"))))
+    assert again == dataclasses.replace(result.cluster, name=again.name)
+    assert again.host_cpu == "amd" and load_preset("dgx-h100").host_cpu == "intel"

@@ -301,6 +301,8 @@ class HostSpec:
 
 
 LINKS = ("nvlink", "pcie", "nic")
+# NCCL's tuning model reads the host CPU's vendor (tuning.cc: getNetOverhead, the llMaxBws row).
+HOST_CPUS = ("intel", "amd")
 
 
 @dataclass(frozen=True)
@@ -325,6 +327,8 @@ class ClusterSpec:
       uplink and one downlink of ``nodes_per_leaf`` × NIC bandwidth /
       ``leaf_oversubscription`` towards the spines (1: non-blocking, as the SuperPOD's
       equal node-leaf, leaf-spine and spine-core cable counts are).
+    - ``host_cpu``: ``intel`` or ``amd``, the nodes' CPUs; NCCL's tuning model prices
+      network overhead and LL bandwidth by it (``tuning.cc: getNetOverhead``, ``llMaxBws``).
     - ``host``: ``None`` (the default) gives every rank a device of its own; a
       :class:`HostSpec` says every rank is a CPU process on one shared host (an emulated
       testbed).
@@ -361,6 +365,9 @@ class ClusterSpec:
     )
     compute: ComputeSpec = field(default_factory=ComputeSpec)
     nccl: NcclSpec = field(default_factory=NcclSpec)
+    host_cpu: str = declare(
+        Field(str, "intel", choices=HOST_CPUS, help="the nodes' CPU vendor, as NCCL's tuning model reads it")
+    )
     description: str = declare(Field(str, "", help="free text"))
     host: HostSpec | None = None
 

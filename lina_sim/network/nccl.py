@@ -30,8 +30,9 @@ What is ours (NCCL's input is a topology *graph search*; lina-sim has link specs
   NCCL's search array (``search.cc: ncclTopoCompute``, intra array on one node, inter
   array across nodes) that fits one NVLink link (``topo.h: ncclTopoNVLinkBw``) or one
   NIC, an equivalent (real-valued) channel count rather than a search result.
-- **Host CPU** (``llMaxBw`` row and ``getNetOverhead``): AMD for the DGX A100 preset
-  (DGX A100 user guide: 2x AMD EPYC 7742), Intel otherwise.
+- **Host CPU** (``llMaxBw`` row and ``getNetOverhead``): the preset's ``host_cpu``
+  (``amd`` for DGX A100, user guide: 2x AMD EPYC 7742; and Azure NC A100 v4, AMD EPYC
+  7V13 on Azure's size page), so a calibrated profile keeps it.
 - **Channel reduction for small sizes** (``topoGetAlgoInfo``'s ``nc--``) does not feed
   NCCL's own time estimate, so it is left out here too.
 - **Measured corrections.** A cluster's :class:`lina_sim.hardware.spec.NcclSpec` scales
@@ -153,10 +154,6 @@ _ARCH_OF_NAME = (
     (r"H100|H200|H800|H20\b|GH200", "hopper"),
     (r"B100|B200|B300|GB200|GB300", "blackwell"),
 )
-# Presets whose hosts have AMD CPUs (DGX A100 user guide: 2x AMD EPYC 7742); NCCL reads
-# the CPU vendor, our specs do not carry it. Everything else counts as Intel.
-# Azure NC A100 v4 (a100-pcie-nvlink-pairs): AMD EPYC 7V13 (Azure's size page).
-AMD_HOST_PRESETS = ("dgx-a100", "a100-pcie-nvlink-pairs")
 
 
 def gpu_arch(cluster: ClusterSpec) -> int:
@@ -267,7 +264,7 @@ class CommShape:
             ranks=ranks,
             nodes=nodes,
             arch=arch,
-            amd_host=cluster.name in AMD_HOST_PRESETS,
+            amd_host=cluster.host_cpu == "amd",
             nvls=cluster.intra_node == "nvswitch" and arch >= ARCHS.index("hopper") and nodes == 1 and ranks > 1,
             ll128=nodes == 1 or own_nic or arch >= ARCHS.index("hopper"),
             intra_scale=cluster.nccl.intra_latency_scale,
