@@ -28,6 +28,8 @@ from lina_sim.errors import ConfigError
 PRESET_DIR = Path(__file__).resolve().parents[1] / "config" / "presets"
 INTRA_NODE_FABRICS = ("nvswitch", "full-mesh", "nvlink-pairs")
 _EFFICIENCY = dict(minimum=0, exclusive_minimum=True, maximum=1)  # a fraction in (0, 1]
+_POSITIVE = dict(minimum=0, exclusive_minimum=True)
+_UNSET_RATE = dict(allow_none=True, **_POSITIVE)  # bytes/s > 0, or absent: not modelled
 PEAK_FLOPS = Field(float, minimum=0, exclusive_minimum=True, help="dense peak of one dtype, FLOP/s")
 
 
@@ -212,33 +214,15 @@ class NcclSpec:
         Field(float, 1.0, minimum=0, exclusive_minimum=True, help="factor on NCCL's network overhead per ring step")
     )
     p2p_channel_scale: float = declare(
-        Field(
-            float,
-            1.0,
-            minimum=0,
-            exclusive_minimum=True,
-            help="factor on the assumed NVLink p2p bandwidth per channel (ncclTopoNVLinkBw)",
-        )
+        Field(float, 1.0, **_POSITIVE, help="factor on the assumed NVLink p2p bandwidth per channel (ncclTopoNVLinkBw)")
     )
     p2p_read_fill_bandwidth: float | None = declare(
         Field(
-            float,
-            None,
-            allow_none=True,
-            minimum=0,
-            exclusive_minimum=True,
-            help="bytes/s a sender fills its own FIFO with on a P2P-read NVLink connection (absent: not modelled)",
+            float, None, **_UNSET_RATE, help="bytes/s a sender fills its own FIFO with on a P2P-read NVLink connection"
         )
     )
     net_fill_bandwidth: float | None = declare(
-        Field(
-            float,
-            None,
-            allow_none=True,
-            minimum=0,
-            exclusive_minimum=True,
-            help="bytes/s a sender's kernel fills its network FIFO with (absent: not modelled)",
-        )
+        Field(float, None, **_UNSET_RATE, help="bytes/s a sender's kernel fills its network FIFO with")
     )
     receiver_lag: float = declare(
         Field(float, 0.0, minimum=0, help="s by which a sender-timed measurement starts the receiver late")
