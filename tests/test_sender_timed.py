@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from lina_sim.cli.main import main
 from lina_sim.errors import ConfigError
 from lina_sim.experiments.accuracy import TARGETS, band_errors
 from lina_sim.experiments.calibration import calibrate, compare_all, fit_tables, stages
@@ -197,3 +198,10 @@ def test_fill_and_lag_knobs_only_where_the_sender_fills_its_own_fifo(measured):
     h100 = planned("dgx-h100", "vidur/h100_dgx_send_recv.csv")
     assert not {"nccl.p2p_read_fill_bandwidth", "nccl.p2p_channel_scale"} & set(h100["nvlink"])
     assert {"nccl.net_fill_bandwidth", "nccl.receiver_lag"} <= set(h100["nic"])
+
+
+def test_the_comparison_says_a_table_is_sender_timed(measured, capsys):
+    assert (
+        main(["collective", "--compare", str(measured / "vidur/a100_dgx_send_recv.csv"), "--preset", "dgx-a100"]) == 0
+    )
+    assert capsys.readouterr().out.count("timed on the sender's kernel of a one-way send") == 2

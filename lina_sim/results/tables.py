@@ -552,6 +552,8 @@ def format_measured_comparison(t: pd.DataFrame, summary_row: pd.Series) -> str:
         f"{first['ranks_per_node']}{f' ({detail})' if detail else ''}; simulated on {first['preset']} "
         f"{first['sim_nodes']}x{first['sim_gpus_per_node']}  [{first['source']}]",
     ]
+    if first.get("timed", "") == "sender":
+        lines.append("# timed on the sender's kernel of a one-way send (Vidur): predicted as the sender sees it")
     rows = list(t.itertuples())
     shown = []
     for r in rows:
