@@ -14,7 +14,10 @@ bandwidth is kept and only the efficiency moves, unless the fit needs more than 
 datasheet: then the bandwidth is raised and the efficiency is 1. PCIe is never fitted:
 on every simulated path it lies in series with the NIC, and no table isolates it. The
 links' own latencies are left at the preset's: only lina-sim's pre-NCCL models
-(``flat-ring``, ``flat``, ``hierarchical``) read them.
+(``flat-ring``, ``flat``, ``hierarchical``) read them. Sender-timed send/recv tables
+(Vidur's; :mod:`lina_sim.experiments.sender_timed`) add, in the stage of their link, the
+sender's FIFO fill rate, the harness's receiver lag (once) and, for a P2P-read NVLink
+pair, the per-channel NVLink p2p rate (``NcclSpec.p2p_channel_scale``).
 
 The loss is the mean over tables of the mean squared log-error, log(predicted /
 measured)^2, over at most ``max_rows`` sizes per table (evenly spaced rows in size order:
@@ -22,7 +25,8 @@ a table's own size grid decides where they fall; Vidur's is piecewise linear), s
 that Vidur's thousand-row tables do not outweigh nccl-tests' ten-row ones. A stage's
 latency scale is fitted only when its tables hold at least :data:`MIN_IDENTIFYING_ROWS`
 sizes of at most :data:`LATENCY_BOUND_BYTES`; else it keeps the preset's. The minimiser
-is Nelder–Mead (numpy only), started at the preset.
+is Nelder–Mead (numpy only), started at the preset and restarted from its best point
+while a restart still lowers the loss.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ LATENCY_BOUND_BYTES = 8 * MB
 # fill): NCCL runs Simple there, and the fill is still a visible part of the time.
 SIMPLE_BOUND_BYTES = 64 * MB
 DEFAULT_MAX_ROWS = 24
-# Nelder-Mead iterations per knob of a stage (each run; a stage runs twice, see _fit_stage).
+# Nelder-Mead iterations per knob of a stage, per run; at most RESTARTS more runs follow
+# the first, each from the best point so far, while they still lower the loss (_fit_stage).
 ITERATIONS_PER_KNOB = 20
 RESTARTS = 3
 # Where a fit of NcclSpec.receiver_lag starts (s): log space needs a start above 0.
