@@ -58,7 +58,7 @@ def test_without_a_fill_rate_the_sender_ends_when_the_data_arrive():
     c = load_preset("dgx-a100").with_nodes(1)
     sizes = np.array([4 * MIB, 16 * MIB, 64 * MIB])
     d = delivered_on(c)
-    assert np.array_equal(sender_times(c, PAIR, sizes, d), d(sizes))
+    assert np.array_equal(sender_times(c, PAIR, sizes, d(sizes), d), d(sizes))
 
 
 def test_the_sender_fills_its_fifo_then_waits_for_the_receiver():
@@ -67,7 +67,7 @@ def test_the_sender_fills_its_fifo_then_waits_for_the_receiver():
     comm, d = pair_comm(c), delivered_on(c)
     fifo = 32 * MIB
     sizes = np.array([MIB, 16 * MIB, fifo, fifo + MIB, 64 * MIB])
-    t = sender_times(c, PAIR, sizes, d)
+    t = sender_times(c, PAIR, sizes, d(sizes), d)
     latency = np.array([comm.latency(np.zeros(1, int), np.array([s]), np.array([NVLINK])) for s in sizes])
     filled = latency + sizes / fill
     # Up to the FIFO's size: the copy alone, faster than the delivery.
@@ -83,10 +83,13 @@ def test_p2p_write_and_ll_sizes_are_delivered_times():
     h100 = with_nccl(load_preset("dgx-h100").with_nodes(1), p2p_read_fill_bandwidth=1e12, receiver_lag=1e-3)
     sizes = np.array([MIB, 64 * MIB])
     d = delivered_on(h100)
-    assert np.array_equal(sender_times(h100, PAIR, sizes, d), d(sizes))
+    assert np.array_equal(sender_times(h100, PAIR, sizes, d(sizes), d), d(sizes))
     a100 = with_nccl(load_preset("dgx-a100").with_nodes(1), p2p_read_fill_bandwidth=1e12)
     small = np.array([4096.0])  # LL: written into the receiver's LL buffer in every mode
-    assert sender_times(a100, PAIR, small, delivered_on(a100))[0] == delivered_on(a100)(small)[0]
+    assert (
+        sender_times(a100, PAIR, small, delivered_on(a100)(small), delivered_on(a100))[0]
+        == delivered_on(a100)(small)[0]
+    )
 
 
 def test_a_network_sender_runs_ahead_by_its_fifo():
@@ -97,7 +100,7 @@ def test_a_network_sender_runs_ahead_by_its_fifo():
     assert fifo == MIB  # one channel x 8 x the 128 KiB network chunk
     d = delivered_on(c, ranks)
     sizes = np.array([MIB / 2, 8 * MIB])
-    t = sender_times(c, ranks, sizes, d)
+    t = sender_times(c, ranks, sizes, d(sizes), d)
     assert t[0] < d(sizes[:1])[0] / 2  # within the FIFO: latency and the copy
     assert t[1] == pytest.approx(d(np.array([7 * MIB]))[0], rel=1e-12)
 

@@ -44,7 +44,7 @@ import pandas as pd
 import yaml
 
 from lina_sim.errors import ConfigError
-from lina_sim.experiments.measured import SENDER, TableConfig, table_config
+from lina_sim.experiments.measured import TableConfig, table_config
 from lina_sim.experiments.microbench import MB, compare_measured, comparison_summary, shape_for
 from lina_sim.experiments.sender_timed import pair_reads
 from lina_sim.hardware.spec import LINKS, ClusterSpec, LinkSpec, NcclSpec
@@ -212,12 +212,23 @@ def bandwidth_knob(link: str) -> Knob:
     return Knob(f"{link}.effective_bandwidth", lambda c: getattr(c, link).effective_bandwidth, write, math.log(0.5))
 
 
-def nccl_knob(name: str, step: float, maximum: float = math.inf) -> Knob:
-    """A field of the cluster's :class:`NcclSpec`; ``nvls_efficiency`` starts at NCCL's."""
+def nccl_knob(
+    name: str,
+    step: float,
+    maximum: float = math.inf,
+    *,
+    unset: Callable[[ClusterSpec], float] | None = None,
+    floor: float = 0.0,
+) -> Knob:
+    """A field of the cluster's :class:`NcclSpec`. An unset (``None``) field starts at
+    ``unset(cluster)``, by default NCCL's NVLS efficiency; a start below ``floor`` starts at
+    ``floor`` (log space needs a start above 0)."""
 
     def read(c: ClusterSpec) -> float:
         v = getattr(c.nccl, name)
-        return NVLS_EFFICIENCY[gpu_arch(c)] if v is None else v
+        if v is None:
+            v = unset(c) if unset is not None else NVLS_EFFICIENCY[gpu_arch(c)]
+        return max(v, floor)
 
     def write(c: ClusterSpec, v: float) -> ClusterSpec:
         return dataclasses.replace(c, nccl=dataclasses.replace(c.nccl, **{name: v}))
@@ -229,39 +240,16 @@ def fill_knob(name: str, link: str) -> Knob:
     """A sender's FIFO fill rate (``NcclSpec.p2p_read_fill_bandwidth`` or
     ``net_fill_bandwidth``, bytes/s; :mod:`lina_sim.experiments.sender_timed`); unset, it
     starts at ``link``'s effective bandwidth, where the sender's time is the delivery's."""
-
-    def read(c: ClusterSpec) -> float:
-        v = getattr(c.nccl, name)
-        return getattr(c, link).effective_bandwidth if v is None else v
-
-    def write(c: ClusterSpec, v: float) -> ClusterSpec:
-        return dataclasses.replace(c, nccl=dataclasses.replace(c.nccl, **{name: v}))
-
     # First step x2: a copy into the sender's own memory is faster than the link, if anything.
-    return Knob(f"nccl.{name}", read, write, math.log(2.0))
-
-
-def lag_knob() -> Knob:
-    """``NcclSpec.receiver_lag`` (s), in log space from at least :data:`LAG_START`."""
-
-    def write(c: ClusterSpec, v: float) -> ClusterSpec:
-        return dataclasses.replace(c, nccl=dataclasses.replace(c.nccl, receiver_lag=v))
-
-    return Knob("nccl.receiver_lag", lambda c: max(c.nccl.receiver_lag, LAG_START), write, math.log(10.0))
+    return nccl_knob(name, math.log(2.0), unset=lambda c: getattr(c, link).effective_bandwidth)
 
 
 def _sender_timed(cluster: ClusterSpec, tables: Sequence[FitTable]) -> list[FitTable]:
     """The sender-timed send/recv tables of ``tables`` whose sender fills a FIFO on its own
     side on ``cluster`` (a network pair, or an NVLink pair NCCL runs in P2P-read mode):
     the ones whose fill rate and receiver lag the data identify."""
-    out = []
-    for t in tables:
-        c = t.config
-        if c.timed != SENDER or c.collective != "sendrecv" or c.ranks != 2:
-            continue
-        if c.nodes > 1 or pair_reads(cluster):
-            out.append(t)
-    return out
+    reads = pair_reads(cluster)
+    return [t for t in tables if t.config.one_way and (t.config.nodes > 1 or reads)]
 
 
 @dataclass(frozen=True)
@@ -439,8 +427,8 @@ def stages(cluster: ClusterSpec, tables: Sequence[FitTable]) -> list[tuple[str, 
             ]
         if stage == "nic" and mine_timed:
             knobs = knobs + [fill_knob("net_fill_bandwidth", "nic")]
-        if mine_timed and stage in ("nvlink", "nic") and not lag_fitted:
-            knobs = knobs + [lag_knob()]
+        if mine_timed and not lag_fitted:
+            knobs = knobs + [nccl_knob("receiver_lag", math.log(10.0), floor=LAG_START)]
             lag_fitted = True
         identified = bool(latency_knob) and _rows_in(mine, 0, LATENCY_BOUND_BYTES) >= MIN_IDENTIFYING_ROWS
         # First step x3 on a latency scale: NCCL's constants are lower bounds more often.

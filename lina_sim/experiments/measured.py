@@ -710,6 +710,12 @@ class TableConfig:
     max_ctas: int | None = None
     timed: str = ""
 
+    @property
+    def one_way(self) -> bool:
+        """A sender-timed send between two ranks (Vidur's send/recv), which
+        :mod:`lina_sim.experiments.sender_timed` predicts as its sender sees it."""
+        return self.timed == SENDER and self.collective == "sendrecv" and self.ranks == 2
+
 
 def channel_env(env: dict[str, str]) -> str:
     """The channel bounds a run's NCCL environment sets, as ``min=24 max=32`` (either

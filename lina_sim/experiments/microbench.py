@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from lina_sim.errors import ConfigError
-from lina_sim.experiments.measured import SENDER, TableConfig
+from lina_sim.experiments.measured import TableConfig
 from lina_sim.experiments.sender_timed import sender_times
 from lina_sim.hardware.spec import ClusterSpec
 from lina_sim.hardware.topology import Topology
@@ -313,15 +313,13 @@ def compare_measured(shape: MeasuredShape, table: pd.DataFrame) -> pd.DataFrame:
     sizes = [int(s) for s in table["size_bytes"]]
     sim = collective_sweep(shape.cluster, op, shape.algo, sizes, ranks=shape.ranks, proto=shape.proto)
     predicted = sim["time_us"].to_numpy() / 1e6
-    if shape.config.timed == SENDER and op == "sendrecv":
+    if shape.config.one_way:
 
-        def delivered(b: np.ndarray) -> np.ndarray:
-            if np.array_equal(b, sizes):
-                return predicted
+        def deliver(b: np.ndarray) -> np.ndarray:
             run = collective_sweep(shape.cluster, op, shape.algo, [int(x) for x in b], ranks=shape.ranks)
             return run["time_us"].to_numpy() / 1e6
 
-        predicted = sender_times(shape.cluster, shape.ranks, np.asarray(sizes), delivered)
+        predicted = sender_times(shape.cluster, shape.ranks, np.asarray(sizes), predicted, deliver)
     out = table.reset_index(drop=True).copy()
     out["preset"] = shape.cluster.name
     out["sim_nodes"] = shape.cluster.nodes

@@ -69,47 +69,54 @@ def fill_bandwidth(cluster: ClusterSpec, comm: P2pComm, kind: int) -> float | No
     return cluster.nccl.p2p_read_fill_bandwidth if comm.reads(kind) else None
 
 
+def _pair(cluster: ClusterSpec, ranks: np.ndarray) -> tuple[P2pComm, int]:
+    """The p2p communicator of the two ranks ``ranks`` and the link class between them."""
+    topo = Topology(cluster)
+    node = ranks // cluster.gpus_per_node
+    comm = P2pComm.of(topo, [ranks[node == n] for n in np.unique(node)])
+    return comm, int(kind_codes(topo, ranks[:1], ranks[1:])[0])
+
+
 def pair_reads(cluster: ClusterSpec) -> bool:
     """Whether NCCL runs a pair of one of ``cluster``'s nodes (its first two GPUs) in
     P2P-read mode (:meth:`P2pComm.reads`)."""
     if cluster.gpus_per_node < 2:
         return False
-    topo = Topology(cluster)
-    pair = np.arange(2)
-    return P2pComm.of(topo, [pair]).reads(int(kind_codes(topo, pair[:1], pair[1:])[0]))
+    comm, kind = _pair(cluster, np.arange(2))
+    return comm.reads(kind)
 
 
 def sender_times(
     cluster: ClusterSpec,
     ranks: np.ndarray,
     sizes: np.ndarray,
-    delivered: Callable[[np.ndarray], np.ndarray],
+    delivered: np.ndarray,
+    deliver: Callable[[np.ndarray], np.ndarray],
 ) -> np.ndarray:
     """Seconds the sender's kernel takes to send each of ``sizes`` bytes from ``ranks[0]``
-    to ``ranks[1]`` on ``cluster`` (the module docstring's ``T``); ``delivered(sizes)``
-    gives the simulator's send/recv times (s) of other sizes."""
+    to ``ranks[1]`` (a pair) on ``cluster`` (the module docstring's ``T``);
+    ``delivered`` holds the simulator's send/recv times (s) of ``sizes``, ``deliver(b)``
+    gives them for other sizes."""
     sizes = np.asarray(sizes, dtype=np.float64)
-    t = np.asarray(delivered(sizes), dtype=np.float64)
-    ranks = np.asarray(ranks, dtype=np.int64)
-    if ranks.size != 2:
-        return t
-    topo = Topology(cluster)
-    node = ranks // cluster.gpus_per_node
-    comm = P2pComm.of(topo, [ranks[node == n] for n in np.unique(node)])
-    kind = int(kind_codes(topo, ranks[:1], ranks[1:])[0])
+    out = np.array(delivered, dtype=np.float64)
+    comm, kind = _pair(cluster, np.asarray(ranks, dtype=np.int64))
     fill = fill_bandwidth(cluster, comm, kind)
-    if fill is None:
-        return t
-    staged = ~comm.is_ll(sizes, comm.channels_for(sizes), kind)
+    nch = comm.channels_for(sizes)
+    staged = ~comm.is_ll(sizes, nch, kind)
+    if fill is None or not staged.any():
+        return out
+    s = sizes[staged]
+    # A staged (Simple) send's latency depends on its size only through its channel count.
+    _, first, inverse = np.unique(nch[staged], return_index=True, return_inverse=True)
     src, kinds = np.zeros(1, dtype=np.int64), np.full(1, kind)
-    latency = np.array([comm.latency(src, np.array([s]), kinds) for s in sizes])
-    filled = latency + sizes / fill
-    fifo = comm.fifo_bytes(sizes)
-    over = staged & (sizes > fifo)
-    out = np.where(staged, filled, t)
+    latency = np.array([comm.latency(src, s[i : i + 1], kinds) for i in first])[inverse]
+    t = latency + s / fill
+    fifo = comm.fifo_bytes(s)
+    over = s > fifo
     if over.any():
-        rest = np.asarray(delivered(sizes[over] - fifo[over]), dtype=np.float64)
-        out[over] = np.maximum(filled[over], cluster.nccl.receiver_lag + rest)
+        rest = np.asarray(deliver(s[over] - fifo[over]), dtype=np.float64)
+        t[over] = np.maximum(t[over], cluster.nccl.receiver_lag + rest)
+    out[staged] = t
     return out
 
 
